@@ -1,0 +1,32 @@
+"""Error types and the process exit codes of every ``vol3d`` command.
+
+Exit codes (documented in README and ``vol3d --help``):
+
+- 0: everything requested was done (series skipped by policy count as done).
+- 1: an unexpected internal error (a bug: please report it with the traceback).
+- 2: bad arguments or unusable input; nothing was changed. The message names the
+  file and the fix.
+- 3: partial success: some inputs failed (see the manifest's ``reason``/``detail``),
+  everything else was written.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+class Vol3DError(Exception):
+    """Base class for errors a user can fix; the CLI prints the message, not a traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(Vol3DError, ValueError):
+    """Bad input: the message names the offending file (or option) and how to fix it."""
+
+
+class ConfigError(Vol3DError, ValueError):
+    """A config file or flag is invalid: the message names the field and allowed values."""

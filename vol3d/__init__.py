@@ -1,0 +1,18 @@
+"""vol3d: vision-language modelling of 3D CT and MRI.
+
+Heavy dependencies (torch, transformers) are imported lazily so that
+``vol3d --help`` and ``import vol3d`` stay instant.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load"]
+
+
+def load(run_dir, device: str | None = None):
+    """Load a trained run directory for inference; see :class:`vol3d.inference.Vol3DPipeline`."""
+    from vol3d.inference import load as _load
+
+    return _load(run_dir, device=device)
