@@ -1,0 +1,37 @@
+"""Ingest policy: what to skip, what to fail, and how to treat imperfect series."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from preprocess.errors import ConfigError
+
+
+@dataclasses.dataclass
+class IngestConfig:
+    # Modalities turned into volumes; other image series are skipped (UNSUPPORTED_MODALITY).
+    modalities: tuple[str, ...] = ("CT", "MR")
+    # Series with fewer slices than this are skipped (TOO_FEW_SLICES); 2D images are IMAGE_2D.
+    min_slices: int = 8
+    # Skip series whose ImageType says DERIVED or SECONDARY (MPRs, MIPs, secondary captures).
+    skip_derived: bool = True
+    # Gantry tilt (slices sheared along the stacking direction): fail, or resample onto a regular grid and flag.
+    tilt_policy: Literal["fail", "resample"] = "fail"
+    # Tilt below this many degrees is treated as none.
+    tilt_tolerance_deg: float = 0.5
+    # Uneven slice spacing / missing slices: fail, or resample onto a regular grid and flag.
+    uneven_policy: Literal["fail", "resample"] = "fail"
+    # Relative deviation of a slice gap from the median gap that counts as uneven.
+    spacing_tolerance: float = 0.05
+    # 4D NIfTI: one volume per time point, only the first, or fail the file.
+    four_d_policy: Literal["split", "first", "reject"] = "first"
+
+    def __post_init__(self) -> None:
+        if self.min_slices < 1:
+            raise ConfigError(f"ingest.min_slices must be >= 1, got {self.min_slices}")
+        if not 0 < self.spacing_tolerance < 1:
+            raise ConfigError(f"ingest.spacing_tolerance must be in (0, 1), got {self.spacing_tolerance}")
+        if self.tilt_tolerance_deg < 0:
+            raise ConfigError("ingest.tilt_tolerance_deg must be >= 0")
+        self.modalities = tuple(m.upper() for m in self.modalities)

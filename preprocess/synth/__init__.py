@@ -1,0 +1,1 @@
+"""Synthetic hospital exports with ground truth (``vol3d synth``)."""
