@@ -31,6 +31,7 @@ MULTIFRAME_UNSUPPORTED = "MULTIFRAME_UNSUPPORTED"  # enhanced multi-frame withou
 REJECTED_4D = "REJECTED_4D"  # 4D input under the 'reject' policy
 LABEL_MISMATCH = "LABEL_MISMATCH"  # label mask geometry does not match its image
 PROCESSING_ERROR = "PROCESSING_ERROR"  # unexpected error while transforming/writing (a bug)
+INCONSISTENT_POSITIONS = "INCONSISTENT_POSITIONS"  # slice positions do not lie on one line
 
 SKIP_REASONS = frozenset(
     {NOT_IMAGE, LOCALIZER, IMAGE_2D, TOO_FEW_SLICES, DERIVED, UNSUPPORTED_MODALITY, NOT_MEDICAL_FILE, EXTRA_VOLUME_4D}
@@ -51,5 +52,6 @@ FAIL_REASONS = frozenset(
         REJECTED_4D,
         LABEL_MISMATCH,
         PROCESSING_ERROR,
+        INCONSISTENT_POSITIONS,
     }
 )

@@ -12,14 +12,20 @@ from pathlib import Path
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Identity:
-    """Identifiers of a series. Used for joins and keyed hashes only; never written anywhere."""
+    """Identifiers of a series. Used for joins and keyed hashes only; never written anywhere.
+
+    ``repr`` is redacted so that logging a Candidate cannot leak an identifier.
+    """
 
     patient_id: str = ""
     study_uid: str = ""
     series_uid: str = ""
     accession: str = ""
+
+    def __repr__(self) -> str:
+        return "Identity(<redacted>)"
 
 
 @dataclasses.dataclass
@@ -60,7 +66,7 @@ class Candidate:
     (plus "#t" for the t-th volume of a split 4D file).
     """
 
-    kind: str  # "dicom" | "nifti" | "nrrd" | "mha"
+    kind: str  # "dicom" | "nifti" | "nrrd" | "mha" | "file" (a row about one non-image/unreadable file)
     source: list[str]  # input paths relative to the scan root (posix), sorted
     key: str
     identity: Identity

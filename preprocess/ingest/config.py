@@ -26,6 +26,9 @@ class IngestConfig:
     spacing_tolerance: float = 0.05
     # 4D NIfTI: one volume per time point, only the first, or fail the file.
     four_d_policy: Literal["split", "first", "reject"] = "first"
+    # Glob patterns (matched against the path relative to the input root, or the file name) of files
+    # ingest ignores without a row, e.g. ("labels/*", "*.csv") for side tables kept inside the export.
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.min_slices < 1:
@@ -35,3 +38,4 @@ class IngestConfig:
         if self.tilt_tolerance_deg < 0:
             raise ConfigError("ingest.tilt_tolerance_deg must be >= 0")
         self.modalities = tuple(m.upper() for m in self.modalities)
+        self.exclude = tuple(self.exclude)

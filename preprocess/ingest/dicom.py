@@ -1,0 +1,723 @@
+"""DICOM: header scan, series splitting and validation, pixel loading.
+
+Scan reads headers only (``stop_before_pixels``, ``specific_tags``); pixels are read at scan
+time only to compare slices that share a position. Every file ends up in one candidate row.
+Rules and reason codes are documented in docs/ingest.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import reasons
+from preprocess.geometry import affine_from_dicom
+from preprocess.ingest.config import IngestConfig
+from preprocess.ingest.discover import FoundFile, file_row
+from preprocess.ingest.stack import (
+    analyse_positions,
+    angle_deg,
+    duplicate_runs,
+    regular_grid,
+    resample_stack,
+    slice_normal,
+    sort_along_normal,
+)
+from preprocess.types import Candidate, Identity, Image, SeriesError
+
+# Tags read at scan time; everything else (pixels, private groups) is skipped.
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "SeriesNumber", "StudyInstanceUID",
+    "PatientID", "AccessionNumber", "ImageType", "Rows", "Columns", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
+    "RescaleIntercept", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "InstanceNumber",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+]  # fmt: skip
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
+
+# Modalities whose objects carry no anatomical image (RT dose is a dose grid, not anatomy).
+NON_IMAGE_MODALITIES = frozenset(
+    [
+        "SR",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTDOSE",
+        "RTRECORD",
+        "PR",
+        "KO",
+        "SEG",
+        "REG",
+        "DOC",
+        "ECG",
+        "HD",
+        "AU",
+        "RWV",
+        "FID",
+        "PLAN",
+        "RESP",
+    ]
+)
+_NON_IMAGE_SOP_WORDS = (
+    " SR ", "Structured Report", "Presentation State", "Structure Set", "RT Plan", "RT Dose", "Segmentation",
+    "Registration", "Key Object", "Encapsulated", "Waveform", "Spectroscopy", "Raw Data", "Directory",
+)  # fmt: skip
+# Projection / 2D modalities: a single image per view, never a volume.
+IMAGE_2D_MODALITIES = frozenset(
+    [
+        "CR",
+        "DX",
+        "MG",
+        "IO",
+        "PX",
+        "XC",
+        "ES",
+        "OP",
+        "SM",
+        "GM",
+        "XA",
+        "RF",
+        "US",
+        "RG",
+        "DG",
+        "BMD",
+        "RTIMAGE",
+    ]
+)
+# A group of at most this many slices, tilted by at least SCOUT_ANGLE_DEG from the main stack, is a scout.
+SCOUT_MAX_SLICES = 3
+SCOUT_ANGLE_DEG = 45.0
+
+# Which package decodes which compressed transfer syntax (for NO_DECODER fixes).
+_DECODER_HINT = {
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.80": "pyjpegls",
+    "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+def decoder_available(transfer_syntax: str) -> bool:
+    """Whether pydicom can decode pixel data in ``transfer_syntax`` with the installed plugins."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax or "1.2.840.10008.1.2.1")
+    if not uid.is_compressed:
+        return True
+    try:
+        return bool(get_decoder(uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def _decoder_fix(transfer_syntax: str) -> str:
+    from pydicom.uid import UID
+
+    pkg = _DECODER_HINT.get(transfer_syntax, "pylibjpeg-libjpeg (GPL) or python-gdcm")
+    return f"{UID(transfer_syntax).name} pixel data needs a decoder: pip install {pkg}"
+
+
+@dataclasses.dataclass
+class Slice:
+    """One 2D image: a single-frame file (``frame`` -1) or one frame of a multi-frame file."""
+
+    header: Header
+    frame: int
+    position: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+    spacing: tuple[float, ...] | None
+    slope: float
+    intercept: float
+
+
+@dataclasses.dataclass
+class Header:
+    """What the scan knows about one DICOM file, from its header alone."""
+
+    file: FoundFile
+    sop_class: str
+    modality: str
+    series_uid: str
+    series_number: str
+    identity: Identity
+    image_type: tuple[str, ...]
+    rows: int
+    cols: int
+    transfer_syntax: str
+    n_frames: int
+    samples: int
+    has_pixels: bool
+    problem: str  # "" or why the pixel data is unusable (truncated ...)
+    multiframe_problem: str  # "" or why per-frame geometry is missing
+    thickness: float | None
+    slices: list[Slice] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
+
+    @property
+    def is_derived(self) -> bool:
+        return (len(self.image_type) > 0 and self.image_type[0] == "DERIVED") or (
+            len(self.image_type) > 1 and self.image_type[1] == "SECONDARY"
+        )
+
+    @property
+    def is_image(self) -> bool:
+        from pydicom.uid import UID
+
+        name = f" {UID(self.sop_class).name} " if self.sop_class else ""
+        return (
+            self.has_pixels
+            and self.modality not in NON_IMAGE_MODALITIES
+            and not any(w in name for w in _NON_IMAGE_SOP_WORDS)
+        )
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _float(value: object, default: float | None) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def _pixel_data_check(fp, ds, size: int, transfer_syntax: str) -> tuple[bool, str]:
+    """``(has_pixels, problem)`` from the pixel data element header at ``fp``'s position.
+
+    pydicom's ``stop_before_pixels`` leaves the file at the pixel data element, so its
+    declared length can be checked against the file size and the image size without
+    reading the pixels: this is how truncated files fail at scan time.
+    """
+    if transfer_syntax == "1.2.840.10008.1.2.1.99":  # deflated: positions refer to the inflated stream
+        return True, ""
+    head = fp.read(12)
+    if len(head) < 8:
+        return False, ""
+    implicit, little = ds.original_encoding
+    e = "<" if little in (True, None) else ">"
+    group, elem = struct.unpack(e + "HH", head[:4])
+    if (group, elem) not in _PIXEL_TAGS:
+        return False, ""
+    if implicit:
+        length, header_len = struct.unpack(e + "I", head[4:8])[0], 8
+    elif head[4:6] in _LONG_VRS:
+        length, header_len = struct.unpack(e + "I", head[8:12])[0], 12
+    else:
+        length, header_len = struct.unpack(e + "H", head[6:8])[0], 8
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): fragments are checked when decoding
+        return True, ""
+    present = size - fp.tell() + len(head) - header_len
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    expected = (
+        int(ds.get("Rows", 0) or 0)
+        * int(ds.get("Columns", 0) or 0)
+        * int(ds.get("SamplesPerPixel", 1) or 1)
+        * int(ds.get("NumberOfFrames", 1) or 1)
+    )
+    expected = (expected * bits + 7) // 8
+    if present < min(length, expected) or length < expected:
+        return True, f"is truncated: its pixel data has {min(present, length)} of {expected} bytes"
+    return True, ""
+
+
+def _frames(ds, n_frames: int) -> tuple[list[tuple], str]:
+    """Per-frame ``(position, orientation, spacing, slope, intercept)`` of an enhanced multi-frame file."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if not per or len(per) != n_frames:
+        return [], "has no per-frame functional groups (PlanePositionSequence) to place its frames"
+
+    def pick(item, seq: str, attr: str):
+        for src in (item, shared):
+            if src is not None and seq in src and len(src[seq].value) and attr in src[seq].value[0]:
+                return src[seq].value[0][attr].value
+        return None
+
+    root_slope = _float(ds.get("RescaleSlope"), 1.0)
+    root_icpt = _float(ds.get("RescaleIntercept"), 0.0)
+    out = []
+    for item in per:
+        pos = _floats(pick(item, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        iop = _floats(pick(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        ps = _floats(pick(item, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        if pos is None or iop is None or ps is None:
+            return [], "lacks per-frame PlanePosition/PlaneOrientation/PixelMeasures"
+        slope = _float(pick(item, "PixelValueTransformationSequence", "RescaleSlope"), root_slope)
+        icpt = _float(pick(item, "PixelValueTransformationSequence", "RescaleIntercept"), root_icpt)
+        out.append((pos, iop, ps, slope, icpt))
+    return out, ""
+
+
+def read_header(f: FoundFile, known_dicom: bool) -> Header | Candidate | None:
+    """Header of one file, a NOT_MEDICAL_FILE/UNREADABLE row, or None for a DICOMDIR index file.
+
+    ``known_dicom``: the name or a DICOMDIR says it is DICOM, so a parse failure is UNREADABLE
+    rather than NOT_MEDICAL_FILE.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    magic = False
+    try:
+        size = f.path.stat().st_size
+        with open(f.path, "rb") as fp:
+            magic = fp.read(132)[128:132] == b"DICM"
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            meta = getattr(ds, "file_meta", None)
+            ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+            sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+            has_pixels, problem = _pixel_data_check(fp, ds, size, ts)
+    except (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        EOFError,
+        struct.error,
+        AttributeError,
+    ) as exc:
+        if magic or known_dicom:
+            return file_row(
+                f, "failed", reasons.UNREADABLE, f"DICOM file {f.rel} cannot be parsed ({exc}); re-export it."
+            )
+        return file_row(
+            f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
+        )
+    if sop == _DIRECTORY_SOP:
+        return None
+    if not (magic or known_dicom) and not (sop or "Modality" in ds or "SeriesInstanceUID" in ds):
+        return file_row(
+            f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
+        )
+    n_frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
+    h = Header(
+        file=f,
+        sop_class=sop,
+        modality=str(ds.get("Modality", "") or "").upper(),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        series_number=str(ds.get("SeriesNumber", "") or ""),
+        identity=Identity(
+            patient_id=str(ds.get("PatientID", "") or ""),
+            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+            series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            accession=str(ds.get("AccessionNumber", "") or ""),
+        ),
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+        transfer_syntax=ts,
+        n_frames=n_frames,
+        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        has_pixels=has_pixels,
+        problem=problem,
+        multiframe_problem="",
+        thickness=_float(ds.get("SpacingBetweenSlices"), None) or _float(ds.get("SliceThickness"), None),
+    )
+    if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        frames, h.multiframe_problem = _frames(ds, n_frames)
+        h.slices = [Slice(h, i, *fr) for i, fr in enumerate(frames)]
+    else:
+        h.slices = [
+            Slice(
+                h,
+                -1,
+                _floats(ds.get("ImagePositionPatient"), 3),
+                _floats(ds.get("ImageOrientationPatient"), 6),
+                _floats(ds.get("PixelSpacing"), 2),
+                _float(ds.get("RescaleSlope"), 1.0) or 1.0,
+                _float(ds.get("RescaleIntercept"), 0.0) or 0.0,
+            )
+        ]
+    return h
+
+
+def read_headers(
+    files: list[tuple[FoundFile, bool]], progress: bool = False
+) -> list[Header | Candidate | None]:
+    """:func:`read_header` over many files with a thread pool (I/O bound on network shares)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(16, 4 * (os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        it: Iterable = pool.map(lambda a: read_header(*a), files)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(files), desc="DICOM headers", unit="file")
+        return list(it)
+
+
+# ----------------------------------------------------------------------------- series rows
+
+
+def _where(rels: list[str]) -> str:
+    """How a detail sentence names a series: its folder and file count (never an identifier)."""
+    if len(rels) == 1:
+        return rels[0]
+    folder = os.path.commonpath(rels) if len({r.split("/")[0] for r in rels}) == 1 else "."
+    return f"series in {folder}/ ({len(rels)} files)"
+
+
+def _row(
+    headers: list[Header], status: str, reason: str, detail: str, slices: list[Slice] | None = None
+) -> Candidate:
+    hs = sorted({id(h): h for h in headers}.values(), key=lambda h: h.file.rel)
+    first = hs[0]
+    n = len(slices) if slices is not None else sum(len(h.slices) or 1 for h in hs)
+    return Candidate(
+        kind="dicom",
+        source=[h.file.rel for h in hs],
+        key=first.series_uid or first.file.rel,
+        identity=first.identity,
+        modality=first.modality,
+        status=status,
+        reason=reason,
+        detail=detail,
+        label=f"{first.modality or '??'} {first.cols}x{first.rows}x{n}",
+        source_files=[h.file.path for h in hs],
+    )
+
+
+def _fail(headers: list[Header], reason: str, detail: str) -> Candidate:
+    return _row(headers, "failed", reason, detail)
+
+
+def _skip(headers: list[Header], reason: str, detail: str) -> Candidate:
+    return _row(headers, "skipped", reason, detail)
+
+
+def dicom_candidates(headers: list[Header], cfg: IngestConfig) -> list[Candidate]:
+    """Split headers into series (UID + SeriesNumber + localizer flag + image/non-image; each
+    multi-frame file alone), then classify each series into ok/skipped/failed rows."""
+    bundles: dict[tuple, list[Header]] = defaultdict(list)
+    for h in headers:
+        uid = h.series_uid or "nouid:" + h.file.rel.rsplit("/", 1)[0]
+        mf = h.file.rel if (h.n_frames > 1 or h.multiframe_problem or len(h.slices) > 1) else ""
+        bundles[(uid, h.series_number, h.is_localizer, h.is_image, mf)].append(h)
+    rows: list[Candidate] = []
+    for key in sorted(bundles):
+        rows.extend(_classify_bundle(sorted(bundles[key], key=lambda h: h.file.rel), cfg))
+    return rows
+
+
+def _classify_bundle(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
+    from pydicom.uid import UID
+
+    first = hs[0]
+    where = _where([h.file.rel for h in hs])
+    sop_name = UID(first.sop_class).name if first.sop_class else "unknown SOP class"
+    if not first.is_image:
+        what = f"is a {sop_name} object" if first.has_pixels else f"has no pixel data ({sop_name})"
+        return [_skip(hs, reasons.NOT_IMAGE, f"{where} {what}, not an image; nothing to convert.")]
+    bad = next((h for h in hs if h.problem), None)
+    if bad is not None:  # a damaged file fails its series even where a policy would skip it
+        return [
+            _fail(
+                hs, reasons.UNREADABLE, f"{where}: file {bad.file.rel} {bad.problem}; re-export or remove it."
+            )
+        ]
+    if first.modality in IMAGE_2D_MODALITIES or ("Secondary Capture" in sop_name and first.n_frames == 1):
+        return [
+            _skip(
+                hs,
+                reasons.IMAGE_2D,
+                f"{where} holds 2D {first.modality or 'secondary capture'} images, not a volume.",
+            )
+        ]
+    if first.modality not in cfg.modalities:
+        return [
+            _skip(
+                hs,
+                reasons.UNSUPPORTED_MODALITY,
+                f"{where} is modality {first.modality or '(none)'}; add it to ingest.modalities to include it.",
+            )
+        ]
+    if first.is_localizer:
+        return [_skip(hs, reasons.LOCALIZER, f"{where} is a localizer (ImageType LOCALIZER); not a volume.")]
+    if cfg.skip_derived and first.is_derived:
+        return [
+            _skip(
+                hs,
+                reasons.DERIVED,
+                f"{where} is a derived image (ImageType {'/'.join(first.image_type[:3])}); "
+                "set ingest.skip_derived to false to include it.",
+            )
+        ]
+    if "MOSAIC" in first.image_type:
+        return [
+            _fail(
+                hs,
+                reasons.MULTIFRAME_UNSUPPORTED,
+                f"{where} is a Siemens MOSAIC (several slices tiled in one image); convert it with dcm2niix first.",
+            )
+        ]
+    broken = [h for h in hs if h.multiframe_problem]
+    if broken:
+        return [
+            _fail(
+                hs,
+                reasons.MULTIFRAME_UNSUPPORTED,
+                f"multi-frame file {broken[0].file.rel} {broken[0].multiframe_problem}; convert it with dcm2niix.",
+            )
+        ]
+    return _split_geometry(hs, cfg)
+
+
+def _geometry_key(s: Slice) -> tuple:
+    o = tuple(round(v, 3) for v in s.orientation) if s.orientation else None
+    sp = tuple(round(v, 4) for v in s.spacing) if s.spacing else None
+    return (o is None, o or (), s.header.rows, s.header.cols, sp or ())
+
+
+def _split_geometry(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
+    """Separate scouts sharing the series; fail a series whose slices disagree in orientation/shape/spacing."""
+    groups: dict[tuple, list[Slice]] = defaultdict(list)
+    for h in hs:
+        for s in h.slices:
+            groups[_geometry_key(s)].append(s)
+    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0].header.file.rel, g[0].frame))
+    main = ordered[0]
+    rows: list[Candidate] = []
+    if len(ordered) > 1:
+
+        def is_scout(g: list[Slice]) -> bool:
+            a, b = g[0].orientation, main[0].orientation
+            return (
+                len(g) <= SCOUT_MAX_SLICES
+                and a is not None
+                and b is not None
+                and angle_deg(slice_normal(a), slice_normal(b)) >= SCOUT_ANGLE_DEG
+            )
+
+        scouts = [g for g in ordered[1:] if is_scout(g)]
+        rest = [g for g in ordered[1:] if not is_scout(g)]
+        if not rest and len(main) <= SCOUT_MAX_SLICES:
+            where = _where([h.file.rel for h in hs])
+            return [
+                _skip(
+                    hs,
+                    reasons.LOCALIZER,
+                    f"{where} is a multi-plane localizer ({len(ordered)} small stacks in different orientations).",
+                )
+            ]
+        if scouts:
+            sh = [s.header for g in scouts for s in g]
+            rows.append(
+                _skip(
+                    sh,
+                    reasons.LOCALIZER,
+                    f"{_where(sorted({h.file.rel for h in sh}))} is a scout sharing its series with a volume "
+                    "(single slice(s) orthogonal to it); the volume is read without it.",
+                )
+            )
+        if rest:
+            bad = main + [s for g in rest for s in g]
+            rows.append(_inconsistent(bad, [main] + rest))
+            return rows
+    rows.append(_check_stack(main, cfg))
+    return rows
+
+
+def _inconsistent(slices: list[Slice], groups: list[list[Slice]]) -> Candidate:
+    hs = [s.header for s in slices]
+    where = _where(sorted({h.file.rel for h in hs}))
+    a, b = groups[0][0], groups[1][0]
+    odd = groups[1][0].header.file.rel
+    if a.orientation is None or b.orientation is None:
+        return _fail(hs, reasons.MISSING_GEOMETRY, f"{where}: some slices (e.g. {odd}) lack ImagePositionPatient/"
+                     "ImageOrientationPatient/PixelSpacing; re-export the series with full headers.")  # fmt: skip
+    if _geometry_key(a)[1] != _geometry_key(b)[1]:
+        ang = angle_deg(slice_normal(a.orientation), slice_normal(b.orientation))
+        return _fail(hs, reasons.INCONSISTENT_ORIENTATION, f"{where}: slice orientation differs by {ang:.1f} degrees "
+                     f"within the series (e.g. {odd}); remove the odd slices or re-export the series.")  # fmt: skip
+    if (a.header.rows, a.header.cols) != (b.header.rows, b.header.cols):
+        return _fail(hs, reasons.INCONSISTENT_SHAPE, f"{where}: Rows/Columns differ within the series "
+                     f"({a.header.rows}x{a.header.cols} vs {b.header.rows}x{b.header.cols}, e.g. {odd}); "
+                     "remove the odd slices or re-export the series.")  # fmt: skip
+    return _fail(hs, reasons.INCONSISTENT_SPACING, f"{where}: PixelSpacing differs within the series ({a.spacing} vs "
+                 f"{b.spacing}, e.g. {odd}); remove the odd slices or re-export the series.")  # fmt: skip
+
+
+def _check_stack(slices: list[Slice], cfg: IngestConfig) -> Candidate:
+    """Status of one geometrically consistent stack, with the load plan in ``extra`` when usable."""
+    hs = [s.header for s in slices]
+    where = _where(sorted({h.file.rel for h in hs}))
+    geometry_ok = all(s.position and s.orientation and s.spacing for s in slices)
+    if len(slices) == 1:
+        cand = _skip(hs, reasons.IMAGE_2D, f"{where} is a single 2D image, not a volume.")
+        if geometry_ok:
+            s = slices[0]
+            step = slice_normal(s.orientation) * (s.header.thickness or 1.0)
+            _attach_plan(
+                cand, slices, affine_from_dicom(s.position, s.orientation, s.spacing, step), None, []
+            )
+        return cand
+    if len(slices) < cfg.min_slices:
+        return _skip(hs, reasons.TOO_FEW_SLICES, f"{where} has {len(slices)} slices, fewer than ingest.min_slices="
+                     f"{cfg.min_slices}; lower ingest.min_slices to include it.")  # fmt: skip
+    if not geometry_ok:
+        return _fail(hs, reasons.MISSING_GEOMETRY, f"{where} lacks ImagePositionPatient/ImageOrientationPatient/"
+                     "PixelSpacing, so slices cannot be placed; re-export the series with full headers.")  # fmt: skip
+    ts = next((h.transfer_syntax for h in hs if not decoder_available(h.transfer_syntax)), None)
+    if ts is not None:
+        return _fail(hs, reasons.NO_DECODER, f"{where}: {_decoder_fix(ts)}.")
+    orientation, spacing = slices[0].orientation, slices[0].spacing
+    order, s_sorted = sort_along_normal(np.array([s.position for s in slices]), orientation)
+    stack = [slices[i] for i in order]
+    notes: list[str] = []
+    for run in reversed(duplicate_runs(s_sorted)):
+        dup = [stack[i] for i in run]
+        if any(d.frame >= 0 for d in dup):
+            return _fail(hs, reasons.MULTIFRAME_UNSUPPORTED, f"{where}: several frames share a position (a temporal "
+                         "or multi-stack acquisition); convert it with dcm2niix.")  # fmt: skip
+        try:
+            pixels = [_slice_pixels(d) for d in dup]
+        except SeriesError as exc:
+            return _fail(hs, exc.reason, f"{where}: {exc.detail}")
+        if any(p.shape != pixels[0].shape or not np.array_equal(p, pixels[0]) for p in pixels[1:]):
+            return _fail(hs, reasons.DUPLICATE_SLICES, f"{where}: files {dup[0].header.file.rel} and "
+                         f"{dup[1].header.file.rel} share a slice position but differ in pixels; remove the wrong "
+                         "copy or re-export the series.")  # fmt: skip
+        notes.append(f"{', '.join(d.header.file.rel for d in dup[1:])} duplicate(s) {dup[0].header.file.rel}")
+        for i in sorted(run[1:], reverse=True):
+            del stack[i]
+    if len(stack) == 1:
+        return _skip(hs, reasons.IMAGE_2D, f"{where} holds copies of a single 2D image, not a volume.")
+    if len(stack) < cfg.min_slices:
+        return _skip(hs, reasons.TOO_FEW_SLICES, f"{where} has {len(stack)} distinct slice positions, fewer than "
+                     f"ingest.min_slices={cfg.min_slices}.")  # fmt: skip
+    positions = np.array([s.position for s in stack])
+    geom = analyse_positions(
+        positions,
+        orientation,
+        spacing,
+        tilt_tolerance_deg=cfg.tilt_tolerance_deg,
+        spacing_tolerance=cfg.spacing_tolerance,
+    )
+    flags: list[str] = []
+    for issue in geom.issues:
+        if issue.policy and getattr(cfg, issue.policy) == "resample":
+            flags.append(issue.flag)
+            notes.append(f"{issue.message}; resampled onto a regular grid")
+            continue
+        fix = (
+            f" set ingest.{issue.policy}=resample to resample it onto a regular grid," if issue.policy else ""
+        )
+        return _fail(hs, issue.reason, f"{where} {issue.message};{fix} or re-export/reconstruct the series.")
+    plan = regular_grid(geom, positions, orientation) if flags else None
+    step = plan["step"] if plan else geom.step
+    affine = affine_from_dicom(positions[0], orientation, spacing, step)
+    detail = ("Note: " + "; ".join(notes) + ".") if notes else ""
+    cand = _row(hs, "ok", "", detail, slices=stack)
+    _attach_plan(cand, stack, affine, plan, flags)
+    return cand
+
+
+def _attach_plan(
+    cand: Candidate, stack: list[Slice], affine: np.ndarray, plan: dict | None, flags: list[str]
+) -> None:
+    """Store what ``load`` needs in the picklable candidate: slice order, rescale, affine, resample plan."""
+    index = {p: i for i, p in enumerate(cand.source_files)}
+    h0 = stack[0].header
+    cand.extra = {
+        "slices": [[index[s.header.file.path], s.frame] for s in stack],
+        "rescale": [[s.slope, s.intercept] for s in stack],
+        "shape": [h0.cols, h0.rows],
+        "affine": np.asarray(affine).tolist(),
+        "resample": plan,
+        "flags": flags,
+        "transfer_syntaxes": sorted({s.header.transfer_syntax for s in stack}),
+    }
+    cand.label = f"{h0.modality} {h0.cols}x{h0.rows}x{plan['n_out'] if plan else len(stack)}"
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _read_pixels(path: Path, transfer_syntax: str) -> np.ndarray:
+    """Stored pixel values of a file: ``(rows, cols)`` or ``(frames, rows, cols)``; no rescale applied."""
+    import pydicom
+
+    if not decoder_available(transfer_syntax):
+        raise SeriesError(reasons.NO_DECODER, f"{path.name}: {_decoder_fix(transfer_syntax)}.")
+    try:
+        # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
+        return pydicom.dcmread(path, force=True).pixel_array
+    except Exception as exc:  # any decoder/parser failure means this file's pixels are unusable
+        raise SeriesError(reasons.UNREADABLE, f"pixels of {path.name} cannot be decoded ({exc})") from exc
+
+
+def _slice_pixels(s: Slice) -> np.ndarray:
+    """Rescaled pixels ``(rows, cols)`` float64 of one slice (used to compare duplicates)."""
+    arr = _read_pixels(s.header.file.path, s.header.transfer_syntax)
+    if s.frame >= 0 and arr.ndim == 3:
+        arr = arr[s.frame]
+    return arr.astype(np.float64) * s.slope + s.intercept
+
+
+def load_dicom(
+    c: Candidate, cfg: IngestConfig, reader: Callable[[Path, str], np.ndarray] = _read_pixels
+) -> Image:
+    """Pixels of a scanned DICOM candidate as float32 ``(X=cols, Y=rows, Z=slices)``, rescaled once."""
+    ex = c.extra
+    if not ex.get("slices"):
+        raise SeriesError(
+            c.reason or reasons.PROCESSING_ERROR, c.detail or f"{c.source[0]} has no slice plan"
+        )
+    cols, rows = ex["shape"]
+    ts_of = {}
+    for ts in ex["transfer_syntaxes"]:
+        if not decoder_available(ts):
+            raise SeriesError(reasons.NO_DECODER, f"{_where(c.source)}: {_decoder_fix(ts)}.")
+    out = np.empty((cols, rows, len(ex["slices"])), np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for k, ((fi, frame), (slope, icpt)) in enumerate(zip(ex["slices"], ex["rescale"], strict=True)):
+        path = c.source_files[fi]
+        if fi not in cache:
+            ts_of[fi] = (
+                ex["transfer_syntaxes"][0] if len(ex["transfer_syntaxes"]) == 1 else _transfer_syntax(path)
+            )
+            try:
+                cache = {fi: reader(path, ts_of[fi])}  # keep one file's pixels in memory at a time
+            except SeriesError as exc:
+                raise SeriesError(exc.reason, f"{c.source[fi]}: {exc.detail}") from exc
+        arr = cache[fi]
+        if frame >= 0 and arr.ndim == 3:
+            arr = arr[frame]
+        if arr.shape != (rows, cols):
+            raise SeriesError(reasons.UNREADABLE, f"{c.source[fi]} decodes to {arr.shape}, expected {(rows, cols)}; "
+                              "the file changed since the scan or is corrupt.")  # fmt: skip
+        out[:, :, k] = arr.T.astype(np.float64) * slope + icpt  # (rows, cols) -> (X=cols, Y=rows)
+    if ex.get("resample"):
+        out = resample_stack(out, ex["resample"])
+    return Image(
+        array=out, affine=np.asarray(ex["affine"], float), modality=c.modality, flags=list(ex["flags"])
+    )
+
+
+def _transfer_syntax(path: Path) -> str:
+    import pydicom
+
+    meta = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["Modality"]).file_meta
+    return str(meta.get("TransferSyntaxUID", ""))

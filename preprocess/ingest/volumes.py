@@ -1,0 +1,201 @@
+"""NIfTI (nibabel), NRRD and MHA/MHD (SimpleITK) files: header scan, 4D policy, loading.
+
+Arrays keep the file's own axis order as ``(X, Y, Z)``: nibabel's array as stored, and
+SimpleITK's ``(z, y, x)`` array transposed. Affines are RAS+: nibabel's best affine as is;
+SimpleITK's LPS direction/origin through :data:`preprocess.geometry.LPS_TO_RAS`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import reasons
+from preprocess.geometry import LPS_TO_RAS
+from preprocess.ingest.config import IngestConfig
+from preprocess.ingest.discover import FoundFile, Inventory, volume_kind
+from preprocess.types import Candidate, Identity, Image, SeriesError
+
+_DATAFILE_RE = {
+    ".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
+    ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I),
+}
+
+
+def claim_companions(inv: Inventory) -> dict[str, tuple[FoundFile | None, list[FoundFile]]]:
+    """Sidecar JSON and detached data files of each volume file, removed from ``inv.other``.
+
+    Returns ``{volume rel: (sidecar or None, data files)}``. A sidecar is ``<stem>.json`` in
+    the same folder (as dcm2niix writes it); data files are those an ``.mhd``/``.nhdr``
+    header names (``ElementDataFile`` / ``data file``).
+    """
+    by_rel = {f.rel: f for f in inv.other}
+    claimed: set[str] = set()
+    out: dict[str, tuple[FoundFile | None, list[FoundFile]]] = {}
+    for f, _kind in inv.volumes:
+        folder = f.rel.rsplit("/", 1)[0] + "/" if "/" in f.rel else ""
+        stem = volume_kind(f.rel.rsplit("/", 1)[-1])[1]
+        sidecar = by_rel.get(f"{folder}{stem}.json")
+        data: list[FoundFile] = []
+        regex = next((r for ext, r in _DATAFILE_RE.items() if f.rel.lower().endswith(ext)), None)
+        if regex is not None:
+            try:
+                text = f.path.read_bytes()[:65536].decode("latin-1")
+            except OSError:
+                text = ""
+            m = regex.search(text)
+            if m and m.group(1).split()[0] not in ("LOCAL", "LIST"):
+                d = by_rel.get(folder + m.group(1))
+                if d is not None:
+                    data.append(d)
+        claimed.update(x.rel for x in ([sidecar] if sidecar else []) + data)
+        out[f.rel] = (sidecar, data)
+    inv.other = [f for f in inv.other if f.rel not in claimed]
+    return out
+
+
+def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
+    """``(identity, modality, note)`` from a BIDS-style sidecar (note explains a bad sidecar)."""
+    if sidecar is None:
+        return Identity(), "", ""
+    try:
+        meta = json.loads(sidecar.path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return (
+            Identity(),
+            "",
+            f"Note: sidecar {sidecar.rel} cannot be parsed ({exc}); identity and modality left empty.",
+        )
+
+    def get(k: str) -> str:
+        v = meta.get(k, "")
+        return "" if v is None else str(v)
+
+    ident = Identity(
+        get("PatientID"), get("StudyInstanceUID"), get("SeriesInstanceUID"), get("AccessionNumber")
+    )
+    return ident, get("Modality").upper(), ""
+
+
+def _header(path: Path, kind: str) -> tuple[tuple[int, ...], int]:
+    """``(shape, components)`` from the header only; shape in ``(X, Y, Z[, T])`` order."""
+    if kind == "nifti":
+        import nibabel as nib
+
+        return tuple(int(v) for v in nib.load(path).shape), 1
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    r.ReadImageInformation()
+    return tuple(int(v) for v in r.GetSize()), int(r.GetNumberOfComponents())
+
+
+def volume_candidates(
+    f: FoundFile, kind: str, sidecar: FoundFile | None, data: list[FoundFile], cfg: IngestConfig
+) -> list[Candidate]:
+    """Rows for one volume file: one ok row, or skipped/failed rows, or one per 4D volume (``split``)."""
+    stem = volume_kind(f.rel.rsplit("/", 1)[-1])[1]
+    identity, modality, note = _sidecar(sidecar)
+    files = sorted([f] + data, key=lambda x: x.rel)
+
+    def row(
+        status: str = "ok", reason: str = "", detail: str = "", key: str = stem, extra: dict | None = None
+    ):
+        return Candidate(
+            kind=kind,
+            source=[x.rel for x in files],
+            key=key,
+            identity=identity,
+            modality=modality,
+            status=status,
+            reason=reason,
+            detail=detail or note,
+            label=f"{modality or '??'} " + "x".join(str(v) for v in shape[:3]) if shape else "",
+            source_files=[x.path for x in files],
+            extra={"file": files.index(f), **(extra or {})},
+        )
+
+    shape: tuple[int, ...] = ()
+    try:
+        shape, comps = _header(f.path, kind)
+    except Exception as exc:  # nibabel/SimpleITK raise many types for a corrupt header
+        return [
+            row(
+                "failed",
+                reasons.UNREADABLE,
+                f"{f.rel} cannot be read ({type(exc).__name__}: {exc}); re-export it.",
+            )
+        ]
+    # Trailing singleton axes (e.g. a NIfTI (X, Y, Z, 1)) carry no data.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if comps > 1 or len(shape) > 4:
+        return [
+            row(
+                "skipped",
+                reasons.NOT_IMAGE,
+                f"{f.rel} is a vector/colour or >4D image {shape}; not a scalar volume.",
+            )
+        ]
+    if len(shape) < 3 or min(shape[:3]) == 1:
+        return [row("skipped", reasons.IMAGE_2D, f"{f.rel} is a 2D image of shape {shape}, not a volume.")]
+    if min(shape[:3]) < cfg.min_slices:
+        return [row("skipped", reasons.TOO_FEW_SLICES, f"{f.rel} has shape {shape[:3]}, fewer than ingest.min_slices="
+                    f"{cfg.min_slices} along an axis; lower ingest.min_slices to include it.")]  # fmt: skip
+    if len(shape) == 3:
+        return [row()]
+    n = shape[3]
+    if cfg.four_d_policy == "reject":
+        return [row("failed", reasons.REJECTED_4D, f"{f.rel} is 4D with {n} volumes; set ingest.four_d_policy to "
+                    "'first' or 'split' to use it.")]  # fmt: skip
+    if cfg.four_d_policy == "first":
+        return [
+            row(extra={"volume": 0}),
+            row("skipped", reasons.EXTRA_VOLUME_4D, f"{f.rel} is 4D: volume 0 was kept and {n - 1} later volume(s) "
+                "dropped; set ingest.four_d_policy=split to keep all.", key=f"{stem}#1-{n - 1}"),
+        ]  # fmt: skip
+    return [row(key=f"{stem}#{t}", extra={"volume": t}) for t in range(n)]
+
+
+def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
+    """Pixels of a NIfTI/NRRD/MHA candidate as float32 ``(X, Y, Z)`` with its RAS+ affine."""
+    path = c.source_files[c.extra.get("file", 0)]
+    t = c.extra.get("volume")
+    try:
+        if c.kind == "nifti":
+            import nibabel as nib
+
+            img = nib.load(path)
+            proxy = img.dataobj
+            # Proxy slicing reads (and scales) only the requested volume.
+            arr = np.asarray(proxy[..., t] if t is not None else proxy, dtype=np.float32)
+            affine = np.asarray(img.affine, float)
+        else:
+            import SimpleITK as sitk
+
+            img = sitk.ReadImage(str(path))
+            full = sitk.GetArrayFromImage(img)  # (T, Z, Y, X) or (Z, Y, X)
+            arr = np.asarray(full.T, dtype=np.float32)  # -> (X, Y, Z[, T])
+            ndim = img.GetDimension()
+            direction = np.asarray(img.GetDirection(), float).reshape(ndim, ndim)[:3, :3]
+            lps = np.eye(4)
+            lps[:3, :3] = direction * np.asarray(img.GetSpacing()[:3], float)[None]
+            lps[:3, 3] = img.GetOrigin()[:3]
+            affine = LPS_TO_RAS @ lps
+            if t is not None:
+                arr = arr[..., t]
+    except Exception as exc:  # a file that read at scan time but not now: changed or corrupt
+        raise SeriesError(
+            reasons.UNREADABLE, f"{c.source[0]} cannot be read ({type(exc).__name__}: {exc})."
+        ) from exc
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise SeriesError(reasons.REJECTED_4D, f"{c.source[0]} has shape {arr.shape}; expected a 3D volume.")
+    return Image(array=np.ascontiguousarray(arr), affine=affine, modality=c.modality)

@@ -1,0 +1,169 @@
+"""Ingest of NIfTI / NRRD / MHA files: shipped real samples, 4D policies, sidecars, mixed exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from preprocess import reasons
+from preprocess.geometry import apply_affine
+from preprocess.ingest import IngestConfig, content_hash, load, scan
+
+
+def _real_niftis(nibabel_test_data: Path) -> dict[str, Path]:
+    import dipy
+    import nilearn
+
+    return {
+        "anatomical": nibabel_test_data / "anatomical.nii",
+        "standard": nibabel_test_data / "standard.nii.gz",
+        "aniso_vox": Path(dipy.__file__).parent / "data" / "files" / "aniso_vox.nii.gz",
+        "mni": Path(nilearn.__file__).parent
+        / "datasets"
+        / "data"
+        / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    }
+
+
+def _assert_world_matches_simpleitk(path: Path, img, points) -> None:
+    """Voxel index -> world agrees with SimpleITK's TransformIndexToPhysicalPoint (LPS -> RAS)."""
+    ref = sitk.ReadImage(str(path))
+    for idx in points:
+        world = np.asarray(ref.TransformIndexToPhysicalPoint([int(v) for v in idx])) * [-1, -1, 1]
+        np.testing.assert_allclose(apply_affine(img.affine, np.asarray(idx, float)), world, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["anatomical", "standard", "aniso_vox", "mni"])
+def test_real_nifti_loads_with_nibabel_geometry(nibabel_test_data, name):
+    path = _real_niftis(nibabel_test_data)[name]
+    cfg = IngestConfig(min_slices=4)
+    (c,) = scan(path, cfg)
+    assert (c.kind, c.status, c.key, c.modality) == ("nifti", "ok", path.name.split(".")[0], "")
+    img = load(c, cfg)
+    ref = nib.load(path)
+    assert img.array.dtype == np.float32 and img.array.shape == ref.shape
+    np.testing.assert_array_equal(img.affine, ref.affine)
+    np.testing.assert_array_equal(img.array, ref.get_fdata(dtype=np.float32))
+    last = np.array(ref.shape) - 1
+    _assert_world_matches_simpleitk(
+        path, img, [(0, 0, 0), tuple(last), tuple(last // 2), (last[0], 0, last[2])]
+    )
+
+
+def test_small_nifti_respects_min_slices(nibabel_test_data):
+    (c,) = scan(nibabel_test_data / "standard.nii.gz", IngestConfig())  # shape (4, 5, 7) < 8
+    assert (c.status, c.reason) == ("skipped", reasons.TOO_FEW_SLICES)
+
+
+@pytest.mark.parametrize("policy", ["split", "first", "reject"])
+def test_4d_nifti_policies(nibabel_test_data, policy):
+    path = nibabel_test_data / "example4d.nii.gz"
+    cfg = IngestConfig(four_d_policy=policy)
+    cands = scan(path, cfg)
+    ref = nib.load(path)
+    if policy == "reject":
+        assert [(c.status, c.reason) for c in cands] == [("failed", reasons.REJECTED_4D)]
+        return
+    if policy == "first":
+        assert [(c.key, c.status, c.reason) for c in cands] == [
+            ("example4d", "ok", ""),
+            ("example4d#1-1", "skipped", reasons.EXTRA_VOLUME_4D),
+        ]
+        assert "1 later volume" in cands[1].detail
+    else:
+        assert [(c.key, c.status) for c in cands] == [("example4d#0", "ok"), ("example4d#1", "ok")]
+    for t, c in enumerate(c for c in cands if c.status == "ok"):
+        img = load(c, cfg)
+        np.testing.assert_array_equal(img.array, ref.get_fdata(dtype=np.float32)[..., t])
+        np.testing.assert_array_equal(img.affine, ref.affine)
+    if policy == "split":
+        assert content_hash(cands[0]) != content_hash(cands[1])
+
+
+def _oblique_affine() -> np.ndarray:
+    a = np.radians(25)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.9, 1.1, 2.5]) * [[-1], [1], [1]]
+    aff[:3, 3] = [40.0, -12.0, 7.5]
+    return aff
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha", ".mhd"])
+def test_itk_formats_convert_lps_to_ras(tmp_path, ext):
+    """A volume written by nibabel, converted by SimpleITK: same pixels and RAS affine as the NIfTI."""
+    vol = np.random.default_rng(0).integers(-500, 500, size=(9, 10, 8)).astype(np.int16)
+    nii = tmp_path / "ref" / "vol.nii.gz"
+    nii.parent.mkdir()
+    nib.save(nib.Nifti1Image(vol, _oblique_affine()), nii)
+    out = tmp_path / "in" / f"scan1{ext}"
+    out.parent.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(nii)), str(out))
+    (out.parent / "scan1.json").write_text(
+        json.dumps({"PatientID": "P7", "AccessionNumber": "A9", "Modality": "mr"})
+    )
+    cands = scan(tmp_path / "in", IngestConfig())
+    assert [(c.status, c.kind) for c in cands] == [("ok", "nrrd" if ext == ".nrrd" else "mha")]
+    c = cands[0]
+    assert (
+        c.key == "scan1"
+        and c.modality == "MR"
+        and c.identity.patient_id == "P7"
+        and c.identity.accession == "A9"
+    )
+    if ext == ".mhd":  # the detached data file belongs to the candidate (and its hash)
+        assert c.source == ["scan1.mhd", "scan1.raw"]
+    img = load(c, IngestConfig())
+    np.testing.assert_array_equal(img.array, vol.astype(np.float32))
+    np.testing.assert_allclose(img.affine, _oblique_affine(), atol=1e-5)
+
+
+def test_mixed_export_rows_and_ignore_rules(tmp_path, nibabel_test_data):
+    src = tmp_path / "export"
+    (src / "nifti").mkdir(parents=True)
+    (src / "other").mkdir()
+    shutil.copy(nibabel_test_data / "anatomical.nii", src / "nifti" / "case1.nii")
+    (src / "nifti" / "case1.json").write_text(json.dumps({"PatientID": "PX", "Modality": "CT"}))
+    shutil.copy(nibabel_test_data / "anatomical.nii", src / "other" / "case1.nii")  # same stem elsewhere
+    (src / "nifti" / "broken.nii.gz").write_bytes(b"not gzip at all")
+    (src / "reports.csv").write_text("AccessionNumber,Findings\n")
+    (src / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (src / ".DS_Store").write_bytes(b"junk")
+    (src / "labels").mkdir()
+    shutil.copy(nibabel_test_data / "anatomical.nii", src / "labels" / "case1.nii")
+    rows = scan(src, IngestConfig(exclude=("labels/*",)))
+    got = [(c.source, c.key, c.status, c.reason) for c in rows]
+    assert got == [
+        (["blob.bin"], "blob.bin", "skipped", reasons.NOT_MEDICAL_FILE),
+        (["nifti/broken.nii.gz"], "broken", "failed", reasons.UNREADABLE),
+        (["nifti/case1.nii"], "case1", "ok", ""),
+        (["other/case1.nii"], "case1@2", "ok", ""),
+        (["reports.csv"], "reports.csv", "skipped", reasons.NOT_MEDICAL_FILE),
+    ]
+    assert rows[2].modality == "CT" and rows[2].identity.patient_id == "PX" and rows[3].modality == ""
+    assert "nifti/broken.nii.gz" in rows[1].detail
+
+
+def test_zip_with_nifti_and_dicom(tmp_path, nibabel_test_data, pydicom_test_files):
+    with zipfile.ZipFile(tmp_path / "bundle.zip", "w") as zf:
+        zf.write(nibabel_test_data / "anatomical.nii", "imgs/anat.nii")
+        zf.write(pydicom_test_files / "rtstruct.dcm", "dicom/rs")
+        zf.writestr("../escape.txt", "x")
+    cfg = IngestConfig()
+    rows = scan(tmp_path / "bundle.zip", cfg, workdir=tmp_path / "stage")
+    got = [(c.source[0], c.status, c.reason) for c in rows]
+    assert got == [
+        ("bundle.zip!/../escape.txt", "failed", reasons.UNREADABLE),
+        ("bundle.zip!/dicom/rs", "skipped", reasons.NOT_IMAGE),
+        ("bundle.zip!/imgs/anat.nii", "ok", ""),
+    ]
+    assert not (tmp_path / "escape.txt").exists()
+    assert load(rows[2], cfg).array.shape == (33, 41, 25)
+    assert scan(tmp_path / "bundle.zip", cfg, workdir=tmp_path / "stage")[2].source == rows[2].source  # rerun
