@@ -1,1 +1,22 @@
-"""Synthetic hospital exports with ground truth (``vol3d synth``)."""
+"""Synthetic hospital exports with ground truth (``vol3d synth``).
+
+:func:`generate` writes DICOM/NIfTI CT (or MR) series of an analytic chest/abdomen
+phantom with findings, plus organ/lesion masks, finding boxes, reports, EHR codes
+and ``truth.json``; see docs/formats.md section 1 and docs/synth.md.
+"""
+
+from preprocess.synth.export import PRESETS, SynthConfig, generate, plan_cases, write_case
+from preprocess.synth.phantom import LABEL_VALUE, LABELS
+from preprocess.synth.reports import FINDINGS, NOISE_CODES
+
+__all__ = [
+    "FINDINGS",
+    "LABELS",
+    "LABEL_VALUE",
+    "NOISE_CODES",
+    "PRESETS",
+    "SynthConfig",
+    "generate",
+    "plan_cases",
+    "write_case",
+]

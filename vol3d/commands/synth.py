@@ -3,18 +3,85 @@
 from __future__ import annotations
 
 import argparse
-
-from vol3d.commands import not_yet
+import time
+from pathlib import Path
 
 HELP = "write a synthetic hospital export (DICOM/NIfTI CT with reports, EHR codes, masks, boxes)"
 DESCRIPTION = """Write a deterministic synthetic hospital export: CT DICOM series (with scouts,
 feet-first and non-axial acquisitions), some NIfTI cases, organ/lesion masks, finding
-boxes in world mm, radiology reports by AccessionNumber and ICD-10 codes by PatientID."""
+boxes in world mm, radiology reports by AccessionNumber and ICD-10 codes by PatientID.
+The layout is described in docs/formats.md (section 1) and docs/synth.md.
+
+example: vol3d synth /tmp/export --cases 20 --seed 0 --size small"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("out", type=Path, help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--cases", type=int, default=10, help="number of studies to write (default 10)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed: the same seed writes the same files"
+    )
+    parser.add_argument(
+        "--size",
+        choices=("small", "realistic"),
+        default="realistic",
+        help="realistic: 384-512 matrix, 0.6-0.9 mm, 1-5 mm slices; small: ~64-96 voxels at 4-6 mm (tests, demo)",
+    )
+    parser.add_argument("--modality", choices=("ct", "mr"), default="ct", help="image modality (default ct)")
+    parser.add_argument(
+        "--nifti-fraction", type=float, default=0.2, help="fraction of cases exported as NIfTI (default 0.2)"
+    )
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU core)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete the contents of a non-empty OUT first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise not_yet("synth")
+    import shutil
+
+    from tqdm import tqdm
+
+    from preprocess.errors import InputError
+    from preprocess.synth import SynthConfig, generate
+
+    cfg = SynthConfig(
+        cases=args.cases,
+        seed=args.seed,
+        size=args.size,
+        modality=args.modality,
+        nifti_fraction=args.nifti_fraction,
+        workers=args.workers,
+    )
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; choose another OUT")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise InputError(
+                f"{out} is not empty; choose an empty or new folder, or pass --overwrite to replace it"
+            )
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tqdm(total=cfg.cases, unit="case", desc="synth") as bar:
+        truth = generate(out, cfg, progress=bar.update)
+    elapsed = time.perf_counter() - start
+    cases = truth["cases"]
+    n_series = sum(len(c["series"]) for c in cases)
+    n_findings = sum(len(c["findings"]) for c in cases)
+    n_nifti = sum(c["format"] == "nifti" for c in cases)
+    n_normal = sum(not c["findings"] for c in cases)
+    print(
+        f"wrote {len(cases)} cases ({len(cases) - n_nifti} DICOM, {n_nifti} NIfTI; {n_normal} normal), "
+        f"{n_series} series, {n_findings} findings in {elapsed:.1f} s to {out}"
+    )
+    print(
+        f"  images: {out / 'dicom'}, {out / 'nifti'}\n"
+        f"  truth:  {out / 'labels'}, {out / 'lesions'}, boxes.json, reports.csv, ehr_codes.csv, truth.json"
+    )
+    return 0

@@ -1,0 +1,288 @@
+"""Radiology report text and ICD-10 codes for synthetic cases.
+
+:data:`FINDINGS` is the vocabulary shared with evaluation code: for each finding type,
+the organ label(s) it lives in, its ICD-10 code, and the nouns and organ words that
+every report sentence about it contains (so a keyword extractor can find it).
+Negative statements start with "No", or say "unremarkable" / "without".
+
+Sizes in reports are integers in mm taken from the finding's mask in the primary
+series (see :func:`finding_sizes`): lesions give the axial extent ``long x short``
+(the larger and smaller of the world-box extents along x and y); splenomegaly gives
+the craniocaudal length (world-box extent along z).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Finding vocabulary. ``organs``: label names the finding lies in; ``measure``: what the report size is.
+FINDINGS: dict[str, dict] = {
+    "liver_lesion": {
+        "text": "liver lesion",
+        "organ": "liver",
+        "organs": ("liver",),
+        "code": "K76.89",
+        "code_description": "Other specified diseases of liver",
+        "nouns": ("lesion", "mass", "hypodensity"),
+        "organ_words": ("liver", "hepatic"),
+        "measure": "axial",
+    },
+    "lung_nodule": {
+        "text": "lung nodule",
+        "organ": "lung",
+        "organs": ("lung_left", "lung_right"),
+        "code": "R91.1",
+        "code_description": "Solitary pulmonary nodule",
+        "nouns": ("nodule",),
+        "organ_words": ("lung", "pulmonary", "lobe"),
+        "measure": "axial",
+    },
+    "kidney_cyst": {
+        "text": "kidney cyst",
+        "organ": "kidney",
+        "organs": ("kidney_left", "kidney_right"),
+        "code": "N28.1",
+        "code_description": "Cyst of kidney, acquired",
+        "nouns": ("cyst",),
+        "organ_words": ("kidney", "renal"),
+        "measure": "axial",
+    },
+    "splenomegaly": {
+        "text": "splenomegaly",
+        "organ": "spleen",
+        "organs": ("spleen",),
+        "code": "R16.1",
+        "code_description": "Splenomegaly, not elsewhere classified",
+        "nouns": ("splenomegaly", "enlarged spleen"),
+        "organ_words": ("spleen", "splenic"),
+        "measure": "craniocaudal",
+    },
+}
+
+#: Unrelated chronic diagnoses added to patients' EHR codes as noise: code -> description.
+NOISE_CODES: dict[str, str] = {
+    "I10": "Essential (primary) hypertension",
+    "E11.9": "Type 2 diabetes mellitus without complications",
+    "E78.5": "Hyperlipidemia, unspecified",
+    "J45.909": "Unspecified asthma, uncomplicated",
+    "K21.9": "Gastro-esophageal reflux disease without esophagitis",
+    "M54.5": "Low back pain",
+    "F32.9": "Major depressive disorder, single episode, unspecified",
+    "E66.9": "Obesity, unspecified",
+    "Z87.891": "Personal history of nicotine dependence",
+}
+
+_NUMBER_WORDS = {2: "Two", 3: "Three"}
+
+
+def finding_sizes(kind: str, size_mm: Sequence[float]) -> list[int]:
+    """Report sizes (integer mm) of a finding from its world-box extent ``(dx, dy, dz)``.
+
+    Lesions: ``[long, short]`` axial extent; splenomegaly: ``[craniocaudal]``.
+    """
+    dx, dy, dz = (float(v) for v in size_mm)
+    if FINDINGS[kind]["measure"] == "craniocaudal":
+        return [int(round(dz))]
+    return [int(round(max(dx, dy))), int(round(min(dx, dy)))]
+
+
+def _dims(sizes: Sequence[int], rng: np.random.Generator) -> str:
+    long_, short = sizes
+    return str(rng.choice([f"{long_} x {short} mm", f"{long_} x {short} mm", f"up to {long_} x {short} mm"]))
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return str(options[int(rng.integers(len(options)))])
+
+
+def _side(organ: str) -> str:
+    return "left" if organ.endswith("_left") else "right"
+
+
+def _liver(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+    if not items:
+        return _pick(
+            rng,
+            [
+                "The liver is normal in size and attenuation. No focal hepatic lesion.",
+                "Liver: unremarkable, without focal lesion.",
+                "No focal liver lesion is identified.",
+            ],
+        ), []
+    parts, impressions = [], []
+    if len(items) == 1:
+        it = items[0]
+        parts.append(
+            _pick(
+                rng,
+                [
+                    "There is a well-defined hypodense lesion in the {lobe} hepatic lobe measuring {d}.",
+                    "A {d} hypoattenuating mass is seen in the {lobe} lobe of the liver.",
+                    "Hypodensity in the {lobe} liver lobe, measuring {d}, likely a hemangioma.",
+                ],
+            ).format(lobe=it["lobe"], d=_dims(it["sizes"], rng))
+        )
+        impressions.append(
+            _pick(
+                rng,
+                [
+                    "{l} mm hypodense liver lesion, indeterminate.",
+                    "Indeterminate {l} mm hepatic lesion; consider MRI.",
+                ],
+            ).format(l=it["sizes"][0])
+        )
+    else:
+        dims = " and ".join(f"{it['sizes'][0]} x {it['sizes'][1]} mm" for it in items)
+        parts.append(
+            _pick(
+                rng,
+                [
+                    "{n} hypodense liver lesions are present, measuring {dims}.",
+                    "{n} hypoattenuating hepatic lesions measuring {dims}.",
+                ],
+            ).format(n=_NUMBER_WORDS[len(items)], dims=dims)
+        )
+        largest = max(it["sizes"][0] for it in items)
+        impressions.append(f"Multiple hypodense liver lesions, the largest {largest} mm.")
+    return " ".join(parts), impressions
+
+
+def _lungs(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+    if not items:
+        return _pick(
+            rng,
+            [
+                "The lung bases are clear. No pulmonary nodule.",
+                "Visualized lungs are unremarkable without nodule or consolidation.",
+                "No suspicious lung nodule in the imaged lungs.",
+            ],
+        ), []
+    parts, impressions = [], []
+    for it in items:
+        side = _side(it["organ"])
+        parts.append(
+            _pick(
+                rng,
+                [
+                    "A solid nodule in the {s} lower lobe measures {d}.",
+                    "There is a {d} solid pulmonary nodule in the {s} lower lobe.",
+                    "Noncalcified nodule at the {s} lung base, measuring {d}.",
+                ],
+            ).format(s=side, d=_dims(it["sizes"], rng))
+        )
+        impressions.append(
+            _pick(
+                rng,
+                [
+                    "{l} mm {s} lower lobe pulmonary nodule; follow-up CT recommended.",
+                    "{s_cap} lung nodule, {l} mm.",
+                ],
+            ).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
+        )
+    return " ".join(parts), impressions
+
+
+def _kidneys(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+    if not items:
+        return _pick(
+            rng,
+            [
+                "The kidneys enhance symmetrically without hydronephrosis or cyst.",
+                "Kidneys: unremarkable.",
+                "No renal cyst or mass. No hydronephrosis.",
+            ],
+        ), []
+    parts, impressions = [], []
+    for it in items:
+        side = _side(it["organ"])
+        parts.append(
+            _pick(
+                rng,
+                [
+                    "Simple cyst in the {s} kidney measuring {d}.",
+                    "There is a {d} fluid-attenuation cyst arising from the {s} kidney (Bosniak I).",
+                    "A simple-appearing {s} renal cyst measures {d}.",
+                ],
+            ).format(s=side, d=_dims(it["sizes"], rng))
+        )
+        impressions.append(
+            _pick(
+                rng,
+                [
+                    "{l} mm simple {s} renal cyst, no follow-up needed.",
+                    "{s_cap} kidney cyst ({l} mm), benign.",
+                ],
+            ).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
+        )
+    return " ".join(parts), impressions
+
+
+def _spleen(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+    if not items:
+        return _pick(
+            rng, ["The spleen is normal in size.", "Spleen: unremarkable.", "No splenomegaly; normal spleen."]
+        ), []
+    length = items[0]["sizes"][0]
+    text = _pick(
+        rng,
+        [
+            "The spleen is enlarged, measuring {l} mm in craniocaudal length.",
+            "Splenomegaly with a craniocaudal splenic length of {l} mm.",
+            "Enlarged spleen ({l} mm craniocaudal).",
+        ],
+    ).format(l=length)
+    return text, [
+        _pick(rng, ["Splenomegaly ({l} mm).", "Enlarged spleen, {l} mm craniocaudal."]).format(l=length)
+    ]
+
+
+_OTHER = (
+    "The aorta is normal in caliber.",
+    "No lymphadenopathy.",
+    "Osseous structures are unremarkable.",
+    "No free fluid.",
+    "The pancreas and adrenal glands are unremarkable.",
+)
+
+
+def write_report(findings: Sequence[dict], rng: np.random.Generator) -> tuple[str, str]:
+    """``(findings text, impression)`` of one study.
+
+    Args:
+        findings: dicts with ``finding`` (a :data:`FINDINGS` key), ``organ`` (label name),
+            ``sizes`` (from :func:`finding_sizes`) and, for liver lesions, ``lobe``.
+    """
+    by_kind = {k: [f for f in findings if f["finding"] == k] for k in FINDINGS}
+    sections = [
+        _lungs(by_kind["lung_nodule"], rng),
+        _liver(by_kind["liver_lesion"], rng),
+        _spleen(by_kind["splenomegaly"], rng),
+        _kidneys(by_kind["kidney_cyst"], rng),
+    ]
+    others = [str(s) for s in rng.permutation(list(_OTHER))[: int(rng.integers(1, 4))]]
+    text = " ".join([s for s, _ in sections] + others)
+    impressions = [i for _, imp in sections for i in imp]
+    if not impressions:
+        impression = _pick(
+            rng,
+            [
+                "No acute abnormality.",
+                "Unremarkable examination of the chest and abdomen.",
+                "No significant findings.",
+            ],
+        )
+    elif len(impressions) == 1:
+        impression = impressions[0]
+    else:
+        impression = " ".join(f"{n}. {s}" for n, s in enumerate(impressions, start=1))
+    return text, impression
+
+
+def patient_codes(kinds: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """ICD-10 ``(code, description)`` rows for a patient: one per finding type, plus 0-3 noise codes."""
+    rows = [(FINDINGS[k]["code"], FINDINGS[k]["code_description"]) for k in FINDINGS if k in set(kinds)]
+    noise = rng.permutation(sorted(NOISE_CODES))[: int(rng.choice([0, 1, 1, 2, 2, 3]))]
+    rows += [(str(c), NOISE_CODES[str(c)]) for c in sorted(noise)]
+    return rows
