@@ -173,13 +173,31 @@ def _extract_zip(f: FoundFile, staging: Path, inv: Inventory) -> Path | None:
     return target
 
 
+#: A file at the root of an export listing glob patterns (one per line, ``#`` comments) of
+#: paths that are side data, not images; added to ``IngestConfig.exclude``.
+IGNORE_FILE = ".vol3dignore"
+
+
+def read_ignore_file(src: Path) -> tuple[str, ...]:
+    """Patterns from ``src/.vol3dignore`` (empty when ``src`` is a file or has none)."""
+    path = Path(src) / IGNORE_FILE
+    if not path.is_file():
+        return ()
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
 def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None) -> Inventory:
-    """Walk ``src`` (a folder, or a single file), unpacking zips (recursively) below ``workdir``."""
+    """Walk ``src`` (a folder, or a single file), unpacking zips (recursively) below ``workdir``.
+
+    Paths matching ``exclude`` or the patterns of ``src/.vol3dignore`` are not looked at.
+    """
     src = Path(src)
     if not src.exists():
         from preprocess.errors import InputError
 
         raise InputError(f"input {src} does not exist; pass a folder, zip, NIfTI, NRRD or MHA file.")
+    exclude = tuple(exclude) + read_ignore_file(src)
     inv = Inventory()
     staging = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vol3d-ingest-"))
     queue: list[tuple[Path, str, Path | None]] = [(src.parent, "", src) if src.is_file() else (src, "", None)]

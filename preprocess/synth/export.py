@@ -21,6 +21,7 @@ import numpy as np
 
 from preprocess.errors import ConfigError
 from preprocess.geometry import affine_from_dicom, boxes_voxel_to_world, mask_to_box
+from preprocess.ingest.discover import IGNORE_FILE
 from preprocess.synth import phantom as ph
 from preprocess.synth.reports import FINDINGS, finding_sizes, patient_codes, write_report
 
@@ -888,4 +889,10 @@ def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: l
         "cases": cases,
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    # Ground truth sits beside the images, as in a real export: tell `vol3d preprocess OUT` it is not imaging.
+    (out / IGNORE_FILE).write_text(
+        "# side data of this export, not images (read by vol3d preprocess; see docs/ingest.md)\n"
+        + "\n".join(("labels/*", "lesions/*", "boxes.json", "truth.json", "*.csv"))
+        + "\n"
+    )
     return truth

@@ -233,3 +233,19 @@ def test_cli_refuses_a_non_empty_folder_and_overwrites_on_request(tmp_path, caps
     assert not (out / "keep.txt").exists()
     assert "1 cases" in capsys.readouterr().out
     assert json.loads((out / "truth.json").read_text())["cases"][0]["case"] == "case0001"
+
+
+def test_export_root_is_preprocessable_without_exclude_flags(tmp_path):
+    """The export's .vol3dignore keeps its ground truth (labels, lesions, tables) out of the scan."""
+    from preprocess.ingest import scan
+    from preprocess.ingest.config import IngestConfig
+    from preprocess.synth import SynthConfig, generate
+
+    out = tmp_path / "export"
+    out.mkdir()
+    generate(out, SynthConfig(cases=2, seed=3, size="small"))
+    rows = scan(out, IngestConfig())
+    sources = [s for r in rows for s in r.source]
+    assert sources, "the scan found nothing"
+    assert not [s for s in sources if s.startswith(("labels/", "lesions/")) or s.endswith((".csv", "truth.json"))]
+    assert all(r.reason != "NOT_MEDICAL_FILE" for r in rows)
