@@ -1,0 +1,605 @@
+"""Evaluation metrics of every vol3d task; numpy/python, with maintained libraries where they exist.
+
+- grounding: true 3D IoU (``preprocess.geometry.box_iou``), Hungarian matching,
+  Acc@IoU0.25/0.5, mean IoU, unparseable-answer rate, refusal accuracy;
+- reports: BLEU-4 (nltk), ROUGE-L (rouge-score), finding-level P/R/F1 from a
+  rule-based extractor with negation handling;
+- VQA: exact match after normalisation, token F1;
+- EHR: macro/micro AUROC (scikit-learn);
+- segmentation: Dice and HD95 per class (MONAI), NaN when a class is empty in both.
+
+Every function returns plain dicts; :func:`jsonable` makes them strict JSON (NaN -> null)
+and :func:`format_table` prints them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from preprocess.geometry import as_boxes, box_iou, denormalise_boxes, parse_boxes
+from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab
+
+# ============================================================================ grounding
+
+
+def match_boxes(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching of predicted to true boxes (Hungarian, maximising total IoU).
+
+    Args:
+        pred: ``(P, 6)`` boxes; gt: ``(G, 6)`` boxes, same frame.
+    Returns:
+        ``gt_iou (G,)``: IoU of each true box with its matched prediction (0 if unmatched),
+        ``pred_iou (P,)``: the same seen from the predictions (0 for extra predictions).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pred, gt = as_boxes(pred), as_boxes(gt)
+    gt_iou, pred_iou = np.zeros(len(gt)), np.zeros(len(pred))
+    if len(pred) and len(gt):
+        iou = box_iou(pred, gt)  # (P, G)
+        rows, cols = linear_sum_assignment(-iou)
+        gt_iou[cols] = iou[rows, cols]
+        pred_iou[rows] = iou[rows, cols]
+    return gt_iou, pred_iou
+
+
+def _shapes(shape: Any, n: int) -> list[tuple[int, ...]]:
+    """One model-input shape for all samples, or a list with one shape per sample."""
+    if len(shape) and isinstance(shape[0], (Sequence, np.ndarray)) and not isinstance(shape[0], str):
+        if len(shape) != n:
+            raise ValueError(f"got {len(shape)} shapes for {n} answers; give one shape or one per answer")
+        return [tuple(int(v) for v in s[-3:]) for s in shape]
+    return [tuple(int(v) for v in shape[-3:])] * n
+
+
+def grounding_metrics(
+    pred_texts: Sequence[str],
+    gt_boxes_list: Sequence[np.ndarray],
+    shape: Sequence[int] | Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """Grounding quality of generated answers against true voxel boxes.
+
+    Args:
+        pred_texts: generated answers holding ``<box>[...]</box>`` (0..999, model-input frame).
+        gt_boxes_list: per answer, the true boxes ``(G_i, 6)`` in model-input voxels (``G_i = 0``:
+            the finding is absent and the right answer is a refusal without boxes).
+        shape: the model-input ``(X, Y, Z)`` (or ``(C, X, Y, Z)``), or one such shape per answer.
+
+    Predicted boxes are mapped back to voxels and matched to true boxes one-to-one by the
+    Hungarian algorithm on IoU. ``acc_iou25`` / ``acc_iou50`` are the fraction of true boxes
+    whose match reaches the threshold (for one box per question this is the usual
+    Acc@IoU); ``precision_iou50`` the fraction of predicted boxes that do;
+    ``unparseable_rate`` the fraction of answers with no well-formed box where one was
+    expected; ``refusal_accuracy`` the fraction of absent-finding questions answered
+    without a box.
+    """
+    if len(pred_texts) != len(gt_boxes_list):
+        raise ValueError(f"{len(pred_texts)} answers but {len(gt_boxes_list)} ground-truth box sets")
+    shapes = _shapes(shape, len(pred_texts))
+    gt_ious: list[float] = []
+    pred_ious: list[float] = []
+    expected = unparseable = negatives = refused = 0
+    for text, gt, shp in zip(pred_texts, gt_boxes_list, shapes, strict=True):
+        gt = as_boxes(gt)
+        ints = parse_boxes(text)
+        pred = denormalise_boxes(np.stack(ints), shp) if ints else np.zeros((0, 6))
+        if len(gt) == 0:
+            negatives += 1
+            refused += int(len(pred) == 0)
+            pred_ious += [0.0] * len(pred)
+            continue
+        expected += 1
+        unparseable += int(len(pred) == 0)
+        g, p = match_boxes(pred, gt)
+        gt_ious += g.tolist()
+        pred_ious += p.tolist()
+    g_arr, p_arr = np.asarray(gt_ious), np.asarray(pred_ious)
+
+    def frac(mask: np.ndarray) -> float:
+        return float(mask.mean()) if mask.size else math.nan
+
+    return {
+        "n": len(pred_texts),
+        "n_gt_boxes": int(g_arr.size),
+        "n_pred_boxes": int(p_arr.size),
+        "mean_iou": frac(g_arr),
+        "acc_iou25": frac(g_arr >= 0.25),
+        "acc_iou50": frac(g_arr >= 0.5),
+        "precision_iou50": frac(p_arr >= 0.5),
+        "unparseable_rate": unparseable / expected if expected else math.nan,
+        "refusal_accuracy": refused / negatives if negatives else math.nan,
+    }
+
+
+# ============================================================================ report text
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case word and punctuation tokens; keeps decimals ("1.5") as one token."""
+    return re.findall(r"\d+(?:\.\d+)?|[a-z]+|[^\sa-z\d]", text.lower())
+
+
+def bleu4(pred_texts: Sequence[str], ref_texts: Sequence[str]) -> float:
+    """Corpus BLEU-4 (nltk, smoothing method 1 so short texts do not score 0 outright)."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    _check_pairs(pred_texts, ref_texts)
+    refs = [[_words(r)] for r in ref_texts]
+    hyps = [_words(p) for p in pred_texts]
+    return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1))
+
+
+def rouge_l(pred_texts: Sequence[str], ref_texts: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    _check_pairs(pred_texts, ref_texts)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(pred_texts, ref_texts, strict=True)]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def _check_pairs(a: Sequence[Any], b: Sequence[Any]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} predictions but {len(b)} references")
+
+
+# NegEx-style cues. A pre-cue negates mentions in the following words of its clause; a
+# post-cue negates the mention just before it. Pseudo-negations ("no change") are not cues.
+_PRE_NEG = (
+    "no evidence of",
+    "no signs of",
+    "no sign of",
+    "negative for",
+    "free of",
+    "absence of",
+    "without",
+    "no",
+    "not",
+    "nor",
+    "neither",
+    "never",
+    "denies",
+)
+_POST_NEG = (
+    "is not seen",
+    "are not seen",
+    "not seen",
+    "not identified",
+    "not present",
+    "is absent",
+    "are absent",
+    "unremarkable",
+    "ruled out",
+    "excluded",
+    "resolved",
+    "has resolved",
+)
+_PSEUDO_NEG = (
+    "no change",
+    "no significant change",
+    "no interval change",
+    "not only",
+    "no increase",
+    "not changed",
+)
+# words that end a pre-cue's scope: a contrast, or a new measured/indefinite object
+_SCOPE_END = {"but", "however", "although", "though", "whereas", "while", "except", "apart", "a", "an"}
+_PRE_WINDOW = 8  # words after a pre-cue that it can negate (NegEx uses 5-6; lists need a few more)
+_POST_WINDOW = 3  # words between a mention and a post-cue
+_NEAR = 10  # a noun and an organ word count as one mention when at most this many words apart
+_CLAUSE = re.compile(r"[;\n!?]|\.(?!\d)")  # sentence/clause ends; "1.5" is not one; "Liver: ..." stays whole
+
+
+def _term_re(term: str) -> re.Pattern:
+    """Whole-word, plural-tolerant, whitespace-flexible pattern for a vocabulary term."""
+    words = [re.escape(w) for w in term.lower().split()]
+    last = words[-1]
+    if last.endswith("y"):
+        last = last[:-1] + "(?:y|ies)"
+    elif last.endswith("is"):  # metastasis -> metastases
+        last = last[:-2] + "(?:is|es)"
+    else:
+        last += "(?:s|es)?"
+    return re.compile(r"\b" + r"\s+".join([*words[:-1], last]) + r"\b")
+
+
+def _spans(clause: str, terms: Sequence[str]) -> list[tuple[int, int]]:
+    return [m.span() for t in terms for m in _term_re(t).finditer(clause)]
+
+
+def _word_index(clause: str) -> np.ndarray:
+    """Word number of every character of ``clause`` (commas count as a word, to stop post-cues)."""
+    idx = np.zeros(len(clause) + 1, dtype=int)
+    n = 0
+    for m in re.finditer(r"[a-z0-9]+(?:\.\d+)?|,", clause):
+        idx[m.start() :] = n
+        n += 1
+    idx[len(clause)] = n
+    return idx
+
+
+_SUBPHRASE = re.compile(r",|\b(?:and|or|with|but)\b")
+_PART_OF = re.compile(r"\s+of\s+(?:the\s+)?[a-z]")  # "lobe of the liver": the lobe names no organ of its own
+
+
+def _mentions(clause: str, spec: FindingSpec, other_organ_words: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the finding's mentions in one clause.
+
+    A noun attaches to the nearest organ word (of the whole vocabulary) in its
+    sub-phrase (split at commas and and/or/with/but), or in the clause when its
+    sub-phrase names no organ; it is a mention of ``spec`` when that organ word is
+    one of ``spec.organ_words`` and at most ``_NEAR`` words away. So "renal lesion and
+    hepatic cyst" is neither a liver lesion nor a kidney cyst. Organ words followed by
+    "of (the)" ("lobe of the liver") are parts, not organs, and are skipped.
+    """
+    wi = _word_index(clause)
+    found = _spans(clause, spec.phrases)
+
+    def organ_spans(terms: Sequence[str]) -> list[int]:
+        return [a for a, b in _spans(clause, terms) if not _PART_OF.match(clause, b)]
+
+    own, other = organ_spans(spec.organ_words), organ_spans(other_organ_words)
+    cuts = [0, *(m.start() for m in _SUBPHRASE.finditer(clause)), len(clause) + 1]
+    for s, e in _spans(clause, spec.nouns):
+        lo, hi = max(c for c in cuts if c <= s), min(c for c in cuts if c > s)
+        if any(lo <= a < hi for a in own + other):  # the sub-phrase names an organ: use it alone
+            own_s, other_s = [a for a in own if lo <= a < hi], [a for a in other if lo <= a < hi]
+        else:
+            own_s, other_s = own, other
+        d_own = min((abs(wi[s] - wi[a]) for a in own_s), default=_NEAR + 1)
+        d_other = min((abs(wi[s] - wi[a]) for a in other_s), default=_NEAR + 1)
+        if d_own <= _NEAR and d_own <= d_other:
+            found.append((s, e))
+    return found
+
+
+def _negated(clause: str, span: tuple[int, int]) -> bool:
+    wi = _word_index(clause)
+    words = re.findall(r"[a-z0-9]+(?:\.\d+)?|,", clause)
+    start, end = wi[span[0]], wi[max(span[1] - 1, span[0])]
+    for cue in _PRE_NEG:
+        for m in re.finditer(r"\b" + re.escape(cue) + r"\b", clause):
+            c_end = wi[m.end() - 1]
+            if not (c_end < start <= c_end + _PRE_WINDOW):
+                continue
+            between = [w for w in words[c_end + 1 : start] if w != ","]
+            if not any(w in _SCOPE_END or w[0].isdigit() for w in between):
+                return True
+    for cue in _POST_NEG:
+        for m in re.finditer(r"\b" + re.escape(cue) + r"\b", clause):
+            c_start = wi[m.start()]
+            if end < c_start <= end + _POST_WINDOW and "," not in words[end + 1 : c_start]:
+                return True
+    return False
+
+
+def extract_findings(text: str, vocab: Mapping[str, Any] | None = None) -> dict[str, bool]:
+    """Which findings a report asserts: ``{finding: present}`` for every finding of ``vocab``.
+
+    A finding is mentioned by one of its ``phrases``, or by one of its ``nouns`` within a
+    few words of one of its ``organ_words`` in the same clause. It is present when at
+    least one mention is not negated ("No liver lesion", "without renal cyst", "nodule
+    is not seen"); not mentioned means absent ("The spleen is unremarkable"). Hedged
+    mentions ("possible liver lesion") count as present.
+    """
+    vocab = as_vocab(vocab)
+    out = dict.fromkeys(vocab, False)
+    lowered = text.lower()
+    for pseudo in _PSEUDO_NEG:
+        lowered = re.sub(r"\b" + re.escape(pseudo) + r"\b", " ", lowered)
+    organ_words = {
+        n: [w for o, sp in vocab.items() if o != n for w in sp.organ_words if w not in spec.organ_words]
+        for n, spec in vocab.items()
+    }
+    for clause in _CLAUSE.split(lowered):
+        for name, spec in vocab.items():
+            if out[name]:
+                continue
+            out[name] = any(not _negated(clause, sp) for sp in _mentions(clause, spec, organ_words[name]))
+    return out
+
+
+def finding_f1(
+    pred_texts: Sequence[str], ref_texts: Sequence[str], vocab: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Finding-level precision/recall/F1 of generated reports against reference reports.
+
+    Both sides go through :func:`extract_findings`. ``micro_*`` pool all findings;
+    ``macro_*`` average the findings that occur in at least one reference (a finding no
+    reference has gives no recall to average). ``per_finding`` has every finding with
+    its ``support`` (positive references).
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    _check_pairs(pred_texts, ref_texts)
+    vocab = as_vocab(vocab)
+    names = list(vocab)
+    y_pred = np.array(
+        [[extract_findings(t, vocab)[n] for n in names] for t in pred_texts], dtype=int
+    ).reshape(-1, len(names))
+    y_true = np.array([[extract_findings(t, vocab)[n] for n in names] for t in ref_texts], dtype=int).reshape(
+        -1, len(names)
+    )
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
+    seen = support > 0
+    per = {
+        n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+        for i, n in enumerate(names)
+    }
+    return {
+        "micro_precision": float(mp),
+        "micro_recall": float(mr),
+        "micro_f1": float(mf),
+        "macro_precision": float(p[seen].mean()) if seen.any() else math.nan,
+        "macro_recall": float(r[seen].mean()) if seen.any() else math.nan,
+        "macro_f1": float(f[seen].mean()) if seen.any() else math.nan,
+        "per_finding": per,
+    }
+
+
+def report_metrics(
+    pred_texts: Sequence[str], ref_texts: Sequence[str], vocab: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """BLEU-4, ROUGE-L and finding F1 of generated reports."""
+    return {
+        "n": len(pred_texts),
+        "bleu4": bleu4(pred_texts, ref_texts),
+        "rougeL": rouge_l(pred_texts, ref_texts),
+        "findings": finding_f1(pred_texts, ref_texts, vocab),
+    }
+
+
+# ============================================================================ VQA
+
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile("[" + re.escape(string.punctuation.replace(".", "")) + "]|\\.(?!\\d)")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation (decimal points kept), no articles, number words -> digits."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """Bag-of-words F1 between normalised answers (SQuAD style)."""
+    p, r = normalise_answer(pred).split(), normalise_answer(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def vqa_metrics(
+    pred_texts: Sequence[str], ref_texts: Sequence[str], groups: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Exact-match accuracy and token F1; with ``groups`` (e.g. question types) also per group."""
+    _check_pairs(pred_texts, ref_texts)
+    em = np.array(
+        [normalise_answer(p) == normalise_answer(r) for p, r in zip(pred_texts, ref_texts, strict=True)],
+        float,
+    )
+    f1 = np.array([token_f1(p, r) for p, r in zip(pred_texts, ref_texts, strict=True)], float)
+    out: dict[str, Any] = {
+        "n": len(em),
+        "exact_match": float(em.mean()) if em.size else math.nan,
+        "token_f1": float(f1.mean()) if f1.size else math.nan,
+    }
+    if groups is not None:
+        g = np.asarray(groups)
+        out["by_type"] = {
+            str(k): {"n": int((g == k).sum()), "exact_match": float(em[g == k].mean())}
+            for k in sorted(set(groups))
+        }
+    return out
+
+
+# ============================================================================ EHR
+
+
+def ehr_metrics(
+    scores: np.ndarray, targets: np.ndarray, codes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """AUROC of EHR code scores ``(N, K)`` (logits or probabilities) against 0/1 targets ``(N, K)``.
+
+    ``macro_auroc`` averages the codes with both classes present (others are undefined
+    and listed with ``auroc: NaN``); ``micro_auroc`` pools every (case, code) pair.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s, t = np.asarray(scores, dtype=float), np.asarray(targets).astype(int)
+    if s.shape != t.shape or s.ndim != 2:
+        raise ValueError(f"scores {s.shape} and targets {t.shape} must both be (N, K)")
+    codes = list(codes) if codes is not None else [str(k) for k in range(s.shape[1])]
+    per: dict[str, dict[str, float]] = {}
+    aucs = []
+    for k, code in enumerate(codes):
+        pos = int(t[:, k].sum())
+        auc = float(roc_auc_score(t[:, k], s[:, k])) if 0 < pos < len(t) else math.nan
+        per[code] = {"auroc": auc, "positives": pos}
+        if not math.isnan(auc):
+            aucs.append(auc)
+    flat = t.ravel()
+    micro = float(roc_auc_score(flat, s.ravel())) if 0 < flat.sum() < flat.size else math.nan
+    return {
+        "n": int(s.shape[0]),
+        "macro_auroc": float(np.mean(aucs)) if aucs else math.nan,
+        "micro_auroc": micro,
+        "n_codes_scored": len(aucs),
+        "per_code": per,
+    }
+
+
+# ============================================================================ segmentation
+
+
+def dice_hd95_per_class(
+    pred: Any, gt: Any, classes: Mapping[str, int] | Sequence[int], spacing: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Dice and 95th-percentile Hausdorff distance (mm) per class of two label maps ``(X, Y, Z)``.
+
+    Uses MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)``. As in
+    nnU-Net, a class empty in both prediction and truth gets NaN (not 1) and the means
+    skip NaN. HD95 is NaN when both are empty and, when only one is, the volume diagonal
+    in mm (the largest possible distance, as BraTS does) instead of infinity.
+    """
+    import torch
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+    names = (
+        {str(k): int(v) for k, v in classes.items()}
+        if isinstance(classes, Mapping)
+        else {str(c): int(c) for c in classes}
+    )
+    p = torch.as_tensor(np.asarray(pred.cpu() if hasattr(pred, "cpu") else pred))
+    g = torch.as_tensor(np.asarray(gt.cpu() if hasattr(gt, "cpu") else gt))
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(
+            f"prediction {tuple(p.shape)} and truth {tuple(g.shape)} must be label maps of one (X, Y, Z) shape"
+        )
+    spacing = [float(v) for v in (spacing if spacing is not None else (1.0, 1.0, 1.0))]
+    values = list(names.values())
+    p1 = torch.stack([p == v for v in values])[None].float()  # (1, K, X, Y, Z)
+    g1 = torch.stack([g == v for v in values])[None].float()
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p1, g1)[0].numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for every empty class; we handle them below
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            p1, g1, spacing=spacing
+        )[0].numpy()
+    p_empty = (p1[0].flatten(1).sum(1) == 0).numpy()
+    g_empty = (g1[0].flatten(1).sum(1) == 0).numpy()
+    diagonal = float(np.linalg.norm(np.asarray(p.shape) * np.asarray(spacing)))
+    dice = np.where(p_empty & g_empty, np.nan, dice)
+    hd = np.where(p_empty & g_empty, np.nan, np.where(p_empty ^ g_empty, diagonal, hd))
+    return {
+        "dice": {n: float(d) for n, d in zip(names, dice, strict=True)},
+        "hd95": {n: float(h) for n, h in zip(names, hd, strict=True)},
+        "mean_dice": _nanmean(dice),
+        "mean_hd95": _nanmean(hd),
+    }
+
+
+def aggregate_segmentation(per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """NaN-aware mean over cases of :func:`dice_hd95_per_class` results."""
+    out: dict[str, Any] = {"n": len(per_case)}
+    for key in ("dice", "hd95"):
+        names = list(per_case[0][key]) if per_case else []
+        out[key] = {n: _nanmean([c[key][n] for c in per_case]) for n in names}
+        out[f"mean_{key}"] = _nanmean(list(out[key].values()))
+    return out
+
+
+def _nanmean(values: Any) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else math.nan
+
+
+# ============================================================================ output
+
+
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON copy of a results dict: NaN/inf -> None, numpy scalars/arrays -> Python."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            rows += _flatten(v, key + ".")
+        elif not isinstance(v, (list, tuple, np.ndarray)):
+            rows.append((key, v))
+    return rows
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Readable two-column table of (nested) results: one ``section.metric  value`` row each."""
+    rows = _flatten(results)
+    if not rows:
+        return "(no results)"
+    width = max(len(k) for k, _ in rows)
+    lines = []
+    for k, v in rows:
+        if isinstance(v, bool) or v is None:
+            text = str(v)
+        elif isinstance(v, (int, np.integer)):
+            text = str(int(v))
+        elif isinstance(v, (float, np.floating)):
+            text = "n/a" if not math.isfinite(v) else f"{v:.4f}"
+        else:
+            text = str(v)
+        lines.append(f"{k:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "FindingVocab",
+    "aggregate_segmentation",
+    "bleu4",
+    "dice_hd95_per_class",
+    "ehr_metrics",
+    "extract_findings",
+    "finding_f1",
+    "format_table",
+    "grounding_metrics",
+    "jsonable",
+    "match_boxes",
+    "normalise_answer",
+    "report_metrics",
+    "rouge_l",
+    "token_f1",
+    "vqa_metrics",
+]

@@ -1,0 +1,145 @@
+"""Finding vocabularies: what a finding is called, where it lives, and how reports mention it.
+
+A vocabulary is a plain ``dict[str, FindingSpec]`` keyed by the finding name used in
+the cache's ``box_finding`` strings (e.g. ``"liver_lesion"``). The same vocabulary
+drives the instruction templates (:mod:`vol3d.tasks.samples`) and the rule-based
+report finding extractor (:func:`vol3d.eval.metrics.extract_findings`), so training
+questions and evaluation read findings the same way.
+
+:data:`DEFAULT_VOCAB` describes the synthetic data of ``vol3d synth``. Real users
+pass their own, in Python or as a JSON/YAML file (see ``docs/tasks_and_metrics.md``)::
+
+    {"pneumothorax": {"text": "pneumothorax", "organ": "lung", "countable": false,
+                      "phrases": ["pneumothorax"]},
+     "adrenal_nodule": {"text": "adrenal nodule", "organ": "adrenal",
+                        "nouns": ["nodule", "mass"], "organ_words": ["adrenal"],
+                        "code": "E27.8"}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preprocess.errors import ConfigError, InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class FindingSpec:
+    """How one finding type is named in questions and recognised in report text."""
+
+    text: str  # noun phrase used in questions and answers, e.g. "liver lesion"
+    organ: str  # coarse organ it lives in, the canonical answer of "which organ" questions
+    nouns: tuple[str, ...] = ()  # head nouns that count as a mention when an organ word is near
+    organ_words: tuple[str, ...] = ()  # organ words that must appear near a noun ("liver", "hepatic")
+    phrases: tuple[str, ...] = ()  # phrases that are a mention on their own ("splenomegaly")
+    countable: bool = True  # False for conditions ("splenomegaly"): no count/size questions
+    plural: str = ""  # plural of ``text``; empty means ``text + "s"``
+    code: str = ""  # ICD-10 code that usually accompanies the finding (documentation only)
+
+    def __post_init__(self) -> None:
+        if not self.text or not self.organ:
+            raise ConfigError("a finding needs a non-empty 'text' and 'organ'")
+        if not self.phrases and not (self.nouns and self.organ_words):
+            raise ConfigError(
+                f"finding {self.text!r}: give 'phrases', or both 'nouns' and 'organ_words', "
+                "so reports can be searched for it"
+            )
+
+    @property
+    def plural_text(self) -> str:
+        """Plural noun phrase ("liver lesions")."""
+        return self.plural or (self.text + "s")
+
+    @property
+    def head_noun(self) -> str:
+        """The organ-free noun ("lesion") used in "In which organ is the lesion?"."""
+        return self.nouns[0] if self.nouns else self.text
+
+
+FindingVocab = dict[str, FindingSpec]
+
+#: The findings of the synthetic data written by ``vol3d synth`` (preprocess/synth/reports.py).
+DEFAULT_VOCAB: FindingVocab = {
+    "liver_lesion": FindingSpec(
+        text="liver lesion",
+        organ="liver",
+        nouns=("lesion", "mass", "hypodensity", "metastasis"),
+        organ_words=("liver", "hepatic"),
+        code="K76.89",
+    ),
+    "lung_nodule": FindingSpec(
+        text="lung nodule",
+        organ="lung",
+        nouns=("nodule", "opacity"),
+        organ_words=("lung", "pulmonary", "lobe"),
+        code="R91.1",
+    ),
+    "kidney_cyst": FindingSpec(
+        text="kidney cyst",
+        organ="kidney",
+        nouns=("cyst",),
+        organ_words=("kidney", "renal"),
+        code="N28.1",
+    ),
+    "splenomegaly": FindingSpec(
+        text="splenomegaly",
+        organ="spleen",
+        nouns=("enlarged", "enlargement"),
+        organ_words=("spleen", "splenic"),
+        phrases=("splenomegaly",),
+        countable=False,
+        code="R16.1",
+    ),
+}
+
+
+def as_vocab(obj: Mapping[str, Any] | None, where: str = "finding vocabulary") -> FindingVocab:
+    """Coerce ``None`` (-> :data:`DEFAULT_VOCAB`), a dict of specs, or a dict of plain dicts."""
+    if obj is None:
+        return DEFAULT_VOCAB
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConfigError(f"{where}: expected a non-empty mapping finding -> spec, got {type(obj).__name__}")
+    out: FindingVocab = {}
+    fields = {f.name for f in dataclasses.fields(FindingSpec)}
+    for name, spec in obj.items():
+        if isinstance(spec, FindingSpec):
+            out[str(name)] = spec
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: finding {name!r} must be a mapping of {sorted(fields)}")
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise ConfigError(
+                f"{where}: finding {name!r} has unknown keys {unknown}; valid keys are {sorted(fields)}"
+            )
+        kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in spec.items()}
+        try:
+            out[str(name)] = FindingSpec(**kw)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{where}: finding {name!r}: {exc}") from None
+    return out
+
+
+def load_vocab(path: str | Path) -> FindingVocab:
+    """Read a vocabulary from a ``.json`` or ``.yaml`` file (mapping finding -> spec fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"finding vocabulary {path} does not exist; pass a JSON or YAML file")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InputError(f"finding vocabulary {path} could not be parsed: {exc}") from None
+    return as_vocab(data, where=str(path))
+
+
+def coarse_organ(organ: str) -> str:
+    """``"kidney_left"`` / ``"left kidney"`` -> ``"kidney"``: laterality-free organ name."""
+    words = organ.lower().replace("_", " ").split()
+    return " ".join(w for w in words if w not in ("left", "right")) or organ.lower()
