@@ -57,7 +57,7 @@ class PreprocessConfig:
     modality_default: Literal["CT", "MR"] = "CT"
     # Key for the pseudonymous ids (HMAC); null reads env VOL3D_ID_KEY. Never written, never hashed.
     id_key: str | None = None
-    # Worker processes for the runner (0 = one per CPU core). Does not change the output.
+    # Worker processes for the runner (0 = min(4, CPU cores)). Does not change the output.
     workers: int = 0
 
     def __post_init__(self) -> None:
@@ -90,7 +90,7 @@ class PreprocessConfig:
         if self.modality_default not in ("CT", "MR"):
             raise ConfigError(f"modality_default must be CT or MR, got {self.modality_default!r}")
         if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0 (0 = one per core), got {self.workers}")
+            raise ConfigError(f"workers must be >= 0 (0 = min(4, CPU cores)), got {self.workers}")
 
     def hashed_fields(self) -> dict[str, Any]:
         """The fields that change what is written for a case, as plain JSON data."""

@@ -3,18 +3,130 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from vol3d.commands import not_yet
+from preprocess.errors import InputError
 
 HELP = "ingest DICOM/DICOMDIR/zip/NIfTI/NRRD/MHA into a chunked HDF5 cache + manifest"
+USAGE = """vol3d preprocess SRC --out CACHE [--config YAML | --preset NAME] [--workers N] [--shard i/N]
+                        [--reports CSV] [--codes CSV] [--labels DIR] [--boxes JSON] [--overwrite] [CONFIG FLAGS]
+       vol3d preprocess merge CACHE_SHARD [CACHE_SHARD ...] --out CACHE [--overwrite]"""
 DESCRIPTION = """Scan a hospital export, split and validate series, convert to RAS+, rescale HU,
-resample to the preset spacing, and write chunked HDF5 patches plus manifest.jsonl.
-Resumable (run it again after an interruption); 'vol3d preprocess merge' joins shards."""
+resample to the preset spacing, and write one chunked HDF5 file per series plus
+manifest.jsonl (one row per series or file found, with status ok/skipped/failed).
+Reports (by AccessionNumber), EHR codes (by PatientID), label masks and boxes are
+joined before identifiers are dropped; ids are keyed hashes (set VOL3D_ID_KEY).
+
+Resumable: run the same command again after an interruption (even kill -9); finished
+cases are kept, changed inputs or side data are redone. A cache made with other
+parameters is refused unless --overwrite.
+
+  vol3d preprocess merge SHARD... --out CACHE   joins the caches of `--shard i/N` runs
+  (a folder literally named "merge" can be given as ./merge).
+
+Guide: docs/preprocess.md. Exit codes: 0 all ok or skipped by policy, 3 some series
+failed (the rest was written), 2 bad arguments or input (nothing changed)."""
+
+#: Side-table and run options that make no sense for `merge`.
+_RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "redact_paths", "split_fractions")
+
+
+def _config_has(field: str) -> bool:
+    import dataclasses
+
+    from preprocess.config import PreprocessConfig
+
+    return any(f.name == field for f in dataclasses.fields(PreprocessConfig))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import add_dataclass_args
+
+    parser.usage = USAGE
+    parser.add_argument("paths", nargs="+", metavar="SRC", help="input folder/DICOMDIR/zip/file (or: merge SHARD...)")
+    parser.add_argument("--out", required=True, type=Path, metavar="CACHE", help="cache directory to write")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--config", type=Path, metavar="YAML", help="preprocess config file")
+    group.add_argument("--preset", metavar="NAME", help="a preset from configs/preprocess/ (e.g. tiny)")
+    parser.add_argument("--shard", metavar="i/N", help="process only shard i of N (0 <= i < N); join with merge")
+    parser.add_argument("--reports", type=Path, metavar="CSV", help="reports: AccessionNumber,Findings,Impression")
+    parser.add_argument("--codes", type=Path, metavar="CSV", help="EHR codes: PatientID,Code[,Description]")
+    parser.add_argument("--labels", type=Path, metavar="DIR", help="label maps <key>.nii.gz (key: SeriesInstanceUID or NIfTI stem)")
+    parser.add_argument("--boxes", type=Path, metavar="JSON", help="finding boxes in world RAS mm (docs/formats.md)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild a cache made with other parameters (only vol3d's own files there are replaced)",
+    )
+    parser.add_argument(
+        "--redact-paths",
+        action="store_true",
+        help="write keyed hashes instead of input paths in the manifest (file names may hold identifiers)",
+    )
+    if not _config_has("split_fractions"):
+        parser.add_argument(
+            "--split-fractions",
+            nargs=3,
+            type=float,
+            metavar=("TRAIN", "VAL", "TEST"),
+            default=None,
+            help="fractions of patients per split (default 0.8 0.1 0.1)",
+        )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fields = parser.add_argument_group(
+        "config fields", "every PreprocessConfig field (docs/preprocess.md); a flag wins over --config/--preset"
+    )
+    add_dataclass_args(fields, PreprocessConfig)  # type: ignore[arg-type]  (a group adds arguments alike)
+
+
+def preset_path(name: str) -> Path:
+    """``configs/preprocess/<name>.yaml`` of the source tree; the error lists the presets there."""
+    folder = Path(__file__).resolve().parents[2] / "configs" / "preprocess"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise InputError(f"--preset {name}: no such preset; available: {', '.join(names) or 'none found in ' + str(folder)}")
+    return path
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from preprocess.config_io import overrides_from_args
+    from preprocess.runner import merge_caches
+
+    given = [f"--{n.replace('_', '-')}" for n in _RUN_ONLY if getattr(args, n, None)]
+    given += [f"--{k.replace('_', '-')}" for k in overrides_from_args(args)]
+    if given:
+        raise InputError(f"merge takes only SHARD... --out CACHE [--overwrite]; drop {', '.join(given)}")
+    if len(args.paths) < 2:
+        raise InputError("merge needs the shard caches to join: vol3d preprocess merge SHARD... --out CACHE")
+    summary = merge_caches(args.paths[1:], args.out, overwrite=args.overwrite)
+    print(summary.table())
+    return summary.exit_code
 
 
 def run(args: argparse.Namespace) -> int:
-    raise not_yet("preprocess")
+    if args.paths[0] == "merge":
+        return _run_merge(args)
+    if len(args.paths) != 1:
+        raise InputError(f"expected one input SRC, got {len(args.paths)}: {' '.join(args.paths)}")
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import build_config
+    from preprocess.runner import DEFAULT_SPLIT, RunOptions, parse_shard, run_preprocess
+    from preprocess.sidecars import SideTables
+
+    config_path = preset_path(args.preset) if args.preset else args.config
+    cfg = build_config(PreprocessConfig, config_path, args)
+    fractions = getattr(cfg, "split_fractions", None) or getattr(args, "split_fractions", None) or DEFAULT_SPLIT
+    opts = RunOptions(
+        workers=cfg.workers,
+        shard=parse_shard(args.shard) if args.shard else None,
+        overwrite=args.overwrite,
+        redact_paths=args.redact_paths,
+        split_fractions=tuple(fractions),
+        progress=not args.no_progress,
+    )
+    side = SideTables.load(reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels)
+    summary = run_preprocess(args.paths[0], args.out, cfg, side, opts)
+    print(summary.table())
+    return summary.exit_code

@@ -1,0 +1,116 @@
+"""Pseudonymous ids: keyed hashes (HMAC-SHA256) of patient, study and series identifiers.
+
+Why keyed: hospital identifiers (medical record numbers, accession numbers) have
+little entropy, so a plain SHA-256 of them can be reversed by hashing every
+possible number. With a secret key that stays outside the cache, nobody holding
+the cache can do that, yet the same key gives the same pseudonym in every run, so
+a patient's studies link across runs, shards and machines.
+
+The key comes from the config field ``id_key`` or, when that is empty, from the
+environment variable ``VOL3D_ID_KEY``. If neither is set, vol3d refuses to run
+(:func:`resolve_id_key`) rather than invent a key: a key generated into the cache
+directory would travel with the cache (defeating its purpose) and a fresh random
+key per run would break linkage between runs. Only a fingerprint of the key
+(:func:`key_check`) is stored, in ``params.json``, so a run with a different key
+is refused instead of silently mixing two pseudonym spaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Sequence
+
+from preprocess.errors import ConfigError
+from preprocess.types import Candidate, Identity
+
+#: Environment variable holding the id key when the config's ``id_key`` is empty.
+ENV_VAR = "VOL3D_ID_KEY"
+#: Shortest accepted key, in characters.
+MIN_KEY_CHARS = 16
+#: Hex digits kept from each HMAC (128 bits: collisions are not a concern).
+HASH_HEX = 32
+#: Split names in the order their fractions are given.
+SPLITS = ("train", "val", "test")
+
+_HOW_TO = (
+    "set a secret key of at least {n} characters that stays OUTSIDE the cache, e.g.\n"
+    "  export {env}=$(python -c 'import secrets; print(secrets.token_hex(32))')\n"
+    "and keep it (in a password manager or a 0600 file you `source`): the same key gives the same "
+    "pseudonymous ids in every run, a different key gives unrelated ids. "
+    "Alternatively set `id_key` in the preprocess config."
+)
+
+
+def resolve_id_key(config_key: str | None = None) -> bytes:
+    """The id key: ``config_key`` if non-empty, else ``$VOL3D_ID_KEY``; refuse when neither is usable."""
+    key = config_key or os.environ.get(ENV_VAR, "")
+    if not key:
+        raise ConfigError("no key for pseudonymous ids: " + _HOW_TO.format(n=MIN_KEY_CHARS, env=ENV_VAR))
+    if len(key) < MIN_KEY_CHARS:
+        raise ConfigError(
+            f"the id key is only {len(key)} characters, too short to keep ids secret: "
+            + _HOW_TO.format(n=MIN_KEY_CHARS, env=ENV_VAR)
+        )
+    return key.encode("utf-8")
+
+
+def keyed_hash(key: bytes, domain: str, *parts: str) -> str:
+    """HMAC-SHA256 of ``parts`` under ``key``, separated by ``domain`` so equal strings in
+    different roles (a patient id equal to a study id) never give equal pseudonyms."""
+    msg = "\x1f".join((domain, *parts)).encode("utf-8")
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()[:HASH_HEX]
+
+
+def key_check(key: bytes) -> str:
+    """A fingerprint of the key that can be stored: equal keys give equal checks; it reveals nothing."""
+    return keyed_hash(key, "vol3d-key-check")[:16]
+
+
+def _series_parts(candidate: Candidate) -> tuple[str, ...]:
+    # The join key alone is not unique (ingest may split one SeriesInstanceUID into a
+    # scout and a volume; skipped files have no key), the source files are. The "@n"
+    # ingest appends to a repeated key depends on what else was found, so it is left out.
+    return (candidate.kind, re.sub(r"@\d+$", "", candidate.key), *candidate.source)
+
+
+def case_id(key: bytes, candidate: Candidate) -> str:
+    """Pseudonymous id of one series/file found by a scan: ``c_<32 hex>``, stable across runs."""
+    return "c_" + keyed_hash(key, "series", *_series_parts(candidate))
+
+
+def patient_pseudonym(key: bytes, candidate: Candidate) -> str:
+    """``p_<32 hex>`` from the PatientID; a case without one counts as its own patient."""
+    ident: Identity = candidate.identity
+    if ident.patient_id:
+        return "p_" + keyed_hash(key, "patient", ident.patient_id)
+    return "p_" + keyed_hash(key, "patient-unknown", *_series_parts(candidate))
+
+
+def study_pseudonym(key: bytes, candidate: Candidate) -> str:
+    """``s_<32 hex>`` from the StudyInstanceUID (else the accession number, else the case itself)."""
+    ident: Identity = candidate.identity
+    if ident.study_uid:
+        return "s_" + keyed_hash(key, "study", ident.study_uid)
+    if ident.accession:
+        return "s_" + keyed_hash(key, "study-accession", ident.accession)
+    return "s_" + keyed_hash(key, "study-unknown", *_series_parts(candidate))
+
+
+def assign_split(patient: str, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
+    """``train``/``val``/``test`` from a patient pseudonym, so all of a patient's series share a split.
+
+    ``fractions`` (train, val, test) must sum to 1. The pseudonym is already a keyed hash,
+    so a plain SHA-256 of it gives a uniform number in [0, 1).
+    """
+    if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"split fractions must be 3 non-negative numbers summing to 1, got {list(fractions)}")
+    u = int(hashlib.sha256(patient.encode()).hexdigest()[:15], 16) / 16**15
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]

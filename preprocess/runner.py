@@ -1,0 +1,644 @@
+"""Orchestration of ``vol3d preprocess``: scan, join side data, process cases in parallel, resume.
+
+One run:
+
+1. validate the side tables and the cache directory (exit 2 before any work);
+2. ``ingest.scan`` the input; keep this shard's candidates (``--shard i/N``);
+3. give every candidate its pseudonymous ids (:mod:`preprocess.ids`) and side data
+   (:mod:`preprocess.sidecars`) while the identifiers are at hand;
+4. process the ``ok`` candidates in a process pool: each worker hashes the source bytes,
+   reuses the case when source, side data and parameters are unchanged, else loads,
+   prepares and writes its own HDF5 file (temporary name + rename);
+5. append each finished case to ``manifest.jsonl`` (flushed and fsynced), so a run killed
+   at any moment resumes where it stopped;
+6. compact the manifest (one row per id), write the fingerprint, print a summary.
+
+``merge_caches`` joins shard caches into one.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess import ids, reasons
+from preprocess.config import PreprocessConfig
+from preprocess.errors import EXIT_OK, EXIT_PARTIAL, InputError
+from preprocess.manifest import (
+    MANIFEST_NAME,
+    ManifestRow,
+    ManifestWriter,
+    compact,
+    read_manifest,
+    write_manifest,
+)
+from preprocess.sidecars import CaseSide, SideTables
+from preprocess.types import Candidate, SeriesError
+
+log = logging.getLogger(__name__)
+
+PARAMS_NAME = "params.json"
+FINGERPRINT_NAME = "fingerprint.json"
+CASES_DIR = "cases"
+WORK_DIR = ".work"  # scratch for ingest (e.g. unpacked zips); removed at the end of a run
+FORMAT_VERSION = 1
+#: Test hook: SIGKILL the run itself after this many cases were written (deterministic kill point).
+KILL_HOOK_ENV = "VOL3D_TEST_KILL_AFTER"
+#: Default split fractions (train, val, test).
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How to run (none of this changes what is written for a case)."""
+
+    workers: int = 0  # worker processes; 0 = min(4, CPU cores); 1 = in this process
+    shard: tuple[int, int] | None = None  # (i, N): process only shard i of N (0 <= i < N)
+    overwrite: bool = False  # discard vol3d's own files in --out first (other files are never touched)
+    redact_paths: bool = False  # write keyed hashes instead of input paths in the manifest
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT
+    progress: bool = True  # tqdm progress bar on stderr
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run (or merge) did; :meth:`table` renders it for the terminal."""
+
+    out: Path
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # status -> n
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (status, reason) -> n
+    written: int = 0  # cases processed and written in this run
+    reused: int = 0  # cases already in the cache, unchanged
+    no_report: int = 0  # ok cases without a report (only counted when --reports was given)
+    total_rows: int = 0  # rows in the compacted manifest (all runs)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PARTIAL if self.counts["failed"] else EXIT_OK
+
+    def table(self) -> str:
+        lines = [f"{'status':<10}{'reason':<28}{'count':>7}", "-" * 45]
+        for status in ("ok", "skipped", "failed"):
+            if status == "ok" or self.counts[status]:
+                lines.append(f"{status:<10}{'':<28}{self.counts[status]:>7}")
+            for (st, reason), n in sorted(self.reasons.items()):
+                if st == status:
+                    lines.append(f"{'':<10}{reason:<28}{n:>7}")
+        lines.append("-" * 45)
+        lines.append(f"written {self.written}, reused (unchanged) {self.reused}, ok without report {self.no_report}")
+        lines.append(f"manifest rows {self.total_rows}; cache {self.out}; {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- cache directory
+
+
+def case_relpath(case_id: str) -> str:
+    """Case file relative to the cache: ``cases/<2 hex>/<id>.h5`` (256 folders, none too large)."""
+    return f"{CASES_DIR}/{case_id[2:4]}/{case_id}.h5"
+
+
+def make_params(cfg: PreprocessConfig, key: bytes, split_fractions: Iterable[float]) -> dict[str, Any]:
+    """The content of ``params.json``: config (id key blanked), its hash, and a key fingerprint."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("vol3d")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "format": FORMAT_VERSION,
+        "vol3d": version,
+        "params_hash": cfg.params_hash(),
+        "key_check": ids.key_check(key),
+        "split_fractions": [float(f) for f in split_fractions],
+        "config": cfg.public_dict(),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} cannot be read ({exc}); restore it, or pass --overwrite to rebuild") from None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _own_files(out: Path) -> list[Path]:
+    """The files vol3d writes in a cache (and only those): what --overwrite may remove."""
+    own = [out / n for n in (MANIFEST_NAME, FINGERPRINT_NAME, PARAMS_NAME)]
+    own += [out / f"{n}.tmp" for n in (MANIFEST_NAME, FINGERPRINT_NAME, PARAMS_NAME)]
+    own += list(out.glob(f".{FINGERPRINT_NAME}.*.tmp"))
+    cases = out / CASES_DIR
+    if cases.is_dir():
+        # case files c_<hex>.h5 and the temporaries of store.write_case (.c_<hex>.h5.<pid>.tmp)
+        own += [p for p in cases.glob("*/*c_*.h5*") if p.is_file()]
+    return [p for p in own if p.exists()]
+
+
+def _remove_own_files(out: Path) -> None:
+    for p in _own_files(out):
+        p.unlink()
+    cases = out / CASES_DIR
+    if cases.is_dir():
+        for d in sorted(cases.iterdir()):
+            with contextlib.suppress(OSError):  # only empty folders go; anything else stays
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            cases.rmdir()
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+
+
+def _clean_temporaries(out: Path) -> None:
+    """Temporary case files left by a killed run (never complete: written files are renamed)."""
+    cases = out / CASES_DIR
+    if cases.is_dir():
+        for p in [*cases.glob("*/.c_*.h5.*.tmp"), *cases.glob("*/c_*.h5.part")]:
+            p.unlink(missing_ok=True)
+
+
+def open_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
+    """Create ``out`` or check that it is a cache made with the same parameters and id key.
+
+    Refuses (exit 2, nothing changed) a cache made with other parameters or another key,
+    and a non-empty folder that is not a vol3d cache, unless ``overwrite``; even then only
+    vol3d's own files are removed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    pfile = out / PARAMS_NAME
+    if overwrite:
+        _remove_own_files(out)
+    elif pfile.exists():
+        old = _read_json(pfile)
+        if old.get("params_hash") != params["params_hash"]:
+            changed = _changed_fields(old.get("config", {}), params["config"]) or ["(unknown)"]
+            raise InputError(
+                f"{out} holds a cache made with different parameters (changed: {', '.join(changed)}); "
+                "write to a new --out, or pass --overwrite to replace vol3d's files there"
+            )
+        if old.get("key_check") != params["key_check"]:
+            raise InputError(
+                f"{out} was made with a different id key ({ids.ENV_VAR}), so its pseudonymous ids would not "
+                "match; use the original key, a new --out, or --overwrite"
+            )
+    elif any(p.name != WORK_DIR for p in out.iterdir()):
+        raise InputError(
+            f"{out} is not empty and is not a vol3d cache (no {PARAMS_NAME}); choose a new or empty --out "
+            "(or pass --overwrite to write vol3d's files next to the existing ones)"
+        )
+    _write_json_atomic(pfile, params)
+    _clean_temporaries(out)
+
+
+# ----------------------------------------------------------------------------- per-case work (worker side)
+
+
+@dataclasses.dataclass
+class CaseTask:
+    """Everything a worker needs for one case (plain, picklable)."""
+
+    candidate: Candidate
+    row: ManifestRow  # id, patient, study, split, source already filled in
+    side: CaseSide
+    previous: ManifestRow | None  # the last manifest row of this id, to skip unchanged work
+
+
+def _reusable(prev: ManifestRow | None, source_hash: str, side_hash: str, params_hash: str, out: Path) -> bool:
+    if prev is None or (prev.source_hash, prev.side_hash, prev.params_hash) != (source_hash, side_hash, params_hash):
+        return False
+    if prev.status == "ok":
+        return prev.h5 is not None and (out / prev.h5).is_file()
+    # Deterministic failures would fail again; an unexpected error may be transient (memory).
+    return prev.status == "failed" and prev.reason != reasons.PROCESSING_ERROR
+
+
+def _load_label(side: CaseSide, image: Any) -> np.ndarray | None:
+    if side.label_path is None:
+        return None
+    import nibabel as nib
+
+    from preprocess.transforms import align_label
+
+    try:
+        img = nib.load(side.label_path)
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise SeriesError(reasons.LABEL_MISMATCH, f"label map {Path(side.label_path).name} cannot be read ({exc})") from None
+    return align_label(arr, img.affine, image)
+
+
+def process_case(task: CaseTask, cfg: PreprocessConfig, out: Path, params_hash: str) -> tuple[ManifestRow, bool]:
+    """Load, prepare and write one case; returns its manifest row and whether it was reused unchanged.
+
+    Never raises for a bad case: a :class:`SeriesError` becomes a ``failed`` row with its
+    reason, anything else a ``failed`` row with ``PROCESSING_ERROR`` (a bug to report).
+    """
+    from preprocess import ingest
+
+    row = dataclasses.replace(task.row)
+    side_hash = task.side.digest()
+    try:
+        source_hash = ingest.content_hash(task.candidate)
+        if _reusable(task.previous, source_hash, side_hash, params_hash, out):
+            return task.previous, True  # type: ignore[return-value]
+        row.source_hash, row.side_hash, row.params_hash = source_hash, side_hash, params_hash
+        image = ingest.load(task.candidate, cfg.ingest)
+        label = _load_label(task.side, image)
+        from preprocess.transforms import prepare
+
+        prepared = prepare(image, cfg, label=label)
+        _write(task, row, prepared, cfg, out)
+    except SeriesError as exc:
+        _fail(row, exc.reason, exc.detail)
+    except Exception as exc:  # a bug or an exhausted machine: record it, keep going with the other cases
+        log.debug("unexpected error in case %s", row.id, exc_info=True)
+        _fail(row, reasons.PROCESSING_ERROR, f"unexpected {type(exc).__name__} while processing: {exc}; please report it")
+    return row, False
+
+
+def _fail(row: ManifestRow, reason: str, detail: str) -> None:
+    row.status, row.reason, row.detail = "failed", reason, detail
+    row.h5 = row.key = row.shape = row.spacing = None
+    row.has_label = row.has_report = row.n_boxes = row.n_codes = row.stats = None
+
+
+def _write(task: CaseTask, row: ManifestRow, prepared: Any, cfg: PreprocessConfig, out: Path) -> None:
+    from preprocess import store
+
+    rel = case_relpath(row.id)
+    store.write_case(
+        out / rel,
+        row.id,
+        prepared,
+        boxes=task.side.boxes,
+        report={"findings": task.side.findings, "impression": task.side.impression},
+        codes=task.side.codes,
+        attrs={"source_hash": row.source_hash, "params_hash": row.params_hash, "side_hash": row.side_hash},
+        cfg=cfg,
+    )
+    row.h5, row.key = rel, row.id
+    row.shape = [int(n) for n in prepared.shape]
+    row.spacing = [round(float(s), 6) for s in prepared.spacing]
+    row.flags = list(prepared.flags)
+    row.has_label = prepared.label is not None
+    row.has_report = task.side.has_report
+    row.n_boxes = len(task.side.boxes)
+    row.n_codes = len(task.side.codes)
+    row.stats = _case_stats(prepared)
+
+
+#: Foreground intensity quantiles kept per case in the manifest (enough for dataset percentiles).
+N_STAT_QUANTILES = 101
+
+
+def _case_stats(prepared: Any) -> dict[str, Any]:
+    """The fingerprint summary of a case, with its intensity sample reduced to quantiles so the
+    manifest stays small; kept in the manifest so resumed and merged runs can redo the fingerprint."""
+    from preprocess import fingerprint
+
+    stats = fingerprint.case_summary(prepared)
+    fg = np.asarray(stats["fg_samples"], dtype=float)
+    if fg.size > N_STAT_QUANTILES:
+        fg = np.quantile(fg, np.linspace(0, 1, N_STAT_QUANTILES))
+    stats["fg_samples"] = [round(float(v), 2) for v in fg]
+    return stats
+
+
+# ----------------------------------------------------------------------------- the run (parent side)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected i/N, e.g. 0/4 for the first of four shards") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: need N >= 1 and 0 <= i < N (shards are numbered 0..N-1)")
+    return i, n
+
+
+def shard_of(candidate: Candidate, n: int) -> int:
+    """Deterministic shard of a candidate: a hash of its kind, key and sources (not of the id key)."""
+    text = "\x1f".join((candidate.kind, candidate.key, *candidate.source))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) % n
+
+
+def resolve_workers(n: int) -> int:
+    """``0`` means min(4, CPU cores): beyond that a CT export is usually disk bound."""
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _redactor(key: bytes, enabled: bool):
+    def redact(path: str) -> str:
+        return "h_" + ids.keyed_hash(key, "path", path)[:20] if enabled else path
+
+    return redact
+
+
+def _redact_detail(detail: str, sources: list[str], redact) -> str:
+    # Details name the series by its path; replace every path (and its parent folders) by its hash.
+    names = set()
+    for s in sources:
+        parts = s.split("/")
+        names.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    for name in sorted(names, key=len, reverse=True):
+        detail = detail.replace(name, redact(name))
+    return detail
+
+
+def _base_row(c: Candidate, key: bytes, fractions: tuple[float, float, float], redact) -> ManifestRow:
+    patient = ids.patient_pseudonym(key, c)
+    source = [redact(s) for s in c.source]
+    detail = _redact_detail(c.detail, c.source, redact) if redact("x") != "x" else c.detail
+    return ManifestRow(
+        id=ids.case_id(key, c),
+        status=c.status,
+        reason=c.reason,
+        detail=detail,
+        modality=c.modality,
+        kind=c.kind,
+        source=source,
+        patient=patient,
+        study=ids.study_pseudonym(key, c),
+        split=ids.assign_split(patient, fractions),
+    )
+
+
+class _Progress:
+    """tqdm bar with ok / skipped / failed counts in its postfix (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.counts: collections.Counter = collections.Counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="series", desc="preprocess", dynamic_ncols=True)
+
+    def update(self, status: str) -> None:
+        self.counts[status] += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(ok=self.counts["ok"], skipped=self.counts["skipped"], failed=self.counts["failed"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _kill_hook() -> int:
+    try:
+        return int(os.environ.get(KILL_HOOK_ENV, "0"))
+    except ValueError:
+        return 0
+
+
+def _run_tasks(tasks: list[CaseTask], cfg: PreprocessConfig, out: Path, params_hash: str, workers: int):
+    """Yield ``(row, reused)`` per task as cases finish, ``workers`` processes at a time."""
+    if workers == 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield process_case(t, cfg, out, params_hash)
+        return
+    # spawn: workers start clean (no inherited HDF5 handles or locks), on every OS.
+    ctx = multiprocessing.get_context("spawn")
+    pending = collections.deque(tasks)
+    while pending:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            in_flight: dict[cf.Future, CaseTask] = {}
+            broken = False
+            while (pending or in_flight) and not broken:
+                while pending and len(in_flight) < 2 * workers:  # bounded: memory stays flat
+                    t = pending.popleft()
+                    in_flight[pool.submit(process_case, t, cfg, out, params_hash)] = t
+                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    t = in_flight.pop(fut)
+                    try:
+                        yield fut.result()
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        row = dataclasses.replace(t.row)
+                        _fail(row, reasons.PROCESSING_ERROR,
+                              "a worker process died while this case was in flight (out of memory?); rerun to retry")
+                        yield row, False
+            if broken:  # every case in flight is lost with the pool; report them, start a new pool
+                for t in in_flight.values():
+                    row = dataclasses.replace(t.row)
+                    _fail(row, reasons.PROCESSING_ERROR,
+                          "a worker process died while this case was in flight (out of memory?); rerun to retry")
+                    yield row, False
+
+
+def run_preprocess(
+    src: str | Path,
+    out: str | Path,
+    cfg: PreprocessConfig,
+    side: SideTables | None = None,
+    opts: RunOptions | None = None,
+) -> Summary:
+    """Preprocess every series under ``src`` into the cache ``out``; resumable. See module docstring.
+
+    Raises :class:`InputError`/``ConfigError`` (exit 2) before any work for bad input.
+    """
+    from preprocess import ingest
+
+    t0 = time.monotonic()
+    src, out = Path(src), Path(out)
+    side = side or SideTables()
+    opts = opts or RunOptions()
+    if not src.exists():
+        raise InputError(f"input {src} does not exist; pass a DICOM folder, DICOMDIR, zip or image file")
+    fractions = tuple(float(f) for f in opts.split_fractions)
+    ids.assign_split("p_check", fractions)  # validates the fractions before any work
+    key = ids.resolve_id_key(cfg.id_key)
+    params = make_params(cfg, key, fractions)
+    params_hash = params["params_hash"]
+    open_cache(out, params, opts.overwrite)
+
+    workdir = out / WORK_DIR
+    candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress)
+    if opts.shard is not None:
+        i, n = opts.shard
+        candidates = [c for c in candidates if shard_of(c, n) == i]
+    redact = _redactor(key, opts.redact_paths)
+    previous = {r.id: r for r in compact(read_manifest(out / MANIFEST_NAME))}
+
+    summary = Summary(out=out)
+    progress = _Progress(len(candidates), opts.progress)
+    kill_after, n_written = _kill_hook(), 0
+    tasks: list[CaseTask] = []
+    try:
+        with ManifestWriter(out / MANIFEST_NAME) as writer:
+            seen: set[str] = set()
+            for c in candidates:
+                row = _base_row(c, key, fractions, redact)
+                if row.id in seen:  # two candidates with identical sources: ingest would be wrong
+                    raise RuntimeError(f"duplicate case id {row.id} from the scan")
+                seen.add(row.id)
+                if c.status == "ok":
+                    tasks.append(CaseTask(c, row, side.for_case(c), previous.get(row.id)))
+                    continue
+                if previous.get(row.id) != row:
+                    writer.append(row)
+                _count(summary, row, side)
+                progress.update(row.status)
+            for row, reused in _run_tasks(tasks, cfg, out, params_hash, resolve_workers(opts.workers)):
+                if reused:
+                    summary.reused += 1
+                else:
+                    writer.append(row)
+                    summary.written += row.status == "ok"
+                    n_written += 1
+                    if kill_after and n_written >= kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                _count(summary, row, side)
+                progress.update(row.status)
+                if row.status == "failed":
+                    log.warning("case %s failed: %s %s", row.id, row.reason, row.detail)
+    finally:
+        progress.close()
+    summary.total_rows = _finish(out, fractions)
+    shutil.rmtree(workdir, ignore_errors=True)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _scan_config(cfg: PreprocessConfig, src: Path, side: SideTables) -> Any:
+    """The ingest config for the scan: side tables kept inside SRC (labels/, reports.csv ...) are
+    side data, not images, so they are excluded. Not part of ``params_hash``: shards and reruns
+    that pass the tables from elsewhere give the same cache."""
+    extra = []
+    for p in side.paths:
+        with contextlib.suppress(ValueError):  # outside SRC: nothing to exclude
+            rel = p.resolve().relative_to(src.resolve()).as_posix()
+            extra.append(f"{rel}/*" if p.is_dir() else rel)
+    return dataclasses.replace(cfg.ingest, exclude=(*cfg.ingest.exclude, *extra)) if extra else cfg.ingest
+
+
+def _count(summary: Summary, row: ManifestRow, side: SideTables) -> None:
+    summary.counts[row.status] += 1
+    if row.status != "ok":
+        summary.reasons[(row.status, row.reason)] += 1
+    elif side.reports is not None and not row.has_report:
+        summary.no_report += 1
+
+
+def _finish(out: Path, fractions: tuple[float, float, float]) -> int:
+    """Compact the manifest (one row per id, sorted), refresh splits, write the fingerprint."""
+    rows = compact(read_manifest(out / MANIFEST_NAME))
+    for r in rows:
+        r.split = ids.assign_split(r.patient, fractions)
+    write_manifest(out / MANIFEST_NAME, rows)
+    from preprocess import fingerprint
+
+    fingerprint.write_fingerprint(out, [r.stats for r in rows if r.status == "ok" and r.stats])
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Place ``src`` at ``dst`` atomically: a hard link when possible (write-once files), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+_STATUS_RANK = {"ok": 0, "failed": 1, "skipped": 2}
+
+
+def merge_caches(shards: list[str | Path], out: str | Path, overwrite: bool = False) -> Summary:
+    """Join shard caches (same parameters and id key) into ``out``; case files are hard-linked or copied.
+
+    A case found in several shards keeps its best row (ok over failed over skipped).
+    """
+    t0 = time.monotonic()
+    out = Path(out)
+    shard_dirs = [Path(s) for s in shards]
+    if not shard_dirs:
+        raise InputError("merge needs at least one shard cache: vol3d preprocess merge SHARD... --out CACHE")
+    params = None
+    for d in shard_dirs:
+        if d.resolve() == out.resolve():
+            raise InputError(f"--out {out} is also a shard; merge into a new directory")
+        p = d / PARAMS_NAME
+        if not p.is_file():
+            raise InputError(f"{d} is not a vol3d cache (no {PARAMS_NAME}); pass the --out folders of the shard runs")
+        this = _read_json(p)
+        if params is None:
+            params, first = this, d
+        elif (this.get("params_hash"), this.get("key_check")) != (params.get("params_hash"), params.get("key_check")):
+            what = "parameters" if this.get("params_hash") != params.get("params_hash") else "id keys"
+            raise InputError(f"shards {first} and {d} were made with different {what}; they cannot be merged")
+    assert params is not None
+    open_cache(out, params, overwrite)
+
+    best: dict[str, tuple[ManifestRow, Path]] = {}
+    for d in shard_dirs:
+        for row in compact(read_manifest(d / MANIFEST_NAME)):
+            old = best.get(row.id)
+            if old is None or _STATUS_RANK[row.status] < _STATUS_RANK[old[0].status]:
+                best[row.id] = (row, d)
+    for row, d in best.values():
+        if row.status == "ok" and row.h5:
+            src = d / row.h5
+            if not src.is_file():
+                raise InputError(f"shard {d} lists {row.h5} but the file is missing; rerun that shard to finish it")
+            dst = out / row.h5
+            if not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+                _link_or_copy(src, dst)
+    existing = read_manifest(out / MANIFEST_NAME)
+    write_manifest(out / MANIFEST_NAME, compact([*existing, *(r for r, _ in best.values())]))
+    summary = Summary(out=out)
+    summary.total_rows = _finish(out, tuple(params.get("split_fractions", DEFAULT_SPLIT)))
+    for row in read_manifest(out / MANIFEST_NAME):
+        summary.counts[row.status] += 1
+        if row.status != "ok":
+            summary.reasons[(row.status, row.reason)] += 1
+    summary.seconds = time.monotonic() - t0
+    return summary

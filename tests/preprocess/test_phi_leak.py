@@ -1,0 +1,126 @@
+"""No identifier of the synthetic export reaches any byte vol3d preprocess writes or prints.
+
+Runs the real command (subprocess, two workers, debug logging, all side tables) on a
+``vol3d synth --size small`` export, then searches every output file's raw bytes, every
+HDF5 attribute and dataset decoded (compressed chunks are decompressed by h5py), every
+file name, and the captured stdout/stderr, for every string in ``truth.json``'s PHI list
+plus the study/series UIDs, in several encodings and cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc/LZ4 filter so compressed datasets decode)
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _variants(text: str) -> set[str]:
+    """The identifier as it might be rewritten: case, DICOM name parts, ISO dates."""
+    out = {text, text.lower(), text.upper(), text.title()}
+    if "^" in text:  # DICOM person name FAMILY^GIVEN^^PREFIX: each long part is identifying alone
+        parts = [p for p in text.split("^") if len(p) >= 4]
+        out |= {" ".join(parts), ", ".join(parts), *parts}
+    if len(text) == 8 and text.isdigit():  # a DICOM date
+        out.add(f"{text[:4]}-{text[4:6]}-{text[6:]}")
+    return {v for v in out if len(v) >= 4}
+
+
+def _needles(truth: dict) -> dict[bytes, str]:
+    strings = set(truth["phi_strings"])
+    for case in truth["cases"]:  # UIDs identify the study at the hospital: never written either
+        strings.add(case["study_uid"])
+        strings |= {s["series_uid"] for s in case.get("series", []) if s.get("series_uid")}
+    needles: dict[bytes, str] = {}
+    for s in strings:
+        for v in _variants(s):
+            for enc in ("utf-8", "utf-16-le", "utf-16-be"):
+                needles[v.encode(enc)] = s
+    return needles
+
+
+def _h5_blobs(path: Path) -> list[tuple[str, bytes]]:
+    """Every attribute and dataset of an HDF5 file, decoded, as bytes to search."""
+    blobs: list[tuple[str, bytes]] = []
+
+    def as_bytes(value) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str):
+            return value.encode()
+        arr = np.asarray(value)
+        if arr.dtype.kind == "O":
+            return b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel())
+        if arr.dtype.kind == "U":
+            return "\0".join(arr.ravel().tolist()).encode()
+        return arr.tobytes()
+
+    def visit(name: str, obj) -> None:
+        blobs.append((f"{path.name}:{name} (name)", name.encode()))
+        for k, v in obj.attrs.items():
+            blobs.append((f"{path.name}:{name}@{k}", k.encode() + b"\0" + as_bytes(v)))
+        if isinstance(obj, h5py.Dataset):
+            blobs.append((f"{path.name}:{name}", as_bytes(obj[()])))
+
+    with h5py.File(path, "r") as f:
+        for k, v in f.attrs.items():
+            blobs.append((f"{path.name}@{k}", as_bytes(v)))
+        f.visititems(visit)
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from preprocess.synth.export import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("phi")
+    export, out = root / "export", root / "cache"
+    truth = generate(export, SynthConfig(cases=4, seed=7, size="small", workers=1))
+    cmd = [sys.executable, "-m", "vol3d.cli", "-v", "preprocess", str(export), "--out", str(out),
+           "--preset", "tiny", "--workers", "2", "--reports", str(export / "reports.csv"),
+           "--codes", str(export / "ehr_codes.csv"), "--labels", str(export / "labels"),
+           "--boxes", str(export / "boxes.json"), "--ingest.exclude", "lesions/*"]  # fmt: skip
+    env = {**os.environ, "VOL3D_ID_KEY": "phi-test-key-not-secret"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    return truth, out, proc
+
+
+def test_run_joined_the_identifiers_it_must_not_write(run):
+    truth, out, proc = run
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    ok = [r for r in rows if r["status"] == "ok"]
+    # the identifiers were used (reports by accession, codes by patient) before being dropped
+    assert ok and all(r["has_report"] and r["n_codes"] > 0 and r["has_label"] for r in ok)
+    assert len({r["patient"] for r in ok}) <= len({c["patient_id"] for c in truth["cases"]})
+
+
+def test_no_identifier_in_any_output_byte_name_or_log(run):
+    truth, out, proc = run
+    needles = _needles(truth)
+    assert len(needles) > 50
+    # the search does find identifiers where they are: in the export's DICOM headers and tables
+    export = out.parent / "export"
+    dicom_file = next(p for p in (export / "dicom").rglob("*") if p.is_file())
+    for src in (dicom_file, export / "ehr_codes.csv"):
+        assert any(n in src.read_bytes() for n in needles), src
+    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
+    files = [p for p in out.rglob("*")]
+    assert any(p.suffix == ".h5" for p in files) and (out / "fingerprint.json").is_file()
+    for p in files:
+        rel = p.relative_to(out).as_posix()
+        haystacks.append((f"file name {rel}", rel.encode()))
+        if p.is_file():
+            haystacks.append((rel, p.read_bytes()))
+            if p.suffix == ".h5":
+                haystacks += _h5_blobs(p)
+    leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
+    assert not leaks, f"identifiers found: {leaks[:10]}"

@@ -1,0 +1,92 @@
+"""``kill -9`` a real ``vol3d preprocess`` process mid-run, rerun it, and check nothing is lost,
+duplicated, corrupt or redone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_runner import make_nifti_export
+
+from preprocess.manifest import latest_by_id, read_manifest
+from preprocess.runner import KILL_HOOK_ENV
+from preprocess.store import read_case
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups and SIGKILL are POSIX")
+
+
+def _start(src: Path, out: Path, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vol3d.cli", "preprocess", str(src), "--out", str(out), "--preset", "tiny",
+           "--workers", "2", "--no-progress"]  # fmt: skip
+    full_env = {**os.environ, "VOL3D_ID_KEY": os.environ.get("VOL3D_ID_KEY", "test-key-not-secret"), **env}
+    # its own session: the kill also reaches its worker processes, as a crash of the machine would
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _ok_rows(out: Path) -> dict:
+    return {i: r for i, r in latest_by_id(read_manifest(out / "manifest.jsonl")).items() if r.status == "ok"}
+
+
+def _rerun_and_check(src: Path, out: Path, n: int) -> None:
+    before = _ok_rows(out)
+    assert before, "the killed run should have finished some cases"
+    mtimes = {i: (out / r.h5).stat().st_mtime_ns for i, r in before.items()}
+    proc = _start(src, out)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    rows = read_manifest(out / "manifest.jsonl")
+    assert len(rows) == len({r.id for r in rows}) == n  # complete, no duplicate rows
+    for r in rows:
+        assert r.status == "ok"
+        assert read_case(out / r.h5, r.key)["image"].shape[1:] == tuple(r.shape)  # every file readable
+    # cases finished before the kill were not redone
+    assert {i: (out / before[i].h5).stat().st_mtime_ns for i in before} == mtimes
+    assert f"reused (unchanged) {len(before)}" in log
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert not (out / ".work").exists()
+
+
+def test_kill_hook_at_a_deterministic_point_then_resume(tmp_path):
+    make_nifti_export(tmp_path / "export", 10)
+    src, out = tmp_path / "export/nifti", tmp_path / "cache"
+    proc = _start(src, out, **{KILL_HOOK_ENV: "4"})
+    try:
+        proc.wait(timeout=300)
+    finally:
+        _kill_group(proc)  # the orphaned workers
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_ok_rows(out)) == 4
+    _rerun_and_check(src, out, 10)
+
+
+def test_external_kill_mid_run_then_resume(tmp_path):
+    make_nifti_export(tmp_path / "export", 24)
+    src, out = tmp_path / "export/nifti", tmp_path / "cache"
+    proc = _start(src, out)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "manifest.jsonl").exists() and len(_ok_rows(out)) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed; use more cases"
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_ok_rows(out)) < 24
+    _rerun_and_check(src, out, 24)
