@@ -71,6 +71,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = args[0] if args else Any
         return [_coerce(v, inner, where) for v in value]
     if origin is dict:
+        if isinstance(value, str):  # from the command line: an inline YAML mapping, e.g. '{depth: 4}'
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: expected a mapping like '{{key: value}}', got {value!r}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -181,6 +186,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             kw["choices"] = list(typing.get_args(tp))
         elif origin in (tuple, list):
             kw["nargs"] = "+"
+            kw["metavar"] = f.name.upper()
+        else:
+            kw["metavar"] = f.name.upper()
         parser.add_argument(flag, **kw)
 
 

@@ -3,17 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from pathlib import Path
 
-from vol3d.commands import not_yet
+from preprocess.errors import ConfigError
+from vol3d.commands import NotYetAvailable
 
 HELP = "fine-tune a run for one task (report, vqa, ground, ehr, seg)"
-DESCRIPTION = """Fine-tune from a run dir (--init RUN) on one task; --task seg adds a segmentation
-decoder over the encoder's intermediate features (MONAI DiceCE, sliding-window inference)."""
+DESCRIPTION = """Fine-tune from a run dir (--init RUN) on one task with the same training loop as
+`vol3d train`: --task report | vqa | ground | ehr (presets in configs/finetune/), or
+--task seg, which adds a segmentation decoder over the encoder's intermediate
+features (vol3d.seg). The model architecture, and the cache when --data.cache-dir
+is not given, come from the --init run. Every TrainConfig field is a flag, as in
+`vol3d train`; Ctrl-C saves a checkpoint, continue with --resume OUT."""
+
+FINETUNE_TASKS = ("report", "vqa", "ground", "ehr", "seg")
+
+
+def _finetune_flags(parser: argparse.ArgumentParser) -> None:
+    from preprocess.config_io import add_dataclass_args
+    from vol3d.train.config import TrainConfig
+
+    # --task and --init are TrainConfig fields, so they come with the shared flags.
+    add_dataclass_args(parser, TrainConfig)
+    try:
+        from vol3d.seg.finetune import add_seg_arguments
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("vol3d.seg", "vol3d.seg.finetune"):
+            raise
+        return
+    add_seg_arguments(parser)  # the seg-only flags (same names mean the same in both configs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    from vol3d.commands.train import lazy_arguments
+
+    parser.add_argument("--config", type=Path, help="YAML preset (configs/finetune/<task>.yaml)")
+    parser.add_argument("--resume", type=Path, metavar="OUT", help="continue the fine-tune OUT from its newest checkpoint")
+    lazy_arguments(parser, _finetune_flags)
+
+
+def _finetune_config(args: argparse.Namespace):
+    from preprocess.config_io import build_config
+    from vol3d.commands.train import load_config
+    from vol3d.train.config import TrainConfig
+    from vol3d.train.run import load_run_config
+
+    if args.resume is not None:
+        return load_config(args)
+    cfg = build_config(TrainConfig, args.config, args)
+    if cfg.task not in FINETUNE_TASKS:
+        raise ConfigError(f"--task must be one of {list(FINETUNE_TASKS)} (got {cfg.task!r}); "
+                          "`vol3d train` does multi-task pre-training")
+    if not cfg.init:
+        raise ConfigError("--init RUN is required: the run directory whose model/ is fine-tuned")
+    if not cfg.data.cache_dir:
+        cfg.data.cache_dir = load_run_config(cfg.init).data.cache_dir
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    raise not_yet("finetune")
+    from vol3d.commands.train import run_training
+
+    task = getattr(args, "cfg:task", None)
+    if task is None and args.resume is not None:  # resuming: the run's own config says which task
+        import yaml
+
+        path = Path(args.resume) / "config.yaml"
+        task = (yaml.safe_load(path.read_text()) or {}).get("task") if path.is_file() else None
+    if task == "seg":
+        try:
+            seg = importlib.import_module("vol3d.seg.finetune")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("vol3d.seg", "vol3d.seg.finetune"):
+                raise
+            raise NotYetAvailable("`vol3d finetune --task seg` is not yet available in this version "
+                                  "(the vol3d.seg module is not installed)") from None
+        return int(seg.run(args) or 0)
+    cfg = _finetune_config(args)
+    if args.resume is None and cfg.run_dir and Path(cfg.run_dir).resolve() == Path(cfg.init).resolve():
+        raise ConfigError("--run-dir must differ from --init: fine-tuning writes a new run")
+    return run_training(cfg, resume=args.resume is not None, command="finetune")

@@ -1,0 +1,135 @@
+"""The training loop on a toy regression task: learning, accumulation, exact resume, pruning, DDP."""
+
+from __future__ import annotations
+
+import csv
+import socket
+
+import pytest
+import torch
+from toy import ToyObjective, toy_items, toy_model
+
+from vol3d.train.checkpoint import checkpoint_dirs
+from vol3d.train.config import DataConfig, OptimConfig, TrainConfig
+from vol3d.train.loop import DataPlan, TrainingInterrupted, fit
+
+
+def _cfg(tmp_path=None, **kw) -> TrainConfig:
+    base = dict(
+        run_dir=str(tmp_path or ""), max_steps=6, log_every=1, val_every=0, ckpt_every=100, keep_last=2,
+        progress=False, tensorboard=False, device="cpu",
+        optim=OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0),
+    )
+    base.update(kw)
+    base["data"] = DataConfig(batch_size=base.pop("batch_size", 2))
+    return TrainConfig(**base)
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_decreases_and_metrics_are_written(tmp_path):
+    items = toy_items(64)
+    cfg = _cfg(tmp_path, max_steps=60, log_every=10, batch_size=8, optim=OptimConfig(lr=5e-2, warmup_steps=5))
+    model, obj = toy_model(), ToyObjective()
+    before = obj.validate(model, items)["loss"]
+    result = fit(cfg, model, obj, items, val_items=items, run_dir=tmp_path)
+    after = result.val["val/loss"]
+    assert after < 0.05 * before
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    names = {r["name"] for r in rows}
+    assert {"train/loss", "train/mse", "train/lr", "train/samples_per_s", "train/grad_norm", "val/loss"} <= names
+    train_loss = [float(r["value"]) for r in rows if r["name"] == "train/loss"]
+    assert len(train_loss) == 6 and train_loss[-1] < train_loss[0]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_grad_accumulation_matches_bigger_batch():
+    items = toy_items(16)
+    a, b = toy_model(), toy_model()
+    fit(_cfg(batch_size=2, grad_accum=1), a, ToyObjective(), items)
+    fit(_cfg(batch_size=1, grad_accum=2), b, ToyObjective(), items)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_data_plan_is_a_partition_of_each_epoch():
+    n = 10
+    plan = DataPlan(n, batch_size=2, world_size=1, rank=0, seed=3)
+    epoch0 = [plan.index(p) for m in range(5) for p in plan.positions(m)]
+    assert sorted(epoch0) == list(range(n))
+    ranks = [DataPlan(n, batch_size=1, world_size=2, rank=r, seed=3) for r in range(2)]
+    merged = [ranks[r].index(ranks[r].positions(m)[0]) for m in range(5) for r in range(2)]
+    assert merged == epoch0  # two ranks of batch 1 read what one process of batch 2 reads
+
+
+def test_interrupt_then_resume_is_exact(tmp_path):
+    """A run stopped by Ctrl-C during step 5 and resumed ends with the same weights as an unbroken run."""
+    items = toy_items(12)  # < batch * steps: crosses epochs, so the per-epoch shuffle is resumed too
+    kw = dict(max_steps=8, grad_accum=2, batch_size=2, ckpt_every=3, keep_last=2)
+    full = toy_model(dropout=0.2)
+    fit(_cfg(tmp_path / "full", **kw), full, ToyObjective(), items, run_dir=tmp_path / "full")
+
+    run = tmp_path / "broken"
+    first = toy_model(dropout=0.2)
+    with pytest.raises(TrainingInterrupted) as exc:
+        # the 10th loss call is the 1st micro-batch of step 5: steps 1..4 are done
+        fit(_cfg(run, **kw), first, ToyObjective(interrupt_at_call=10), items, run_dir=run)
+    assert exc.value.step == 4
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_3", "step_4"]
+
+    resumed = toy_model(seed=123, dropout=0.2)  # different init: the checkpoint must overwrite it
+    result = fit(_cfg(run, **kw), resumed, ToyObjective(), items, run_dir=run, resume=True)
+    assert result.step == 8
+    for (name, pa), pb in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    # metrics.csv has each step exactly once although steps were logged before the interrupt
+    with (run / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["name"] == "train/loss"]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoints_are_pruned_to_keep_last(tmp_path):
+    fit(_cfg(tmp_path, max_steps=7, ckpt_every=2, keep_last=2), toy_model(), ToyObjective(), toy_items(8),
+        run_dir=tmp_path)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_6", "step_7"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert {"model.safetensors", "trainer_state.pt", "trainer.json"} <= {
+        p.name for p in (tmp_path / "checkpoints" / "step_7").iterdir()
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from vol3d.train import distributed
+
+    model = toy_model(seed=rank)  # different inits: DDP must broadcast rank 0's weights
+    fit(_cfg(max_steps=4, batch_size=1), model, ToyObjective(), toy_items(16))
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    distributed.cleanup()
+
+
+def test_ddp_two_processes_keep_replicas_identical(tmp_path):
+    # fork: the workers inherit the imported modules instead of re-importing torch and transformers
+    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True,
+                                          start_method="fork")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = toy_model(seed=0)
+    fit(_cfg(max_steps=4, batch_size=2), single, ToyObjective(), toy_items(16))
+    for name, p in single.state_dict().items():
+        assert torch.equal(r0[name], r1[name]), name
+        # 2 ranks x batch 1 with averaged gradients == 1 process x batch 2
+        torch.testing.assert_close(r0[name], p, rtol=1e-5, atol=1e-6, msg=name)

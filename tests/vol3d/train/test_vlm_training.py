@@ -1,0 +1,120 @@
+"""The tiny vision-language model trained by the one loop on in-memory synthetic cases, then reloaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
+from vol3d.tasks import CodeVocab, TaskMix, corpus_texts
+from vol3d.train.config import TINY_LM, DataConfig, LossConfig, OptimConfig, TrainConfig
+from vol3d.train.loop import fit
+from vol3d.train.objectives import VLMObjective, as_case, main_box
+
+SHAPE = (32, 32, 16)
+
+
+def fake_case(i: int) -> dict:
+    """A CacheDataset-like item: a bright cube (the lesion) in noise, with its box, report and codes."""
+    rng = np.random.default_rng(i)
+    image = rng.normal(0.2, 0.05, size=(1, *SHAPE)).astype(np.float32)
+    lo = rng.integers(2, 20, size=3) * np.array([1, 1, 0.5])
+    lo = lo.astype(int)
+    size = np.array([8, 8, 4])
+    image[0, lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = 1.0
+    box = np.concatenate([lo - 0.5, lo + size - 0.5]).astype(np.float32)
+    has = i % 2 == 0
+    return {
+        "id": f"c{i}", "image": torch.from_numpy(image), "label": torch.zeros(SHAPE, dtype=torch.int64),
+        "affine": torch.eye(4, dtype=torch.float64), "spacing": torch.ones(3, dtype=torch.float64),
+        "boxes_vox": torch.from_numpy(box[None] if has else np.zeros((0, 6), np.float32)),
+        "boxes_visible": torch.ones(1 if has else 0),
+        "box_findings": ["liver_lesion"] if has else [], "box_organs": ["liver"] if has else [],
+        "report": "Liver lesion present." if has else "No focal lesion.",
+        "codes": ["K76.89"] if has else ["Z00.0"], "modality": "CT",
+    }
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict]:
+    return [fake_case(i) for i in range(8)]
+
+
+def tiny_model(cases: list[dict]) -> tuple[Vol3DModel, CodeVocab]:
+    codes = CodeVocab.from_cases(cases)
+    cfg = Vol3DConfig(encoder="vit3d_tiny", input_shape=SHAPE, reducer="pool", reducer_params={"out_grid": [2, 2, 2]},
+                      lm_config=dict(TINY_LM), box_head=True, ehr_codes=list(codes.codes))
+    torch.manual_seed(0)
+    return Vol3DModel(cfg, tokenizer=build_tokenizer(corpus_texts([as_case(c) for c in cases]))), codes
+
+
+def test_main_box_is_the_largest_visible_box_in_unit_frame(cases):
+    box = main_box(as_case(cases[0]))
+    assert box.shape == (6,) and np.all((box >= 0) & (box <= 1)) and np.all(box[:3] < box[3:])
+    assert main_box(as_case(cases[1])) is None  # no finding: the box head is not trained on this case
+
+
+def test_tiny_vlm_learns_and_run_dir_reloads(cases, tmp_path):
+    model, codes = tiny_model(cases)
+    losses = LossConfig(lm=1.0, ehr=1.0, box_l1=1.0, box_giou=1.0)
+    cfg = TrainConfig(run_dir=str(tmp_path), max_steps=24, log_every=4, val_every=0, ckpt_every=12, progress=False,
+                      tensorboard=False, device="cpu", model=model.config,
+                      data=DataConfig(batch_size=4, augment=None, max_length=128),
+                      optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    mix = TaskMix(report=1.0, vqa_closed=1.0, vqa_open=0.0, ground=1.0, ehr=0.5)
+    objective = VLMObjective(model.processor, mix, losses, codes, None, 128, val_batch_size=4)
+    before = objective.validate(model.eval(), cases)
+    result = fit(cfg, model.train(), objective, cases, val_items=cases, run_dir=tmp_path)
+    after = {k.removeprefix("val/"): v for k, v in result.val.items()}
+    assert after["lm"] < 0.7 * before["lm"]
+    assert after["ehr"] < before["ehr"] and after["box_giou"] < before["box_giou"]
+    assert {"train/lm", "train/ehr", "train/box_l1", "train/box_giou", "train/box_iou"} <= set(result.train)
+
+    # the run dir alone rebuilds the trained model: same weights, tokenizer, code list and outputs
+    again = Vol3DModel.from_pretrained(tmp_path / "model")
+    assert again.config.ehr_codes == codes.codes
+    batch = objective.make_batch(cases[:2], [np.random.default_rng(0)] * 2)
+    model.eval()
+    with torch.no_grad():
+        a = model(batch["volume"], batch["input_ids"], batch["attention_mask"])
+        b = again(batch["volume"], batch["input_ids"], batch["attention_mask"])
+    for key in ("logits", "ehr_logits", "box_pred"):
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_tiny_vlm_resume_with_augmentation_is_exact(cases, tmp_path):
+    """Augmentation (TorchIO), task sampling and head dropout all replay identically after a resume."""
+    from vol3d.tasks import AugmentConfig
+    from vol3d.train.loop import TrainingInterrupted
+
+    aug = AugmentConfig(affine_prob=0.5, gamma_prob=0.5, noise_prob=0.5)
+
+    def run(run_dir, interrupt_at=None, resume=False):
+        model, codes = tiny_model(cases)
+        if resume:
+            torch.nn.init.zeros_(model.projector[0].weight)  # must be overwritten by the checkpoint
+        cfg = TrainConfig(run_dir=str(run_dir), max_steps=4, log_every=1, val_every=0, ckpt_every=2, progress=False,
+                          tensorboard=False, device="cpu", model=model.config,
+                          data=DataConfig(batch_size=2, augment=aug, max_length=128),
+                          optim=OptimConfig(lr=3e-3, warmup_steps=1))
+        obj = VLMObjective(model.processor, TaskMix(), LossConfig(ehr=1.0, box_l1=1.0, box_giou=1.0), codes, aug, 128)
+        if interrupt_at is not None:
+            real_loss, calls = obj.loss, []
+
+            def loss(m, b):
+                calls.append(1)
+                if len(calls) == interrupt_at:
+                    raise KeyboardInterrupt
+                return real_loss(m, b)
+
+            obj.loss = loss
+        fit(cfg, model, obj, cases, run_dir=run_dir, resume=resume)
+        return model
+
+    full = run(tmp_path / "full")
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "cut", interrupt_at=4)  # during step 4: checkpoint of step 3 is saved on Ctrl-C
+    resumed = run(tmp_path / "cut", resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

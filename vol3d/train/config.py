@@ -1,0 +1,156 @@
+"""``TrainConfig``: every knob of ``vol3d train`` / ``vol3d finetune`` in one typed dataclass.
+
+YAML presets in ``configs/train/`` and ``configs/finetune/`` only serialise it,
+and every field is also a command-line flag (``--max-steps 100``,
+``--optim.lr 1e-4``), through :mod:`preprocess.config_io`. The full config is
+saved as ``RUN/config.yaml`` and reloaded by ``--resume RUN``. This module must
+stay import-light (no torch) because the CLI builds its flags from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from preprocess.errors import ConfigError
+from vol3d.models.vlm import Vol3DConfig
+from vol3d.tasks import AugmentConfig, TaskMix
+
+#: What a run optimises. ``pretrain`` samples the text tasks by ``data.tasks`` weights;
+#: the others fine-tune on a single task (``seg`` is provided by ``vol3d.seg``).
+Task = Literal["pretrain", "report", "vqa", "ground", "ehr", "seg"]
+
+#: The task mix of each single-task fine-tune (the weights of ``vol3d.tasks.TaskMix``).
+FINETUNE_MIX: dict[str, dict[str, float]] = {
+    "report": {"report": 1.0, "vqa_closed": 0.0, "vqa_open": 0.0, "ground": 0.0, "ehr": 0.0},
+    "vqa": {"report": 0.0, "vqa_closed": 1.0, "vqa_open": 0.5, "ground": 0.0, "ehr": 0.0},
+    "ground": {"report": 0.0, "vqa_closed": 0.0, "vqa_open": 0.0, "ground": 1.0, "ehr": 0.0},
+    "ehr": {"report": 0.0, "vqa_closed": 0.0, "vqa_open": 0.0, "ground": 0.0, "ehr": 1.0},
+}
+
+#: The model when a config names none: the tiny CPU demo model (a 2-layer Llama from a config).
+TINY_LM: dict = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+def _default_model() -> Vol3DConfig:
+    return Vol3DConfig(lm_config=dict(TINY_LM))
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by `vol3d train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _positive(where: str, **values: float) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise ConfigError(f"{where}.{name} must be > 0, got {v}")
+
+
+def _non_negative(where: str, **values: float) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ConfigError(f"{where}.{name} must be >= 0, got {v}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training cases come from and how they are batched."""
+
+    cache_dir: str = _f("", "Preprocessed cache directory (`vol3d preprocess SRC --out CACHE`); required to train.")
+    train_split: str = _f("train", "Manifest split used for training.")
+    val_split: str = _f("val", "Manifest split for periodic validation ('' disables validation).")
+    batch_size: int = _f(2, "Cases per process per micro-step (the global batch is batch_size * grad_accum * world size).")
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the training process; each worker opens its own HDF5 handles).")
+    tasks: TaskMix = field(default_factory=TaskMix, metadata={"help": "Sampling weights of the instruction tasks for `task: pretrain` (a single-task fine-tune overrides them)."})
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig, metadata={"help": "Augmentation of training volumes, boxes moving with the image (null = none; validation is never augmented)."})
+    max_length: int = _f(512, "Longest token sequence (prompt + volume tokens + answer); longer answers are truncated.")
+    max_val_cases: int = _f(32, "Cap on validation cases (keeps periodic validation cheap); 0 = all of them.")
+
+    def __post_init__(self) -> None:
+        _positive("data", batch_size=self.batch_size)
+        _positive("data", max_length=self.max_length)
+        _non_negative("data", num_workers=self.num_workers, max_val_cases=self.max_val_cases)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay."""
+
+    lr: float = _f(3e-4, "Peak learning rate, reached at the end of warmup.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay (not applied to biases and norm weights).")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW (beta1, beta2).")
+    warmup_steps: int = _f(20, "Linear warmup from 0 to `lr` over this many optimizer steps (capped at max_steps).")
+    min_lr_ratio: float = _f(0.1, "The cosine decays to lr * min_lr_ratio at max_steps.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr)
+        _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms; a weight of 0 switches a term off."""
+
+    lm: float = _f(1.0, "Language-model cross-entropy on answer tokens only.")
+    ehr: float = _f(0.0, "Multi-label BCE of the EHR-code head; > 0 with empty model.ehr_codes takes the training split's codes.")
+    ehr_pos_weight: float | None = _f(None, "BCE pos_weight for EHR codes (positives are rare); null = unweighted.")
+    box_l1: float = _f(0.0, "L1 of the box head vs the case's largest visible box (0..1 model-input frame); cases without boxes are masked.")
+    box_giou: float = _f(0.0, "1 - generalised 3D IoU of the same boxes.")
+    contrastive: float = _f(0.0, "CLIP InfoNCE between pooled volume and report embeddings (needs batch_size >= 2).")
+    temperature: float = _f(0.07, "Softmax temperature of the contrastive loss when the model does not learn its own logit_scale.")
+
+    def __post_init__(self) -> None:
+        _non_negative("loss", lm=self.lm, ehr=self.ehr, box_l1=self.box_l1, box_giou=self.box_giou, contrastive=self.contrastive)
+        _positive("loss", temperature=self.temperature)
+        if self.ehr_pos_weight is not None:
+            _positive("loss", ehr_pos_weight=self.ehr_pos_weight)
+
+
+@dataclass
+class TrainConfig:
+    """One training or fine-tuning run (saved as ``RUN/config.yaml``)."""
+
+    run_dir: str = _f("", "Output run directory (config.yaml, model/, checkpoints/, metrics.csv, tb/).")
+    task: Task = _f("pretrain", "What to optimise: `pretrain` (task mix), one text task, or `seg` (vol3d.seg).")
+    init: str | None = _f(None, "Run directory whose model/ initialises the weights (fine-tuning); null = from scratch.")
+    seed: int = _f(0, "Seed of weights, data order, task sampling and augmentation.")
+    max_steps: int = _f(200, "Number of optimizer steps.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto: bf16 autocast on CUDA (if supported), fp32 on CPU. fp16 uses a GradScaler.")
+    device: str = _f("auto", "Torch device: auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda.")
+    log_every: int = _f(10, "Log training metrics every N steps (metrics.csv, TensorBoard, progress bar).")
+    val_every: int = _f(100, "Validate every N steps and at the end (0 = only at the end; needs data.val_split).")
+    ckpt_every: int = _f(100, "Save a resumable checkpoint every N steps (and at the end, and on Ctrl-C).")
+    keep_last: int = _f(2, "Keep only the newest K checkpoints/step_N directories.")
+    tensorboard: bool = _f(True, "Write TensorBoard events to RUN/tb (skipped with a note when tensorboard is not installed).")
+    progress: bool = _f(True, "Show a tqdm progress bar with loss and samples/s.")
+    ddp_find_unused: bool = _f(False, "DDP: tolerate parameters that get no gradient on some steps (slower; needed for some LoRA setups).")
+    model: Vol3DConfig = field(default_factory=_default_model, metadata={"help": "The model architecture (encoder, reducer, language model, heads); see vol3d.models."})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        _positive("train", max_steps=self.max_steps, grad_accum=self.grad_accum, log_every=self.log_every,
+                  ckpt_every=self.ckpt_every, keep_last=self.keep_last)
+        _non_negative("train", val_every=self.val_every)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def task_mix(self) -> TaskMix:
+        """Task mix actually sampled: ``data.tasks`` for ``pretrain``, else the one task's mix."""
+        if self.task == "pretrain":
+            return self.data.tasks
+        if self.task not in FINETUNE_MIX:
+            raise ConfigError(f"task {self.task!r} has no text-task mix (it is trained by its own module)")
+        return TaskMix(**FINETUNE_MIX[self.task], samples_per_case=self.data.tasks.samples_per_case)

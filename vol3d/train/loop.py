@@ -1,0 +1,402 @@
+"""The one training loop: :func:`fit`. Read it top to bottom.
+
+Tasks plug in through an :class:`~vol3d.train.objectives.Objective`; everything
+else (AMP, accumulation, DDP, clipping, LR schedule, validation, checkpoints,
+exact resume, metrics) lives here once.
+
+Exact resume rests on two choices. (1) The data stream is a pure function of
+``(seed, position)`` (:class:`DataPlan`): the items and per-item RNGs of
+micro-step ``m`` never depend on what ran before, so a resumed run just starts
+at ``m = step * grad_accum``. (2) Every global RNG is captured at each step
+boundary and saved with the checkpoint; validation and batch building run with
+the RNG forked, so they never perturb the training stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from preprocess.errors import InputError
+from vol3d.train import checkpoint as ckpt_io
+from vol3d.train import distributed as ddp
+from vol3d.train.config import TrainConfig
+from vol3d.train.objectives import Objective
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during :func:`fit`: a checkpoint of the last finished step was saved."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"interrupted after step {step}")
+        self.run_dir = run_dir
+        self.step = step
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` reached: the final step and the last logged train/val metrics."""
+
+    step: int
+    train: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataPlan:
+    """Which items rank ``r`` reads at micro-step ``m``, as a pure function of ``(seed, m, r)``.
+
+    The global stream visits the items in a fresh seeded permutation every epoch.
+    Micro-step ``m`` of a world of ``W`` ranks with per-rank batch ``B`` consumes
+    stream positions ``m*W*B .. (m+1)*W*B - 1``; rank ``r`` takes the ``r``-th run of
+    ``B``. Hence ``grad_accum=2, batch_size=1`` reads exactly the items of
+    ``batch_size=2``, and so does a 2-rank run with ``batch_size=1``.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int):
+        if n_items <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.b, self.w, self.r, self.seed = n_items, batch_size, world_size, rank, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def positions(self, micro_step: int) -> list[int]:
+        start = (micro_step * self.w + self.r) * self.b
+        return list(range(start, start + self.b))
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return int(self._perm[1][offset])
+
+    def item_rng(self, position: int) -> np.random.Generator:
+        """The generator for everything random about the item at ``position`` (task, augmentation)."""
+        return np.random.default_rng([self.seed, 1_000_003, position])
+
+    def torch_seed(self, micro_step: int) -> int:
+        """Seed of torch's global RNG while this rank builds the batch of ``micro_step``."""
+        return int(np.random.default_rng([self.seed, 2_000_003, micro_step, self.r]).integers(2**62))
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose element ``m`` is the whole batch of micro-step ``m``."""
+
+    def __init__(self, items: Sequence[Any], objective: Objective, plan: DataPlan):
+        self.items, self.objective, self.plan = items, objective, plan
+
+    def __len__(self) -> int:  # only used by DataLoader's sanity checks
+        return 2**62
+
+    def __getitem__(self, micro_step: int) -> dict[str, Any]:
+        pos = self.plan.positions(micro_step)
+        items = [self.items[self.plan.index(p)] for p in pos]
+        rngs = [self.plan.item_rng(p) for p in pos]
+        # Libraries that draw from torch's global RNG (TorchIO, MONAI) get a per-batch
+        # seed; forking keeps the training process's own stream (dropout) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.plan.torch_seed(micro_step))
+            return self.objective.make_batch(items, rngs)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = fp32): ``auto`` is bf16 on CUDA cards that support it, fp32 elsewhere."""
+    if precision == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and ``model.no_weight_decay()``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``min_ratio`` at ``total``."""
+
+    warmup = min(warmup, total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """``metrics.csv`` (long format: ``step,name,value,time``) and TensorBoard, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.csv" if run_dir is not None else None
+        self.tb = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # Rows logged after the checkpoint we resume from would be duplicated: drop them.
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._write(rows, "w")
+        else:
+            self._write([], "w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to metrics.csv only (pip install tensorboard)")
+
+    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+        with self.path.open(mode, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "name", "value", "time"])
+            if mode == "w":
+                w.writeheader()
+            w.writerows(rows)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.path is None:
+            return
+        now = round(time.time(), 3)
+        self._write([{"step": step, "name": k, "value": f"{v:.6g}", "time": now} for k, v in values.items()], "a")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Window:
+    """Running means of the logs between two log steps (tensors are synced only when read)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict[str, float]:
+        out = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return out
+
+
+def save_model_dir(model: nn.Module, run_dir: Path) -> Path:
+    """Write ``RUN/model`` (``save_pretrained`` when the model has it) via a temp dir + rename."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    final = Path(run_dir) / "model"
+    tmp = final.with_name("model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp)
+    else:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    objective: Objective,
+    train_items: Sequence[Any],
+    val_items: Sequence[Any] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train ``model`` on ``objective`` for ``cfg.max_steps`` optimizer steps.
+
+    Writes checkpoints, ``model/``, ``metrics.csv`` and ``tb/`` under ``run_dir``
+    (rank 0; ``None`` writes nothing, for tests). ``resume=True`` continues from
+    the newest ``run_dir/checkpoints/step_N``. Under torchrun every rank calls
+    ``fit``; gradients are averaged by DDP. Raises :class:`TrainingInterrupted`
+    on Ctrl-C after saving a checkpoint of the last finished step.
+    """
+    info = ddp.setup(cfg.device)
+    device = info.device
+    amp_dtype = resolve_precision(cfg.precision, device)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    step, samples_seen = 0, 0
+    if resume:
+        last = ckpt_io.latest_checkpoint(run_dir) if run_dir is not None else None
+        if last is None:
+            raise InputError(f"nothing to resume: {run_dir}/checkpoints has no step_N checkpoint")
+        state, rng = ckpt_io.load_checkpoint(last, model, optimizer, scheduler, scaler)
+        step, samples_seen = state.step, state.samples_seen
+        if state.world_size != info.world_size:
+            log.warning("resuming a %d-process run with %d processes: the data order differs from an uninterrupted run",
+                        state.world_size, info.world_size)
+        ckpt_io.restore_rng(rng)
+        log.info("resumed from %s (step %d)", last, step)
+    ddp_model = ddp.wrap(model, info, cfg.ddp_find_unused)
+
+    accum = cfg.grad_accum
+    plan = DataPlan(len(train_items), cfg.data.batch_size, info.world_size, info.rank, cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        _PlannedBatches(train_items, objective, plan),
+        batch_size=None,
+        sampler=range(step * accum, cfg.max_steps * accum),
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        # Our own generator: creating the iterator must not draw from the global RNG.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    batches = iter(loader)
+    writes = run_dir if info.is_main else None
+    metrics = MetricsLog(writes, cfg.tensorboard, resume_step=step)
+    samples_per_step = cfg.data.batch_size * accum * info.world_size
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    result = FitResult(step=step)
+    # samples/s counts training time only: checkpoint and validation time is subtracted
+    window, t_window, steps_in_window, paused = _Window(), time.perf_counter(), 0, 0.0
+    last_saved = step if resume else -1
+
+    def checkpoint() -> None:
+        nonlocal last_saved
+        if writes is not None and last_saved != step:
+            ckpt_io.save_checkpoint(writes, model, optimizer, scheduler, scaler,
+                                    ckpt_io.TrainerState(step, samples_seen, info.world_size), resume_rng)
+            ckpt_io.prune_checkpoints(writes, cfg.keep_last)
+            save_model_dir(model, writes)
+        last_saved = step
+
+    def validate() -> None:
+        if val_items is None or len(val_items) == 0 or not info.is_main:
+            return
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            vals = objective.validate(model, val_items)
+        model.train()
+        result.val = {f"val/{k}": float(v) for k, v in vals.items()}
+        metrics.write(step, result.val)
+        if bar is not None:
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.val.items()))
+
+    resume_rng = ckpt_io.capture_rng()
+    try:
+        model.train()
+        while step < cfg.max_steps:
+            for micro in range(accum):
+                batch = to_device(next(batches), device)
+                # Gradients are all-reduced only on the last micro-batch of a step.
+                sync = micro == accum - 1 or not info.enabled
+                with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss, logs = objective.loss(ddp_model, batch)
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                window.add({"loss": loss, **logs})
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.optim.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+                window.add({"grad_norm": gnorm})
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            samples_seen += samples_per_step
+            steps_in_window += 1
+            resume_rng = ckpt_io.capture_rng()
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - t_window - paused
+                result.train = {f"train/{k}": v for k, v in window.mean().items()}
+                result.train["train/lr"] = scheduler.get_last_lr()[0]
+                result.train["train/samples_per_s"] = steps_in_window * samples_per_step / max(elapsed, 1e-9)
+                metrics.write(step, result.train)
+                t_window, steps_in_window, paused = time.perf_counter(), 0, 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{result.train['train/loss']:.4f}",
+                                    samples_s=f"{result.train['train/samples_per_s']:.1f}")
+            if bar is not None:
+                bar.update(1)
+            t_pause = time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                checkpoint()
+            if cfg.val_every and step % cfg.val_every == 0 and step != cfg.max_steps:
+                validate()
+            paused += time.perf_counter() - t_pause
+        validate()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise TrainingInterrupted(Path(run_dir) if run_dir else Path("."), step) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        del batches
+    result.step = step
+    return result

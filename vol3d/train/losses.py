@@ -1,0 +1,105 @@
+"""Loss functions shared by the training objectives.
+
+Boxes are ``(x0, y0, z0, x1, y1, z1)`` as everywhere in vol3d (see
+:mod:`preprocess.geometry`); the box losses work in any frame (voxels, mm, or the
+0..1 normalised model-input frame the box head predicts in), as long as
+prediction and target share it. IoU is intersection volume over union volume,
+exactly as :func:`preprocess.geometry.box_iou` (a test holds them together).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _ordered(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower and upper corners ``(N, 3)`` of boxes ``(N, 6)``, whichever way round they were given.
+
+    A regression head can emit ``x0 > x1`` early in training; min/max keeps such a
+    box a valid (differentiable) box instead of one with negative volume.
+    """
+    a, b = boxes[..., :3], boxes[..., 3:]
+    return torch.minimum(a, b), torch.maximum(a, b)
+
+
+def box_iou_giou_3d(pred: Tensor, target: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """Paired 3D IoU and generalised IoU of boxes ``(N, 6), (N, 6) -> (N,), (N,)``.
+
+    GIoU (Rezatofighi et al. 2019) is ``IoU - (|C| - |A u B|) / |C|`` with ``C`` the
+    smallest box enclosing both; it lies in ``(-1, 1]`` and still has a gradient
+    when the boxes do not overlap, which plain IoU lacks.
+    """
+    p_lo, p_hi = _ordered(pred)
+    t_lo, t_hi = _ordered(target)
+    vol_p = (p_hi - p_lo).prod(-1)
+    vol_t = (t_hi - t_lo).prod(-1)
+    inter = (torch.minimum(p_hi, t_hi) - torch.maximum(p_lo, t_lo)).clamp(min=0).prod(-1)
+    union = vol_p + vol_t - inter
+    iou = inter / (union + eps)
+    hull = (torch.maximum(p_hi, t_hi) - torch.minimum(p_lo, t_lo)).prod(-1)
+    giou = iou - (hull - union) / (hull + eps)
+    return iou, giou
+
+
+def box_iou_3d(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise 3D IoU ``(N, 6), (M, 6) -> (N, M)``; the torch twin of ``preprocess.geometry.box_iou``."""
+    n, m = a.shape[0], b.shape[0]
+    iou, _ = box_iou_giou_3d(a[:, None].expand(n, m, 6).reshape(-1, 6), b[None].expand(n, m, 6).reshape(-1, 6), eps=0)
+    return torch.nan_to_num(iou, nan=0.0).reshape(n, m)
+
+
+def box_losses(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """L1 and GIoU losses of predicted vs target boxes ``(B, 6)``, averaged over ``mask`` ``(B,)``.
+
+    Samples whose mask is 0 (no box to find) contribute nothing but keep the graph
+    connected, so DDP sees a gradient for the box head on every step.
+    Returns ``{"box_l1": (), "box_giou": (), "box_iou": ()}`` (IoU detached, for logging).
+    """
+    pred = pred.float()
+    target = target.float()
+    if mask is None:
+        mask = torch.ones(pred.shape[0], device=pred.device)
+    mask = mask.float()
+    denom = mask.sum().clamp(min=1.0)
+    l1 = (F.l1_loss(pred, target, reduction="none").mean(-1) * mask).sum() / denom
+    iou, giou = box_iou_giou_3d(pred, target)
+    giou_loss = ((1.0 - giou) * mask).sum() / denom
+    return {"box_l1": l1, "box_giou": giou_loss, "box_iou": ((iou * mask).sum() / denom).detach()}
+
+
+def ehr_bce(logits: Tensor, targets: Tensor, pos_weight: float | None = None) -> Tensor:
+    """Multi-label BCE for EHR codes: ``logits (B, K)``, multi-hot ``targets (B, K)`` -> scalar.
+
+    ``pos_weight`` (> 1) up-weights the rare positive labels, as Merlin's phecode head does.
+    """
+    pw = None if pos_weight is None else torch.full((logits.shape[-1],), float(pos_weight), device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pw)
+
+
+def clip_infonce(vol_embed: Tensor, text_embed: Tensor, logit_scale: Tensor | float = 1 / 0.07) -> Tensor:
+    """Symmetric CLIP InfoNCE over a batch of paired embeddings ``(B, D), (B, D)`` -> scalar.
+
+    Pair ``i`` is the positive of row/column ``i``; all other batch items are the
+    negatives, so the loss needs a batch of at least 2 to mean anything.
+    ``logit_scale`` is the inverse temperature (CLIP learns it; a float fixes it).
+    """
+    v = F.normalize(vol_embed.float(), dim=-1)
+    t = F.normalize(text_embed.float(), dim=-1)
+    logits = logit_scale * (v @ t.T)
+    labels = torch.arange(v.shape[0], device=v.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def lm_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token cross-entropy averaged over the labelled (answer) tokens.
+
+    ``logits (B, T, V)`` at position ``t`` predict ``labels (B, T)`` at ``t + 1``;
+    ``ignore_index`` marks prompt, volume and padding tokens. A batch without any
+    labelled token (e.g. only EHR samples) gives 0 instead of HF's NaN.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum")
+    return total / (shift_labels != ignore_index).sum().clamp(min=1)

@@ -1,0 +1,159 @@
+"""From a :class:`TrainConfig` to a finished run directory: the glue behind ``vol3d train/finetune``.
+
+Builds the datasets from the cache, the model (from scratch, from ``init``'s
+``model/``, or from the run's own ``model/`` when resuming), the objective, and
+calls :func:`vol3d.train.loop.fit`. Run directory layout: docs/formats.md section 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preprocess.config_io import dump_yaml, load_yaml
+from preprocess.errors import ConfigError, InputError
+from vol3d.train import distributed as ddp
+from vol3d.train.config import TrainConfig
+from vol3d.train.loop import FitResult, fit
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+
+
+def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """``RUN/config.yaml`` as a :class:`TrainConfig` (``overrides``: dotted keys, e.g. from flags)."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a vol3d run directory: {CONFIG_NAME} is missing")
+    return load_yaml(TrainConfig, path, overrides)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to write into a non-empty run dir unless resuming it (nothing is ever overwritten silently)."""
+    from vol3d.train.checkpoint import latest_checkpoint
+
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise InputError(f"cannot resume {run_dir}: it has no checkpoints/step_N; start a new run instead")
+        return
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise InputError(
+            f"run directory {run_dir} is not empty; continue it with `--resume {run_dir}`, "
+            "or pass a new --run-dir"
+        )
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
+    """Training and (possibly empty) validation :class:`~vol3d.data.cache.CacheDataset` of the cache."""
+    from vol3d.data.cache import CacheDataset
+
+    if not cfg.data.cache_dir:
+        raise ConfigError("data.cache_dir is not set; pass --data.cache-dir CACHE (made by `vol3d preprocess`)")
+    shape = cfg.model.input_shape
+    train = CacheDataset(cfg.data.cache_dir, split=cfg.data.train_split, mode="volume", input_size=shape)
+    if len(train) == 0:
+        raise InputError(f"{cfg.data.cache_dir}: no ok case in split {cfg.data.train_split!r}; "
+                         "check the manifest's split column or pass --data.train-split")
+    val = None
+    if cfg.data.val_split:
+        val = CacheDataset(cfg.data.cache_dir, split=cfg.data.val_split, mode="volume", input_size=shape)
+        if cfg.data.max_val_cases and len(val) > cfg.data.max_val_cases:
+            val = torch.utils.data.Subset(val, range(cfg.data.max_val_cases))
+    return train, val
+
+
+def _case_codes(dataset: Any) -> list[list[str]]:
+    """EHR codes of every case, read from the HDF5 attributes only (no volumes)."""
+    from preprocess.store import CaseReader
+
+    out = []
+    for row in dataset.rows:
+        with CaseReader(Path(dataset.cache_dir) / row["h5"], row.get("key")) as r:
+            out.append([str(c) for c in r.attrs.get("codes", [])])
+    return out
+
+
+def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainConfig]:
+    """The model to train and the config updated with what was resolved from the data.
+
+    Resuming rebuilds the run's own ``model/`` (its weights are then replaced by the
+    checkpoint's); ``init`` starts from another run's ``model/`` (its architecture
+    wins over ``cfg.model``); otherwise the model is built from ``cfg.model``: a
+    tokenizer trained on the cache's texts for a config-built LM, and the EHR codes
+    of the training split when ``loss.ehr > 0`` and ``model.ehr_codes`` is empty.
+    """
+    from vol3d.models import Vol3DModel, build_tokenizer
+    from vol3d.tasks import CodeVocab, corpus_texts
+
+    run_dir = Path(cfg.run_dir)
+    if resume or cfg.init:
+        src = run_dir if resume else Path(cfg.init)
+        if not (src / "model").is_dir():
+            raise InputError(f"{src} has no model/ directory; is it a finished or checkpointed vol3d run?")
+        model = Vol3DModel.from_pretrained(src / "model")
+        model.train()
+        return model, dataclasses.replace(cfg, model=model.config)
+    mcfg = cfg.model
+    if cfg.loss.ehr > 0 and not mcfg.ehr_codes:
+        vocab = CodeVocab.from_cases(_case_codes(train))
+        if len(vocab) == 0:
+            raise InputError(f"{cfg.data.cache_dir}: no case has EHR codes; set loss.ehr: 0 to train without them")
+        mcfg = dataclasses.replace(mcfg, ehr_codes=list(vocab.codes), num_ehr_codes=len(vocab))
+    tokenizer = None
+    if mcfg.lm_path is None:
+        cases = [train[i] for i in range(len(train))]
+        from vol3d.train.objectives import as_case
+
+        tokenizer = build_tokenizer(corpus_texts([as_case(c) for c in cases]))
+    torch.manual_seed(cfg.seed)
+    model = Vol3DModel(mcfg, tokenizer=tokenizer)
+    return model, dataclasses.replace(cfg, model=mcfg)
+
+
+def check_heads(cfg: TrainConfig) -> None:
+    """Every loss term with a weight needs the model head that feeds it."""
+    m, w = cfg.model, cfg.loss
+    need = [("loss.ehr", w.ehr > 0, m.num_ehr_codes > 0, "model.ehr_codes (or num_ehr_codes)"),
+            ("loss.box_l1/box_giou", w.box_l1 > 0 or w.box_giou > 0, m.box_head, "model.box_head: true"),
+            ("loss.contrastive", w.contrastive > 0, m.contrastive, "model.contrastive: true")]
+    for name, wanted, present, fix in need:
+        if wanted and not present:
+            raise ConfigError(f"{name} > 0 but the model has no such head; set {fix} or the weight to 0")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
+    """Run (or resume) training as configured; returns the final step and metrics."""
+    from vol3d.tasks import CodeVocab
+    from vol3d.train.objectives import VLMObjective
+
+    if cfg.task == "seg":
+        raise ConfigError("task seg is trained by `vol3d finetune --task seg`")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is not set; pass --run-dir RUN")
+    run_dir = Path(cfg.run_dir)
+    info = ddp.setup(cfg.device)
+    check_run_dir(run_dir, resume)
+    ddp.barrier(info)  # every rank has checked before rank 0 creates anything
+
+    train_ds, val_ds = build_datasets(cfg)
+    model, cfg = build_model(cfg, train_ds, resume)
+    check_heads(cfg)
+    channels = int(train_ds[0]["image"].shape[0])
+    if channels != cfg.model.in_chans:
+        raise ConfigError(f"the cache's volumes have {channels} channel(s) but model.in_chans is "
+                          f"{cfg.model.in_chans}; set --model.in-chans {channels}")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / CONFIG_NAME)
+    codes = CodeVocab(cfg.model.ehr_codes) if cfg.model.ehr_codes and cfg.loss.ehr > 0 else None
+    objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, cfg.data.augment,
+                             cfg.data.max_length, cfg.data.batch_size)
+    log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
+             run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
+             model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)
+    return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
