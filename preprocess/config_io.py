@@ -70,7 +70,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
         inner = args[0] if args else Any
         return [_coerce(v, inner, where) for v in value]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if isinstance(value, str):  # from the command line: an inline YAML mapping, e.g. '{depth: 4}'
             try:
                 value = yaml.safe_load(value)

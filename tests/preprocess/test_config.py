@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -91,29 +92,30 @@ def test_derived_chunk_fits_patch_and_array():
     assert derive_chunk((512, 512, 512), (64, 64, 32), chunk=(16, 16, 16)) == (16, 16, 16)
 
 
+
+@dataclasses.dataclass
+class _Inner:
+    depth: int = 2  # a nested field
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Outer:
+    lr: float = 1e-3
+    sizes: tuple[int, ...] = (1, 2)
+    flag: bool = False
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
 def test_flags_map_one_to_one_onto_fields_including_nested_and_dicts():
     import argparse
-    import dataclasses
 
     from preprocess.config_io import add_dataclass_args, build_config
 
-    @dataclasses.dataclass
-    class Inner:
-        depth: int = 2  # a nested field
-        params: dict = dataclasses.field(default_factory=dict)
-
-    @dataclasses.dataclass
-    class Outer:
-        lr: float = 1e-3
-        sizes: tuple[int, ...] = (1, 2)
-        flag: bool = False
-        inner: Inner = dataclasses.field(default_factory=Inner)
-
     parser = argparse.ArgumentParser()
-    add_dataclass_args(parser, Outer)
-    args = parser.parse_args(["--lr", "0.5", "--sizes", "3", "4", "--flag", "--inner.depth", "7",
-                              "--inner.params", "{heads: 4, name: x}"])
-    cfg = build_config(Outer, None, args)
-    assert cfg == Outer(lr=0.5, sizes=(3, 4), flag=True, inner=Inner(depth=7, params={"heads": 4, "name": "x"}))
+    add_dataclass_args(parser, _Outer)
+    argv = ["--lr", "0.5", "--sizes", "3", "4", "--flag", "--inner.depth", "7", "--inner.params", "{heads: 4, name: x}"]
+    cfg = build_config(_Outer, None, parser.parse_args(argv))
+    assert cfg == _Outer(lr=0.5, sizes=(3, 4), flag=True, inner=_Inner(depth=7, params={"heads": 4, "name": "x"}))
     # untouched flags keep the dataclass defaults
-    assert build_config(Outer, None, parser.parse_args([])) == Outer()
+    assert build_config(_Outer, None, parser.parse_args([])) == _Outer()
