@@ -1,0 +1,226 @@
+"""The vision-language model on a tiny Llama: training, generation, saving, freezing, LoRA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from preprocess.errors import ConfigError, InputError
+from vol3d.models import Vol3DConfig, Vol3DModel, Vol3DProcessor, build_tokenizer
+
+TEXTS = [
+    "Findings: a hypodense liver lesion <box>[120,340,88,260,470,140]</box>.",
+    "Findings: no acute abnormality. The lungs are clear.",
+    "Impression: splenomegaly. Kidney cyst on the left.",
+]
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS * 4, vocab_size=400)
+
+
+def _config(**kw) -> Vol3DConfig:
+    base = dict(encoder="vit3d_tiny", input_shape=(32, 32, 16), reducer="pool",
+                reducer_params={"out_grid": [2, 2, 2]}, lm_config=TINY_LLAMA)
+    return Vol3DConfig(**{**base, **kw})
+
+
+def _model(tokenizer, **kw) -> Vol3DModel:
+    torch.manual_seed(0)
+    return Vol3DModel(_config(**kw), tokenizer=tokenizer)
+
+
+def _batch(model: Vol3DModel):
+    torch.manual_seed(1)
+    volume = torch.rand(2, 1, 32, 32, 16)
+    # the second prompt has no <vol>: the processor puts it first
+    batch = model.processor(["<vol> Where is the lesion?", "Findings:"], ["liver lesion <box>[1,2,3,4,5,6]</box>", "normal"])
+    return volume, batch
+
+
+def test_forward_outputs_and_heads(tokenizer):
+    model = _model(tokenizer, num_ehr_codes=7, box_head=True)
+    volume, batch = _batch(model)
+    out = model(volume, **batch)
+    assert model.num_vol_tokens == 8
+    assert out["logits"].shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert out["vol_pooled"].shape == (2, model.encoder.embed_dim)
+    assert out["ehr_logits"].shape == (2, 7)
+    box = out["box_pred"]
+    assert box.shape == (2, 6) and (box >= 0).all() and (box <= 1).all() and (box[:, :3] <= box[:, 3:]).all()
+    assert out["positions"].shape == (2, 8, 3)
+    (out["loss"] + out["ehr_logits"].sigmoid().mean() + out["box_pred"].mean()).backward()
+    for part in (model.encoder, model.projector, model.lm, model.ehr_head, model.box_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def _fit(model: Vol3DModel, steps: int) -> list[float]:
+    volume, batch = _batch(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(volume, **batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_loss_decreases_and_generate_returns_strings(tokenizer):
+    model = _model(tokenizer)
+    losses = _fit(model, 8)
+    assert losses[-1] < 0.7 * losses[0]
+    volume, _ = _batch(model)
+    answers = model.generate(volume, ["<vol> Where is the lesion?", "Findings:"], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # the usual HF controls pass through
+    sampled = model.generate(volume[:1], ["Findings:"], max_new_tokens=3, do_sample=True, top_k=5, temperature=0.7)
+    assert len(sampled) == 1 and isinstance(sampled[0], str)
+
+
+@pytest.mark.slow
+def test_generation_learns_each_answer(tokenizer):
+    model = _model(tokenizer)
+    losses = _fit(model, 40)
+    assert losses[-1] < 0.2 * losses[0]
+    volume, _ = _batch(model)
+    answers = model.generate(volume, ["<vol> Where is the lesion?", "Findings:"], max_new_tokens=20)
+    # each volume/prompt gets its own answer back, and <box> tokens survive decoding
+    assert answers[1] == "normal"
+    assert answers[0].startswith("liver lesion <box>[") and answers[0].endswith("]</box>")
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tokenizer):
+    model = _model(tokenizer)
+    volume, _ = _batch(model)
+    wrong = Vol3DProcessor(tokenizer, num_vol_tokens=5)(["<vol> Where?", "Findings:"])
+    with pytest.raises(InputError, match=r"gives 8 tokens.*5 in sample 0"):
+        model(volume, **wrong)
+
+
+def test_save_load_round_trip_identical_logits(tokenizer, tmp_path):
+    model = _model(tokenizer, num_ehr_codes=3, ehr_codes=["A", "B", "C"], box_head=True).eval()
+    volume, batch = _batch(model)
+    with torch.no_grad():
+        before = model(volume, **batch)
+    model.save_pretrained(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"model.safetensors", "vol3d_config.json", "lm"}
+    assert not list((tmp_path / "run").rglob("*.bin")) and not list((tmp_path / "run").rglob("*.pt*"))
+    loaded = Vol3DModel.from_pretrained(tmp_path / "run")
+    assert loaded.config == model.config and len(loaded.tokenizer) == len(tokenizer)
+    with torch.no_grad():
+        after = loaded(volume, **batch)
+    for key in ("logits", "ehr_logits", "box_pred"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    with pytest.raises(InputError, match="not a saved vol3d model"):
+        Vol3DModel.from_pretrained(tmp_path)
+
+
+def test_tied_embeddings_survive_save_load(tokenizer, tmp_path):
+    qwen = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
+    model = _model(tokenizer, lm_config=qwen).eval()
+    volume, batch = _batch(model)
+    model.save_pretrained(tmp_path)
+    loaded = Vol3DModel.from_pretrained(tmp_path)
+    lm = loaded._base_lm()
+    assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(volume, **batch)["logits"], model(volume, **batch)["logits"])
+
+
+def test_freeze_flags(tokenizer):
+    model = _model(tokenizer, freeze_encoder=True, freeze_lm=True)
+    model.train()
+    assert not model.encoder.training  # frozen encoder keeps its normalisation statistics
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert not any(p.requires_grad for p in model.lm.parameters())
+    volume, batch = _batch(model)
+    model(volume, **batch)["loss"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_lora_trains_only_adapters_and_round_trips(tokenizer, tmp_path):
+    model = _model(tokenizer, lora=True, lora_r=4, lora_alpha=8)
+    lm_trainable = [n for n, p in model.lm.named_parameters() if p.requires_grad]
+    assert lm_trainable and all("lora_" in n for n in lm_trainable)
+    volume, batch = _batch(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # move the adapters away from their zero init
+        opt.zero_grad()
+        model(volume, **batch)["loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ref = model(volume, **batch)["logits"]
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(Vol3DModel.from_pretrained(tmp_path / "adapter")(volume, **batch)["logits"], ref)
+        model.merge_lora()
+        assert not model.config.lora
+        torch.testing.assert_close(model(volume, **batch)["logits"], ref, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "merged")
+    merged = Vol3DModel.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_lm_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    grads = []
+    for ckpt in (False, True):
+        model = _model(tokenizer, grad_checkpointing_lm=ckpt, grad_checkpointing_encoder=ckpt)
+        volume, batch = _batch(model)
+        model(volume, **batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_local_lm_checkpoint_directory(tokenizer, tmp_path):
+    """lm_path: a real HF checkpoint dir (here a tiny one written locally) without vol3d's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plain = build_tokenizer(TEXTS, vocab_size=300)
+    ckpt = tmp_path / "my-llm"
+    params = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(plain), **params)).save_pretrained(ckpt)
+    plain.save_pretrained(ckpt)
+    model = Vol3DModel(_config(lm_config=None, lm_path=str(ckpt)))
+    assert model.lm.get_input_embeddings().num_embeddings >= len(model.tokenizer)
+    volume, batch = _batch(model)
+    assert torch.isfinite(model(volume, **batch)["loss"])
+    with pytest.raises(InputError, match="no config.json"):
+        Vol3DModel(_config(lm_config=None, lm_path=str(tmp_path / "missing")))
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="exactly one"):
+        Vol3DConfig()
+    with pytest.raises(ConfigError, match="ehr_codes"):
+        _config(num_ehr_codes=3, ehr_codes=["a"])
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        _config(encoder="vit9")
+    cfg = _config(ehr_codes=["a", "b"])
+    assert cfg.num_ehr_codes == 2
+    assert Vol3DConfig.from_dict(cfg.to_dict()) == cfg
+    assert dataclasses.fields(cfg)[0].metadata["help"]
+
+
+def test_contrastive_embeddings_with_packaged_minilm(tokenizer, tmp_path):
+    model = _model(tokenizer, contrastive=True, contrastive_dim=32).eval()
+    volume, batch = _batch(model)
+    with torch.no_grad():
+        out = model(volume, **batch, texts=["liver lesion", "normal chest"])
+    for key in ("vol_embed", "text_embed"):
+        assert out[key].shape == (2, 32)
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(2))
+    assert not any(p.requires_grad for p in model.text_tower.parameters())
+    model.save_pretrained(tmp_path)
+    loaded = Vol3DModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(["liver lesion"]), model.encode_text(["liver lesion"]))
