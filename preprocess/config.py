@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
-from preprocess.config_io import to_dict
-from preprocess.errors import ConfigError
+from preprocess.config_io import from_dict, load_yaml, to_dict
+from preprocess.errors import ConfigError, InputError
 from preprocess.ingest.config import IngestConfig
 
 #: Codecs accepted by ``compression`` (lz4/zstd go through hdf5plugin's Blosc filter).
@@ -131,3 +132,25 @@ def derive_chunk(
             a = c.index(max(c))
             c[a] = (c[a] + 1) // 2
     return tuple(max(1, min(int(ci), int(n))) for ci, n in zip(c, shape[-3:], strict=True))  # type: ignore[return-value]
+
+
+def read_config(path: str | Path) -> PreprocessConfig:
+    """A :class:`PreprocessConfig` from a YAML preset, a ``preprocess.json`` or a cache's ``params.json``."""
+    path = Path(path)
+    if path.is_dir() and (path / "params.json").is_file():  # a cache directory
+        path = path / "params.json"
+    if not path.is_file():
+        raise InputError(f"preprocessing config {path} not found; pass a configs/preprocess/*.yaml preset, "
+                         "a cache's params.json or the cache directory")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return load_yaml(PreprocessConfig, path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a readable JSON file ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):  # a cache's params.json
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise InputError(f"{path} does not hold a preprocessing config (a JSON mapping of PreprocessConfig fields)")
+    # the id key is a secret never written anywhere; the worker count does not change the output
+    return from_dict(PreprocessConfig, {**data, "id_key": None, "workers": 0}, where=str(path))

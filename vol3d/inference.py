@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from preprocess import geometry
-from preprocess.config import PreprocessConfig
+from preprocess.config import PreprocessConfig, read_config
 from preprocess.errors import ConfigError, InputError
 from preprocess.types import Candidate, Image, SeriesError
 
@@ -223,28 +223,7 @@ def boxes_from_text(text: str, inp: ModelInput) -> tuple[list[AnswerBox], int]:
 # ----------------------------------------------------------------------------- preprocessing config
 
 
-def read_preprocess_config(path: str | Path) -> PreprocessConfig:
-    """A :class:`PreprocessConfig` from a YAML preset, a ``preprocess.json`` or a cache's ``params.json``."""
-    from preprocess.config_io import from_dict, load_yaml
-
-    path = Path(path)
-    if path.is_dir() and (path / "params.json").is_file():  # a cache directory
-        path = path / "params.json"
-    if not path.is_file():
-        raise InputError(f"preprocessing config {path} not found; pass a configs/preprocess/*.yaml preset, "
-                         "a cache's params.json or the cache directory")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        return load_yaml(PreprocessConfig, path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not a readable JSON file ({exc})") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):  # a cache's params.json
-        data = data["config"]
-    if not isinstance(data, dict):
-        raise InputError(f"{path} does not hold a preprocessing config (a JSON mapping of PreprocessConfig fields)")
-    # the id key is a secret never written anywhere; the worker count does not change the output
-    return from_dict(PreprocessConfig, {**data, "id_key": None, "workers": 0}, where=str(path))
+read_preprocess_config = read_config  # the one reader lives in preprocess.config
 
 
 def _cache_of_run(run_dir: Path) -> Path | None:

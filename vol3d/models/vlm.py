@@ -36,6 +36,7 @@ from vol3d.models.registry import create_encoder, list_encoders
 from vol3d.models.tokenizer import VOL_TOKEN, add_vol3d_tokens, load_tokenizer
 
 CONFIG_NAME = "vol3d_config.json"
+PREPROCESS_NAME = "preprocess.json"  # see preprocess.config.read_config
 WEIGHTS_NAME = "model.safetensors"
 LM_DIR = "lm"
 
@@ -140,6 +141,9 @@ class Vol3DModel(nn.Module):
             tokenizer = load_tokenizer(config.lm_path)
         add_vol3d_tokens(tokenizer)
         self.tokenizer = tokenizer
+        # The preprocessing config (PreprocessConfig as a dict) the training volumes were made
+        # with, saved beside the weights so a model dir alone can prepare new images.
+        self.preprocess: dict | None = None
         self.vol_token_id = int(tokenizer.convert_tokens_to_ids(VOL_TOKEN))
 
         self.encoder = create_encoder(config.encoder, in_chans=config.in_chans, **config.encoder_overrides)
@@ -407,6 +411,8 @@ class Vol3DModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         self._base_lm().config.save_pretrained(str(directory / LM_DIR))
         self.tokenizer.save_pretrained(str(directory / LM_DIR))
+        if self.preprocess is not None:
+            (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess, indent=2))
         return directory
 
     @classmethod
@@ -435,6 +441,8 @@ class Vol3DModel(nn.Module):
             raise InputError(f"{directory / WEIGHTS_NAME} does not match its config (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}); it was saved by a different model definition")
         model.load_state_dict(state, strict=False)
+        if (directory / PREPROCESS_NAME).is_file():
+            model.preprocess = json.loads((directory / PREPROCESS_NAME).read_text())
         if device is not None:
             model.to(device)
         return model.eval()

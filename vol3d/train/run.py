@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from preprocess.config_io import dump_yaml, load_yaml
+from preprocess.config import read_config
+from preprocess.config_io import dump_yaml, load_yaml, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.train import distributed as ddp
 from vol3d.train.config import TrainConfig
@@ -142,6 +143,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
 
     train_ds, val_ds = build_datasets(cfg)
     model, cfg = build_model(cfg, train_ds, resume)
+    # The run dir alone must be enough to prepare new images exactly as the training ones.
+    model.preprocess = to_dict(dataclasses.replace(read_config(cfg.data.cache_dir), id_key=None, workers=0))
     check_heads(cfg)
     channels = int(train_ds[0]["image"].shape[0])
     if channels != cfg.model.in_chans:

@@ -93,3 +93,7 @@ def test_end_to_end_on_a_synthetic_cache(tmp_path):
     for r in (run, ft):
         model = Vol3DModel.from_pretrained(r / "model")
         assert model.config.box_head and model.config.ehr_codes  # heads and the code vocabulary travel with it
+        # ... and so does the preprocessing, so a run dir alone prepares new images like the training ones
+        from preprocess.config import read_config
+
+        assert read_config(r / "model" / "preprocess.json").params_hash() == read_config(cache).params_hash()
