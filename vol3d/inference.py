@@ -534,7 +534,8 @@ def load(run_dir: str | Path, device: str | None = None,
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise InputError(f"run directory {run_dir} does not exist; pass the --run-dir of a `vol3d train` run")
+        raise InputError(f"run directory {run_dir} does not exist; "
+                         "pass the RUN directory that `vol3d train --run-dir RUN` wrote")
     model_dir = run_dir if (run_dir / "vol3d_config.json").is_file() else run_dir / "model"
     if model_dir == run_dir and run_dir.name == "model":
         run_dir = run_dir.parent

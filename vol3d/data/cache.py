@@ -223,13 +223,26 @@ class CacheDataset(Dataset):
 
     # -- items
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._item(index, pixels=True)
+
+    def item_without_pixels(self, index: int) -> dict[str, Any]:
+        """Item ``index`` with everything but the voxels: ``image`` and ``label`` are zero-memory
+        all-zero placeholders of the right shapes. For text-side work (tokenizer corpora,
+        question building) over many cases without reading volumes; no ``transform``."""
+        return self._item(index, pixels=False)
+
+    def _item(self, index: int, pixels: bool) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
         ci, origin, size = self._window(index)
         row = self.rows[ci]
         r = self._reader(ci)
-        image = r.image(origin, size)
-        label = r.label(origin, size)
+        if pixels:
+            image = r.image(origin, size)
+            label = r.label(origin, size)
+        else:
+            image = np.broadcast_to(np.zeros((), np.float32), (r.group["image"].shape[0], *size))
+            label = None
         boxes = r.boxes()
         vox = geometry.as_boxes(boxes["vox"]) - np.tile(origin, 2)
         clipped, frac = geometry.clip_boxes(vox, size)
@@ -239,7 +252,9 @@ class CacheDataset(Dataset):
         findings, impression = a.get("report_findings", ""), a.get("report_impression", "")
         sample: dict[str, Any] = {
             "id": str(row.get("id")),
-            "image": torch.from_numpy(image.astype(np.float32)),  # (C, X, Y, Z)
+            "image": torch.from_numpy(image.astype(np.float32))  # (C, X, Y, Z)
+            if pixels
+            else torch.zeros(()).expand(image.shape),
             "label": torch.from_numpy(label.astype(np.int64))
             if label is not None
             else torch.zeros(size, dtype=torch.int64),
@@ -261,6 +276,8 @@ class CacheDataset(Dataset):
             "codes": list(a.get("codes", [])),
             "modality": str(a.get("modality", row.get("modality", ""))),
         }
+        if not pixels:
+            return sample
         return self.transform(sample) if self.transform is not None else sample
 
 

@@ -70,13 +70,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
 
 def _case_codes(dataset: Any) -> list[list[str]]:
     """EHR codes of every case, read from the HDF5 attributes only (no volumes)."""
-    from preprocess.store import CaseReader
-
-    out = []
-    for row in dataset.rows:
-        with CaseReader(Path(dataset.cache_dir) / row["h5"], row.get("key")) as r:
-            out.append([str(c) for c in r.attrs.get("codes", [])])
-    return out
+    return [[str(c) for c in dataset.item_without_pixels(i)["codes"]] for i in range(len(dataset))]
 
 
 def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainConfig]:
@@ -107,10 +101,11 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         mcfg = dataclasses.replace(mcfg, ehr_codes=list(vocab.codes), num_ehr_codes=len(vocab))
     tokenizer = None
     if mcfg.lm_path is None:
-        cases = [train[i] for i in range(len(train))]
         from vol3d.train.objectives import as_case
 
-        tokenizer = build_tokenizer(corpus_texts([as_case(c) for c in cases]))
+        # texts, boxes and codes only: a big cache must not be read into memory for this
+        cases = [as_case(train.item_without_pixels(i)) for i in range(len(train))]
+        tokenizer = build_tokenizer(corpus_texts(cases))
     torch.manual_seed(cfg.seed)
     model = Vol3DModel(mcfg, tokenizer=tokenizer)
     return model, dataclasses.replace(cfg, model=mcfg)

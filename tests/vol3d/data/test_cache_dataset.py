@@ -151,3 +151,16 @@ def test_dataloader_with_two_workers_gives_the_same_batches(cache):
 def test_missing_manifest_is_a_clear_input_error(tmp_path):
     with pytest.raises(InputError, match="manifest.jsonl not found"):
         CacheDataset(tmp_path)
+
+
+def test_item_without_pixels_matches_the_item_except_voxels(cache):
+    ds = CacheDataset(cache, mode="volume", input_size=(12, 10, 8))
+    for i in range(len(ds)):
+        full, meta = ds[i], ds.item_without_pixels(i)
+        assert set(full) == set(meta)
+        assert meta["image"].shape == full["image"].shape and not meta["image"].any()
+        assert meta["image"].untyped_storage().nbytes() <= 4  # a zero-stride view, nothing read
+        for key in full:
+            if key not in ("image", "label", "has_label"):
+                a, b = full[key], meta[key]
+                assert (a == b).all() if isinstance(a, torch.Tensor) else a == b, key
