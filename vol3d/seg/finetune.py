@@ -1,0 +1,182 @@
+"""``vol3d finetune --task seg``: from a :class:`SegConfig` to a finished segmentation run.
+
+Builds label-balanced patch datasets from the cache, the :class:`SegModel`
+(encoder from ``--init RUN`` or from scratch), the :class:`SegObjective`, and runs
+the one training loop, :func:`vol3d.train.loop.fit`. The run directory is laid out
+as every vol3d run (docs/formats.md section 4); ``model/`` also holds the cache's
+preprocessing config so that ``vol3d predict RUN`` prepares new images the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from preprocess.config_io import add_dataclass_args, build_config, load_yaml, overrides_from_args
+from preprocess.errors import ConfigError, InputError
+from vol3d.seg.config import SegConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+
+
+def add_seg_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the :class:`SegConfig` flags that ``parser`` does not have yet (``--model.tune``,
+    ``--data.patch-size`` ...), plus ``--config`` and ``--resume`` when missing.
+
+    ``vol3d finetune`` registers the shared :class:`~vol3d.train.config.TrainConfig` flags
+    first; fields with the same dotted name (``--max-steps``, ``--optim.lr``, ``--data.cache-dir``)
+    mean the same thing in both configs, so they are kept and only seg-specific flags are added.
+    """
+    scratch = argparse.ArgumentParser(add_help=False)
+    if "--config" not in parser._option_string_actions:
+        scratch.add_argument("--config", type=Path, help="YAML preset (e.g. configs/finetune/seg_vit_tiny.yaml)")
+    if "--resume" not in parser._option_string_actions:
+        scratch.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its newest checkpoint")
+    add_dataclass_args(scratch, SegConfig)
+    group = parser.add_argument_group("segmentation (--task seg)")
+    for action in scratch._actions:
+        if not any(opt in parser._option_string_actions for opt in action.option_strings):
+            group._add_action(action)  # as argparse's own `parents=` does
+
+
+def load_config(args: argparse.Namespace) -> SegConfig:
+    """The SegConfig of a new run (``--config`` + flags) or of the run being resumed."""
+    if getattr(args, "resume", None) is not None:
+        overrides = overrides_from_args(args)
+        overrides["run_dir"] = str(args.resume)
+        path = Path(args.resume) / CONFIG_NAME
+        if not path.is_file():
+            raise InputError(f"{args.resume} is not a vol3d run directory: {CONFIG_NAME} is missing")
+        return load_yaml(SegConfig, path, overrides)
+    return build_config(SegConfig, getattr(args, "config", None), args)
+
+
+def read_cache_preprocess(cache_dir: str | Path) -> dict[str, Any]:
+    """The preprocessing config a cache was made with (``params.json``), secrets left out."""
+    path = Path(cache_dir) / "params.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found; data.cache_dir must be a cache made by `vol3d preprocess`")
+    config = dict(json.loads(path.read_text()).get("config") or {})
+    if not config:
+        raise InputError(f"{path} has no 'config' entry; rebuild the cache with this version of vol3d preprocess")
+    config["id_key"] = None  # never carried into a run; predict reads VOL3D_ID_KEY
+    return config
+
+
+def build_datasets(cfg: SegConfig) -> tuple[Any, Any]:
+    """Label-balanced training patches and whole validation volumes of the cache."""
+    import torch
+
+    from vol3d.data.cache import CacheDataset, read_manifest
+
+    d = cfg.data
+    rows = [r for r in read_manifest(d.cache_dir, d.train_split) if r.get("has_label", True)]
+    if not rows:
+        raise InputError(f"{d.cache_dir}: no ok case with a label in split {d.train_split!r}; preprocess with "
+                         "`--labels DIR` (label maps named <key>.nii.gz) or pass --data.train-split")
+    per_volume = d.samples_per_volume or math.ceil(cfg.max_steps * cfg.grad_accum * d.batch_size / len(rows))
+    train = CacheDataset(d.cache_dir, split=d.train_split, mode="patch", patch_size=cfg.model.patch_size,
+                         sampler="label", samples_per_volume=max(1, per_volume),
+                         label_probability=d.label_probability, seed=cfg.seed)
+    train.rows = [r for r in train.rows if r.get("has_label", True)]
+    val = None
+    if d.val_split:
+        try:
+            val = CacheDataset(d.cache_dir, split=d.val_split, mode="volume")
+        except InputError:
+            val = None
+        if val is not None:
+            val.rows = [r for r in val.rows if r.get("has_label", True)]
+            if d.max_val_cases and len(val.rows) > d.max_val_cases:
+                val = torch.utils.data.Subset(val, range(d.max_val_cases))
+            if len(val) == 0:
+                log.warning("no labelled case in split %r: validation is skipped", d.val_split)
+                val = None
+    return train, val
+
+
+def build_model(cfg: SegConfig, preprocess: dict[str, Any]) -> tuple[Any, SegConfig]:
+    """The model and the config updated with the ``--init`` run's encoder architecture."""
+    import torch
+
+    from vol3d.seg.model import SegModel, load_init_encoder
+
+    state = None
+    if cfg.init:
+        arch, state = load_init_encoder(cfg.init)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **arch))
+        log.info("encoder %s initialised from %s (%d tensors)", arch["encoder"], cfg.init, len(state))
+    torch.manual_seed(cfg.seed)
+    return SegModel(cfg.model, encoder_state=state, preprocess=preprocess), cfg
+
+
+def finetune(cfg: SegConfig, resume: bool = False) -> Any:
+    """Run (or resume) a segmentation fine-tune; returns the loop's :class:`~vol3d.train.loop.FitResult`."""
+    from preprocess.config_io import dump_yaml
+    from vol3d.seg.model import SegModel
+    from vol3d.seg.objective import SegObjective
+    from vol3d.train import distributed as ddp
+    from vol3d.train.loop import fit
+    from vol3d.train.run import check_run_dir
+
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is not set; pass --run-dir RUN")
+    if not cfg.data.cache_dir:
+        raise ConfigError("data.cache_dir is not set; pass --data.cache-dir CACHE (made by `vol3d preprocess --labels`)")
+    if cfg.init and Path(cfg.init).resolve() == Path(cfg.run_dir).resolve():
+        raise ConfigError("--run-dir must differ from --init: fine-tuning writes a new run")
+    run_dir = Path(cfg.run_dir)
+    info = ddp.setup(cfg.device)
+    check_run_dir(run_dir, resume)
+    ddp.barrier(info)
+
+    preprocess = read_cache_preprocess(cfg.data.cache_dir)
+    train_ds, val_ds = build_datasets(cfg)
+    if resume:  # weights come from the checkpoint; the architecture from config.yaml
+        model = SegModel(cfg.model, preprocess=preprocess)
+    else:
+        model, cfg = build_model(cfg, preprocess)
+    channels = int(train_ds[0]["image"].shape[0])
+    if channels != cfg.model.in_chans:
+        raise ConfigError(f"the cache's volumes have {channels} channel(s) but the encoder takes "
+                          f"{cfg.model.in_chans}; set --model.in-chans {channels} (or init from a matching run)")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / CONFIG_NAME)
+    objective = SegObjective(cfg.model.class_names, cfg.model.patch_size, cfg.loss, cfg.infer)
+    log.info("seg fine-tune %s: %d labelled train cases (%d patches/pass), %d val, encoder %s (%s), "
+             "%.2fM trainable parameters", run_dir, len(train_ds.rows), len(train_ds),
+             len(val_ds) if val_ds is not None else 0, cfg.model.encoder, cfg.model.tune,
+             model.num_parameters(trainable_only=True) / 1e6)
+    return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``vol3d finetune --task seg`` (after :func:`add_seg_arguments`)."""
+    from vol3d.train import distributed as ddp
+    from vol3d.train.loop import TrainingInterrupted
+
+    cfg = load_config(args)
+    resume = getattr(args, "resume", None) is not None
+    try:
+        result = finetune(cfg, resume=resume)
+    except TrainingInterrupted as exc:
+        print(f"vol3d finetune: interrupted; step {exc.step} is saved in {exc.run_dir}/checkpoints/step_{exc.step}. "
+              f"Resume with: vol3d finetune --task seg --resume {exc.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        ddp.cleanup()
+    val = {k: v for k, v in result.val.items() if k in ("val/dice_mean", "val/hd95_mean")}
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in {**{k: v for k, v in result.train.items() if "loss" in k},
+                                                     **val}.items())
+    print(f"trained {cfg.run_dir} to step {result.step}: {summary}")
+    print(f"model: {cfg.run_dir}/model  (segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR)")
+    return 0
