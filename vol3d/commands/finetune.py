@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 from preprocess.errors import ConfigError
-from vol3d.commands import NotYetAvailable
 
 HELP = "fine-tune a run for one task (report, vqa, ground, ehr, seg)"
 DESCRIPTION = """Fine-tune from a run dir (--init RUN) on one task with the same training loop as
@@ -26,12 +24,8 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
 
     # --task and --init are TrainConfig fields, so they come with the shared flags.
     add_dataclass_args(parser, TrainConfig)
-    try:
-        from vol3d.seg.finetune import add_seg_arguments
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vol3d.seg", "vol3d.seg.finetune"):
-            raise
-        return
+    from vol3d.seg.finetune import add_seg_arguments
+
     add_seg_arguments(parser)  # the seg-only flags (same names mean the same in both configs)
 
 
@@ -62,24 +56,24 @@ def _finetune_config(args: argparse.Namespace):
     return cfg
 
 
+def _task_of(args: argparse.Namespace) -> str | None:
+    """``--task``, else the task named by the config file (``--resume RUN``'s or ``--config``'s)."""
+    task = getattr(args, "cfg:task", None)
+    path = Path(args.resume) / "config.yaml" if args.resume is not None else args.config
+    if task is None and path is not None and Path(path).is_file():
+        import yaml
+
+        task = (yaml.safe_load(Path(path).read_text()) or {}).get("task")
+    return task
+
+
 def run(args: argparse.Namespace) -> int:
     from vol3d.commands.train import run_training
 
-    task = getattr(args, "cfg:task", None)
-    if task is None and args.resume is not None:  # resuming: the run's own config says which task
-        import yaml
+    if _task_of(args) == "seg":
+        from vol3d.seg.finetune import run as run_seg
 
-        path = Path(args.resume) / "config.yaml"
-        task = (yaml.safe_load(path.read_text()) or {}).get("task") if path.is_file() else None
-    if task == "seg":
-        try:
-            seg = importlib.import_module("vol3d.seg.finetune")
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("vol3d.seg", "vol3d.seg.finetune"):
-                raise
-            raise NotYetAvailable("`vol3d finetune --task seg` is not yet available in this version "
-                                  "(the vol3d.seg module is not installed)") from None
-        return int(seg.run(args) or 0)
+        return int(run_seg(args) or 0)
     cfg = _finetune_config(args)
     if args.resume is None and cfg.run_dir and Path(cfg.run_dir).resolve() == Path(cfg.init).resolve():
         raise ConfigError("--run-dir must differ from --init: fine-tuning writes a new run")

@@ -50,13 +50,12 @@ def test_finetune_requires_init_and_a_finetune_task(tmp_path, capsys):
     assert "--task must be one of" in capsys.readouterr().err
 
 
-def test_finetune_seg_dispatches_or_says_not_available(tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("vol3d.seg") is not None:
-        pytest.skip("vol3d.seg is installed; its own tests cover `finetune --task seg`")
-    assert main(["finetune", "--task", "seg", "--init", str(tmp_path)]) == 2
-    assert "not yet available" in capsys.readouterr().err
+def test_finetune_takes_the_task_from_a_seg_preset(tmp_path, capsys):
+    """A seg preset without --task goes to the segmentation fine-tune (its own error, not TrainConfig's)."""
+    seg_preset = ROOT / "configs" / "finetune" / "seg_vit_tiny.yaml"
+    assert main(["finetune", "--config", str(seg_preset), "--run-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--data.cache-dir" in err and "unknown field" not in err
 
 
 def _vol3d(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
