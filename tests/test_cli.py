@@ -45,3 +45,27 @@ def test_parser_builds_all_subcommands():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_configs_behind_the_flags_are_torch_free():
+    """Train/seg flags are built from these dataclasses: importing them must not load torch."""
+    code = (
+        "import sys, vol3d.train.config, vol3d.seg.config, vol3d.models.config;"
+        "print(','.join(m for m in ('torch', 'transformers', 'monai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_train_help_lists_every_config_field(capsys):
+    import dataclasses
+
+    from vol3d.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        if not dataclasses.is_dataclass(f.type) and f.name != "model":
+            assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--model.encoder" in out and "--optim.lr" in out

@@ -30,11 +30,9 @@ def _finetune_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vol3d.commands.train import lazy_arguments
-
     parser.add_argument("--config", type=Path, help="YAML preset (configs/finetune/<task>.yaml)")
     parser.add_argument("--resume", type=Path, metavar="OUT", help="continue the fine-tune OUT from its newest checkpoint")
-    lazy_arguments(parser, _finetune_flags)
+    _finetune_flags(parser)
 
 
 def _finetune_config(args: argparse.Namespace):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 HELP = "train the vision-language model from a preprocessed cache"
 DESCRIPTION = """Train encoder -> token reducer -> projector -> causal LM on report generation,
@@ -17,30 +15,6 @@ Every TrainConfig field is a flag (`--max-steps 100`, `--optim.lr 1e-4`,
 `--model.encoder vit3d_base`); flags win over the --config file. Multi-GPU:
 `torchrun --nproc_per_node N -m vol3d.cli train ...`. Ctrl-C saves a checkpoint;
 continue with `vol3d train --resume RUN`. See docs/training.md."""
-
-
-def lazy_arguments(parser: argparse.ArgumentParser, add: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Run ``add(parser)`` only when this subcommand's parser is first used (to parse or show help).
-
-    The TrainConfig flags are generated from the model config, which lives with torch
-    code; deferring them keeps ``vol3d --help`` and every other command instant.
-    """
-    done = False
-
-    def ensure() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            add(parser)
-
-    for name in ("parse_known_args", "format_help", "format_usage"):
-        method = getattr(parser, name)
-
-        def deferred(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
-            ensure()
-            return _method(*args, **kwargs)
-
-        setattr(parser, name, deferred)
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML preset (e.g. configs/train/tiny_cpu.yaml)")
     parser.add_argument("--resume", type=Path, metavar="RUN",
                         help="continue RUN from its newest checkpoint (its config.yaml; flags still override)")
-    lazy_arguments(parser, _train_flags)
+    _train_flags(parser)
 
 
 def load_config(args: argparse.Namespace):

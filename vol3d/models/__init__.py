@@ -13,12 +13,35 @@ local LM checkpoint.
 
 from __future__ import annotations
 
-from vol3d.models.inflate import inflate_resnet_state_dict, load_inflated_resnet
-from vol3d.models.processor import IGNORE_INDEX, Vol3DProcessor
-from vol3d.models.reducers import TokenReducer, create_reducer, list_reducers
-from vol3d.models.registry import create_encoder, describe_encoders, list_encoders
-from vol3d.models.tokenizer import add_vol3d_tokens, build_tokenizer, load_tokenizer
-from vol3d.models.vlm import Vol3DConfig, Vol3DModel
+import importlib
+from typing import Any
+
+# Names re-exported lazily (PEP 562), so that importing the torch-free
+# ``vol3d.models.config`` does not pull torch in through this package.
+_EXPORTS = {
+    "inflate_resnet_state_dict": "inflate",
+    "load_inflated_resnet": "inflate",
+    "IGNORE_INDEX": "processor",
+    "Vol3DProcessor": "processor",
+    "TokenReducer": "reducers",
+    "create_reducer": "reducers",
+    "list_reducers": "reducers",
+    "create_encoder": "registry",
+    "describe_encoders": "registry",
+    "list_encoders": "registry",
+    "add_vol3d_tokens": "tokenizer",
+    "build_tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "Vol3DConfig": "config",
+    "Vol3DModel": "vlm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vol3d.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vol3d.models.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "IGNORE_INDEX",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from preprocess.errors import ConfigError
-from vol3d.models.vlm import Vol3DConfig
+from vol3d.models.config import Vol3DConfig
 from vol3d.tasks import AugmentConfig, TaskMix
 
 #: What a run optimises. ``pretrain`` samples the text tasks by ``data.tasks`` weights;

@@ -198,13 +198,15 @@ def test_local_lm_checkpoint_directory(tokenizer, tmp_path):
         Vol3DModel(_config(lm_config=None, lm_path=str(tmp_path / "missing")))
 
 
-def test_config_checks():
+def test_config_checks(tokenizer):
     with pytest.raises(ConfigError, match="exactly one"):
         Vol3DConfig()
     with pytest.raises(ConfigError, match="ehr_codes"):
         _config(num_ehr_codes=3, ehr_codes=["a"])
-    with pytest.raises(ConfigError, match="unknown encoder"):
-        _config(encoder="vit9")
+    with pytest.raises(ConfigError, match="unknown encoder 'vit9'; choose one of"):  # when the model is built
+        Vol3DModel(_config(encoder="vit9"), tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="unknown reducer"):
+        Vol3DModel(_config(reducer="squash"), tokenizer=tokenizer)
     cfg = _config(ehr_codes=["a", "b"])
     assert cfg.num_ehr_codes == 2
     assert Vol3DConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,82 @@
+"""The configuration of :class:`vol3d.models.vlm.Vol3DModel` (torch-free).
+
+The command line builds its flags from this dataclass, so importing it must stay
+instant: no torch, no transformers here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from preprocess.config_io import from_dict, to_dict
+from preprocess.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    """Dataclass field with a help text (shown by ``--help`` of commands built on the config)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Vol3DConfig:
+    """Everything needed to rebuild a :class:`Vol3DModel` (weights aside)."""
+
+    # --- vision
+    encoder: str = _f("vit3d_tiny", "encoder preset (see vol3d.models.list_encoders())")
+    encoder_overrides: dict[str, Any] = _f({}, "constructor arguments replacing the preset's, e.g. {depth: 6}")
+    in_chans: int = _f(1, "channels of the input volume (the cache's HU windows)")
+    input_shape: tuple[int, int, int] = _f((32, 32, 16), "model-input spatial shape (X, Y, Z) in voxels")
+    reducer: str = _f("pool", "token reducer: none | pool | perceiver | prune")
+    reducer_params: dict[str, Any] = _f({}, "reducer arguments, e.g. {out_grid: [8, 8, 4]} or {num_tokens: 256}")
+    projector_depth: int = _f(2, "linear layers in the projector to the LM width (1 = linear, 2 = LLaVA MLP)")
+    position_bands: int = _f(6, "Fourier bands of token positions added to the LM tokens (0 = none)")
+    # --- language model: exactly one of lm_path / lm_config
+    lm_path: str | None = _f(None, "local directory of a HF causal LM checkpoint (config, weights, tokenizer)")
+    lm_config: dict[str, Any] | None = _f(None, "HF config dict with model_type for a freshly initialised LM (tests/demo)")
+    lm_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the LM weights")
+    # --- what trains
+    freeze_encoder: bool = _f(False, "keep encoder weights (and batch-norm statistics) fixed")
+    freeze_lm: bool = _f(False, "keep every LM weight fixed (projector and heads still train)")
+    lora: bool = _f(False, "train LoRA adapters on the LM instead of its weights (peft)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA branch")
+    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        "LM module names to adapt (Llama/Qwen names; ['all-linear'] for all)")
+    grad_checkpointing_encoder: bool = _f(False, "recompute encoder blocks in backward (less memory)")
+    grad_checkpointing_lm: bool = _f(False, "recompute LM layers in backward (less memory)")
+    bf16: bool = _f(True, "bf16 autocast when running on CUDA (ignored on CPU)")
+    # --- heads
+    num_ehr_codes: int = _f(0, "EHR-code logits on pooled features (0 = no head)")
+    ehr_codes: list[str] = _f([], "names of the EHR codes, in logit order")
+    box_head: bool = _f(False, "regress one box (normalised input coordinates) from pooled features")
+    contrastive: bool = _f(False, "volume/report embeddings for contrastive alignment")
+    text_tower: str = _f("minilm", "text encoder for contrastive: 'minilm' (packaged) or a local HF dir")
+    contrastive_dim: int = _f(256, "width of the shared contrastive embedding")
+
+    def __post_init__(self) -> None:
+        if (self.lm_path is None) == (self.lm_config is None):
+            raise ConfigError("set exactly one of lm_path (a local LM checkpoint dir) or lm_config (a tiny HF config)")
+        if self.lm_config is not None and "model_type" not in self.lm_config:
+            raise ConfigError("lm_config needs a model_type, e.g. {model_type: llama, hidden_size: 64, ...}")
+        # Encoder and reducer names are checked when the model is built (create_encoder /
+        # create_reducer list the valid ones): their registries need torch, this module must not.
+        if self.ehr_codes and self.num_ehr_codes == 0:
+            self.num_ehr_codes = len(self.ehr_codes)
+        if self.ehr_codes and len(self.ehr_codes) != self.num_ehr_codes:
+            raise ConfigError(f"ehr_codes lists {len(self.ehr_codes)} codes but num_ehr_codes is {self.num_ehr_codes}")
+        if self.lora and self.freeze_lm:
+            raise ConfigError("lora already freezes the LM's own weights; set freeze_lm: false (adapters train)")
+        if self.projector_depth < 1:
+            raise ConfigError("projector_depth must be >= 1")
+        self.input_shape = tuple(int(v) for v in self.input_shape)  # type: ignore[assignment]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vol3DConfig:
+        return from_dict(cls, data, where="Vol3DConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
