@@ -139,9 +139,12 @@ def bleu4(pred_texts: Sequence[str], ref_texts: Sequence[str]) -> float:
 
 def rouge_l(pred_texts: Sequence[str], ref_texts: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (rouge-score, Porter stemming)."""
+    import logging
+
     from rouge_score import rouge_scorer
 
     _check_pairs(pred_texts, ref_texts)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score announces its default tokenizer at INFO
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(pred_texts, ref_texts, strict=True)]
     return float(np.mean(scores)) if scores else math.nan
