@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "train the vision-language model from a preprocessed cache"
 DESCRIPTION = """Train encoder -> token reducer -> projector -> causal LM on report generation,
@@ -44,25 +45,44 @@ def load_config(args: argparse.Namespace):
     return build_config(TrainConfig, args.config, args)
 
 
-def run_training(cfg, resume: bool, command: str) -> int:
-    """Train; on Ctrl-C report the saved checkpoint and how to resume (exit 130)."""
+def run_interruptible(fit_fn: Any, cfg: Any, resume: bool, resume_command: str) -> Any:
+    """``fit_fn(cfg, resume=resume)``; on Ctrl-C report the saved step and how to resume.
+
+    Returns the fit result, or None when interrupted (the caller exits 130). Shared by
+    `vol3d train`, `vol3d finetune` and `vol3d finetune --task seg`.
+    """
     from vol3d.train import distributed as ddp
     from vol3d.train.loop import TrainingInterrupted
-    from vol3d.train.run import train
 
     try:
-        result = train(cfg, resume=resume)
+        return fit_fn(cfg, resume=resume)
     except TrainingInterrupted as exc:
-        print(f"vol3d {command}: interrupted; step {exc.step} is saved in {exc.run_dir}/checkpoints/step_{exc.step}. "
-              f"Resume with: vol3d {command} --resume {exc.run_dir}", file=sys.stderr)
-        return 130
+        print(f"{resume_command.split(' --')[0]}: interrupted; step {exc.step} is saved in "
+              f"{exc.run_dir}/checkpoints/step_{exc.step}. Resume with: {resume_command} --resume {exc.run_dir}",
+              file=sys.stderr)
+        return None
     finally:
         ddp.cleanup()
+
+
+def print_result(cfg: Any, result: Any, next_step: str, keys: tuple[str, ...] = ()) -> None:
+    """One line of final losses (plus the validation ``keys``) and where the model is (rank 0 only)."""
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun, rank 0 reports
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in {**result.train, **result.val}.items() if "loss" in k)
-    print(f"trained {cfg.run_dir} to step {result.step}: {summary}")
-    print(f"model: {cfg.run_dir}/model  (reload with Vol3DModel.from_pretrained)")
+        return  # under torchrun, rank 0 reports
+    values = {k: v for k, v in result.train.items() if "loss" in k}
+    values |= {k: v for k, v in result.val.items() if "loss" in k or k in keys}
+    print(f"trained {cfg.run_dir} to step {result.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    print(f"model: {cfg.run_dir}/model  ({next_step})")
+
+
+def run_training(cfg: Any, resume: bool, command: str) -> int:
+    """Train a vision-language run (``command`` is ``train`` or ``finetune``); exit code."""
+    from vol3d.train.run import train
+
+    result = run_interruptible(train, cfg, resume, f"vol3d {command}")
+    if result is None:
+        return 130
+    print_result(cfg, result, "reload with Vol3DModel.from_pretrained")
     return 0
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from preprocess.config_io import add_dataclass_args, build_config, load_yaml, overrides_from_args
+from preprocess.config_io import add_dataclass_args, build_config, load_yaml, overrides_from_args, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.seg.config import SegConfig
 
@@ -60,15 +58,10 @@ def load_config(args: argparse.Namespace) -> SegConfig:
 
 
 def read_cache_preprocess(cache_dir: str | Path) -> dict[str, Any]:
-    """The preprocessing config a cache was made with (``params.json``), secrets left out."""
-    path = Path(cache_dir) / "params.json"
-    if not path.is_file():
-        raise InputError(f"{path} not found; data.cache_dir must be a cache made by `vol3d preprocess`")
-    config = dict(json.loads(path.read_text()).get("config") or {})
-    if not config:
-        raise InputError(f"{path} has no 'config' entry; rebuild the cache with this version of vol3d preprocess")
-    config["id_key"] = None  # never carried into a run; predict reads VOL3D_ID_KEY
-    return config
+    """The preprocessing config a cache was made with, as saved beside a model (no secrets)."""
+    from preprocess.config import read_config
+
+    return to_dict(dataclasses.replace(read_config(cache_dir), id_key=None, workers=0))
 
 
 def build_datasets(cfg: SegConfig) -> tuple[Any, Any]:
@@ -161,22 +154,12 @@ def finetune(cfg: SegConfig, resume: bool = False) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vol3d finetune --task seg`` (after :func:`add_seg_arguments`)."""
-    from vol3d.train import distributed as ddp
-    from vol3d.train.loop import TrainingInterrupted
+    from vol3d.commands.train import print_result, run_interruptible
 
     cfg = load_config(args)
-    resume = getattr(args, "resume", None) is not None
-    try:
-        result = finetune(cfg, resume=resume)
-    except TrainingInterrupted as exc:
-        print(f"vol3d finetune: interrupted; step {exc.step} is saved in {exc.run_dir}/checkpoints/step_{exc.step}. "
-              f"Resume with: vol3d finetune --task seg --resume {exc.run_dir}", file=sys.stderr)
+    result = run_interruptible(finetune, cfg, getattr(args, "resume", None) is not None, "vol3d finetune --task seg")
+    if result is None:
         return 130
-    finally:
-        ddp.cleanup()
-    val = {k: v for k, v in result.val.items() if k in ("val/dice_mean", "val/hd95_mean")}
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in {**{k: v for k, v in result.train.items() if "loss" in k},
-                                                     **val}.items())
-    print(f"trained {cfg.run_dir} to step {result.step}: {summary}")
-    print(f"model: {cfg.run_dir}/model  (segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR)")
+    print_result(cfg, result, f"segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR",
+                 keys=("val/dice_mean", "val/hd95_mean"))
     return 0
