@@ -7,6 +7,7 @@ on a fresh clone, whatever other ``python3`` kernels the machine has registered.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,3 +117,32 @@ def test_preprocess_qc_runs_headless_on_a_tiny_synthetic_cache(kernel_dir, tmp_p
     assert not [r for r in summary["rows"] if any(s.startswith("lesions/") for s in r["source"])]
     for row in summary["not_ok"]:
         assert row["reason"] in out
+
+
+# 40-90 s on the 2-core CI machine (kernel start, a tiny demo: synth, preprocess, 2 training
+# steps, evaluation, three questions, figures): run with `pytest -m slow tests/test_notebooks.py`.
+@pytest.mark.slow
+def test_explore_grounded_answers_draws_the_boxes_of_a_held_out_case(kernel_dir, tmp_path, monkeypatch):
+    # Without a key the demo uses its fixed public one, so the patient splits of these 8 cases are
+    # fixed too (held-out cases exist; with another key all 8 may land in train).
+    monkeypatch.delenv("VOL3D_ID_KEY", raising=False)
+    demo_dir = tmp_path / "vol3d_demo"
+    tiny = {"cases": 8, "steps": 2, "samples_per_case": 1, "max_new_tokens": 8, "baseline": False,
+            "train_overrides": {"data.num_workers": 0, "tensorboard": False, "val_every": 0}}
+    nb = run_notebook(ROOT / "notebooks" / "explore_grounded_answers.ipynb", kernel_dir,
+                      {"DEMO_DIR": str(demo_dir), "DEMO_OPTIONS": tiny, "MAX_NEW_TOKENS": 16})
+
+    out = "\n".join(_text(c) for c in nb.cells)
+    # no demo existed in DEMO_DIR: the notebook built one there through the Python API
+    assert (demo_dir / "run" / "model" / "model.safetensors").is_file()
+    assert f"run: {demo_dir / 'run'}" in out
+    case_id = re.search(r"^case (c_[0-9a-f]+) \((test|val) split\)", out, re.M).group(1)
+    rows = [json.loads(line) for line in (demo_dir / "cache" / "manifest.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if r["id"] == case_id)["split"] in ("test", "val")  # held out from training
+    # at least the true box of the finding is drawn (a 2-step model rarely answers with a box)
+    drawn = int(re.search(r"^boxes drawn: (\d+) \((\d+) predicted, (\d+) true", out, re.M).group(1))
+    assert drawn >= 1
+    assert _mime_count(nb, "image/png") >= 1
+    assert _mime_count(nb, "text/html") >= 3  # one highlighted answer per question
+    assert "true box 1: RAS mm x" in out  # world millimetres and size of the true box
+    assert _mime_count(nb, "application/vnd.jupyter.widget-view+json") >= 1  # the live slider

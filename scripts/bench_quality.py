@@ -1,0 +1,190 @@
+"""Quality benchmark: train the ``tiny_cpu`` preset on synthetic cases within a time budget, then
+evaluate it and the image-blind baseline (same model, zeroed volumes) on held-out synthetic cases.
+
+    .venv/bin/python scripts/bench_quality.py                      # defaults: 64 cases, up to 2000 steps, 30 min
+    .venv/bin/python scripts/bench_quality.py --steps 1500 --set optim.lr=3e-3 --set data.tasks.report=0.5
+
+The export and cache in ``--out`` are reused between runs (same ``--cases``/``--seed``); the
+run directory is rebuilt unless ``--reuse-run``. Training stops at ``--steps`` or when its
+share of the time budget is spent (the model of the last step is kept and evaluated; the
+table says at which step). Writes ``OUT/quality.json`` (every metric and prediction) and
+``OUT/quality.md`` (the table, the machine and the command); prints the table.
+Targets (docs/benchmarks/quality.md): grounding Acc@IoU0.5 >= 0.7, finding F1 >= 0.9,
+EHR macro AUROC >= 0.9, closed VQA accuracy >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vol3d import demo  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("/tmp/vol3d_bench_quality"), help="work folder")
+    p.add_argument("--cases", type=int, default=64, help="synthetic studies (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    p.add_argument("--steps", type=int, default=2000, help="training steps at most (default 2000)")
+    p.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget of the whole run (default 30)")
+    p.add_argument("--eval-reserve-min", type=float, default=6.0,
+                   help="part of the budget kept for the evaluation (default 6)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for testing")
+    p.add_argument("--samples-per-case", type=int, default=2, help="VQA/grounding questions per held-out case")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="longest generated answer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig override on top of tiny_cpu (dotted key, YAML value), repeatable")
+    p.add_argument("--reuse-run", action="store_true", help="evaluate OUT/run as it is (no training)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+class _Budget(Exception):
+    pass
+
+
+def train_within(opts: demo.DemoOptions, paths: demo.DemoPaths, seconds: float) -> tuple[int, bool]:
+    """Train ``opts.steps`` steps or until ``seconds`` pass (Ctrl-C semantics: the last step is saved).
+
+    Returns the step reached and whether the budget stopped training.
+    """
+    from vol3d.train.loop import TrainingInterrupted
+    from vol3d.train.run import train
+
+    if paths.run.exists():
+        shutil.rmtree(paths.run)
+    cfg = demo.train_config(opts, paths)
+
+    def stop(signum, frame):  # the loop turns KeyboardInterrupt into a checkpoint + TrainingInterrupted
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        result = train(cfg)
+        return result.step, False
+    except TrainingInterrupted as exc:
+        return exc.step, True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def closed_by_type(results: dict) -> str:
+    by = results.get("vqa_closed", {}).get("by_type", {})
+    return ", ".join(f"{k} {v['exact_match']:.2f} (n={v['n']})" for k, v in sorted(by.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    budget = args.budget_min * 60
+    test = args.test_fraction
+    opts = demo.DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed,
+                            samples_per_case=args.samples_per_case, max_new_tokens=args.max_new_tokens,
+                            progress=not args.no_progress, split_fractions=(1 - test - 0.05, 0.05, test),
+                            train_overrides=overrides(args.set))
+    paths = demo.DemoPaths(args.out)
+    info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
+    demo.ensure_id_key()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = args.out / "bench_data.json"
+    data_key = {"cases": args.cases, "seed": args.seed, "split": list(opts.split_fractions)}
+    if stamp.is_file() and json.loads(stamp.read_text()) != data_key:
+        shutil.rmtree(paths.export, ignore_errors=True)
+        shutil.rmtree(paths.cache, ignore_errors=True)
+    stamp.write_text(json.dumps(data_key))
+
+    t0 = time.perf_counter()
+    demo.step_synth(opts, paths)
+    demo.step_preprocess(opts, paths)
+    info["data_seconds"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    if args.reuse_run:
+        step, stopped = demo.trained_step(paths.run) or 0, False
+    else:
+        left = budget - (time.perf_counter() - t_start) - args.eval_reserve_min * 60
+        step, stopped = train_within(opts, paths, left)
+    info.update(train_seconds=round(time.perf_counter() - t0, 1), step_reached=step, stopped_by_budget=stopped)
+
+    from vol3d.data.cache import read_manifest
+    from vol3d.inference import load, write_json
+
+    rows = read_manifest(paths.cache)
+    info["cases_by_split"] = {s: sum(r.get("split") == s for r in rows) for s in ("train", "val", "test")}
+    pipe = load(paths.run, device="cpu", preprocess_config=paths.cache)
+    ds, split = demo.held_out(paths.cache, pipe.input_shape)
+    t0 = time.perf_counter()
+    res = demo.evaluate_pipeline(pipe, ds, baseline=True, samples_per_case=args.samples_per_case,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed, progress=opts.progress)
+    info.update(eval_seconds=round(time.perf_counter() - t0, 1), eval_split=split,
+                total_minutes=round((time.perf_counter() - t_start) / 60, 1),
+                load_avg_end=[round(v, 2) for v in os.getloadavg()],
+                train_config={"steps": args.steps, **opts.train_overrides})
+    res["bench"] = info
+    write_json(res, args.out / "quality.json")
+
+    table = demo.headline_table(res, explain=False)
+    lines = [
+        f"command: {info['command']}",
+        f"machine: {info['machine']['cpu_cores']} cores, torch {info['machine']['torch']} "
+        f"({info['machine']['torch_threads']} threads), load average {info['machine']['load_avg_start']} at start, "
+        f"{info['load_avg_end']} at end",
+        f"cases: {info['cases_by_split']} (ok series per split); evaluated on {len(ds)} '{split}' series",
+        f"trained {step} steps in {info['train_seconds']:.0f} s"
+        + (" (stopped by the time budget)" if stopped else "")
+        + f"; data {info['data_seconds']:.0f} s; evaluation {info['eval_seconds']:.0f} s; "
+        f"total {info['total_minutes']} min",
+        "",
+        table,
+        "",
+        f"closed VQA by type (model): {closed_by_type(res['model'])}",
+        f"closed VQA by type (image-blind): {closed_by_type(res['image_blind'])}",
+    ]
+    text = "\n".join(lines)
+    (args.out / "quality.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""`vol3d demo` end to end at a tiny size, and the helpers it shares with the notebook and the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preprocess.errors import InputError
+from preprocess.geometry import as_boxes, box_iou, boxes_voxel_to_world
+from vol3d import demo
+
+# 2 training steps, 8-token answers, one question per task: the pipeline end to end, not its quality.
+TINY = {"cases": 8, "steps": 2, "samples_per_case": 1, "max_new_tokens": 8, "progress": False,
+        "train_overrides": {"data.num_workers": 0, "tensorboard": False, "val_every": 0, "ckpt_every": 1}}
+
+
+def _run(opts: demo.DemoOptions) -> tuple[demo.DemoResult, str, list[tuple[str, bool]]]:
+    steps: list[tuple[str, bool]] = []
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = demo.run_demo(opts, on_step=lambda name, reused: steps.append((name, reused)))
+    return result, buf.getvalue(), steps
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny demo run twice in the same folder, the first time without an id key in the environment."""
+    out = tmp_path_factory.mktemp("demo") / "vol3d_demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VOL3D_ID_KEY", raising=False)
+        first = _run(demo.DemoOptions(out=out, **TINY))
+        key_after_first = __import__("os").environ.get("VOL3D_ID_KEY")
+        model = out / "run" / "model" / "model.safetensors"
+        stamps = {p: p.stat().st_mtime_ns for p in (model, out / "eval.json", out / "export" / "truth.json")}
+        second = _run(demo.DemoOptions(out=out, **TINY))
+    return {"out": out, "first": first, "second": second, "stamps": stamps, "key": key_after_first}
+
+
+def test_first_run_writes_every_artefact(demo_runs):
+    out = demo_runs["out"]
+    result, text, steps = demo_runs["first"]
+    assert [name for name, _ in steps] == ["synth", "preprocess", "train", "eval", "ask", "figure"]
+    assert not result.reused
+    for n in range(1, 7):
+        assert f"[{n}/6]" in text
+    truth = json.loads((out / "export" / "truth.json").read_text())
+    assert len(truth["cases"]) == TINY["cases"]
+    assert (out / "cache" / "manifest.jsonl").is_file()
+    assert (out / "run" / "model" / "model.safetensors").is_file()
+    assert demo.trained_step(out / "run") == TINY["steps"]
+    # the summary names every artefact
+    for path in (out / "export", out / "cache", out / "run" / "model", out / "eval.json", out / "answer.png"):
+        assert str(path) in text
+
+
+def test_without_a_key_the_demo_sets_its_public_key_and_says_so(demo_runs):
+    assert demo_runs["key"] == demo.DEMO_ID_KEY
+    assert "VOL3D_ID_KEY is not set" in demo_runs["first"][1]
+    assert "VOL3D_ID_KEY is not set" not in demo_runs["second"][1]  # set by then
+
+
+def test_png_is_a_real_image_with_content(demo_runs):
+    from matplotlib.image import imread
+
+    png = demo_runs["out"] / "answer.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(png)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert float(img[..., :3].std()) > 0.05  # slices, not a blank canvas
+
+
+def test_evaluation_covers_held_out_cases_with_the_image_blind_baseline(demo_runs):
+    out = demo_runs["out"]
+    ev = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "cache" / "manifest.jsonl").read_text().splitlines()]
+    held = [r for r in rows if r["status"] == "ok" and r["split"] == ev["split"]]
+    assert ev["split"] in ("test", "val") and held
+    assert ev["model"]["meta"]["n_cases"] == len(held)
+    assert ev["model"]["meta"]["image_blind"] is False and ev["image_blind"]["meta"]["image_blind"] is True
+    assert {"report", "vqa_closed", "vqa_open", "ground"} <= set(ev["model"])
+    assert ev["settings"]["model_sha256"] == demo.file_sha256(out / "run" / "model" / "model.safetensors")
+    # every prediction is about a held-out case, never a training one
+    assert {p["case"] for p in ev["model"]["predictions"]} <= {r["id"] for r in held}
+    table = demo.headline_table(ev)
+    assert "image-blind" in table and "grounding Acc@IoU0.5" in table
+
+
+def test_answer_json_truth_boxes_are_the_cached_world_boxes(demo_runs):
+    """The true box the figure draws (model-input voxels) maps back to the box stored in world mm."""
+    result, _, _ = demo_runs["first"]
+    ans = json.loads((demo_runs["out"] / "answer.json").read_text())
+    assert ans["question"] == demo.question_for(ans["finding"])
+    case = result.case
+    assert ans["split"] in ("test", "val")
+    stored = as_boxes(case["boxes_world"].numpy())[
+        [i for i, f in enumerate(case["box_findings"]) if f == ans["finding"]]
+    ]
+    mapped = as_boxes(ans["true_world_mm"])
+    assert len(mapped) >= 1
+    # clipping to the model input can only shrink a box; a fully visible one is identical
+    assert box_iou(mapped, stored).max(axis=1).min() > 0.5
+    np.testing.assert_allclose(
+        mapped, boxes_voxel_to_world(as_boxes(ans["true_model_vox"]), np.asarray(ans["input"]["input_affine"])),
+        atol=1e-3,
+    )
+
+
+def test_second_run_reuses_synth_train_and_eval(demo_runs):
+    result, text, steps = demo_runs["second"]
+    assert {"synth", "preprocess", "train", "eval"} <= set(result.reused)
+    assert dict(steps)["ask"] is False
+    assert text.count("reusing") >= 4
+    for path, stamp in demo_runs["stamps"].items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
+
+
+def test_a_drawn_answer_box_lands_on_the_true_box(demo_runs):
+    """Feed the reference answer through the inference geometry: the figure's predicted box is the true one."""
+    from preprocess.geometry import format_box, normalise_boxes
+    from vol3d.inference import Answer, boxes_from_text, load
+
+    out = demo_runs["out"]
+    result, _, _ = demo_runs["first"]
+    pipe = load(out / "run", device="cpu", preprocess_config=out / "cache")
+    inp = pipe.prepare(f"{out / 'cache'}::{result.case['id']}")
+    truth = demo.true_boxes(result.case, result.finding)
+    text = " ".join(format_box(b) for b in normalise_boxes(truth, inp.input_shape))
+    boxes, bad = boxes_from_text(text, inp)
+    answer = Answer(demo.question_for(result.finding), text, boxes, bad, inp)
+    fig = demo.answer_figure(answer, truth, result.finding)
+    gids = {p.get_gid() for ax in fig.axes for p in ax.patches}
+    assert {"pred-0", "true-0"} <= gids
+    pred = np.stack([b.model_vox for b in boxes])
+    assert np.diag(box_iou(pred, demo.match_order(pred, truth))).min() > 0.9  # 0..999 text rounding only
+
+
+def test_interrupted_training_resumes_to_the_same_weights(demo_runs, tmp_path, monkeypatch):
+    """Kill after step 1 (drop the last checkpoint): a rerun resumes from step 1, and since resuming
+    is exact the step-2 weights come out identical, so the evaluation is reused."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_runs["out"], out)
+    sha = demo.file_sha256(out / "run" / "model" / "model.safetensors")
+    shutil.rmtree(out / "run" / "checkpoints" / f"step_{TINY['steps']}")
+    assert demo.trained_step(out / "run") == TINY["steps"] - 1
+    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)  # the key the fixture's cache was made with
+    result, text, _ = _run(demo.DemoOptions(out=out, **TINY))
+    assert f"resuming training from step {TINY['steps'] - 1}" in text
+    assert "train" not in result.reused and demo.trained_step(out / "run") == TINY["steps"]
+    assert demo.file_sha256(out / "run" / "model" / "model.safetensors") == sha
+    assert "eval" in result.reused
+
+
+def test_other_parameters_in_the_same_folder_are_refused(demo_runs):
+    with pytest.raises(InputError, match="--fresh"):
+        demo.run_demo(demo.DemoOptions(out=demo_runs["out"], **{**TINY, "cases": 9}))
+
+
+def test_a_folder_that_is_not_a_demo_is_never_touched(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a vol3d demo folder"):
+        demo.run_demo(demo.DemoOptions(out=tmp_path, **TINY))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_fresh_deletes_only_a_demo_folder(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / demo.STATE_NAME).write_text(json.dumps({"cases": 1}))
+    (out / "stale").write_text("x")
+    opts = demo.DemoOptions(out=out, fresh=True, **TINY)
+    demo._prepare_folder(opts, demo.DemoPaths(out))
+    assert not (out / "stale").exists()
+    assert json.loads((out / demo.STATE_NAME).read_text()) == opts.state()
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(InputError, match="--cases"):
+        demo.DemoOptions(cases=2)
+    with pytest.raises(InputError, match="--steps"):
+        demo.DemoOptions(steps=0)
+
+
+def test_metric_reads_dotted_keys_and_nan_when_absent():
+    res = {"ground": {"acc_iou50": 0.5}, "ehr": {"macro_auroc": None}}
+    assert demo.metric(res, "ground.acc_iou50") == 0.5
+    assert math.isnan(demo.metric(res, "ehr.macro_auroc"))
+    assert math.isnan(demo.metric(res, "report.findings.micro_f1"))
+
+
+def test_headline_table_rows_and_columns():
+    table = demo.headline_table({"model": {"ground": {"acc_iou50": 0.75}}}, explain=False)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(demo.HEADLINE)
+    assert "image-blind" not in table
+    row = next(line for line in lines if "grounding Acc@IoU0.5" in line)
+    assert "0.750" in row and ">= 0.7" in row
+    assert "n/a" in next(line for line in lines if "EHR macro AUROC" in line)
+
+
+def test_match_order_pairs_true_boxes_with_their_predictions():
+    true = np.array([[0, 0, 0, 4, 4, 4], [10, 10, 10, 14, 14, 14], [20, 20, 20, 22, 22, 22]], float)
+    pred = np.array([[10, 10, 10, 14, 14, 15], [0, 0, 0, 4, 4, 5]], float)
+    ordered = demo.match_order(pred, true)
+    np.testing.assert_array_equal(ordered, true[[1, 0, 2]])
+    assert len(demo.match_order(np.zeros((0, 6)), true)) == 3
+
+
+def test_pick_case_prefers_a_liver_lesion_then_other_findings():
+    def case(i, findings):
+        return {"id": f"c{i}", "image": np.zeros((1, 8, 8, 8)), "box_findings": findings,
+                "boxes_vox": np.tile(np.array([[1, 1, 1, 3, 3, 3]], float), (len(findings), 1)).reshape(-1, 6),
+                "report": "x", "codes": []}
+
+    cases = [case(0, []), case(1, ["kidney_cyst"]), case(2, ["liver_lesion", "kidney_cyst"])]
+    picked, name = demo.pick_case(cases)
+    assert (picked["id"], name) == ("c2", "liver_lesion")
+    picked, name = demo.pick_case(cases[:2])
+    assert (picked["id"], name) == ("c1", "kidney_cyst")
+    picked, name = demo.pick_case(cases[:1])  # no finding anywhere: ask anyway, the answer is a refusal
+    assert picked["id"] == "c0" and name == "liver_lesion"
+    assert demo.question_for("liver_lesion") == "Where is the liver lesion?"
+
+
+# The default demo (32 cases, 300 steps): 4-10 minutes on 2 cores.
+@pytest.mark.slow
+def test_default_demo_trains_and_evaluates_every_task(tmp_path):
+    import csv
+
+    result, text, _ = _run(demo.DemoOptions(out=tmp_path / "demo", progress=False))
+    ev = result.eval
+    assert Path(result.paths.answer_png).is_file()
+    assert ev["split"] == "test" and ev["model"]["meta"]["n_cases"] >= 2
+    assert {"report", "vqa_closed", "vqa_open", "ground", "ehr"} <= set(ev["model"])
+    with open(result.paths.run / "metrics.csv") as fh:
+        loss = [float(r["value"]) for r in csv.DictReader(fh) if r["name"] == "train/loss"]
+    assert loss[-1] < 0.7 * loss[0]  # it learned something in 300 steps
+    # (whether it reads the images: see docs/benchmarks/quality.md, model vs image-blind)

@@ -1,0 +1,621 @@
+"""``vol3d demo``: the whole pipeline end to end on synthetic data, resumable, on a 2-core CPU.
+
+Six steps, each reusing what a previous run left in the demo folder ``OUT``:
+
+1. ``OUT/export``: a synthetic hospital export (:func:`preprocess.synth.generate`);
+   reused when complete (its ``.vol3dignore`` is written last).
+2. ``OUT/cache``: the HDF5 cache (:func:`preprocess.runner.run_preprocess` with the
+   ``tiny`` preset); the runner itself reuses unchanged cases and resumes after a kill.
+3. ``OUT/run``: the ``tiny_cpu`` model (:func:`vol3d.train.run.train`); reused when its
+   newest checkpoint is the last step, resumed from its checkpoint when interrupted.
+4. ``OUT/eval.json``: metrics on the held-out (test) split, for the model and for the
+   image-blind baseline (the same model with zeroed volumes); reused while the model
+   weights and evaluation settings are unchanged.
+5. ``OUT/answer.json``: a grounded question about a held-out case
+   (``vol3d.load(run).ask(...)``), boxes in model voxels and world mm.
+6. ``OUT/answer.png``: orthogonal slices through the answer's box with the true box
+   (:func:`vol3d.viz.show_box_slices`).
+
+``OUT/demo.json`` records the demo's parameters; a rerun with other ``--cases``/
+``--seed``/``--steps`` is refused (``--fresh`` starts over) rather than mixing artefacts.
+The notebooks and ``scripts/bench_quality.py`` call the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess.errors import InputError
+
+#: Id key used when ``VOL3D_ID_KEY`` is unset. Public, so only for synthetic data.
+DEMO_ID_KEY = "vol3d-demo-public-key-synthetic-data-only"
+#: Preprocessing preset (``configs/preprocess/``) and training preset (``configs/train/``).
+PREPROCESS_PRESET = "tiny"
+TRAIN_PRESET = "tiny_cpu"
+#: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
+QUESTION = "Where is the {text}?"
+#: Findings preferred for the question, in order (the first the held-out case has).
+PREFERRED_FINDINGS = ("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly")
+STATE_NAME = "demo.json"
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    """What ``vol3d demo`` builds (flags of the command map onto these fields)."""
+
+    out: Path = Path("vol3d_demo")  # demo folder: export/, cache/, run/, eval.json, answer.png
+    cases: int = 32  # synthetic studies (about 80% train, 10% val, 10% test by patient)
+    steps: int = 300  # optimizer steps of the tiny_cpu model (batch 4)
+    seed: int = 0  # seed of the synthetic data and of training
+    fresh: bool = False  # delete a previous demo in ``out`` first
+    baseline: bool = True  # also evaluate the image-blind baseline (doubles the evaluation time)
+    samples_per_case: int = 2  # VQA/grounding questions per held-out case in the evaluation
+    max_new_tokens: int = 192  # longest generated answer (reports are the longest)
+    progress: bool = True  # progress bars (tqdm, on stderr)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test share of patients
+    train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted TrainConfig keys
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.cases < 4:
+            raise InputError(f"--cases {self.cases}: the demo needs at least 4 cases (train, val and test splits)")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: give at least 1 training step")
+        if self.samples_per_case < 1:
+            raise InputError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
+
+    def state(self) -> dict[str, Any]:
+        """What the artefacts depend on (compared with ``OUT/demo.json`` on a rerun)."""
+        return {"cases": self.cases, "seed": self.seed, "steps": self.steps,
+                "split_fractions": list(self.split_fractions),
+                "train_overrides": dict(sorted(self.train_overrides.items()))}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPaths:
+    """Where each artefact of a demo folder lives."""
+
+    out: Path
+
+    @property
+    def export(self) -> Path:
+        return self.out / "export"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def run(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.out / "eval.json"
+
+    @property
+    def answer_json(self) -> Path:
+        return self.out / "answer.json"
+
+    @property
+    def answer_png(self) -> Path:
+        return self.out / "answer.png"
+
+    @property
+    def state(self) -> Path:
+        return self.out / STATE_NAME
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What :func:`run_demo` made; ``reused`` names the steps that found their artefact in place."""
+
+    paths: DemoPaths
+    reused: list[str]
+    eval: dict[str, Any] | None = None
+    answer: Any = None  # vol3d.inference.Answer
+    case: dict[str, Any] | None = None  # the held-out case asked about (CacheDataset item)
+    finding: str | None = None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _header(n: int, title: str) -> None:
+    _say(f"\n== [{n}/6] {title} " + "=" * max(0, 60 - len(title)))
+
+
+def config_path(kind: str, name: str) -> Path:
+    """``configs/<kind>/<name>.yaml`` of the source tree (the presets ship with the repository)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise InputError(f"preset {path} not found; run the demo from a vol3d source checkout (pip install -e .)")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_id_key() -> bool:
+    """Set ``VOL3D_ID_KEY`` to :data:`DEMO_ID_KEY` when unset (returns True when it did)."""
+    from preprocess.ids import ENV_VAR
+
+    if os.environ.get(ENV_VAR):
+        return False
+    os.environ[ENV_VAR] = DEMO_ID_KEY
+    return True
+
+
+def _prepare_folder(opts: DemoOptions, paths: DemoPaths) -> None:
+    """Create ``OUT`` (or empty it with ``fresh``); refuse a folder holding something else, or another demo."""
+    out = paths.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; pass another --out")
+    mine = paths.state.is_file()
+    if out.is_dir() and any(out.iterdir()) and not mine:
+        raise InputError(f"{out} is not empty and holds no {STATE_NAME} (not a vol3d demo folder); "
+                         "pass a new or empty --out")
+    if opts.fresh and mine:
+        _say(f"--fresh: deleting the previous demo in {out}")
+        shutil.rmtree(out)
+    elif mine:
+        old = json.loads(paths.state.read_text())
+        if old != opts.state():
+            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in opts.state().items() if old.get(k) != v)
+            raise InputError(f"{out} holds a demo made with other parameters ({diff}); pass --fresh to "
+                             "start over there, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    paths.state.write_text(json.dumps(opts.state(), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- steps 1-3: data and model
+
+
+def step_synth(opts: DemoOptions, paths: DemoPaths) -> bool:
+    """Write the synthetic export unless a complete one exists; True when reused."""
+    from preprocess.ingest.discover import IGNORE_FILE
+    from preprocess.synth import SynthConfig, generate
+
+    export = paths.export
+    if (export / IGNORE_FILE).is_file() and (export / "truth.json").is_file():
+        n = len(json.loads((export / "truth.json").read_text())["cases"])
+        _say(f"reusing the export in {export} ({n} cases)")
+        return True
+    if export.exists():
+        _say(f"{export} is incomplete (an interrupted run); writing it again")
+        shutil.rmtree(export)
+    export.mkdir(parents=True)
+    cfg = SynthConfig(cases=opts.cases, seed=opts.seed, size="small")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cfg.cases, unit="case", desc="synth", disable=not opts.progress) as bar:
+        truth = generate(export, cfg, progress=bar.update)
+    cases = truth["cases"]
+    n_find = sum(len(c["findings"]) for c in cases)
+    _say(f"wrote {len(cases)} synthetic CT studies ({n_find} findings; DICOM and NIfTI, with scouts, "
+         f"masks, boxes, reports and ICD-10 codes) to {export}")
+    return False
+
+
+def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
+    """Preprocess the export into the cache (the runner reuses unchanged cases); True when all were reused."""
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import load_yaml
+    from preprocess.runner import RunOptions, run_preprocess
+    from preprocess.sidecars import SideTables
+
+    export = paths.export
+    cfg = load_yaml(PreprocessConfig, config_path("preprocess", PREPROCESS_PRESET))
+    side = SideTables.load(reports=export / "reports.csv", codes=export / "ehr_codes.csv",
+                           boxes=export / "boxes.json", labels=export / "labels")
+    run_opts = RunOptions(progress=opts.progress, split_fractions=tuple(opts.split_fractions))
+    summary = run_preprocess(export, paths.cache, cfg, side, run_opts)
+    _say(summary.table())
+    if summary.counts["failed"]:
+        _say(f"note: {summary.counts['failed']} series failed; see {paths.cache / 'manifest.jsonl'} (reason, detail)")
+    reused = summary.written == 0 and summary.reused > 0
+    if reused:
+        _say(f"reusing the cache in {paths.cache} ({summary.reused} cases unchanged)")
+    return reused
+
+
+def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
+    """The ``tiny_cpu`` preset with the demo's run dir, cache, steps, seed and overrides."""
+    from preprocess.config_io import load_yaml
+    from vol3d.train.config import TrainConfig
+
+    # absolute: the run's config.yaml must find its cache from any working directory
+    overrides = {"run_dir": str(paths.run), "data.cache_dir": str(paths.cache.resolve()), "max_steps": opts.steps,
+                 "seed": opts.seed, "progress": opts.progress, **opts.train_overrides}
+    return load_yaml(TrainConfig, config_path("train", TRAIN_PRESET), overrides)
+
+
+def trained_step(run_dir: Path) -> int | None:
+    """Step of the newest checkpoint of ``run_dir`` (None without one)."""
+    from vol3d.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        return None
+    return int(json.loads((last / "trainer.json").read_text())["step"])
+
+
+def step_train(opts: DemoOptions, paths: DemoPaths) -> bool:
+    """Train (or resume, or reuse) the tiny model; True when a finished run was reused."""
+    from vol3d.train.run import load_run_config, train
+
+    run = paths.run
+    step = trained_step(run)
+    if step is not None and step >= opts.steps and (run / "model" / "model.safetensors").is_file():
+        _say(f"reusing the trained model in {run / 'model'} (step {step} of {opts.steps})")
+        return True
+    if step is not None:
+        _say(f"resuming training from step {step} of {opts.steps} ({run / 'checkpoints'})")
+        # this folder's paths win over the recorded ones (the demo folder may have been moved)
+        cfg = load_run_config(run, {"run_dir": str(run), "data.cache_dir": str(paths.cache.resolve()),
+                                    "progress": opts.progress})
+        train(cfg, resume=True)
+    else:
+        if run.exists():
+            shutil.rmtree(run)  # killed before its first checkpoint: nothing to resume
+        cfg = train_config(opts, paths)
+        _say(f"training {TRAIN_PRESET} for {cfg.max_steps} steps (batch {cfg.data.batch_size}, lr "
+             f"{cfg.optim.lr:g}) on the train split; checkpoints every {cfg.ckpt_every} steps, "
+             "so an interrupted demo resumes here")
+        train(cfg, resume=False)
+    _say(f"model saved in {run / 'model'}; training curves in {run / 'metrics.csv'}")
+    return False
+
+
+# ----------------------------------------------------------------------------- step 4: evaluation
+
+#: Headline metrics: (dotted key in the results, name, target, what it means).
+HEADLINE: tuple[tuple[str, str, str, str], ...] = (
+    ("ground.acc_iou50", "grounding Acc@IoU0.5", ">= 0.7",
+     "share of true finding boxes matched by an answer box with 3D IoU >= 0.5 (IoU = intersection volume / union volume)"),
+    ("ground.acc_iou25", "grounding Acc@IoU0.25", "",
+     "the same at IoU >= 0.25: the box is roughly on the finding"),
+    ("ground.mean_iou", "grounding mean IoU", "", "mean IoU of each true box with its matched answer box"),
+    ("ground.unparseable_rate", "no usable box", "", "grounding answers without a well-formed <box>[..]</box> where one was due (lower is better)"),
+    ("report.findings.micro_f1", "report finding F1 (micro)", ">= 0.9",
+     "findings read from the generated report (negation-aware) vs the reference report, pooled over findings"),
+    ("report.findings.macro_f1", "report finding F1 (macro)", "", "the same, averaged over finding types"),
+    ("report.rougeL", "report ROUGE-L", "", "longest-common-subsequence overlap of generated and reference report"),
+    ("vqa_closed.exact_match", "closed VQA accuracy", ">= 0.9",
+     "yes/no, organ, count and size questions answered exactly"),
+    ("vqa_open.token_f1", "open VQA token F1", "", "word overlap of descriptive answers with the reference"),
+    ("ehr.macro_auroc", "EHR macro AUROC", ">= 0.9",
+     "ranking of the patients' ICD-10 codes from the volume, averaged over codes (0.5 = chance)"),
+)
+
+
+def metric(results: Mapping[str, Any], key: str) -> float:
+    """A dotted key of a results dict (``"ground.acc_iou50"``), NaN when absent."""
+    node: Any = results
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return math.nan
+        node = node[part]
+    try:
+        return float(node) if node is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def headline_table(evaluation: Mapping[str, Any], explain: bool = True) -> str:
+    """Markdown-style table of :data:`HEADLINE` for ``{"model": results, "image_blind": results?}``."""
+    model, blind = evaluation.get("model", {}), evaluation.get("image_blind")
+    cols = ["metric", "model"] + (["image-blind"] if blind else []) + ["target"]
+    rows = []
+    for key, name, target, _ in HEADLINE:
+        row = [name, _fmt(metric(model, key))] + ([_fmt(metric(blind, key))] if blind else []) + [target]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
+    if explain:
+        out += ["", "What the numbers mean:"]
+        out += [f"  {name}: {meaning}" for _, name, _, meaning in HEADLINE]
+        if blind:
+            out.append("  image-blind: the same model with every volume zeroed; it answers from the question "
+                       "alone, so the gap to it is what the model reads from the images")
+    return "\n".join(out)
+
+
+def held_out(cache: Path, input_shape: Sequence[int]) -> tuple[Any, str]:
+    """The held-out cases of a cache as a CacheDataset: the test split, else val (small demos)."""
+    from vol3d.data.cache import CacheDataset, read_manifest
+
+    splits = {str(r.get("split")) for r in read_manifest(cache)}
+    for split in ("test", "val"):
+        if split in splits:
+            return CacheDataset(cache, split=split, mode="volume", input_size=tuple(input_shape)), split
+    raise InputError(f"{cache} has no test or val case; run the demo with more --cases (e.g. 24)")
+
+
+def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_per_case: int = 2,
+                      max_new_tokens: int = 192, seed: int = 0, progress: bool = True,
+                      label: str = "eval") -> dict[str, Any]:
+    """``{"model": results, "image_blind": results}`` of :func:`vol3d.eval.evaluate` on ``cases``.
+
+    ``pipe`` is a :class:`vol3d.inference.Vol3DPipeline`; tasks: the text tasks plus ``ehr``
+    when the model has an EHR head. ``image_blind`` (zeroed volumes) is skipped unless ``baseline``.
+    """
+    from tqdm.auto import tqdm
+
+    from vol3d.eval import evaluate
+    from vol3d.inference import TEXT_TASKS
+
+    vocab = pipe.code_vocab
+    tasks = [*TEXT_TASKS, *(["ehr"] if vocab is not None else [])]
+    out: dict[str, Any] = {}
+    for name, blind in (("model", False), ("image_blind", True)):
+        if blind and not baseline:
+            continue
+        t0 = time.perf_counter()
+        items = tqdm(cases, desc=f"{label} ({name.replace('_', '-')})", unit="case", disable=not progress)
+        out[name] = evaluate(pipe.model, items, tasks, code_vocab=vocab, samples_per_case=samples_per_case,
+                             max_new_tokens=max_new_tokens, seed=seed, image_blind=blind,
+                             keep_predictions=not blind)
+        out[name]["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str, Any], bool]:
+    """Evaluate on the held-out split (or reuse ``eval.json`` for the same weights and settings)."""
+    from vol3d.inference import write_json
+
+    settings = {"model_sha256": file_sha256(paths.run / "model" / "model.safetensors"),
+                "samples_per_case": opts.samples_per_case, "max_new_tokens": opts.max_new_tokens,
+                "baseline": opts.baseline}
+    if paths.eval_json.is_file():
+        old = json.loads(paths.eval_json.read_text())
+        if old.get("settings") == settings:
+            _say(f"reusing the evaluation in {paths.eval_json} (same model weights and settings)")
+            _say(headline_table(old))
+            return old, True
+    ds, split = held_out(paths.cache, pipe.input_shape)
+    _say(f"evaluating on the {len(ds)} held-out '{split}' cases (never seen in training): reports, closed and "
+         f"open VQA, grounding{', EHR codes' if pipe.code_vocab is not None else ''}"
+         + ("; then the image-blind baseline" if opts.baseline else ""))
+    res = evaluate_pipeline(pipe, ds, baseline=opts.baseline, samples_per_case=opts.samples_per_case,
+                            max_new_tokens=opts.max_new_tokens, seed=opts.seed, progress=opts.progress)
+    res["settings"] = settings
+    res["split"] = split
+    write_json(res, paths.eval_json)
+    _say(headline_table(res))
+    return json.loads(paths.eval_json.read_text()), False
+
+
+# ----------------------------------------------------------------------------- steps 5-6: ask and draw
+
+
+def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], str]:
+    """The first case (by id) with a visible box of ``finding`` (default: :data:`PREFERRED_FINDINGS` in order).
+
+    Returns the CacheDataset item and the finding name; falls back to the first case and
+    its first finding (then the answer should say there is none).
+    """
+    from vol3d.tasks import finding_truth
+    from vol3d.train.objectives import as_case
+
+    order = sorted(range(len(cases)), key=lambda i: str(cases.rows[i]["id"]) if hasattr(cases, "rows") else i)
+    wanted = (finding,) if finding else PREFERRED_FINDINGS
+    items = [cases[i] for i in order]
+    truths = [finding_truth(as_case(c)) for c in items]
+    for name in wanted:
+        for case, truth in zip(items, truths, strict=True):
+            if name in truth and truth[name].n > 0:
+                return case, name
+    if finding and finding not in truths[0]:
+        raise InputError(f"finding {finding!r} is not in the finding vocabulary ({sorted(truths[0])})")
+    return items[0], wanted[0]
+
+
+def true_boxes(case: Mapping[str, Any], finding: str) -> np.ndarray:
+    """The visible true boxes ``(N, 6)`` of ``finding`` in the case's model-input voxels."""
+    from vol3d.tasks import finding_truth
+    from vol3d.train.objectives import as_case
+
+    return finding_truth(as_case(dict(case)))[finding].boxes
+
+
+def question_for(finding: str) -> str:
+    """The grounding question about ``finding`` ("Where is the liver lesion?")."""
+    from vol3d.tasks import DEFAULT_VOCAB
+
+    return QUESTION.format(text=DEFAULT_VOCAB[finding].text)
+
+
+def match_order(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n`` (Hungarian on IoU);
+    unmatched true boxes follow. Then box ``n`` shares its colour in :func:`vol3d.viz.show_box_slices`."""
+    from scipy.optimize import linear_sum_assignment
+
+    from preprocess.geometry import as_boxes, box_iou
+
+    pred, true = as_boxes(pred), as_boxes(true)
+    if not len(pred) or not len(true):
+        return true
+    rows, cols = linear_sum_assignment(-box_iou(pred, true))
+    order = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    return true[order + [i for i in range(len(true)) if i not in order]]
+
+
+def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = None,
+                  center: Sequence[float] | None = None) -> Any:
+    """:func:`vol3d.viz.show_box_slices` of an :class:`~vol3d.inference.Answer`: predicted boxes (solid)
+    and true boxes ``(N, 6)`` in model-input voxels (dashed), slices through ``center`` (default the first box)."""
+    from vol3d.tasks import DEFAULT_VOCAB
+    from vol3d.viz import show_box_slices
+
+    pred = np.stack([b.model_vox for b in answer.boxes]) if answer.boxes else np.zeros((0, 6))
+    truth = match_order(pred, truth) if truth is not None else None
+    name = DEFAULT_VOCAB[finding].text if finding in DEFAULT_VOCAB else (finding or "finding")
+    n = max(len(pred), 0 if truth is None else len(truth))
+    labels = [f"{name} {i + 1}" for i in range(n)]
+    title = f"Q: {answer.question}   A: {answer.text if len(answer.text) < 90 else answer.text[:87] + '...'}"
+    if not len(pred):
+        title += "\n(no box in the answer: the true box is shown alone)"
+    return show_box_slices(answer.volume, pred, truth, spacing=answer.input.spacing, center=center,
+                           labels=labels, title=title, affine=answer.affine)
+
+
+def describe_answer(answer: Any, truth: np.ndarray) -> list[str]:
+    """Lines about each answer box (world mm, size, IoU with its matched true box), then each true box."""
+    from vol3d.eval.metrics import match_boxes
+    from vol3d.viz import describe_boxes
+
+    pred = np.stack([b.model_vox for b in answer.boxes]) if answer.boxes else np.zeros((0, 6))
+    _, pred_iou = match_boxes(pred, truth)
+    spacing, affine = answer.input.spacing, answer.affine
+    lines = [f"  {line}; IoU with its true box {iou:.2f}"
+             for line, iou in zip(describe_boxes(pred, spacing, affine, prefix="answer box"), pred_iou, strict=True)]
+    return lines + [f"  {line}" for line in describe_boxes(truth, spacing, affine, prefix="true box")]
+
+
+def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
+             max_new_tokens: int = 128) -> tuple[Any, dict[str, Any], str]:
+    """Ask the grounding question about a held-out case; write ``answer.json``."""
+    from vol3d.inference import CACHE_SEP, write_json
+
+    ds, split = held_out(paths.cache, pipe.input_shape)
+    case, name = pick_case(ds, finding)
+    question = question_for(name)
+    _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
+         f"{len(true_boxes(case, name))} {name.replace('_', ' ')} box(es) in its ground truth")
+    answer = pipe.ask(f"{paths.cache}{CACHE_SEP}{case['id']}", question, max_new_tokens=max_new_tokens)
+    truth = true_boxes(case, name)
+    _say(f"Q: {question}\nA: {answer.text}")
+    if answer.boxes:
+        _say("\n".join(describe_answer(answer, truth)))
+    else:
+        _say("  (no box in the answer)")
+    write_json({**answer.to_dict(), "finding": name, "split": split,
+                "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine)}, paths.answer_json)
+    return answer, case, name
+
+
+def _world(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    from preprocess.geometry import boxes_voxel_to_world
+
+    return boxes_voxel_to_world(boxes, affine) if len(boxes) else np.zeros((0, 6))
+
+
+def step_figure(paths: DemoPaths, answer: Any, case: Mapping[str, Any], finding: str) -> Path:
+    """Draw the answer's boxes and the true boxes on orthogonal slices into ``answer.png``."""
+    from vol3d.viz import save_figure
+
+    fig = answer_figure(answer, true_boxes(case, finding), finding)
+    save_figure(fig, paths.answer_png)
+    _say(f"wrote {paths.answer_png}: axial, coronal and sagittal slices through the answer's box "
+         "(solid: predicted, dashed: true; radiological view, patient right on the image left)")
+    return paths.answer_png
+
+
+# ----------------------------------------------------------------------------- the whole demo
+
+
+def run_demo(opts: DemoOptions, finding: str | None = None,
+             on_step: Callable[[str, bool], None] | None = None) -> DemoResult:
+    """Run (or resume) the six demo steps in ``opts.out``; see the module docstring.
+
+    ``on_step(name, reused)`` is called after each step (tests, notebooks).
+    """
+    from vol3d.inference import load
+
+    paths = DemoPaths(opts.out)
+    result = DemoResult(paths=paths, reused=[])
+    _prepare_folder(opts, paths)
+    if ensure_id_key():
+        _say("note: VOL3D_ID_KEY is not set, so the demo uses its fixed public key for the pseudonymous ids "
+             "(fine for synthetic data; set your own secret key for real exports: docs/preprocess.md)")
+
+    def timed(name: str, fn: Callable[[], Any], reused: Callable[[Any], bool] = bool) -> Any:
+        t0 = time.perf_counter()
+        value = fn()
+        result.seconds[name] = round(time.perf_counter() - t0, 1)
+        if reused(value):
+            result.reused.append(name)
+        if on_step is not None:
+            on_step(name, reused(value))
+        return value
+
+    never = lambda _: False  # noqa: E731 (asking and drawing are cheap: always redone)
+    _header(1, "synthesise a small hospital export")
+    timed("synth", lambda: step_synth(opts, paths))
+    _header(2, "preprocess it into the HDF5 cache")
+    timed("preprocess", lambda: step_preprocess(opts, paths))
+    _header(3, f"train the {TRAIN_PRESET} vision-language model")
+    timed("train", lambda: step_train(opts, paths))
+    pipe = load(paths.run, device="cpu", preprocess_config=paths.cache)
+    _header(4, "evaluate on held-out cases")
+    result.eval, _ = timed("eval", lambda: step_eval(opts, paths, pipe), reused=lambda v: v[1])
+    _header(5, "ask a grounded question about a held-out case")
+    result.answer, result.case, result.finding = timed(
+        "ask", lambda: step_ask(paths, pipe, finding, opts.max_new_tokens), reused=never
+    )
+    _header(6, "draw the answer's box next to the truth")
+    timed("figure", lambda: step_figure(paths, result.answer, result.case, result.finding), reused=never)
+    _summary(paths, result)
+    return result
+
+
+def _summary(paths: DemoPaths, result: DemoResult) -> None:
+    total = sum(result.seconds.values())
+    reused = f"; reused: {', '.join(result.reused)}" if result.reused else ""
+    _say(f"\n== done in {total:.0f} s{reused} " + "=" * 40)
+    rows = [
+        ("synthetic export", paths.export, "DICOM/NIfTI + labels, boxes.json, reports.csv, ehr_codes.csv, truth.json"),
+        ("cache", paths.cache, "manifest.jsonl + one HDF5 file per series (docs/formats.md)"),
+        ("trained model", paths.run / "model", "reload with vol3d.load(RUN); curves in run/metrics.csv"),
+        ("evaluation", paths.eval_json, "all metrics, model and image-blind baseline, with every prediction"),
+        ("answer", paths.answer_json, "question, answer text, boxes in model voxels / world mm / original voxels"),
+        ("figure", paths.answer_png, "predicted (solid) vs true (dashed) box on three slices"),
+    ]
+    for name, path, what in rows:
+        _say(f"  {name:<17} {path}\n  {'':<17} {what}")
+    case = result.case["id"] if result.case else "CASE_ID"
+    _say("next:\n"
+         f"  vol3d ask {paths.run} '{paths.cache}::{case}' \"Is there a kidney cyst?\"\n"
+         f"  vol3d eval {paths.run} --cache {paths.cache}\n"
+         "  jupyter lab notebooks/explore_grounded_answers.ipynb")
+
+
+def main_exit_code(opts: DemoOptions, finding: str | None = None) -> int:
+    """Run the demo for the CLI; Ctrl-C during training says how to resume (exit 130)."""
+    from vol3d.train.loop import TrainingInterrupted
+
+    try:
+        run_demo(opts, finding)
+    except TrainingInterrupted as exc:
+        print(f"vol3d demo: interrupted at step {exc.step}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
