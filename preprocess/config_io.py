@@ -97,14 +97,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of valid ones."""
+def from_dict(
+    cls: type[T], data: dict[str, Any], where: str = "config", flags: frozenset[str] = frozenset(), _prefix: str = ""
+) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of valid ones.
+
+    ``flags`` are the dotted field names whose values came from the command line: errors
+    about them name the flag (``--optim.lr``) rather than the file ``where``.
+    """
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        dotted = f"{_prefix}{k}"
+        tp, _ = _unwrap_optional(hints[k])
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            kwargs[k] = from_dict(tp, v, f"{where}.{k}", flags, f"{dotted}.")
+        else:
+            label = flag_name(dotted) if dotted in flags else f"{where}.{k}"
+            kwargs[k] = _coerce(v, hints[k], label)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -143,7 +157,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None =
         raise ConfigError(f"{path}: expected a mapping of fields at the top level")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
-    return from_dict(cls, data, where=str(path))
+    return from_dict(cls, data, where=str(path), flags=frozenset(overrides or {}))
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
@@ -162,6 +176,27 @@ def _help_of(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a dotted config field: ``ingest.uneven_policy`` -> ``--ingest.uneven-policy``."""
+    return "--" + field.replace("_", "-")
+
+
+def flag_hint(field: str, value: Any) -> str:
+    """How to set a config field, as the flag and the YAML line, for error messages:
+    ``flag_hint("ingest.uneven_policy", "resample")`` -> ``"pass --ingest.uneven-policy resample
+    (or ingest.uneven_policy: resample in the config)"``. Booleans use ``--x`` / ``--no-x``;
+    sequences are space-separated on the command line and a YAML list in the config."""
+    if isinstance(value, bool):
+        flag = flag_name(field) if value else "--no-" + flag_name(field)[2:]
+        yaml = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        flag = f"{flag_name(field)} {' '.join(str(v) for v in value)}"
+        yaml = "[" + ", ".join(str(v) for v in value) + "]"
+    else:
+        flag, yaml = f"{flag_name(field)} {value}", str(value)
+    return f"pass {flag} (or {field}: {yaml} in the config)"
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """Add one flag per field of ``cls`` (recursing into nested dataclasses as ``--a.b``).
 
@@ -177,7 +212,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if dataclasses.is_dataclass(tp):
             add_dataclass_args(parser, tp, prefix=f"{name}.")
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         kw: dict[str, Any] = {"dest": f"cfg:{name}", "default": argparse.SUPPRESS, "help": _help_of(f)}
         origin = typing.get_origin(tp)
         if tp is bool:
@@ -205,4 +240,4 @@ def build_config(cls: type[T], config_path: str | Path | None, args: argparse.Na
     data: dict[str, Any] = {}
     for key, value in overrides.items():
         _set_dotted(data, key, value)
-    return from_dict(cls, data, where="command line")
+    return from_dict(cls, data, where="command line", flags=frozenset(overrides))

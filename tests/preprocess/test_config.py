@@ -119,3 +119,19 @@ def test_flags_map_one_to_one_onto_fields_including_nested_and_dicts():
     assert cfg == _Outer(lr=0.5, sizes=(3, 4), flag=True, inner=_Inner(depth=7, params={"heads": 4, "name": "x"}))
     # untouched flags keep the dataclass defaults
     assert build_config(_Outer, None, parser.parse_args([])) == _Outer()
+
+
+def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_file(tmp_path):
+    import argparse
+
+    from preprocess.config_io import add_dataclass_args, build_config
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 0.1\ninner:\n  depth: 3\n")
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, _Outer)
+    with pytest.raises(ConfigError, match=r"^--inner\.depth: expected int"):
+        build_config(_Outer, preset, parser.parse_args(["--inner.depth", "abc"]))
+    preset.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml\.lr: expected float"):
+        build_config(_Outer, preset, parser.parse_args([]))
