@@ -8,8 +8,8 @@ Conventions (see docs/formats.md):
   (world +x = Right, +y = Anterior, +z = Superior, as in NIfTI/nibabel).
 - **Affines** are 4x4 matrices from array index ``(i, j, k, 1)`` to world
   millimetres in RAS+.
-- **DICOM** is LPS. :data:`LPS_TO_RAS` is applied exactly once, in
-  :func:`affine_from_dicom`, at ingest.
+- **DICOM** and **ITK** (SimpleITK: NRRD, MHA/MHD) are LPS. :data:`LPS_TO_RAS` is
+  applied only here, in :func:`affine_from_dicom` and :func:`affine_from_itk`, at ingest.
 - **Voxel boxes** ``(x0, y0, z0, x1, y1, z1)`` are in *continuous* index
   coordinates where voxel ``i`` is centred on ``i`` and covers ``[i-0.5, i+0.5]``;
   a box covering voxels ``a..b`` inclusive is ``[a-0.5, b+0.5]``. Its volume is
@@ -66,6 +66,31 @@ def affine_from_dicom(
     lps[:3, 1] = col_cos * float(pixel_spacing[0])
     lps[:3, 2] = np.asarray(slice_step_lps, dtype=float)
     lps[:3, 3] = np.asarray(position_lps, dtype=float)
+    return LPS_TO_RAS @ lps
+
+
+def affine_from_itk(
+    direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]
+) -> np.ndarray:
+    """RAS+ affine of a SimpleITK image whose array is taken as ``(X, Y, Z)`` (``GetArrayFromImage(img).T``).
+
+    Args:
+        direction: ``img.GetDirection()``, row-major ``(D*D,)`` with D >= 3 (LPS direction cosines,
+            column ``a`` = direction of index axis ``a``); only the spatial 3x3 block is used.
+        spacing: ``img.GetSpacing()`` (mm per index step, first three used).
+        origin: ``img.GetOrigin()`` (LPS mm of index ``(0, 0, 0)``, first three used).
+
+    Returns:
+        ``(4, 4)`` matrix mapping index ``(i, j, k)`` to RAS+ mm; equals
+        ``LPS_TO_RAS`` applied to ``img.TransformContinuousIndexToPhysicalPoint((i, j, k))``.
+    """
+    d = np.asarray(direction, dtype=float)
+    n = int(round(np.sqrt(d.size)))
+    if n * n != d.size or n < 3:
+        raise ValueError(f"direction must be a row-major DxD matrix with D >= 3, got {d.size} values")
+    lps = np.eye(4)
+    lps[:3, :3] = d.reshape(n, n)[:3, :3] * np.asarray(spacing, dtype=float)[:3][None]
+    lps[:3, 3] = np.asarray(origin, dtype=float)[:3]
     return LPS_TO_RAS @ lps
 
 

@@ -40,7 +40,8 @@ _HOW_TO = (
     "  export {env}=$(python -c 'import secrets; print(secrets.token_hex(32))')\n"
     "and keep it (in a password manager or a 0600 file you `source`): the same key gives the same "
     "pseudonymous ids in every run, a different key gives unrelated ids. "
-    "Alternatively set `id_key` in the preprocess config."
+    "Alternatively pass --id-key KEY (or id_key: KEY in the preprocess config; a flag shows in the "
+    "shell history, so prefer the variable)."
 )
 
 

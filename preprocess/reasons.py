@@ -32,6 +32,7 @@ REJECTED_4D = "REJECTED_4D"  # 4D input under the 'reject' policy
 LABEL_MISMATCH = "LABEL_MISMATCH"  # label mask geometry does not match its image
 PROCESSING_ERROR = "PROCESSING_ERROR"  # unexpected error while transforming/writing (a bug)
 INCONSISTENT_POSITIONS = "INCONSISTENT_POSITIONS"  # slice positions do not lie on one line
+NO_ORIENTATION = "NO_ORIENTATION"  # NIfTI with sform_code == qform_code == 0: world position unknown
 
 SKIP_REASONS = frozenset(
     {NOT_IMAGE, LOCALIZER, IMAGE_2D, TOO_FEW_SLICES, DERIVED, UNSUPPORTED_MODALITY, NOT_MEDICAL_FILE, EXTRA_VOLUME_4D}
@@ -53,5 +54,6 @@ FAIL_REASONS = frozenset(
         LABEL_MISMATCH,
         PROCESSING_ERROR,
         INCONSISTENT_POSITIONS,
+        NO_ORIENTATION,
     }
 )

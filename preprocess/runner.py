@@ -2,8 +2,10 @@
 
 One run:
 
-1. validate the side tables and the cache directory (exit 2 before any work);
-2. ``ingest.scan`` the input; keep this shard's candidates (``--shard i/N``);
+1. lock the cache directory (``.vol3d.lock``: one run at a time), validate the side tables
+   and the cache directory (exit 2 before any work);
+2. ``ingest.scan`` the input (exit 2 when it holds no image at all); keep this shard's
+   candidates (``--shard i/N``);
 3. give every candidate its pseudonymous ids (:mod:`preprocess.ids`) and side data
    (:mod:`preprocess.sidecars`) while the identifiers are at hand;
 4. process the ``ok`` candidates in a process pool: each worker hashes the source bytes,
@@ -14,6 +16,10 @@ One run:
 6. compact the manifest (one row per id), write the fingerprint, print a summary.
 
 ``merge_caches`` joins shard caches into one.
+
+No identifier reaches the manifest or the log: every ``detail`` goes through one
+:class:`Sanitiser`, which removes the candidate's key, UIDs, accession and PatientID and
+every absolute path, and hashes relative paths under ``--redact-paths``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,7 @@ PARAMS_NAME = "params.json"
 FINGERPRINT_NAME = "fingerprint.json"
 CASES_DIR = "cases"
 WORK_DIR = ".work"  # scratch for ingest (e.g. unpacked zips); removed at the end of a run
+LOCK_NAME = ".vol3d.lock"  # held (flock) by the run writing the cache; holds its pid
 FORMAT_VERSION = 1
 #: Test hook: SIGKILL the run itself after this many cases were written (deterministic kill point).
 KILL_HOOK_ENV = "VOL3D_TEST_KILL_AFTER"
@@ -193,18 +202,60 @@ def _clean_temporaries(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def cache_lock(out: Path):
+    """Hold an exclusive ``flock`` on ``out/.vol3d.lock`` (creating ``out``) while the block runs.
+
+    A second run on the same cache would delete the first one's in-flight temporaries and
+    interleave manifest rows, so it is refused with :class:`InputError` (exit 2) naming the
+    pid that holds the lock. The lock goes with the process (even ``kill -9``); the file stays.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one run per cache is then the user's business
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a+", encoding="ascii") as fh:  # closing it releases the lock
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "unknown"
+            raise InputError(
+                f"another vol3d preprocess (pid {pid}) is writing {out}; wait for it or use another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+
+
 def open_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
     """Create ``out`` or check that it is a cache made with the same parameters and id key.
 
     Refuses (exit 2, nothing changed) a cache made with other parameters or another key,
     and a non-empty folder that is not a vol3d cache, unless ``overwrite``; even then only
-    vol3d's own files are removed.
+    vol3d's own files are removed. Call it while holding :func:`cache_lock`.
     """
     out.mkdir(parents=True, exist_ok=True)
-    pfile = out / PARAMS_NAME
+    check_cache(out, params, overwrite)
     if overwrite:
         _remove_own_files(out)
-    elif pfile.exists():
+    _write_json_atomic(out / PARAMS_NAME, params)
+    _clean_temporaries(out)
+
+
+def check_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
+    """The checks of :func:`open_cache`, changing nothing (raises :class:`InputError`)."""
+    pfile = out / PARAMS_NAME
+    if not out.is_dir():
+        return
+    if overwrite:
+        return
+    if pfile.exists():
         old = _read_json(pfile)
         if old.get("params_hash") != params["params_hash"]:
             changed = _changed_fields(old.get("config", {}), params["config"]) or ["(unknown)"]
@@ -217,13 +268,73 @@ def open_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
                 f"{out} was made with a different id key ({ids.ENV_VAR}), so its pseudonymous ids would not "
                 "match; use the original key, a new --out, or --overwrite"
             )
-    elif any(p.name != WORK_DIR for p in out.iterdir()):
+    elif any(p.name not in (WORK_DIR, LOCK_NAME) for p in out.iterdir()):
         raise InputError(
             f"{out} is not empty and is not a vol3d cache (no {PARAMS_NAME}); choose a new or empty --out "
             "(or pass --overwrite to write vol3d's files next to the existing ones)"
         )
-    _write_json_atomic(pfile, params)
-    _clean_temporaries(out)
+
+
+# ----------------------------------------------------------------------------- sanitising details
+
+#: An absolute path (posix, or a Windows drive) not preceded by a word: ``/data/x.dcm``, ``C:\\x``.
+_ABS_PATH_RE = re.compile(r"(?<![\w.~-])(?:/|[A-Za-z]:[\\/])[^\s'\"(),;]+")
+#: Identifiers shorter than this are not searched for (they would match inside numbers and words).
+_MIN_IDENTIFIER = 4
+_HOLD = 0xE000  # private-use characters stand for text already rewritten (see Sanitiser.__call__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sanitiser:
+    """Takes a candidate's identifiers and every absolute path out of a detail sentence or traceback.
+
+    Built in the parent process (:func:`make_sanitiser`, which knows the id key) and plain
+    data, so a worker applies the very same rewriting.
+    """
+
+    paths: tuple[tuple[str, str], ...] = ()  # (text, replacement), longest text first
+    identifiers: tuple[str, ...] = ()  # key, UIDs, accession, PatientID; replaced by "<id>"
+
+    def __call__(self, text: str) -> str:
+        held: list[str] = []
+
+        def hold(new: str) -> str:
+            held.append(new)
+            return chr(_HOLD + len(held) - 1)
+
+        for old, new in self.paths:  # paths first: a relative path shown as is may contain the key
+            if old in text:
+                text = text.replace(old, hold(new))
+        for ident in self.identifiers:
+            text = text.replace(ident, "<id>")
+        # what is left is not the series' own file: keep a code file's name, it helps a bug report
+        text = _ABS_PATH_RE.sub(lambda m: "<path>/" + Path(m[0]).name if m[0].endswith(".py") else "<path>", text)
+        return "".join(held[ord(ch) - _HOLD] if _HOLD <= ord(ch) < _HOLD + len(held) else ch for ch in text)
+
+
+def make_sanitiser(c: Candidate, redact: Callable[[str], str], side: CaseSide | None = None) -> Sanitiser:
+    """The :class:`Sanitiser` of candidate ``c``: its absolute source files become their relative
+    paths (``redact``-ed), side-data files become "the label map"/"the lesion map", and its key,
+    UIDs, accession and PatientID become ``<id>``."""
+    paths: dict[str, str] = {}
+    for rel in c.source:  # the series' folders too: a detail may name the folder, not a file
+        parts = rel.split("/")
+        for i in range(len(parts)):
+            name = "/".join(parts[: i + 1])
+            paths[name] = redact(name)
+    for absolute, rel in zip(c.source_files, c.source, strict=False):
+        for form in {str(absolute), os.path.abspath(absolute), str(Path(absolute).resolve())}:
+            paths[form] = redact(rel)
+    for file, what in ((side.label_path, "the label map"), (side.lesion_path, "the lesion map")) if side else ():
+        if file:
+            paths.update({str(file): what, str(Path(file).resolve()): what})
+    ident = c.identity
+    base_key = re.sub(r"(#\d+(-\d+)?|@\d+)$", "", c.key)
+    idents = {c.key, base_key, ident.patient_id, ident.study_uid, ident.series_uid, ident.accession}
+    return Sanitiser(
+        paths=tuple(sorted(paths.items(), key=lambda kv: len(kv[0]), reverse=True)),
+        identifiers=tuple(sorted((i for i in idents if len(i) >= _MIN_IDENTIFIER), key=len, reverse=True)),
+    )
 
 
 # ----------------------------------------------------------------------------- per-case work (worker side)
@@ -237,6 +348,7 @@ class CaseTask:
     row: ManifestRow  # id, patient, study, split, source already filled in
     side: CaseSide
     previous: ManifestRow | None  # the last manifest row of this id, to skip unchanged work
+    sanitise: Sanitiser = dataclasses.field(default_factory=Sanitiser)  # for every detail and log line
 
 
 def _reusable(prev: ManifestRow | None, source_hash: str, side_hash: str, params_hash: str, out: Path) -> bool:
@@ -248,19 +360,28 @@ def _reusable(prev: ManifestRow | None, source_hash: str, side_hash: str, params
     return prev.status == "failed" and prev.reason != reasons.PROCESSING_ERROR
 
 
-def _load_label(side: CaseSide, image: Any) -> np.ndarray | None:
-    if side.label_path is None:
+def _load_side_map(path: str | None, what: str, series: str, image: Any) -> np.ndarray | None:
+    """A label or lesion map of the series at ``series`` (its relative source path), aligned on
+    ``image``'s original grid, or None without one. Errors never name the map's file: its name is
+    the series' key (a UID)."""
+    if path is None:
         return None
     import nibabel as nib
 
     from preprocess.transforms import align_label
 
     try:
-        img = nib.load(side.label_path)
+        img = nib.load(path)
         arr = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for a bad file
-        raise SeriesError(reasons.LABEL_MISMATCH, f"label map {Path(side.label_path).name} cannot be read ({exc})") from None
-    return align_label(arr, img.affine, image)
+    except Exception as exc:  # nibabel raises many types for a bad file; its message holds the path
+        kind = "not a NIfTI file" if isinstance(exc, nib.filebasedimages.ImageFileError) else type(exc).__name__
+        raise SeriesError(reasons.LABEL_MISMATCH, f"the {what} joined to {series} cannot be read ({kind}); "
+                          "re-export it") from None  # fmt: skip
+    try:
+        return align_label(arr, img.affine, image, what=what)
+    except SeriesError as exc:
+        raise SeriesError(exc.reason, f"the {what} joined to {series} does not fit it: {exc.detail}; "
+                          "re-export it on the image's grid") from None  # fmt: skip
 
 
 def process_case(task: CaseTask, cfg: PreprocessConfig, out: Path, params_hash: str) -> tuple[ManifestRow, bool]:
@@ -279,16 +400,19 @@ def process_case(task: CaseTask, cfg: PreprocessConfig, out: Path, params_hash: 
             return task.previous, True  # type: ignore[return-value]
         row.source_hash, row.side_hash, row.params_hash = source_hash, side_hash, params_hash
         image = ingest.load(task.candidate, cfg.ingest)
-        label = _load_label(task.side, image)
+        series = task.candidate.source[0] if task.candidate.source else "this series"
+        label = _load_side_map(task.side.label_path, "label map", series, image)
+        instances = _load_side_map(task.side.lesion_path, "lesion map", series, image)
         from preprocess.transforms import prepare
 
-        prepared = prepare(image, cfg, label=label)
-        _write(task, row, prepared, cfg, out)
+        prepared = prepare(image, cfg, label=label, instances=instances)
+        _write(task, row, prepared, cfg, out, instances)
     except SeriesError as exc:
-        _fail(row, exc.reason, exc.detail)
+        _fail(row, exc.reason, task.sanitise(exc.detail))
     except Exception as exc:  # a bug or an exhausted machine: record it, keep going with the other cases
-        log.debug("unexpected error in case %s", row.id, exc_info=True)
-        _fail(row, reasons.PROCESSING_ERROR, f"unexpected {type(exc).__name__} while processing: {exc}; please report it")
+        # the message of an arbitrary exception may quote paths or header values: only its type is kept
+        log.debug("unexpected error in case %s:\n%s", row.id, task.sanitise(traceback.format_exc()))
+        _fail(row, reasons.PROCESSING_ERROR, f"unexpected {type(exc).__name__}; rerun with -v and report it")
     return row, False
 
 
@@ -298,15 +422,20 @@ def _fail(row: ManifestRow, reason: str, detail: str) -> None:
     row.has_label = row.has_report = row.n_boxes = row.n_codes = row.stats = None
 
 
-def _write(task: CaseTask, row: ManifestRow, prepared: Any, cfg: PreprocessConfig, out: Path) -> None:
+def _write(
+    task: CaseTask, row: ManifestRow, prepared: Any, cfg: PreprocessConfig, out: Path, instances: Any = None
+) -> None:
     from preprocess import store
+    from preprocess.transforms import FLAG_NOTES, cached_boxes
 
+    boxes = cached_boxes(task.side.boxes, prepared, instances)
+    prepared.flags.extend(f for f in boxes.flags if f not in prepared.flags)
     rel = case_relpath(row.id)
     store.write_case(
         out / rel,
         row.id,
         prepared,
-        boxes=task.side.boxes,
+        boxes=boxes,
         report={"findings": task.side.findings, "impression": task.side.impression},
         codes=task.side.codes,
         attrs={"source_hash": row.source_hash, "params_hash": row.params_hash, "side_hash": row.side_hash},
@@ -316,6 +445,9 @@ def _write(task: CaseTask, row: ManifestRow, prepared: Any, cfg: PreprocessConfi
     row.shape = [int(n) for n in prepared.shape]
     row.spacing = [round(float(s), 6) for s in prepared.spacing]
     row.flags = list(prepared.flags)
+    notes = [FLAG_NOTES[f] for f in row.flags if f in FLAG_NOTES]
+    if notes:
+        row.detail = " ".join([row.detail, *(f"Note: {n}." for n in notes)]).strip()
     row.has_label = prepared.label is not None
     row.has_report = task.side.has_report
     row.n_boxes = len(task.side.boxes)
@@ -373,21 +505,10 @@ def _redactor(key: bytes, enabled: bool):
     return redact
 
 
-def _redact_detail(detail: str, sources: list[str], redact) -> str:
-    # Details name the series by its path; replace every path (and its parent folders) by its hash.
-    names = set()
-    for s in sources:
-        parts = s.split("/")
-        names.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    for name in sorted(names, key=len, reverse=True):
-        detail = detail.replace(name, redact(name))
-    return detail
-
-
 def _base_row(c: Candidate, key: bytes, fractions: tuple[float, float, float], redact) -> ManifestRow:
     patient = ids.patient_pseudonym(key, c)
     source = [redact(s) for s in c.source]
-    detail = _redact_detail(c.detail, c.source, redact) if redact("x") != "x" else c.detail
+    detail = make_sanitiser(c, redact)(c.detail)
     return ManifestRow(
         id=ids.case_id(key, c),
         status=c.status,
@@ -478,8 +599,6 @@ def run_preprocess(
 
     Raises :class:`InputError`/``ConfigError`` (exit 2) before any work for bad input.
     """
-    from preprocess import ingest
-
     t0 = time.monotonic()
     src, out = Path(src), Path(out)
     side = side or SideTables()
@@ -490,11 +609,21 @@ def run_preprocess(
     ids.assign_split("p_check", fractions)  # validates the fractions before any work
     key = ids.resolve_id_key(cfg.id_key)
     params = make_params(cfg, key, fractions)
-    params_hash = params["params_hash"]
-    open_cache(out, params, opts.overwrite)
+    with cache_lock(out):
+        return _run_locked(src, out, cfg, side, opts, key, params, t0)
 
+
+def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
+                params: dict[str, Any], t0: float) -> Summary:  # fmt: skip
+    from preprocess import ingest
+
+    fractions = tuple(float(f) for f in opts.split_fractions)
+    params_hash = params["params_hash"]
+    check_cache(out, params, opts.overwrite)  # before the (long) scan; nothing written yet
     workdir = out / WORK_DIR
     candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress)
+    _require_images(src, candidates, workdir)
+    open_cache(out, params, opts.overwrite)
     if opts.shard is not None:
         i, n = opts.shard
         candidates = [c for c in candidates if shard_of(c, n) == i]
@@ -514,7 +643,9 @@ def run_preprocess(
                     raise RuntimeError(f"duplicate case id {row.id} from the scan")
                 seen.add(row.id)
                 if c.status == "ok":
-                    tasks.append(CaseTask(c, row, side.for_case(c), previous.get(row.id)))
+                    case_side = side.for_case(c)
+                    sanitise = make_sanitiser(c, redact, case_side)
+                    tasks.append(CaseTask(c, row, case_side, previous.get(row.id), sanitise))
                     continue
                 if previous.get(row.id) != row:
                     writer.append(row)
@@ -539,6 +670,18 @@ def run_preprocess(
     shutil.rmtree(workdir, ignore_errors=True)
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _require_images(src: Path, candidates: list[Candidate], workdir: Path) -> None:
+    """Exit 2 (:class:`InputError`) when the scan found no image and no failed file: a wrong path,
+    not an export whose every series was skipped by policy."""
+    if any(c.kind != "file" or c.status == "failed" for c in candidates):
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+    by_reason = collections.Counter(c.reason for c in candidates)
+    seen = ", ".join(f"{n} {r}" for r, n in by_reason.most_common()) or "none"
+    raise InputError(f"no image found under {src} ({len(candidates)} files looked at: {seen}); check the path "
+                     "(a DICOM folder, DICOMDIR, zip or NIfTI/NRRD/MHA file)")  # fmt: skip
 
 
 def _scan_config(cfg: PreprocessConfig, src: Path, side: SideTables) -> Any:
@@ -616,6 +759,11 @@ def merge_caches(shards: list[str | Path], out: str | Path, overwrite: bool = Fa
             what = "parameters" if this.get("params_hash") != params.get("params_hash") else "id keys"
             raise InputError(f"shards {first} and {d} were made with different {what}; they cannot be merged")
     assert params is not None
+    with cache_lock(out):
+        return _merge_locked(shard_dirs, out, params, overwrite, t0)
+
+
+def _merge_locked(shard_dirs: list[Path], out: Path, params: dict[str, Any], overwrite: bool, t0: float) -> Summary:
     open_cache(out, params, overwrite)
 
     best: dict[str, tuple[ManifestRow, Path]] = {}

@@ -12,7 +12,10 @@ before anything is written.
   are kept (descriptions are free text).
 - labels DIR: ``<key>.nii.gz`` (or ``.nii``) per series, key = SeriesInstanceUID for DICOM,
   file stem for NIfTI.
-- boxes JSON: a list of ``{"key", "finding", "organ", "box_world_ras_mm": [x0,y0,z0,x1,y1,z1]}``.
+- boxes JSON: a list of ``{"key", "finding", "organ", "box_world_ras_mm": [x0,y0,z0,x1,y1,z1]}``
+  with an optional ``"instance": k`` (its value in the series' lesion instance map).
+- lesions DIR: ``<key>.nii.gz`` (or ``.nii``) instance maps, value k = the box with ``"instance": k``;
+  the cached box is then the box of the lesion's voxels (tight on oblique series too).
 """
 
 from __future__ import annotations
@@ -44,11 +47,17 @@ class CaseSide:
     boxes: list[dict] = dataclasses.field(default_factory=list)  # {"finding", "organ", "box_world_ras_mm"}
     label_path: str | None = None  # absolute path of the label map, if any
     label_hash: str = ""  # sha256 of the label file bytes (a changed mask means redo)
+    lesion_path: str | None = None  # absolute path of the lesion instance map, if any
+    lesion_hash: str = ""  # sha256 of the instance map bytes
 
     def digest(self) -> str:
         """sha256 over everything above: a case whose side data changed is redone."""
         data = dataclasses.asdict(self)
-        data.pop("label_path")  # where the mask lives does not change the output; its bytes do
+        # where the masks live does not change the output; their bytes do
+        data.pop("label_path")
+        data.pop("lesion_path")
+        if not data["lesion_hash"]:  # caches made before --lesions existed keep their digests
+            data.pop("lesion_hash")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -134,13 +143,18 @@ def load_boxes(path: str | Path) -> dict[str, list[dict]]:
                 f"{where}: field 'box_world_ras_mm' must be 6 finite numbers [x0,y0,z0,x1,y1,z1] in RAS+ mm "
                 f"with x0<=x1, y0<=y1, z0<=z1; got {box!r}"
             )
-        out.setdefault(key, []).append(
-            {
-                "finding": str(item.get("finding", "")),
-                "organ": str(item.get("organ", "")),
-                "box_world_ras_mm": [float(v) for v in box],
-            }
-        )
+        instance = item.get("instance")
+        if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int) or instance < 1):
+            raise InputError(f"{where}: field 'instance' must be a positive integer (the lesion's value in its "
+                             f"instance map), got {instance!r}")  # fmt: skip
+        row = {
+            "finding": str(item.get("finding", "")),
+            "organ": str(item.get("organ", "")),
+            "box_world_ras_mm": [float(v) for v in box],
+        }
+        if instance is not None:
+            row["instance"] = instance
+        out.setdefault(key, []).append(row)
     return out
 
 
@@ -152,6 +166,7 @@ class SideTables:
     codes: dict[str, list[str]] | None = None
     boxes: dict[str, list[dict]] | None = None
     labels_dir: Path | None = None
+    lesions_dir: Path | None = None
     paths: tuple[Path, ...] = ()  # every table file/folder given (kept out of the image scan)
 
     @classmethod
@@ -161,23 +176,28 @@ class SideTables:
         codes: str | Path | None = None,
         boxes: str | Path | None = None,
         labels: str | Path | None = None,
+        lesions: str | Path | None = None,
     ) -> SideTables:
         """Read every given table; raise :class:`InputError` naming the file/column on any problem."""
-        if labels is not None and not Path(labels).is_dir():
-            raise InputError(f"labels directory {labels} does not exist; pass the folder of <key>.nii.gz masks")
+        for folder, flag, what in ((labels, "--labels", "masks"), (lesions, "--lesions", "lesion instance maps")):
+            if folder is not None and not Path(folder).is_dir():
+                raise InputError(f"{flag} directory {folder} does not exist; pass the folder of <key>.nii.gz {what}")
         return cls(
             reports=load_reports(reports) if reports is not None else None,
             codes=load_codes(codes) if codes is not None else None,
             boxes=load_boxes(boxes) if boxes is not None else None,
             labels_dir=Path(labels) if labels is not None else None,
-            paths=tuple(Path(p) for p in (reports, codes, boxes, labels) if p is not None),
+            lesions_dir=Path(lesions) if lesions is not None else None,
+            paths=tuple(Path(p) for p in (reports, codes, boxes, labels, lesions) if p is not None),
         )
 
-    def label_file(self, key: str) -> Path | None:
-        if self.labels_dir is None or not key:
+    def label_file(self, key: str, folder: Path | None = None) -> Path | None:
+        """``<key>.nii.gz`` (or ``.nii``) in ``folder`` (default: the labels folder), if it exists."""
+        folder = self.labels_dir if folder is None else folder
+        if folder is None or not key:
             return None
         for suffix in LABEL_SUFFIXES:
-            p = self.labels_dir / f"{key}{suffix}"
+            p = folder / f"{key}{suffix}"
             if p.is_file():
                 return p
         return None
@@ -201,4 +221,9 @@ class SideTables:
         if label is not None:
             side.label_path = str(label)
             side.label_hash = hashlib.sha256(label.read_bytes()).hexdigest()
+        if self.lesions_dir is not None:
+            lesion = self.label_file(candidate.key, self.lesions_dir) or self.label_file(base_key, self.lesions_dir)
+            if lesion is not None:
+                side.lesion_path = str(lesion)
+                side.lesion_hash = hashlib.sha256(lesion.read_bytes()).hexdigest()
         return side

@@ -17,9 +17,8 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from preprocess import geometry
 from preprocess.config import PreprocessConfig, derive_chunk
-from preprocess.transforms import Prepared, boxes_world_to_cached
+from preprocess.transforms import CachedBoxes, Prepared, cached_boxes
 
 #: Bumped when the layout changes incompatibly (attribute ``format_version``).
 FORMAT_VERSION = 1
@@ -132,7 +131,7 @@ def write_case(
     key: str,
     prepared: Prepared,
     *,
-    boxes: Sequence[Mapping[str, Any]] | None = None,
+    boxes: Sequence[Mapping[str, Any]] | CachedBoxes | None = None,
     report: Mapping[str, str] | None = None,
     codes: Sequence[str] | None = None,
     attrs: Mapping[str, Any] | None = None,
@@ -145,7 +144,9 @@ def write_case(
         key: group name, the case's pseudonymous id.
         prepared: output of :func:`preprocess.transforms.prepare`.
         boxes: rows like ``boxes.json`` (``box_world_ras_mm`` or ``world``: 6 floats in RAS mm,
-            ``finding``, ``organ``); stored in world mm and in cached voxels with the visible fraction.
+            ``finding``, ``organ``), converted from their world boxes, or the output of
+            :func:`preprocess.transforms.cached_boxes` (boxes from lesion instance maps); stored in
+            world mm and in cached voxels with the visible fraction and how each was computed.
         report: ``{"findings": ..., "impression": ...}`` (free text of the report, no identifiers).
         codes: EHR codes (e.g. ICD-10) of the patient.
         attrs: extra group attributes, e.g. ``source_hash``; identifier-like names are refused.
@@ -159,13 +160,16 @@ def write_case(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     codec = _codec(cfg.compression)
     chunk = derive_chunk(prepared.shape, cfg.patch_size, cfg.chunk)
+    if not isinstance(boxes, CachedBoxes):
+        boxes = cached_boxes(list(boxes or []), prepared)
+    flags = [*prepared.flags, *(f for f in boxes.flags if f not in prepared.flags)]
     try:
         with h5py.File(tmp, "w") as f:
             g = f.create_group(key)
             g.create_dataset("image", data=prepared.image, chunks=(1, *chunk), **codec)
             if prepared.label is not None:
                 g.create_dataset("label", data=prepared.label, chunks=chunk, **codec)
-            _write_boxes(g, boxes or [], prepared)
+            _write_boxes(g, boxes)
             idx = patch_index(prepared.foreground, prepared.label, cfg.patch_size)
             d = g.create_dataset("patch_index", data=idx)
             d.attrs["patch_size"] = np.asarray(cfg.patch_size, dtype=np.int64)
@@ -185,7 +189,7 @@ def write_case(
             a["report_findings"] = str((report or {}).get("findings", "") or "")
             a["report_impression"] = str((report or {}).get("impression", "") or "")
             a["codes"] = _strings(codes or [])
-            a["flags"] = _strings(prepared.flags)
+            a["flags"] = _strings(flags)
             a["source_hash"] = str(attrs.pop("source_hash", ""))
             a["params_hash"] = str(attrs.pop("params_hash", cfg.params_hash()))
             for name, value in attrs.items():
@@ -199,15 +203,14 @@ def write_case(
     return path
 
 
-def _write_boxes(g: h5py.Group, boxes: Sequence[Mapping[str, Any]], prepared: Prepared) -> None:
-    world = geometry.as_boxes([b.get("box_world_ras_mm", b.get("world")) for b in boxes])
-    vox, visible = boxes_world_to_cached(world, prepared)
+def _write_boxes(g: h5py.Group, boxes: CachedBoxes) -> None:
     bg = g.create_group("boxes")
-    bg.create_dataset("world", data=world.astype(np.float32).reshape(-1, 6))
-    bg.create_dataset("vox", data=vox.astype(np.float32).reshape(-1, 6))
-    bg.create_dataset("visible", data=np.asarray(visible, dtype=np.float32).reshape(-1))
-    bg.create_dataset("finding", data=_strings(b.get("finding", "") for b in boxes))
-    bg.create_dataset("organ", data=_strings(b.get("organ", "") for b in boxes))
+    bg.create_dataset("world", data=boxes.world.astype(np.float32).reshape(-1, 6))
+    bg.create_dataset("vox", data=boxes.vox.astype(np.float32).reshape(-1, 6))
+    bg.create_dataset("visible", data=np.asarray(boxes.visible, dtype=np.float32).reshape(-1))
+    bg.create_dataset("finding", data=_strings(boxes.finding))
+    bg.create_dataset("organ", data=_strings(boxes.organ))
+    bg.create_dataset("source", data=_strings(boxes.source))
 
 
 def remove_temp_files(folder: str | Path) -> int:
@@ -297,11 +300,14 @@ class CaseReader:
         return d[()] if start is None else read_window(d, start, size if size is not None else d.shape)
 
     def boxes(self) -> dict[str, Any]:
-        """``vox`` and ``world`` ``(N, 6)``, ``visible`` ``(N,)``, ``finding`` and ``organ`` lists."""
+        """``vox`` and ``world`` ``(N, 6)``, ``visible`` ``(N,)``, ``finding``, ``organ`` and ``source``
+        lists (``source``: "mask" or "world_box", see :func:`preprocess.transforms.cached_boxes`)."""
         b = self.group["boxes"]
         out: dict[str, Any] = {k: np.asarray(b[k][()]) for k in ("vox", "world", "visible")}
         for k in ("finding", "organ"):
             out[k] = _plain(np.asarray(b[k][()], dtype=object))
+        # files written before boxes/source existed converted every box from its world box
+        out["source"] = _plain(np.asarray(b["source"][()], dtype=object)) if "source" in b else ["world_box"] * len(out["vox"])
         return out
 
     def patch_index(self) -> np.ndarray:

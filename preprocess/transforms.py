@@ -39,6 +39,23 @@ FLAG_NO_FOREGROUND = "NO_FOREGROUND"
 #: Flag of an image whose foreground (or label) did not fit in ``fixed_size``.
 FLAG_FOREGROUND_CLIPPED = "FOREGROUND_CLIPPED"
 
+#: Flag of a CT whose air is not near -1000: raw stored values, or HU rescaled twice (see :func:`_ct_not_hu`).
+FLAG_CT_NOT_HU = "CT_NOT_HU"
+#: Flag of an oblique case with a box converted from its world box (the enclosing box, larger than the lesion).
+FLAG_BOXES_ENCLOSING = "BOXES_ENCLOSING"
+#: One sentence per flag that needs a look, appended to the manifest row's ``detail``.
+FLAG_NOTES = {
+    FLAG_CT_NOT_HU: "CT_NOT_HU: the darkest voxels are not near air (-1000 HU), so the values are probably raw "
+    "stored values or HU rescaled twice; check RescaleSlope/RescaleIntercept (or the NIfTI's scl_slope/scl_inter) "
+    "of the export",
+    FLAG_BOXES_ENCLOSING: "BOXES_ENCLOSING: the series is oblique and some boxes came from world boxes, so they "
+    "enclose more than the lesion; pass --lesions DIR (instance maps) for tight boxes",
+}
+
+#: CT plausibility: the 0.5th percentile (padding excluded) must lie in this HU range (air is -1000).
+_CT_AIR_RANGE = (-2000.0, -500.0)
+_CT_LOW_PERCENTILE = 0.5
+_AIR_BAND = (-1100.0, -900.0)  # a constant minimum in this band is air, not padding
 _OBLIQUE_TOL = 1e-4  # off-axis direction cosine above which a grid counts as oblique
 _N_FG_SAMPLES = 1000  # foreground intensities kept per case for the fingerprint
 
@@ -68,6 +85,7 @@ class Prepared:
     fg_samples: (
         np.ndarray
     )  # float32 (K,): original intensities sampled in the foreground (label if any), for the fingerprint
+    instances: np.ndarray | None = None  # uint8 (X, Y, Z) lesion instance map (boxes only; not cached)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -262,6 +280,27 @@ def _label_box(label: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 # ----------------------------------------------------------------------------- intensity
 
 
+def _ct_not_hu(sample: np.ndarray) -> bool:
+    """True when a CT sample's robust low percentile is far from air (-1000 HU).
+
+    A body CT always holds air (outside the body, lungs, bowel); raw stored values put it
+    near 0 and a second rescale near -2000. A constant fill outside the reconstruction
+    circle (PixelPaddingValue, often -2048 or -3024) is not air, so the minimum value is left
+    out when it covers more than 1% of the sample and is not itself air (a phantom's air is
+    often exactly -1000).
+    """
+    vals = np.asarray(sample, dtype=np.float32).ravel()
+    if vals.size == 0:
+        return False
+    lowest = float(vals.min())
+    pad = vals == lowest
+    if pad.mean() > 0.01 and not pad.all() and not _AIR_BAND[0] <= lowest <= _AIR_BAND[1]:
+        vals = vals[~pad]
+    low = float(np.percentile(vals, _CT_LOW_PERCENTILE))
+    return not _CT_AIR_RANGE[0] <= low <= _CT_AIR_RANGE[1]
+
+
+
 def _scale(raw: np.ndarray, lo: float, hi: float, out: np.ndarray) -> None:
     """``clip((raw - lo) / (hi - lo), 0, 1)`` into the float16 ``out`` (same shape)."""
     tmp = raw - np.float32(lo)
@@ -273,13 +312,17 @@ def _scale(raw: np.ndarray, lo: float, hi: float, out: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- prepare
 
 
-def prepare(image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None) -> Prepared:
+def prepare(
+    image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None, instances: np.ndarray | None = None
+) -> Prepared:
     """Turn an :class:`Image` (original grid) and optional label into a :class:`Prepared` case.
 
     Args:
         image: ``array`` float32 ``(X, Y, Z)`` or ``(C, X, Y, Z)`` with ``affine`` (original index -> RAS mm).
         cfg: target spacing, intensity windows, crop and pad settings.
         label: integer map ``(X, Y, Z)`` on the image's original grid (see :func:`align_label`).
+        instances: lesion instance map ``(X, Y, Z)`` on the original grid, resampled like ``label``
+            (nearest neighbour) for :func:`cached_boxes`; it does not change the crop.
 
     Returns:
         The cached image float16 ``(C', X', Y', Z')`` (CT: ``C' = C * len(ct_windows)``), label,
@@ -295,10 +338,11 @@ def prepare(image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     orig_shape = tuple(int(n) for n in arr.shape[1:])
-    if label is not None and tuple(label.shape) != orig_shape:
-        raise SeriesError(
-            LABEL_MISMATCH, f"label shape {tuple(label.shape)} differs from image shape {orig_shape}"
-        )
+    for what, vol in (("label", label), ("lesion map", instances)):
+        if vol is not None and tuple(vol.shape) != orig_shape:
+            raise SeriesError(
+                LABEL_MISMATCH, f"{what} shape {tuple(vol.shape)} differs from image shape {orig_shape}"
+            )
     modality = (image.modality or cfg.modality_default).upper()
     orig_affine = np.asarray(image.affine, dtype=float)
     g = _grid(orig_affine, orig_shape, cfg.target_spacing)
@@ -314,6 +358,8 @@ def prepare(image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None
     stride = np.maximum(1, np.floor(2 * g.scale)).astype(np.int64)
     every = tuple(slice(None, None, int(st)) for st in stride)
     sub = can[(0, *every)]  # original intensities (a strided view, no interpolation)
+    if modality == "CT" and _ct_not_hu(sub):
+        flags.append(FLAG_CT_NOT_HU)
     threshold = _foreground_threshold(sub, modality, cfg)
     sub_fg = sub > threshold
     if label is not None:  # nnU-Net's fingerprint samples intensities in the labelled foreground
@@ -378,13 +424,16 @@ def prepare(image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None
     fg_in = raw[0] > threshold
     foreground = np.zeros(out_shape, dtype=bool)
     foreground[place[1:]] = fg_in
-    label_out = None
-    if label is not None:
-        lab_can = apply_orientation(np.asarray(label), g.ornt)
+
+    def nearest_cached(vol: np.ndarray, what: str) -> np.ndarray:
+        """An integer map of the original grid on the cached grid (nearest neighbour, 0 outside)."""
+        can_vol = apply_orientation(np.asarray(vol), g.ornt)
         idx = [_nearest(c, int(n)) for c, n in zip(coords, g.can_shape, strict=True)]
-        lab_in = _as_uint8(lab_can[np.ix_(*idx)], "label")
-        label_out = np.zeros(out_shape, dtype=np.uint8)
-        label_out[place[1:]] = lab_in
+        out = np.zeros(out_shape, dtype=np.uint8)
+        out[place[1:]] = _as_uint8(can_vol[np.ix_(*idx)], what)
+        return out
+
+    label_out = None if label is None else nearest_cached(label, "label")
 
     # --- intensities -> channels in 0..1
     if modality == "CT":
@@ -418,6 +467,7 @@ def prepare(image: Image, cfg: PreprocessConfig, label: np.ndarray | None = None
         flags=flags,
         foreground=foreground,
         fg_samples=np.asarray(fg_samples, dtype=np.float32),
+        instances=None if instances is None else nearest_cached(instances, "lesion map"),
     )
 
 
@@ -437,19 +487,24 @@ def _as_uint8(label: np.ndarray, what: str) -> np.ndarray:
 
 
 def align_label(
-    label_array: np.ndarray, label_affine: np.ndarray, image: Image, tol_voxel: float = 0.01
+    label_array: np.ndarray,
+    label_affine: np.ndarray,
+    image: Image,
+    tol_voxel: float = 0.01,
+    what: str = "label",
 ) -> np.ndarray:
     """Bring a label map stored with its own affine onto ``image``'s original grid.
 
     Accepts the same grid up to axis permutation and flips (e.g. the mask saved in RAS
     while the image is a DICOM stack); anything else raises ``SeriesError(LABEL_MISMATCH)``
-    naming what differs. Returns uint8 ``(X, Y, Z)`` aligned with ``image.array``.
+    saying what differs (``what`` names the map in it, e.g. "lesion map"; the caller adds
+    which series, see ``preprocess.runner``). Returns uint8 ``(X, Y, Z)`` aligned with ``image.array``.
     """
     lab = np.asarray(label_array)
     while lab.ndim > 3 and lab.shape[-1] == 1:  # (X, Y, Z, 1) as some writers store masks
         lab = lab[..., 0]
     if lab.ndim != 3:
-        raise SeriesError(LABEL_MISMATCH, f"label must be a 3D map, got shape {lab.shape}")
+        raise SeriesError(LABEL_MISMATCH, f"{what} must be a 3D map, got shape {lab.shape}")
     img_shape = tuple(int(n) for n in np.shape(image.array)[-3:])
     img_aff = np.asarray(image.affine, dtype=float)
     lab_aff = np.asarray(label_affine, dtype=float)
@@ -459,7 +514,7 @@ def align_label(
     if moved.shape != img_shape:
         raise SeriesError(
             LABEL_MISMATCH,
-            f"label grid {lab.shape} does not match image grid {img_shape} (even after reordering axes)",
+            f"{what} grid {lab.shape} does not match image grid {img_shape} (even after reordering axes)",
         )
     spacing = geometry.spacing_from_affine(img_aff)
     tol = tol_voxel * spacing.min()
@@ -467,7 +522,7 @@ def align_label(
     if not np.allclose(lab_sp, spacing, atol=tol):
         raise SeriesError(
             LABEL_MISMATCH,
-            f"label spacing {np.round(lab_sp, 4)} mm differs from image {np.round(spacing, 4)} mm",
+            f"{what} spacing {np.round(lab_sp, 4)} mm differs from the image's {np.round(spacing, 4)} mm",
         )
     corners = np.array([[0, 0, 0], np.array(img_shape) - 1])
     shift = np.abs(
@@ -475,13 +530,79 @@ def align_label(
     ).max()
     if not np.allclose(moved_aff[:3, :3], img_aff[:3, :3], atol=tol):
         raise SeriesError(
-            LABEL_MISMATCH, "label axes are rotated with respect to the image (different direction cosines)"
+            LABEL_MISMATCH, f"{what} axes are rotated with respect to the image (different direction cosines)"
         )
     if shift > tol:
         raise SeriesError(
-            LABEL_MISMATCH, f"label is shifted by {shift:.3f} mm from the image (origin differs)"
+            LABEL_MISMATCH, f"{what} is shifted by {shift:.3f} mm from the image (origin differs)"
         )
-    return np.ascontiguousarray(_as_uint8(moved, "label"))
+    return np.ascontiguousarray(_as_uint8(moved, what))
+
+
+@dataclasses.dataclass
+class CachedBoxes:
+    """The finding boxes of one case on its cached grid: what the HDF5 group ``boxes/`` holds."""
+
+    world: np.ndarray  # (N, 6) RAS+ mm
+    vox: np.ndarray  # (N, 6) continuous voxel boxes of the cached array, clipped to it
+    visible: np.ndarray  # (N,) fraction of each box inside the cached array (0 = cropped away)
+    source: list[str]  # per box: "mask" (its instance voxels) or "world_box" (converted from the world box)
+    finding: list[str]
+    organ: list[str]
+    flags: list[str]  # [FLAG_BOXES_ENCLOSING] when an oblique case has a "world_box" box, else []
+
+
+def cached_boxes(
+    boxes: Sequence[dict], prepared: Prepared, instances: np.ndarray | None = None
+) -> CachedBoxes:
+    """Finding boxes (rows like ``boxes.json``) -> boxes on the cached grid of ``prepared``.
+
+    A box with ``"instance": k`` whose lesion is in ``prepared.instances`` (the instance map
+    given to :func:`prepare`, resampled like a label) gets the box of its cached voxels
+    (:func:`preprocess.geometry.mask_to_box`) and the world box of that; source "mask". Its
+    visible fraction is that of its voxel box on the original grid (``instances``, the same map
+    before resampling) mapped through ``cached_to_orig``, which is exact: the two grids differ by
+    axis flips, permutation, zoom and shift, never a rotation. Any other box is converted from
+    its world box (:func:`boxes_world_to_cached`; source "world_box"): on an oblique grid that
+    is the box enclosing an already enclosing world box, larger than the lesion (flag
+    ``BOXES_ENCLOSING``).
+    """
+    n = len(boxes)
+    world = geometry.as_boxes([b.get("box_world_ras_mm", b.get("world")) for b in boxes]).reshape(n, 6)
+    vox, visible = geometry.clip_boxes(geometry.boxes_world_to_voxel(world, prepared.affine), prepared.shape)
+    source = ["world_box"] * n
+    if prepared.instances is not None and n:
+        cached = ndimage.find_objects(prepared.instances)
+        orig = ndimage.find_objects(np.asarray(instances)) if instances is not None else []
+        cached_from_orig = np.linalg.inv(prepared.cached_to_orig)
+        for i, b in enumerate(boxes):
+            k = b.get("instance")
+            if not isinstance(k, int) or not 0 < k <= len(cached) or cached[k - 1] is None:
+                continue  # not in the map, or cropped away / too small to keep a cached voxel
+            vox[i] = _window_box(prepared.instances, cached[k - 1], k)
+            world[i] = geometry.boxes_voxel_to_world(vox[i][None], prepared.affine)[0]
+            source[i] = "mask"
+            if k <= len(orig) and orig[k - 1] is not None:
+                exact = geometry.transform_boxes(_window_box(instances, orig[k - 1], k)[None], cached_from_orig)
+                visible[i] = geometry.clip_boxes(exact, prepared.shape)[1][0]
+    enclosing = FLAG_OBLIQUE in prepared.flags and "world_box" in source
+    return CachedBoxes(
+        world=world,
+        vox=vox,
+        visible=visible,
+        source=source,
+        finding=[str(b.get("finding", "")) for b in boxes],
+        organ=[str(b.get("organ", "")) for b in boxes],
+        flags=[FLAG_BOXES_ENCLOSING] if enclosing else [],
+    )
+
+
+def _window_box(instances: np.ndarray, window: tuple[slice, ...], k: int) -> np.ndarray:
+    """Voxel box ``(6,)`` of the voxels equal to ``k`` inside ``window`` (from ``find_objects``), in
+    the coordinates of the whole ``instances`` array."""
+    box = geometry.mask_to_box(instances[window] == k)
+    assert box is not None  # find_objects gave a window only because k occurs in it
+    return box + np.array([s.start for s in window] * 2, dtype=float)
 
 
 def boxes_world_to_cached(boxes_mm: np.ndarray, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:

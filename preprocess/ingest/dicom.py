@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import reasons
+from preprocess.config_io import flag_hint
 from preprocess.geometry import affine_from_dicom
 from preprocess.ingest.config import IngestConfig
 from preprocess.ingest.discover import FoundFile, file_row
@@ -450,7 +451,9 @@ def _classify_bundle(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
             _skip(
                 hs,
                 reasons.UNSUPPORTED_MODALITY,
-                f"{where} is modality {first.modality or '(none)'}; add it to ingest.modalities to include it.",
+                f"{where} is modality {first.modality or '(none)'}; to include it, "
+                + flag_hint("ingest.modalities", [*cfg.modalities, first.modality or "OT"])
+                + ".",
             )
         ]
     if first.is_localizer:
@@ -461,7 +464,7 @@ def _classify_bundle(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
                 hs,
                 reasons.DERIVED,
                 f"{where} is a derived image (ImageType {'/'.join(first.image_type[:3])}); "
-                "set ingest.skip_derived to false to include it.",
+                f"to include it, {flag_hint('ingest.skip_derived', False)}.",
             )
         ]
     if "MOSAIC" in first.image_type:
@@ -575,7 +578,7 @@ def _check_stack(slices: list[Slice], cfg: IngestConfig) -> Candidate:
         return cand
     if len(slices) < cfg.min_slices:
         return _skip(hs, reasons.TOO_FEW_SLICES, f"{where} has {len(slices)} slices, fewer than ingest.min_slices="
-                     f"{cfg.min_slices}; lower ingest.min_slices to include it.")  # fmt: skip
+                     f"{cfg.min_slices}; to include it, {flag_hint('ingest.min_slices', len(slices))}.")  # fmt: skip
     if not geometry_ok:
         return _fail(hs, reasons.MISSING_GEOMETRY, f"{where} lacks ImagePositionPatient/ImageOrientationPatient/"
                      "PixelSpacing, so slices cannot be placed; re-export the series with full headers.")  # fmt: skip
@@ -622,7 +625,9 @@ def _check_stack(slices: list[Slice], cfg: IngestConfig) -> Candidate:
             notes.append(f"{issue.message}; resampled onto a regular grid")
             continue
         fix = (
-            f" set ingest.{issue.policy}=resample to resample it onto a regular grid," if issue.policy else ""
+            f" to resample it onto a regular grid, {flag_hint(f'ingest.{issue.policy}', 'resample')};"
+            if issue.policy
+            else ""
         )
         return _fail(hs, issue.reason, f"{where} {issue.message};{fix} or re-export/reconstruct the series.")
     plan = regular_grid(geom, positions, orientation) if flags else None

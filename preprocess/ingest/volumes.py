@@ -1,8 +1,10 @@
 """NIfTI (nibabel), NRRD and MHA/MHD (SimpleITK) files: header scan, 4D policy, loading.
 
 Arrays keep the file's own axis order as ``(X, Y, Z)``: nibabel's array as stored, and
-SimpleITK's ``(z, y, x)`` array transposed. Affines are RAS+: nibabel's best affine as is;
-SimpleITK's LPS direction/origin through :data:`preprocess.geometry.LPS_TO_RAS`.
+SimpleITK's ``(z, y, x)`` array transposed. Affines are RAS+: a NIfTI's sform (else its
+qform) as nibabel gives it, and a NIfTI with neither fails (``NO_ORIENTATION``: nibabel's
+fallback affine knows nothing of the patient); SimpleITK's LPS direction/origin through
+:func:`preprocess.geometry.affine_from_itk`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import reasons
-from preprocess.geometry import LPS_TO_RAS
+from preprocess.config_io import flag_hint
+from preprocess.geometry import affine_from_itk, spacing_from_affine
 from preprocess.ingest.config import IngestConfig
 from preprocess.ingest.discover import FoundFile, Inventory, volume_kind
 from preprocess.types import Candidate, Identity, Image, SeriesError
+
+#: Flag of a NIfTI whose sform and qform place the image differently (the sform is used).
+FLAG_SFORM_QFORM_DISAGREE = "SFORM_QFORM_DISAGREE"
+#: sform and qform disagree when a corner voxel lands this many voxels apart.
+_FORM_TOL_VOXEL = 0.1
 
 _DATAFILE_RE = {
     ".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
@@ -82,18 +90,33 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
     return ident, get("Modality").upper(), ""
 
 
-def _header(path: Path, kind: str) -> tuple[tuple[int, ...], int]:
-    """``(shape, components)`` from the header only; shape in ``(X, Y, Z[, T])`` order."""
+def _header(path: Path, kind: str) -> tuple[tuple[int, ...], int, bool]:
+    """``(shape, components, oriented)`` from the header only; shape in ``(X, Y, Z[, T])`` order.
+    ``oriented`` is False for a NIfTI with ``sform_code == qform_code == 0``."""
     if kind == "nifti":
         import nibabel as nib
 
-        return tuple(int(v) for v in nib.load(path).shape), 1
+        img = nib.load(path)
+        hdr = img.header
+        oriented = int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0
+        return tuple(int(v) for v in img.shape), 1, oriented
     import SimpleITK as sitk
 
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     r.ReadImageInformation()
-    return tuple(int(v) for v in r.GetSize()), int(r.GetNumberOfComponents())
+    return tuple(int(v) for v in r.GetSize()), int(r.GetNumberOfComponents()), True
+
+
+def _forms_disagree(hdr, shape: tuple[int, ...]) -> bool:
+    """True when a NIfTI header has both an sform and a qform and they place a corner voxel of
+    the ``shape`` grid more than :data:`_FORM_TOL_VOXEL` voxels apart."""
+    if int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+        return False
+    s, q = hdr.get_sform(), hdr.get_qform()
+    corners = np.array([[a, b, c] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)])
+    dist = np.linalg.norm(corners @ (s[:3, :3] - q[:3, :3]).T + (s[:3, 3] - q[:3, 3]), axis=1).max()
+    return bool(dist > _FORM_TOL_VOXEL * spacing_from_affine(s).min())
 
 
 def volume_candidates(
@@ -123,13 +146,23 @@ def volume_candidates(
 
     shape: tuple[int, ...] = ()
     try:
-        shape, comps = _header(f.path, kind)
+        shape, comps, oriented = _header(f.path, kind)
     except Exception as exc:  # nibabel/SimpleITK raise many types for a corrupt header
         return [
             row(
                 "failed",
                 reasons.UNREADABLE,
                 f"{f.rel} cannot be read ({type(exc).__name__}: {exc}); re-export it.",
+            )
+        ]
+    if not oriented:
+        return [
+            row(
+                "failed",
+                reasons.NO_ORIENTATION,
+                f"{f.rel} has no orientation (sform_code and qform_code are both 0), so where the patient "
+                "lies in it is unknown; re-export it with its orientation (e.g. dcm2niix from the DICOM), "
+                "or set the sform with nibabel if you know the true affine.",
             )
         ]
     # Trailing singleton axes (e.g. a NIfTI (X, Y, Z, 1)) carry no data.
@@ -147,18 +180,19 @@ def volume_candidates(
         return [row("skipped", reasons.IMAGE_2D, f"{f.rel} is a 2D image of shape {shape}, not a volume.")]
     if min(shape[:3]) < cfg.min_slices:
         return [row("skipped", reasons.TOO_FEW_SLICES, f"{f.rel} has shape {shape[:3]}, fewer than ingest.min_slices="
-                    f"{cfg.min_slices} along an axis; lower ingest.min_slices to include it.")]  # fmt: skip
+                    f"{cfg.min_slices} along an axis; to include it, "
+                    f"{flag_hint('ingest.min_slices', min(shape[:3]))}.")]  # fmt: skip
     if len(shape) == 3:
         return [row()]
     n = shape[3]
     if cfg.four_d_policy == "reject":
-        return [row("failed", reasons.REJECTED_4D, f"{f.rel} is 4D with {n} volumes; set ingest.four_d_policy to "
-                    "'first' or 'split' to use it.")]  # fmt: skip
+        return [row("failed", reasons.REJECTED_4D, f"{f.rel} is 4D with {n} volumes; to use it, "
+                    f"{flag_hint('ingest.four_d_policy', 'first')} or split.")]  # fmt: skip
     if cfg.four_d_policy == "first":
         return [
             row(extra={"volume": 0}),
             row("skipped", reasons.EXTRA_VOLUME_4D, f"{f.rel} is 4D: volume 0 was kept and {n - 1} later volume(s) "
-                "dropped; set ingest.four_d_policy=split to keep all.", key=f"{stem}#1-{n - 1}"),
+                f"dropped; to keep all, {flag_hint('ingest.four_d_policy', 'split')}.", key=f"{stem}#1-{n - 1}"),
         ]  # fmt: skip
     return [row(key=f"{stem}#{t}", extra={"volume": t}) for t in range(n)]
 
@@ -167,6 +201,7 @@ def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
     """Pixels of a NIfTI/NRRD/MHA candidate as float32 ``(X, Y, Z)`` with its RAS+ affine."""
     path = c.source_files[c.extra.get("file", 0)]
     t = c.extra.get("volume")
+    flags: list[str] = []
     try:
         if c.kind == "nifti":
             import nibabel as nib
@@ -175,19 +210,16 @@ def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
             proxy = img.dataobj
             # Proxy slicing reads (and scales) only the requested volume.
             arr = np.asarray(proxy[..., t] if t is not None else proxy, dtype=np.float32)
-            affine = np.asarray(img.affine, float)
+            affine = np.asarray(img.affine, float)  # the sform when set (checked at scan: one of them is)
+            if _forms_disagree(img.header, arr.shape[:3]):
+                flags.append(FLAG_SFORM_QFORM_DISAGREE)
         else:
             import SimpleITK as sitk
 
             img = sitk.ReadImage(str(path))
             full = sitk.GetArrayFromImage(img)  # (T, Z, Y, X) or (Z, Y, X)
             arr = np.asarray(full.T, dtype=np.float32)  # -> (X, Y, Z[, T])
-            ndim = img.GetDimension()
-            direction = np.asarray(img.GetDirection(), float).reshape(ndim, ndim)[:3, :3]
-            lps = np.eye(4)
-            lps[:3, :3] = direction * np.asarray(img.GetSpacing()[:3], float)[None]
-            lps[:3, 3] = img.GetOrigin()[:3]
-            affine = LPS_TO_RAS @ lps
+            affine = affine_from_itk(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
             if t is not None:
                 arr = arr[..., t]
     except Exception as exc:  # a file that read at scan time but not now: changed or corrupt
@@ -198,4 +230,4 @@ def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise SeriesError(reasons.REJECTED_4D, f"{c.source[0]} has shape {arr.shape}; expected a 3D volume.")
-    return Image(array=np.ascontiguousarray(arr), affine=affine, modality=c.modality)
+    return Image(array=np.ascontiguousarray(arr), affine=affine, modality=c.modality, flags=flags)

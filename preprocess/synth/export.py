@@ -819,6 +819,41 @@ def _workers(cfg: SynthConfig) -> int:
     return max(1, min(n, cfg.cases))
 
 
+#: Everything :func:`generate` writes at the top of its folder: all that ``vol3d synth --overwrite`` deletes.
+OWN_ENTRIES = ("dicom", "nifti", "labels", "lesions", "boxes.json", "reports.csv", "ehr_codes.csv", "truth.json",
+               IGNORE_FILE)  # fmt: skip
+
+
+def is_export(out: str | Path) -> bool:
+    """True when ``out`` holds an export written by :func:`generate`: its ``.vol3dignore`` and a
+    ``truth.json`` whose ``generator`` is ``vol3d synth``."""
+    out = Path(out)
+    if not (out / IGNORE_FILE).is_file() or not (out / "truth.json").is_file():
+        return False
+    try:
+        truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(truth, dict) and truth.get("generator") == "vol3d synth"
+
+
+def remove_export(out: str | Path) -> None:
+    """Delete what :func:`generate` wrote in ``out`` (:data:`OWN_ENTRIES`); any other file stays.
+    Raises ``ValueError`` when ``out`` is not such an export (see :func:`is_export`)."""
+    import shutil
+
+    out = Path(out)
+    if not is_export(out):
+        raise ValueError(f"{out} is not a vol3d synth export (no {IGNORE_FILE} and truth.json)")
+    # truth.json last: an interrupted removal still leaves a recognisable export behind
+    for name in sorted(OWN_ENTRIES, key=lambda n: n == "truth.json"):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def generate(out: str | Path, cfg: SynthConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Write the whole export into ``out`` (which must exist and be empty). Returns truth.json's content.
 

@@ -77,3 +77,25 @@ def test_clip_boxes_reports_visible_fraction():
 def test_normalise_extremes(shape):
     full = np.array([[-0.5, -0.5, -0.5, shape[0] - 0.5, shape[1] - 0.5, shape[2] - 0.5]])
     assert g.normalise_boxes(full, shape).tolist() == [[0, 0, 0, 999, 999, 999]]
+
+
+@pytest.mark.parametrize("ndim", [3, 4])
+def test_affine_from_itk_matches_simpleitk_physical_points(ndim):
+    """affine_from_itk(direction, spacing, origin) = LPS_TO_RAS @ SimpleITK's index -> LPS map."""
+    import SimpleITK as sitk
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])
+    img = sitk.Image([5, 6, 7] + [2] * (ndim - 3), sitk.sitkFloat32)
+    direction = np.eye(ndim)
+    direction[:3, :3] = rot
+    img.SetDirection(direction.ravel().tolist())
+    img.SetSpacing([0.7, 0.8, 2.5] + [1.0] * (ndim - 3))
+    img.SetOrigin([12.0, -30.0, 45.0] + [0.0] * (ndim - 3))
+    aff = g.affine_from_itk(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    for idx in [(0, 0, 0), (4, 0, 0), (0, 5, 0), (0, 0, 6), (1.5, 2.25, 3.5)]:
+        lps = img.TransformContinuousIndexToPhysicalPoint([*idx] + [0.0] * (ndim - 3))[:3]
+        ras = g.LPS_TO_RAS[:3, :3] @ np.asarray(lps)
+        np.testing.assert_allclose(g.apply_affine(aff, np.asarray(idx, float)), ras, atol=1e-9)
+    with pytest.raises(ValueError, match="DxD"):
+        g.affine_from_itk([1.0, 0.0, 0.0, 1.0], [1, 1], [0, 0])

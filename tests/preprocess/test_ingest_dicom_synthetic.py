@@ -189,6 +189,8 @@ def test_missing_slice_fails_or_resamples(tmp_path):
     assert (
         c.reason == reasons.MISSING_SLICES and "1 missing slice" in c.detail and "uneven_policy" in c.detail
     )
+    # the fix names the command-line flag as well as the config field
+    assert "pass --ingest.uneven-policy resample (or ingest.uneven_policy: resample in the config)" in c.detail
     cfg = IngestConfig(uneven_policy="resample")
     c = _only(scan(tmp_path, cfg), "ok")
     img = load(c, cfg)
@@ -312,6 +314,7 @@ def test_localizer_image_type_and_derived_policy(tmp_path):
     rows = {c.source[0].split("/")[0]: c for c in scan(tmp_path, CFG)}
     assert (rows["loc"].status, rows["loc"].reason) == ("skipped", reasons.LOCALIZER)
     assert (rows["mpr"].status, rows["mpr"].reason) == ("skipped", reasons.DERIVED)
+    assert "pass --no-ingest.skip-derived (or ingest.skip_derived: false in the config)" in rows["mpr"].detail
     rows = {c.source[0].split("/")[0]: c for c in scan(tmp_path, IngestConfig(skip_derived=False))}
     assert rows["mpr"].status == "ok" and rows["loc"].reason == reasons.LOCALIZER
 
@@ -322,6 +325,8 @@ def test_too_few_slices_and_unsupported_modality(tmp_path):
     rows = {c.source[0].split("/")[0]: c for c in scan(tmp_path, IngestConfig(modalities=("CT",)))}
     assert (rows["short"].status, rows["short"].reason) == ("skipped", reasons.TOO_FEW_SLICES)
     assert (rows["mr"].status, rows["mr"].reason) == ("skipped", reasons.UNSUPPORTED_MODALITY)
+    assert "pass --ingest.min-slices 4 (or ingest.min_slices: 4 in the config)" in rows["short"].detail
+    assert "pass --ingest.modalities CT MR (or ingest.modalities: [CT, MR] in the config)" in rows["mr"].detail
     assert scan(tmp_path / "short", IngestConfig(min_slices=4))[0].status == "ok"
 
 

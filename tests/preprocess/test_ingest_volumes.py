@@ -60,6 +60,7 @@ def test_real_nifti_loads_with_nibabel_geometry(nibabel_test_data, name):
 def test_small_nifti_respects_min_slices(nibabel_test_data):
     (c,) = scan(nibabel_test_data / "standard.nii.gz", IngestConfig())  # shape (4, 5, 7) < 8
     assert (c.status, c.reason) == ("skipped", reasons.TOO_FEW_SLICES)
+    assert "pass --ingest.min-slices 4 (or ingest.min_slices: 4 in the config)" in c.detail
 
 
 @pytest.mark.parametrize("policy", ["split", "first", "reject"])
@@ -70,6 +71,7 @@ def test_4d_nifti_policies(nibabel_test_data, policy):
     ref = nib.load(path)
     if policy == "reject":
         assert [(c.status, c.reason) for c in cands] == [("failed", reasons.REJECTED_4D)]
+        assert "pass --ingest.four-d-policy first (or ingest.four_d_policy: first in the config)" in cands[0].detail
         return
     if policy == "first":
         assert [(c.key, c.status, c.reason) for c in cands] == [
@@ -77,6 +79,7 @@ def test_4d_nifti_policies(nibabel_test_data, policy):
             ("example4d#1-1", "skipped", reasons.EXTRA_VOLUME_4D),
         ]
         assert "1 later volume" in cands[1].detail
+        assert "pass --ingest.four-d-policy split (or ingest.four_d_policy: split in the config)" in cands[1].detail
     else:
         assert [(c.key, c.status) for c in cands] == [("example4d#0", "ok"), ("example4d#1", "ok")]
     for t, c in enumerate(c for c in cands if c.status == "ok"):
@@ -167,3 +170,63 @@ def test_zip_with_nifti_and_dicom(tmp_path, nibabel_test_data, pydicom_test_file
     assert not (tmp_path / "escape.txt").exists()
     assert load(rows[2], cfg).array.shape == (33, 41, 25)
     assert scan(tmp_path / "bundle.zip", cfg, workdir=tmp_path / "stage")[2].source == rows[2].source  # rerun
+
+
+def _write_nifti(path: Path, affine: np.ndarray, sform: int, qform: int, qform_affine=None) -> Path:
+    arr = np.arange(12 * 10 * 9, dtype=np.int16).reshape(12, 10, 9)
+    img = nib.Nifti1Image(arr, affine)
+    img.set_sform(affine, code=sform)
+    img.set_qform(affine if qform_affine is None else qform_affine, code=qform)
+    nib.save(img, path)
+    return path
+
+
+def test_nifti_without_orientation_fails_naming_file_and_fix(tmp_path):
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    _write_nifti(tmp_path / "noorient.nii.gz", aff, sform=0, qform=0)
+    (c,) = scan(tmp_path, IngestConfig())
+    assert (c.status, c.reason) == ("failed", reasons.NO_ORIENTATION)
+    assert reasons.NO_ORIENTATION in reasons.FAIL_REASONS
+    assert "noorient.nii.gz" in c.detail and "sform_code and qform_code are both 0" in c.detail
+    assert "re-export" in c.detail
+    # either form alone is enough
+    for sform, qform in ((1, 0), (0, 1)):
+        _write_nifti(tmp_path / "noorient.nii.gz", aff, sform=sform, qform=qform)
+        (c,) = scan(tmp_path, IngestConfig())
+        assert c.status == "ok"
+        img = load(c, IngestConfig())
+        np.testing.assert_allclose(img.affine, aff, atol=1e-5)
+        assert img.flags == []
+
+
+def test_disagreeing_sform_and_qform_use_sform_and_flag(tmp_path):
+    sform = np.diag([2.0, 2.0, 3.0, 1.0])
+    qform = sform.copy()
+    qform[:3, 3] = [0.0, 0.0, 15.0]  # five slices apart
+    _write_nifti(tmp_path / "two.nii.gz", sform, sform=1, qform=1, qform_affine=qform)
+    (c,) = scan(tmp_path, IngestConfig())
+    img = load(c, IngestConfig())
+    np.testing.assert_allclose(img.affine, sform, atol=1e-5)
+    assert img.flags == ["SFORM_QFORM_DISAGREE"]
+    # agreeing forms (up to the qform's float32 rounding): no flag
+    _write_nifti(tmp_path / "two.nii.gz", sform, sform=1, qform=1)
+    assert load(scan(tmp_path, IngestConfig())[0], IngestConfig()).flags == []
+
+
+def test_itk_files_use_geometry_affine_from_itk(tmp_path):
+    """NRRD/MHA affines come from geometry.affine_from_itk (LPS -> RAS lives in geometry.py only)."""
+    import inspect
+
+    from preprocess.ingest import volumes
+
+    src = inspect.getsource(volumes)
+    assert "affine_from_itk(" in src and "LPS_TO_RAS" not in src
+    img = sitk.GetImageFromArray(np.zeros((9, 10, 12), np.float32))
+    img.SetSpacing((0.8, 0.9, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    d = np.array([[0, 0, 1], [0.6, 0.8, 0], [-0.8, 0.6, 0]], float).T  # oblique, right-handed columns
+    img.SetDirection(d.ravel().tolist())
+    sitk.WriteImage(img, str(tmp_path / "v.nrrd"))
+    (c,) = scan(tmp_path / "v.nrrd", IngestConfig())
+    loaded = load(c, IngestConfig())
+    _assert_world_matches_simpleitk(tmp_path / "v.nrrd", loaded, [(0, 0, 0), (11, 9, 8), (3, 4, 5)])

@@ -124,3 +124,52 @@ def test_no_identifier_in_any_output_byte_name_or_log(run):
                 haystacks += _h5_blobs(p)
     leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
     assert not leaks, f"identifiers found: {leaks[:10]}"
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory):
+    """The same kind of export with a corrupt label map (named by its SeriesInstanceUID) and a
+    truncated slice, run in one process at debug level with --redact-paths."""
+    from preprocess.synth.export import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("phi_broken")
+    export, out = root / "export", root / "cache"
+    truth = generate(export, SynthConfig(cases=3, seed=3, size="small", nifti_fraction=0.0, workers=1))
+    dicom_cases = [c for c in truth["cases"] if c["format"] == "dicom"]
+    assert len(dicom_cases) >= 2
+    (export / dicom_cases[0]["series"][0]["labels"]).write_bytes(b"garbage")  # labels/<uid>.nii.gz
+    victim = export / dicom_cases[1]["series"][0]["files"][3]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a slice cut in the pixel data
+    cmd = [sys.executable, "-m", "vol3d.cli", "-v", "preprocess", str(export), "--out", str(out),
+           "--preset", "tiny", "--workers", "1", "--redact-paths", "--no-progress",
+           "--reports", str(export / "reports.csv"), "--codes", str(export / "ehr_codes.csv"),
+           "--labels", str(export / "labels"), "--boxes", str(export / "boxes.json"),
+           "--lesions", str(export / "lesions")]  # fmt: skip
+    env = {**os.environ, "VOL3D_ID_KEY": "phi-test-key-not-secret"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    return truth, export, out, proc
+
+
+def test_failure_details_and_logs_hold_no_identifier_or_path(broken_run):
+    truth, export, out, proc = broken_run
+    assert proc.returncode == 3, proc.stderr.decode()[-3000:]  # some series failed, the rest was written
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["reason"] for r in failed} >= {"LABEL_MISMATCH"}, failed
+    label_row = next(r for r in failed if r["reason"] == "LABEL_MISMATCH")
+    assert "label map joined to" in label_row["detail"] and "cannot be read (not a NIfTI file)" in label_row["detail"]
+    assert label_row["source"][0].startswith("h_") and label_row["source"][0] in label_row["detail"]
+    # the truncated slice fails its series too (at scan or at load), with a reason and a worded detail
+    assert len(failed) >= 2 and all(r["detail"] for r in failed)
+
+    needles = _needles(truth)
+    # absolute paths (the export, its parent) and, under --redact-paths, the relative ones too
+    for p in {str(export), str(export.resolve()), "dicom/", "labels/"}:
+        needles[p.encode()] = p
+    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
+    for p in out.rglob("*"):
+        if p.is_file() and p.suffix != ".h5":
+            haystacks.append((p.relative_to(out).as_posix(), p.read_bytes()))
+    leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
+    assert not leaks, f"identifiers or paths found: {leaks[:10]}"
+    assert b"failed: LABEL_MISMATCH the label map joined to h_" in proc.stderr  # the log did report it

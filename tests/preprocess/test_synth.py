@@ -222,17 +222,32 @@ def test_same_seed_writes_identical_files(tmp_path):
     assert (c / "reports.csv").read_bytes() != (a / "reports.csv").read_bytes()
 
 
-def test_cli_refuses_a_non_empty_folder_and_overwrites_on_request(tmp_path, capsys):
+def test_cli_refuses_a_non_empty_folder_and_overwrites_only_a_synth_export(tmp_path, capsys):
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["synth", str(out), "--cases", "1", "--size", "small", "--workers", "1"]) == 2
+    (out / "dicom").mkdir()  # a name synth also writes: still not a synth export
+    argv = ["synth", str(out), "--cases", "1", "--size", "small", "--workers", "1"]
+    assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
-    assert main(["synth", str(out), "--cases", "1", "--size", "small", "--workers", "1", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists()
-    assert "1 cases" in capsys.readouterr().out
-    assert json.loads((out / "truth.json").read_text())["cases"][0]["case"] == "case0001"
+    # --overwrite never wipes a folder that is not a previous synth export
+    assert main([*argv, "--overwrite"]) == 2
+    assert "is not a vol3d synth export" in capsys.readouterr().err
+    assert (out / "keep.txt").exists() and (out / "dicom").is_dir()
+    (out / "dicom").rmdir()
+    (out / "keep.txt").unlink()
+
+    assert main(argv) == 0
+    first = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    (out / "notes.txt").write_text("mine")  # a file of the user's next to the export
+    (out / "dicom" / "stale.dcm").write_text("old")  # inside synth's own folders: goes with them
+    capsys.readouterr()
+    assert main([*argv[:3], "2", *argv[4:], "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "dicom" / "stale.dcm").exists()
+    assert "kept 1 file(s)" in capsys.readouterr().out
+    truth = json.loads((out / "truth.json").read_text())
+    assert len(truth["cases"]) == 2 and len(first) > 5
 
 
 def test_export_root_is_preprocessable_without_exclude_flags(tmp_path):

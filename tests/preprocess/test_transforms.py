@@ -242,3 +242,55 @@ def test_memory_order_of_the_input_does_not_matter():
     # the passes run in the other order: float rounding only
     assert np.allclose(c.image, f.image, atol=1e-3) and np.array_equal(c.label, f.label)
     assert np.array_equal(c.affine, f.affine)
+
+
+def test_ct_not_hu_flags_raw_or_twice_rescaled_values_but_not_padding():
+    from preprocess.transforms import FLAG_CT_NOT_HU, FLAG_NOTES
+
+    img, _ = sample("lps")
+    cfg = PreprocessConfig(target_spacing=(4.0, 4.0, 5.0))
+    assert FLAG_CT_NOT_HU not in prepare(img, cfg).flags
+    padded = img.array.copy()
+    padded[:12, :12] = -3024.0  # PixelPaddingValue outside the reconstruction circle, not air
+    assert FLAG_CT_NOT_HU not in prepare(Image(padded, img.affine, "CT"), cfg).flags
+    noisy = img.array + np.random.default_rng(0).normal(0, 20, img.array.shape).astype(np.float32)
+    for values in (noisy + 1024, noisy - 1024, padded + 1024):  # stored values; intercept applied twice
+        p = prepare(Image(values, img.affine, "CT"), cfg)
+        assert FLAG_CT_NOT_HU in p.flags  # a flag, not a failure: the case is still prepared
+        assert p.image.shape[0] == 1
+    assert "RescaleSlope" in FLAG_NOTES[FLAG_CT_NOT_HU]
+    assert FLAG_CT_NOT_HU not in prepare(Image(noisy + 1024, img.affine, "MR"), cfg).flags
+
+
+def test_oblique_boxes_from_instance_maps_are_tight_and_world_boxes_are_flagged():
+    """boxes.json holds the world box enclosing an oblique lesion's voxel box; converting that back
+    encloses it again. With the instance map the cached box is the lesion's own (IoU > 0.9)."""
+    from preprocess.transforms import FLAG_BOXES_ENCLOSING, cached_boxes
+
+    img, lab = sample("oblique")
+    instances = lab.astype(np.uint8) * 3  # lesion instance 3
+    world = g.boxes_voxel_to_world(g.mask_to_box(instances == 3)[None], img.affine)[0]  # as vol3d synth writes
+    rows = [
+        {"box_world_ras_mm": world.tolist(), "instance": 3, "finding": "liver_lesion", "organ": "liver"},
+        {"box_world_ras_mm": world.tolist(), "finding": "no instance", "organ": ""},  # no map value: world box
+    ]
+    p = prepare(img, PreprocessConfig(target_spacing=(3.0, 3.0, 3.5)), label=instances, instances=instances)
+    assert FLAG_OBLIQUE in p.flags and np.array_equal(p.instances, p.label)  # the label's resampling
+    truth = g.mask_to_box(p.label == 3)  # the lesion's extent in the cache (nearest neighbour)
+    tight = cached_boxes(rows, p, instances)
+    assert tight.source == ["mask", "world_box"] and tight.flags == [FLAG_BOXES_ENCLOSING]
+    np.testing.assert_array_equal(tight.vox[0], truth)
+    assert np.allclose(tight.visible, 1.0)
+    np.testing.assert_allclose(tight.world[0], g.boxes_voxel_to_world(tight.vox[:1], p.affine)[0], atol=1e-6)
+    p = prepare(img, PreprocessConfig(target_spacing=(3.0, 3.0, 3.5)), label=instances)
+    loose = cached_boxes(rows[:1], p)  # no instance map: the enclosing box, flagged
+    assert loose.source == ["world_box"] and loose.flags == [FLAG_BOXES_ENCLOSING]
+    assert g.box_iou(loose.vox, truth[None])[0, 0] < 0.75
+    assert (loose.vox[0, :3] <= tight.vox[0, :3] + 1e-6).all() and (loose.vox[0, 3:] >= tight.vox[0, 3:] - 1e-6).all()
+    # a non-oblique grid: the world box is exact, no flag
+    img, lab = sample("lps")
+    p = prepare(img, PreprocessConfig(target_spacing=(3.0, 3.0, 3.5)), label=lab, instances=lab)
+    world = g.boxes_voxel_to_world(g.mask_to_box(lab)[None], img.affine)[0]
+    row = {"box_world_ras_mm": world.tolist(), "instance": 1}
+    straight = cached_boxes([{k: v for k, v in row.items() if k != "instance"}], p)
+    assert straight.flags == [] and g.box_iou(straight.vox, cached_boxes([row], p, lab).vox)[0, 0] > 0.85

@@ -9,13 +9,15 @@ from preprocess.errors import InputError
 
 HELP = "ingest DICOM/DICOMDIR/zip/NIfTI/NRRD/MHA into a chunked HDF5 cache + manifest"
 USAGE = """vol3d preprocess SRC --out CACHE [--config YAML | --preset NAME] [--workers N] [--shard i/N]
-                        [--reports CSV] [--codes CSV] [--labels DIR] [--boxes JSON] [--overwrite] [CONFIG FLAGS]
+                        [--reports CSV] [--codes CSV] [--labels DIR] [--boxes JSON] [--lesions DIR]
+                        [--overwrite] [--redact-paths] [CONFIG FLAGS]
        vol3d preprocess merge CACHE_SHARD [CACHE_SHARD ...] --out CACHE [--overwrite]"""
 DESCRIPTION = """Scan a hospital export, split and validate series, convert to RAS+, rescale HU,
 resample to the preset spacing, and write one chunked HDF5 file per series plus
 manifest.jsonl (one row per series or file found, with status ok/skipped/failed).
-Reports (by AccessionNumber), EHR codes (by PatientID), label masks and boxes are
-joined before identifiers are dropped; ids are keyed hashes (set VOL3D_ID_KEY).
+Reports (by AccessionNumber), EHR codes (by PatientID), label masks, boxes and
+lesion instance maps are joined before identifiers are dropped; ids are keyed hashes
+(set VOL3D_ID_KEY). One run at a time per cache (a lock file, .vol3d.lock).
 
 Resumable: run the same command again after an interruption (even kill -9); finished
 cases are kept, changed inputs or side data are redone. A cache made with other
@@ -28,7 +30,8 @@ Guide: docs/preprocess.md. Exit codes: 0 all ok or skipped by policy, 3 some ser
 failed (the rest was written), 2 bad arguments or input (nothing changed)."""
 
 #: Side-table and run options that make no sense for `merge`.
-_RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "redact_paths", "split_fractions")
+_RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "lesions", "redact_paths",
+             "split_fractions")  # fmt: skip
 
 
 def _config_has(field: str) -> bool:
@@ -54,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codes", type=Path, metavar="CSV", help="EHR codes: PatientID,Code[,Description]")
     parser.add_argument("--labels", type=Path, metavar="DIR", help="label maps <key>.nii.gz (key: SeriesInstanceUID or NIfTI stem)")
     parser.add_argument("--boxes", type=Path, metavar="JSON", help="finding boxes in world RAS mm (docs/formats.md)")
+    parser.add_argument(
+        "--lesions",
+        type=Path,
+        metavar="DIR",
+        help="lesion instance maps <key>.nii.gz (value k = the box with \"instance\": k): tight boxes from the "
+        "lesion's voxels instead of its world box (which encloses too much on oblique series)",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -126,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         split_fractions=tuple(fractions),
         progress=not args.no_progress,
     )
-    side = SideTables.load(reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels)
+    side = SideTables.load(
+        reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels, lesions=args.lesions
+    )
     summary = run_preprocess(args.paths[0], args.out, cfg, side, opts)
     print(summary.table())
     return summary.exit_code

@@ -33,17 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU core)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="delete the contents of a non-empty OUT first"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous synth export in OUT (only synth's own files are deleted; "
+        "a folder that is not a synth export is refused)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     from tqdm import tqdm
 
     from preprocess.errors import InputError
     from preprocess.synth import SynthConfig, generate
+    from preprocess.synth.export import OWN_ENTRIES, is_export, remove_export
 
     cfg = SynthConfig(
         cases=args.cases,
@@ -59,13 +61,19 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise InputError(
-                f"{out} is not empty; choose an empty or new folder, or pass --overwrite to replace it"
+                f"{out} is not empty; choose an empty or new folder, or pass --overwrite to replace "
+                "a previous synth export there"
             )
-        for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        if not is_export(out):
+            # --overwrite must never wipe a folder someone typed by mistake (a home, a real export)
+            raise InputError(
+                f"{out} is not empty and is not a vol3d synth export (no .vol3dignore and truth.json from "
+                "vol3d synth), so --overwrite does not touch it; choose an empty or new folder"
+            )
+        remove_export(out)
+        others = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+        if others:
+            print(f"kept {len(others)} file(s) in {out} that synth did not write: {', '.join(others[:5])}")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tqdm(total=cfg.cases, unit="case", desc="synth") as bar:
