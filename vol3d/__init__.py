@@ -11,8 +11,11 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(run_dir, device: str | None = None):
-    """Load a trained run directory for inference; see :class:`vol3d.inference.Vol3DPipeline`."""
+def load(run_dir, device: str | None = None, preprocess_config=None):
+    """Load a trained run directory for inference: ``vol3d.load(run).ask(volume, question)``.
+
+    See :func:`vol3d.inference.load` and :class:`vol3d.inference.Vol3DPipeline`.
+    """
     from vol3d.inference import load as _load
 
-    return _load(run_dir, device=device)
+    return _load(run_dir, device=device, preprocess_config=preprocess_config)
