@@ -172,6 +172,16 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with the help text its command-line flag shows.
+
+    Mutable defaults (lists, dicts) are copied per instance.
+    """
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _help_of(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")
 

@@ -6,18 +6,12 @@ instant: no torch, no transformers here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from preprocess.config_io import from_dict, to_dict
+from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
-
-
-def _f(default: Any, help: str) -> Any:
-    """Dataclass field with a help text (shown by ``--help`` of commands built on the config)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

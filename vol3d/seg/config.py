@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
 from vol3d.train.config import OptimConfig
 
@@ -23,13 +24,6 @@ DEFAULT_CLASSES: list[str] = [
 
 #: How much of the encoder trains.
 Tune = Literal["full", "frozen", "lora"]
-
-
-def _f(default: Any, help: str) -> Any:
-    """Dataclass field with a help text (shown by ``--help``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

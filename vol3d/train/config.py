@@ -10,8 +10,9 @@ stay import-light (no torch) because the CLI builds its flags from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
 from vol3d.models.config import Vol3DConfig
 from vol3d.tasks import AugmentConfig, TaskMix
@@ -38,11 +39,6 @@ TINY_LM: dict = {
 
 def _default_model() -> Vol3DConfig:
     return Vol3DConfig(lm_config=dict(TINY_LM))
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by `vol3d train --help`)."""
-    return field(default=default, metadata={"help": help})
 
 
 def _positive(where: str, **values: float) -> None:
@@ -102,6 +98,7 @@ class LossConfig:
     """Weights of the loss terms; a weight of 0 switches a term off."""
 
     lm: float = _f(1.0, "Language-model cross-entropy on answer tokens only.")
+    lm_average: Literal["token", "sample"] = _f("token", "How the LM loss averages a batch: `token` (every answer token alike; long reports dominate) or `sample` (mean per sample, then over samples; short answers and boxes count as much as a report).")
     ehr: float = _f(0.0, "Multi-label BCE of the EHR-code head; > 0 with empty model.ehr_codes takes the training split's codes.")
     ehr_pos_weight: float | None = _f(None, "BCE pos_weight for EHR codes (positives are rare); null = unweighted.")
     box_l1: float = _f(0.0, "L1 of the box head vs the case's largest visible box (0..1 model-input frame); cases without boxes are masked.")
