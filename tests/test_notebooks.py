@@ -90,7 +90,6 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell(path
 
 # 11-35 s on the 2-core CI machine (kernel start, `vol3d synth` + `vol3d preprocess`, figures),
 # depending on load: run with `pytest -m slow tests/test_notebooks.py`.
-@pytest.mark.slow
 def test_preprocess_qc_runs_headless_on_a_tiny_synthetic_cache(kernel_dir, tmp_path, monkeypatch):
     missing = _missing_cli_options()
     if missing:
@@ -121,7 +120,6 @@ def test_preprocess_qc_runs_headless_on_a_tiny_synthetic_cache(kernel_dir, tmp_p
 
 # 40-90 s on the 2-core CI machine (kernel start, a tiny demo: synth, preprocess, 2 training
 # steps, evaluation, three questions, figures): run with `pytest -m slow tests/test_notebooks.py`.
-@pytest.mark.slow
 def test_explore_grounded_answers_draws_the_boxes_of_a_held_out_case(kernel_dir, tmp_path, monkeypatch):
     # Without a key the demo uses its fixed public one, so the patient splits of these 8 cases are
     # fixed too (held-out cases exist; with another key all 8 may land in train).
