@@ -36,6 +36,7 @@ from vol3d.inference import (
 ROOT = Path(__file__).resolve().parents[2]
 TINY_PRE = ROOT / "configs" / "preprocess" / "tiny.yaml"
 INPUT = (64, 64, 32)  # tiny.yaml's fixed_size: the model input equals the cached grid
+CHANS = len(load_yaml(PreprocessConfig, TINY_PRE).ct_windows)  # one channel per CT window of tiny.yaml
 
 
 # ----------------------------------------------------------------------------- shared data (also used by the CLI tests)
@@ -70,7 +71,7 @@ def data(tmp_path_factory) -> dict[str, Any]:
 class Oracle:
     """A stand-in model whose ``generate`` says ``answer`` (and records what it saw)."""
 
-    def __init__(self, input_shape=INPUT, in_chans: int = 1) -> None:
+    def __init__(self, input_shape=INPUT, in_chans: int = CHANS) -> None:
         self.config = SimpleNamespace(input_shape=tuple(input_shape), in_chans=in_chans, ehr_codes=[])
         self.answer = ""
         self.seen: list[tuple[Any, list[str]]] = []
@@ -251,7 +252,7 @@ def test_every_input_form_gives_the_same_answer(data, oracle_pipe):
         assert np.allclose(a.boxes[0].orig_vox, answers[0].boxes[0].orig_vox, atol=1e-6)
     # the model saw the prepared volume (1, C, X, Y, Z) and the question as asked
     vol, prompts = oracle.seen[-1]
-    assert tuple(vol.shape) == (1, 1, *INPUT) and prompts == ["Where?"]
+    assert tuple(vol.shape) == (1, CHANS, *INPUT) and prompts == ["Where?"]
     # a prepared input can be reused for several questions without re-reading
     inp = pipe.prepare(s["path"], series=s["index"])
     assert pipe.prepare(inp) is inp and np.array_equal(pipe.ask(inp, "again").volume, inp.volume)
@@ -283,7 +284,7 @@ def test_answer_is_json_safe_and_readable(data, oracle_pipe):
     s = volume_series(data)[0]
     oracle.answer = "Lesion <box>[10,20,30,40,50,60]</box> and <box>[1,2]</box>"
     ans = pipe.ask(s["path"], "Where is the lesion?", series=s["index"])
-    assert isinstance(ans, Answer) and ans.volume.shape == (1, *INPUT) and ans.affine.shape == (4, 4)
+    assert isinstance(ans, Answer) and ans.volume.shape == (CHANS, *INPUT) and ans.affine.shape == (4, 4)
     d = json.loads(json.dumps(ans.to_dict(), allow_nan=False))
     assert d["answer"] == oracle.answer and d["unparsed_boxes"] == 1
     assert set(d["boxes"][0]) == {"normalised", "model_vox", "cached_vox", "world_mm", "orig_vox", "size_mm", "centre_mm"}
@@ -329,9 +330,9 @@ def test_unreadable_volume_names_the_file_and_the_reason(tmp_path, data, oracle_
 
 
 def test_channel_mismatch_is_a_clear_error(data):
-    pipe = Vol3DPipeline(Oracle(in_chans=2), data["cfg"])
+    pipe = Vol3DPipeline(Oracle(in_chans=CHANS + 1), data["cfg"])
     s = volume_series(data)[0]
-    with pytest.raises(InputError, match="1 channel"):
+    with pytest.raises(InputError, match=f"{CHANS} channel"):
         pipe.prepare(s["path"], series=s["index"])
 
 

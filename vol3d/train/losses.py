@@ -92,14 +92,28 @@ def clip_infonce(vol_embed: Tensor, text_embed: Tensor, logit_scale: Tensor | fl
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def lm_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Next-token cross-entropy averaged over the labelled (answer) tokens.
+def lm_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                     average: str = "token") -> Tensor:
+    """Next-token cross-entropy over the labelled (answer) tokens.
 
     ``logits (B, T, V)`` at position ``t`` predict ``labels (B, T)`` at ``t + 1``;
     ``ignore_index`` marks prompt, volume and padding tokens. A batch without any
     labelled token (e.g. only EHR samples) gives 0 instead of HF's NaN.
+
+    ``average="token"`` weights every answer token alike (HF's loss), so a 150-token
+    report outweighs a one-token yes/no answer 150 to 1; ``"sample"`` takes the mean
+    over each sample's answer tokens first, then the mean over the samples that have
+    any, so every sample (a report, a yes/no, a box) counts the same.
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum")
-    return total / (shift_labels != ignore_index).sum().clamp(min=1)
+    if average not in ("token", "sample"):
+        raise ValueError(f"average must be 'token' or 'sample', got {average!r}")
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != ignore_index  # (B, T-1)
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels.masked_fill(~mask, 0),
+                                reduction="none") * mask  # (B, T-1)
+    if average == "token":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(dim=1)  # (B,)
+    has = counts > 0
+    per_sample = per_token.sum(dim=1) / counts.clamp(min=1)
+    return (per_sample * has).sum() / has.sum().clamp(min=1)

@@ -157,7 +157,8 @@ class VLMObjective:
 
         w = self.weights
         out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"))
-        terms: dict[str, Tensor] = {"lm": lm_cross_entropy(out["logits"], batch["labels"])}
+        terms: dict[str, Tensor] = {"lm": lm_cross_entropy(out["logits"], batch["labels"],
+                                                            average=getattr(w, "lm_average", "token"))}
         logs: dict[str, Any] = {}
         if "ehr_target" in batch:
             terms["ehr"] = ehr_bce(out["ehr_logits"], batch["ehr_target"], w.ehr_pos_weight)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from preprocess.geometry import box_iou
@@ -90,3 +91,21 @@ def test_lm_cross_entropy_counts_only_labelled_tokens():
     expected = (torch.nn.functional.cross_entropy(logits[0, 2:3], labels[0, 3:4])
                 + torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 4:5])) / 2
     assert torch.allclose(lm_cross_entropy(logits, labels), expected)
+
+
+def test_lm_cross_entropy_sample_average_weights_every_sample_alike():
+    """A long answer dominates the token average; the sample average gives each sample 1 / B."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 8, 11)
+    labels = torch.full((3, 8), -100)
+    labels[0, 1:8] = torch.arange(7)  # a 7-token "report"
+    labels[1, 5] = 3  # a one-token "yes"
+    # sample 2 has no answer token (an EHR sample) and is left out of the mean
+    ce = torch.nn.functional.cross_entropy
+    long_mean = ce(logits[0, 0:7], labels[0, 1:8])
+    short = ce(logits[1, 4:5], labels[1, 5:6])
+    assert torch.allclose(lm_cross_entropy(logits, labels, average="sample"), (long_mean + short) / 2)
+    assert torch.allclose(lm_cross_entropy(logits, labels, average="token"), (7 * long_mean + short) / 8)
+    assert lm_cross_entropy(logits, torch.full((3, 8), -100), average="sample").item() == 0.0
+    with pytest.raises(ValueError, match="token"):
+        lm_cross_entropy(logits, labels, average="batch")

@@ -55,7 +55,7 @@ def test_flags_map_onto_fields_and_win_over_yaml():
     cfg = build_config(TrainConfig, CONFIGS / "train" / "tiny_cpu.yaml", args)
     assert (cfg.max_steps, cfg.optim.lr, cfg.data.batch_size, cfg.loss.box_giou) == (7, 1e-4, 3, 0.5)
     assert cfg.model.box_head is True and cfg.data.tasks.ground == 2.0
-    assert cfg.model.encoder == "vit3d_tiny"  # untouched fields keep the YAML's values
+    assert cfg.model.encoder == "resnet3d_tiny" and cfg.loss.lm_average == "sample"  # untouched fields keep the YAML's values
 
 
 @pytest.mark.parametrize(
@@ -65,6 +65,7 @@ def test_flags_map_onto_fields_and_win_over_yaml():
         ({"optim.lr": -1.0}, "optim.lr"),
         ({"data.batch_size": 0}, "data.batch_size"),
         ({"loss.box_l1": -1.0}, "loss.box_l1"),
+        ({"loss.lm_average": "batch"}, "lm.average"),
         ({"task": "segment"}, "task"),
         ({"device": "tpu"}, "device"),
         ({"bogus": 1}, "bogus"),

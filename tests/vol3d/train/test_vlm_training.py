@@ -118,3 +118,25 @@ def test_tiny_vlm_resume_with_augmentation_is_exact(cases, tmp_path):
     resumed = run(tmp_path / "cut", resume=True)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_objective_lm_average_follows_the_loss_config(cases):
+    """``loss.lm_average`` reaches the objective: on a batch mixing a report with short answers the
+    two averages differ, and each equals lm_cross_entropy with that averaging."""
+    from vol3d.train.losses import lm_cross_entropy
+
+    model, codes = tiny_model(cases)
+    mix = TaskMix(report=1.0, vqa_closed=1.0, vqa_open=0.0, ground=1.0, ehr=0.0)
+    rngs = [np.random.default_rng([0, i]) for i in range(4)]
+    obj = VLMObjective(model.processor, mix, LossConfig(lm_average="token"), codes, None, 128)
+    batch = obj.make_batch(cases[:4], rngs)
+    with torch.no_grad():
+        logits = model(batch["volume"], batch["input_ids"], batch["attention_mask"])["logits"]
+        got = {}
+        for avg in ("token", "sample"):
+            obj.weights = LossConfig(lm_average=avg)
+            got[avg] = obj.loss(model, batch)[1]["lm"]
+            assert torch.allclose(got[avg], lm_cross_entropy(logits, batch["labels"], average=avg), atol=1e-5)
+    answer_lengths = (batch["labels"] != -100).sum(dim=1)
+    assert answer_lengths.max() > answer_lengths.min()  # a mixed batch, where the averages can differ
+    assert not torch.allclose(got["token"], got["sample"])
