@@ -229,7 +229,7 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     export = paths.export
     cfg = load_yaml(PreprocessConfig, config_path("preprocess", PREPROCESS_PRESET))
     side = SideTables.load(reports=export / "reports.csv", codes=export / "ehr_codes.csv",
-                           boxes=export / "boxes.json", labels=export / "labels")
+                           boxes=export / "boxes.json", labels=export / "labels", lesions=export / "lesions")
     run_opts = RunOptions(progress=opts.progress, split_fractions=tuple(opts.split_fractions))
     summary = run_preprocess(export, paths.cache, cfg, side, run_opts)
     _say(summary.table())
