@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from preprocess import geometry as g
-from tests.vol3d.test_inference import INPUT, build_export_and_cache, volume_series
+from tests.vol3d.test_inference import CHANS, INPUT, build_export_and_cache, volume_series
 from vol3d.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def save_tiny_run(run: Path, preprocess: Any, ehr_codes: list[str] | None = None
     texts = ["Findings: a liver lesion <box>[120,340,88,260,470,140]</box>.", "No lung nodule. Yes. No. 2."]
     torch.manual_seed(0)
     cfg = Vol3DConfig(encoder="vit3d_tiny", encoder_overrides={"img_size": list(INPUT), "patch_size": [16, 16, 8]},
-                      input_shape=INPUT, reducer="pool", reducer_params={"out_grid": [2, 2, 2]},
+                      in_chans=CHANS, input_shape=INPUT, reducer="pool", reducer_params={"out_grid": [2, 2, 2]},
                       lm_config=TINY_LLAMA, ehr_codes=list(ehr_codes or []))
     model = Vol3DModel(cfg, tokenizer=build_tokenizer(texts * 3, vocab_size=300))
     model.save_pretrained(run / "model")
@@ -138,7 +138,7 @@ def test_python_api_loads_the_run(data, run):
     assert pipe.input_shape == INPUT and pipe.code_vocab.codes == CODES
     assert pipe.preprocess.params_hash() == data["cfg"].params_hash()
     ans = pipe.ask(_series(data, "oblique")["path"], "Where is the liver lesion?", max_new_tokens=4)
-    assert ans.volume.shape == (1, *INPUT) and "OBLIQUE" in ans.input.flags
+    assert ans.volume.shape == (CHANS, *INPUT) and "OBLIQUE" in ans.input.flags
     probs = pipe.ehr(ans.input)
     assert list(probs) == CODES
 
