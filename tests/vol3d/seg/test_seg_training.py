@@ -126,6 +126,10 @@ def test_seg_presets_load_and_build(path):
 
     model = SegModel(cfg.model)
     assert model.decoder.path.out.conv.conv.out_channels == len(cfg.model.class_names)
-    if "tiny" in path.stem:  # the CPU presets also run forward at their patch size
+    if "tiny" in path.stem:  # the CPU presets take the tiny cache as it is, and run forward at their patch size
+        from preprocess.config import read_config
+
+        tiny = read_config(CONFIGS.parent / "preprocess" / "tiny.yaml")
+        assert cfg.model.in_chans == len(tiny.ct_windows)
         x = torch.zeros(1, cfg.model.in_chans, *cfg.model.patch_size)
         assert model(x).shape == (1, len(cfg.model.class_names), *cfg.model.patch_size)
