@@ -483,8 +483,11 @@ def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = N
     title = f"Q: {answer.question}   A: {answer.text if len(answer.text) < 90 else answer.text[:87] + '...'}"
     if not len(pred):
         title += "\n(no box in the answer: the true box is shown alone)"
+    # show the channel with the most contrast: the soft-tissue window when the preset has one
+    vol = np.asarray(answer.volume, dtype=np.float32)
+    channel = int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
     return show_box_slices(answer.volume, pred, truth, spacing=answer.input.spacing, center=center,
-                           labels=labels, title=title, affine=answer.affine)
+                           labels=labels, title=title, affine=answer.affine, channel=channel)
 
 
 def describe_answer(answer: Any, truth: np.ndarray) -> list[str]:
