@@ -113,12 +113,11 @@ def build_model(cfg: SegConfig, preprocess: dict[str, Any]) -> tuple[Any, SegCon
 
 def finetune(cfg: SegConfig, resume: bool = False) -> Any:
     """Run (or resume) a segmentation fine-tune; returns the loop's :class:`~vol3d.train.loop.FitResult`."""
-    from preprocess.config_io import dump_yaml
     from vol3d.seg.model import SegModel
     from vol3d.seg.objective import SegObjective
     from vol3d.train import distributed as ddp
     from vol3d.train.loop import fit
-    from vol3d.train.run import check_run_dir
+    from vol3d.train.run import check_channels, check_run_dir, write_run_config
 
     if not cfg.run_dir:
         raise ConfigError("run_dir is not set; pass --run-dir RUN")
@@ -137,13 +136,8 @@ def finetune(cfg: SegConfig, resume: bool = False) -> Any:
         model = SegModel(cfg.model, preprocess=preprocess)
     else:
         model, cfg = build_model(cfg, preprocess)
-    channels = int(train_ds[0]["image"].shape[0])
-    if channels != cfg.model.in_chans:
-        raise ConfigError(f"the cache's volumes have {channels} channel(s) but the encoder takes "
-                          f"{cfg.model.in_chans}; set --model.in-chans {channels} (or init from a matching run)")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / CONFIG_NAME)
+    check_channels(train_ds, cfg.model.in_chans)
+    write_run_config(cfg, info.is_main)
     objective = SegObjective(cfg.model.class_names, cfg.model.patch_size, cfg.loss, cfg.infer)
     log.info("seg fine-tune %s: %d labelled train cases (%d patches/pass), %d val, encoder %s (%s), "
              "%.2fM trainable parameters", run_dir, len(train_ds.rows), len(train_ds),

@@ -111,6 +111,21 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
     return model, dataclasses.replace(cfg, model=mcfg)
 
 
+def check_channels(dataset: Any, in_chans: int) -> None:
+    """The cache's channel count (one per CT window) must be what the model takes."""
+    channels = int(dataset.item_without_pixels(0)["image"].shape[0])
+    if channels != in_chans:
+        raise ConfigError(f"the cache's volumes have {channels} channel(s) but the model takes {in_chans}; "
+                          f"set --model.in-chans {channels} (or init from a run trained on such a cache)")
+
+
+def write_run_config(cfg: Any, is_main: bool) -> None:
+    """Create the run dir and write its full ``config.yaml`` (rank 0 only)."""
+    if is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, Path(cfg.run_dir) / CONFIG_NAME)
+
+
 def check_heads(cfg: TrainConfig) -> None:
     """Every loss term with a weight needs the model head that feeds it."""
     m, w = cfg.model, cfg.loss
@@ -141,13 +156,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     # The run dir alone must be enough to prepare new images exactly as the training ones.
     model.preprocess = to_dict(dataclasses.replace(read_config(cfg.data.cache_dir), id_key=None, workers=0))
     check_heads(cfg)
-    channels = int(train_ds[0]["image"].shape[0])
-    if channels != cfg.model.in_chans:
-        raise ConfigError(f"the cache's volumes have {channels} channel(s) but model.in_chans is "
-                          f"{cfg.model.in_chans}; set --model.in-chans {channels}")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / CONFIG_NAME)
+    check_channels(train_ds, cfg.model.in_chans)
+    write_run_config(cfg, info.is_main)
     codes = CodeVocab(cfg.model.ehr_codes) if cfg.model.ehr_codes and cfg.loss.ehr > 0 else None
     objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, cfg.data.augment,
                              cfg.data.max_length, cfg.data.batch_size)

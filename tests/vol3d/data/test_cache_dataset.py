@@ -164,3 +164,14 @@ def test_item_without_pixels_matches_the_item_except_voxels(cache):
             if key not in ("image", "label", "has_label"):
                 a, b = full[key], meta[key]
                 assert (a == b).all() if isinstance(a, torch.Tensor) else a == b, key
+
+
+def test_a_model_with_the_wrong_channel_count_is_refused_naming_the_flag(cache):
+    from preprocess.errors import ConfigError
+    from vol3d.train.run import check_channels
+
+    ds = CacheDataset(cache, mode="volume")
+    channels = ds[0]["image"].shape[0]
+    check_channels(ds, channels)  # the cache's own count passes
+    with pytest.raises(ConfigError, match=f"--model.in-chans {channels}"):
+        check_channels(ds, channels + 1)
