@@ -485,12 +485,13 @@ class Vol3DPipeline:
 
     # -- evaluation
     def evaluate(self, cache_dir: str | Path, split: str | None = "test", tasks: Sequence[str] | None = None,
-                 limit: int | None = None, image_blind: bool = False, **kwargs: Any) -> dict[str, Any]:
+                 limit: int | None = None, image_blind: bool = False, *, samples_per_case: int = 2,
+                 max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0,
+                 keep_predictions: bool = False) -> dict[str, Any]:
         """Metrics of every task on a cache split (:func:`vol3d.eval.evaluate`), with ``meta`` about the run.
 
         ``tasks`` defaults to the text tasks plus ``ehr`` when the model has an EHR head;
-        ``limit`` keeps the first N cases; ``kwargs`` go to :func:`vol3d.eval.evaluate`
-        (``samples_per_case``, ``max_new_tokens``, ``batch_size``, ``seed``, ``keep_predictions``).
+        ``limit`` keeps the first N cases; the other arguments are :func:`vol3d.eval.evaluate`'s.
         """
         from vol3d.data.cache import CacheDataset, read_manifest
         from vol3d.eval import evaluate
@@ -509,7 +510,9 @@ class Vol3DPipeline:
         n = len(ds) if limit is None else min(int(limit), len(ds))
         same = self._check_cache_params(Path(cache_dir))
         results = evaluate(self.model, (ds[i] for i in range(n)), tasks, code_vocab=vocab,
-                           image_blind=image_blind, **kwargs)
+                           image_blind=image_blind, samples_per_case=samples_per_case,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                           keep_predictions=keep_predictions)
         results["meta"].update({
             "run": str(self.run_dir) if self.run_dir is not None else None,
             "cache": str(cache_dir),
