@@ -56,7 +56,8 @@ class PreprocessConfig:
     compression: Literal["lz4", "zstd", "lzf", "gzip", "none"] = "lz4"
     # Modality assumed for files that do not say (NIfTI without sidecar, NRRD, MHA): CT or MR.
     modality_default: Literal["CT", "MR"] = "CT"
-    # Key for the pseudonymous ids (HMAC); null reads env VOL3D_ID_KEY. Never written, never hashed.
+    # Key for the pseudonymous ids (HMAC); null reads env VOL3D_ID_KEY (preferred: a flag shows in `ps`
+    # and shell history). Never written, never hashed.
     id_key: str | None = None
     # Worker processes for the runner (0 = min(4, CPU cores)). Does not change the output.
     workers: int = 0

@@ -182,8 +182,32 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _help_of(field: dataclasses.Field) -> str:
-    return field.metadata.get("help", "")
+def _comment_help(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``# comment`` lines right above each field in ``cls``'s source,
+    so configs documented the house way (a comment per field) get flag help for free."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    comment: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if comment and name.isidentifier() and ":" in text:
+            out[name] = " ".join(comment)
+        comment = []
+    return out
+
+
+def _help_of(field: dataclasses.Field, comments: dict[str, str]) -> str:
+    text = field.metadata.get("help") or comments.get(field.name, "")
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def flag_name(field: str) -> str:
@@ -214,6 +238,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
     config file; read them back with :func:`overrides_from_args`.
     """
     hints = _field_types(cls)
+    comments = _comment_help(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -223,7 +248,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             add_dataclass_args(parser, tp, prefix=f"{name}.")
             continue
         flag = flag_name(name)
-        kw: dict[str, Any] = {"dest": f"cfg:{name}", "default": argparse.SUPPRESS, "help": _help_of(f)}
+        kw: dict[str, Any] = {"dest": f"cfg:{name}", "default": argparse.SUPPRESS, "help": _help_of(f, comments)}
         origin = typing.get_origin(tp)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction

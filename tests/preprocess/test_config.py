@@ -135,3 +135,18 @@ def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_file(tmp_path):
     preset.write_text("lr: fast\n")
     with pytest.raises(ConfigError, match=r"p\.yaml\.lr: expected float"):
         build_config(_Outer, preset, parser.parse_args([]))
+
+
+def test_comment_per_field_becomes_the_flag_help():
+    import argparse
+
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import add_dataclass_args
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, PreprocessConfig)
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert "spacing" in helps["--target-spacing"].lower()
+    assert "VOL3D_ID_KEY" in helps["--id-key"]
+    assert helps["--ingest.min-slices"]  # nested dataclasses too
+    parser.format_help()  # no stray % in any help text
