@@ -149,74 +149,63 @@ def _liver(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]
     return " ".join(parts), impressions
 
 
-def _lungs(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+def _lateral(
+    items: list[dict], rng: np.random.Generator, normal: Sequence[str], finding: Sequence[str], impression: Sequence[str]
+) -> tuple[str, list[str]]:
+    """Report text of a finding in a paired organ (lungs, kidneys): one sentence and one
+    impression per item, with its side; ``normal`` when there is none."""
     if not items:
-        return _pick(
-            rng,
-            [
-                "The lung bases are clear. No pulmonary nodule.",
-                "Visualized lungs are unremarkable without nodule or consolidation.",
-                "No suspicious lung nodule in the imaged lungs.",
-            ],
-        ), []
+        return _pick(rng, normal), []
     parts, impressions = [], []
     for it in items:
         side = _side(it["organ"])
-        parts.append(
-            _pick(
-                rng,
-                [
-                    "A solid nodule in the {s} lower lobe measures {d}.",
-                    "There is a {d} solid pulmonary nodule in the {s} lower lobe.",
-                    "Noncalcified nodule at the {s} lung base, measuring {d}.",
-                ],
-            ).format(s=side, d=_dims(it["sizes"], rng))
-        )
+        parts.append(_pick(rng, finding).format(s=side, d=_dims(it["sizes"], rng)))
         impressions.append(
-            _pick(
-                rng,
-                [
-                    "{l} mm {s} lower lobe pulmonary nodule; follow-up CT recommended.",
-                    "{s_cap} lung nodule, {l} mm.",
-                ],
-            ).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
+            _pick(rng, impression).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
         )
     return " ".join(parts), impressions
+
+
+def _lungs(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
+    return _lateral(
+        items,
+        rng,
+        normal=(
+            "The lung bases are clear. No pulmonary nodule.",
+            "Visualized lungs are unremarkable without nodule or consolidation.",
+            "No suspicious lung nodule in the imaged lungs.",
+        ),
+        finding=(
+            "A solid nodule in the {s} lower lobe measures {d}.",
+            "There is a {d} solid pulmonary nodule in the {s} lower lobe.",
+            "Noncalcified nodule at the {s} lung base, measuring {d}.",
+        ),
+        impression=(
+            "{l} mm {s} lower lobe pulmonary nodule; follow-up CT recommended.",
+            "{s_cap} lung nodule, {l} mm.",
+        ),
+    )
 
 
 def _kidneys(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
-    if not items:
-        return _pick(
-            rng,
-            [
-                "The kidneys enhance symmetrically without hydronephrosis or cyst.",
-                "Kidneys: unremarkable.",
-                "No renal cyst or mass. No hydronephrosis.",
-            ],
-        ), []
-    parts, impressions = [], []
-    for it in items:
-        side = _side(it["organ"])
-        parts.append(
-            _pick(
-                rng,
-                [
-                    "Simple cyst in the {s} kidney measuring {d}.",
-                    "There is a {d} fluid-attenuation cyst arising from the {s} kidney (Bosniak I).",
-                    "A simple-appearing {s} renal cyst measures {d}.",
-                ],
-            ).format(s=side, d=_dims(it["sizes"], rng))
-        )
-        impressions.append(
-            _pick(
-                rng,
-                [
-                    "{l} mm simple {s} renal cyst, no follow-up needed.",
-                    "{s_cap} kidney cyst ({l} mm), benign.",
-                ],
-            ).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
-        )
-    return " ".join(parts), impressions
+    return _lateral(
+        items,
+        rng,
+        normal=(
+            "The kidneys enhance symmetrically without hydronephrosis or cyst.",
+            "Kidneys: unremarkable.",
+            "No renal cyst or mass. No hydronephrosis.",
+        ),
+        finding=(
+            "Simple cyst in the {s} kidney measuring {d}.",
+            "There is a {d} fluid-attenuation cyst arising from the {s} kidney (Bosniak I).",
+            "A simple-appearing {s} renal cyst measures {d}.",
+        ),
+        impression=(
+            "{l} mm simple {s} renal cyst, no follow-up needed.",
+            "{s_cap} kidney cyst ({l} mm), benign.",
+        ),
+    )
 
 
 def _spleen(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
