@@ -68,11 +68,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     return train, val
 
 
-def _case_codes(dataset: Any) -> list[list[str]]:
-    """EHR codes of every case, read from the HDF5 attributes only (no volumes)."""
-    return [[str(c) for c in dataset.item_without_pixels(i)["codes"]] for i in range(len(dataset))]
-
-
 def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainConfig]:
     """The model to train and the config updated with what was resolved from the data.
 
@@ -93,18 +88,18 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         model = Vol3DModel.from_pretrained(src / "model")
         model.train()
         return model, dataclasses.replace(cfg, model=model.config)
+    from vol3d.train.objectives import as_case
+
     mcfg = cfg.model
+    # texts, boxes and codes only, read once: a big cache must not be read into memory for this
+    cases = [as_case(train.item_without_pixels(i)) for i in range(len(train))]
     if cfg.loss.ehr > 0 and not mcfg.ehr_codes:
-        vocab = CodeVocab.from_cases(_case_codes(train))
+        vocab = CodeVocab.from_cases([[str(c) for c in case["codes"]] for case in cases])
         if len(vocab) == 0:
             raise InputError(f"{cfg.data.cache_dir}: no case has EHR codes; set loss.ehr: 0 to train without them")
         mcfg = dataclasses.replace(mcfg, ehr_codes=list(vocab.codes), num_ehr_codes=len(vocab))
     tokenizer = None
     if mcfg.lm_path is None:
-        from vol3d.train.objectives import as_case
-
-        # texts, boxes and codes only: a big cache must not be read into memory for this
-        cases = [as_case(train.item_without_pixels(i)) for i in range(len(train))]
         tokenizer = build_tokenizer(corpus_texts(cases))
     torch.manual_seed(cfg.seed)
     model = Vol3DModel(mcfg, tokenizer=tokenizer)
