@@ -423,12 +423,11 @@ def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], s
     its first finding (then the answer should say there is none).
     """
     from vol3d.tasks import finding_truth
-    from vol3d.train.objectives import as_case
 
     order = sorted(range(len(cases)), key=lambda i: str(cases.rows[i]["id"]) if hasattr(cases, "rows") else i)
     wanted = (finding,) if finding else PREFERRED_FINDINGS
     items = [cases[i] for i in order]
-    truths = [finding_truth(as_case(c)) for c in items]
+    truths = [finding_truth(c) for c in items]
     for name in wanted:
         for case, truth in zip(items, truths, strict=True):
             if name in truth and truth[name].n > 0:
@@ -441,9 +440,8 @@ def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], s
 def true_boxes(case: Mapping[str, Any], finding: str) -> np.ndarray:
     """The visible true boxes ``(N, 6)`` of ``finding`` in the case's model-input voxels."""
     from vol3d.tasks import finding_truth
-    from vol3d.train.objectives import as_case
 
-    return finding_truth(as_case(dict(case)))[finding].boxes
+    return finding_truth(case)[finding].boxes
 
 
 def question_for(finding: str) -> str:

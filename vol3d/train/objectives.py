@@ -66,15 +66,6 @@ def batched_validation(objective: Objective, model: nn.Module, items: Any, batch
 # ----------------------------------------------------------------------------- vision-language
 
 
-def as_case(item: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`~vol3d.data.cache.CacheDataset` item with the key names :mod:`vol3d.tasks` reads."""
-    case = dict(item)
-    for src, dst in (("box_findings", "box_finding"), ("box_organs", "box_organ"), ("boxes_visible", "box_visible")):
-        if src in case and dst not in case:
-            case[dst] = case[src]
-    return case
-
-
 def main_box(case: dict[str, Any]) -> np.ndarray | None:
     """The largest visible box of a case in the 0..1 model-input frame ``(6,)``, or None.
 
@@ -83,9 +74,10 @@ def main_box(case: dict[str, Any]) -> np.ndarray | None:
     """
     from preprocess.geometry import BOX_SCALE, as_boxes, box_volume, normalise_boxes
     from vol3d.tasks import MIN_VISIBLE
+    from vol3d.tasks.samples import box_field
 
     boxes = as_boxes(np.asarray(case.get("boxes_vox", np.zeros((0, 6))), dtype=float))
-    visible = np.asarray(case.get("box_visible", np.ones(len(boxes))), dtype=float).reshape(-1)
+    visible = np.asarray(box_field(case, "box_visible", np.ones(len(boxes))), dtype=float).reshape(-1)
     boxes = boxes[visible >= MIN_VISIBLE]
     if len(boxes) == 0:
         return None
@@ -126,7 +118,7 @@ class VLMObjective:
         from vol3d.models.processor import IGNORE_INDEX
         from vol3d.tasks import augment, build_samples
 
-        cases = [as_case(it) for it in items]
+        cases = list(items)  # vol3d.tasks reads CacheDataset items as they are
         if self.augment is not None:
             cases = [augment(c, r, self.augment) for c, r in zip(cases, rngs, strict=True)]
         samples = [build_samples(c, r, self.mix, code_vocab=self.code_vocab)[0]

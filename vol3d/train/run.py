@@ -88,11 +88,9 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         model = Vol3DModel.from_pretrained(src / "model")
         model.train()
         return model, dataclasses.replace(cfg, model=model.config)
-    from vol3d.train.objectives import as_case
-
     mcfg = cfg.model
     # texts, boxes and codes only, read once: a big cache must not be read into memory for this
-    cases = [as_case(train.item_without_pixels(i)) for i in range(len(train))]
+    cases = [train.item_without_pixels(i) for i in range(len(train))]
     if cfg.loss.ehr > 0 and not mcfg.ehr_codes:
         vocab = CodeVocab.from_cases([[str(c) for c in case["codes"]] for case in cases])
         if len(vocab) == 0:

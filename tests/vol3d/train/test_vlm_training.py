@@ -10,7 +10,7 @@ from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
 from vol3d.tasks import CodeVocab, TaskMix, corpus_texts
 from vol3d.train.config import TINY_LM, DataConfig, LossConfig, OptimConfig, TrainConfig
 from vol3d.train.loop import fit
-from vol3d.train.objectives import VLMObjective, as_case, main_box
+from vol3d.train.objectives import VLMObjective, main_box
 
 SHAPE = (32, 32, 16)
 
@@ -46,13 +46,13 @@ def tiny_model(cases: list[dict]) -> tuple[Vol3DModel, CodeVocab]:
     cfg = Vol3DConfig(encoder="vit3d_tiny", input_shape=SHAPE, reducer="pool", reducer_params={"out_grid": [2, 2, 2]},
                       lm_config=dict(TINY_LM), box_head=True, ehr_codes=list(codes.codes))
     torch.manual_seed(0)
-    return Vol3DModel(cfg, tokenizer=build_tokenizer(corpus_texts([as_case(c) for c in cases]))), codes
+    return Vol3DModel(cfg, tokenizer=build_tokenizer(corpus_texts(cases))), codes
 
 
 def test_main_box_is_the_largest_visible_box_in_unit_frame(cases):
-    box = main_box(as_case(cases[0]))
+    box = main_box(cases[0])
     assert box.shape == (6,) and np.all((box >= 0) & (box <= 1)) and np.all(box[:3] < box[3:])
-    assert main_box(as_case(cases[1])) is None  # no finding: the box head is not trained on this case
+    assert main_box(cases[1]) is None  # no finding: the box head is not trained on this case
 
 
 def test_tiny_vlm_learns_and_run_dir_reloads(cases, tmp_path):
