@@ -56,8 +56,8 @@ class DemoOptions:
     """What ``vol3d demo`` builds (flags of the command map onto these fields)."""
 
     out: Path = Path("vol3d_demo")  # demo folder: export/, cache/, run/, eval.json, answer.png
-    cases: int = 32  # synthetic studies (about 80% train, 10% val, 10% test by patient)
-    steps: int = 400  # optimizer steps of the tiny_cpu model (batch 4; about 3 min on 2 idle cores)
+    cases: int = 96  # synthetic studies (about 80% train, 10% val, 10% test by patient; ~15 s to make)
+    steps: int = 1000  # optimizer steps of the tiny_cpu model (batch 4 x 4 questions; ~3.5 min on 2 idle cores)
     seed: int = 0  # seed of the synthetic data and of training
     fresh: bool = False  # delete a previous demo in ``out`` first
     baseline: bool = True  # also evaluate the image-blind baseline (doubles the evaluation time)
@@ -299,6 +299,11 @@ HEADLINE: tuple[tuple[str, str, str, str], ...] = (
      "the same at IoU >= 0.25: the box is roughly on the finding"),
     ("ground.mean_iou", "grounding mean IoU", "", "mean IoU of each true box with its matched answer box"),
     ("ground.unparseable_rate", "no usable box", "", "grounding answers without a well-formed <box>[..]</box> where one was due (lower is better)"),
+    ("ground.refusal_accuracy", "correct 'there is none'", "",
+     "grounding questions about an absent finding answered without a box"),
+    ("ground.located_acc_iou25", "located Acc@IoU0.25", "",
+     "told the finding is there (the answer starts with a box): true boxes found at IoU >= 0.25"),
+    ("ground.located_mean_iou", "located mean IoU", "", "the same, mean IoU of each true box with its match"),
     ("report.findings.micro_f1", "report finding F1 (micro)", ">= 0.9",
      "findings read from the generated report (negation-aware) vs the reference report, pooled over findings"),
     ("report.findings.macro_f1", "report finding F1 (macro)", "", "the same, averaged over finding types"),
@@ -382,7 +387,7 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
         items = tqdm(cases, desc=f"{label} ({name.replace('_', '-')})", unit="case", disable=not progress)
         out[name] = evaluate(pipe.model, items, tasks, code_vocab=vocab, samples_per_case=samples_per_case,
                              max_new_tokens=max_new_tokens, seed=seed, image_blind=blind,
-                             keep_predictions=not blind)
+                             keep_predictions=not blind, locate_prefix=pipe.locate_prefix)
         out[name]["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -511,14 +516,21 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
     question = question_for(name)
     _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
          f"{len(true_boxes(case, name))} {name.replace('_', ' ')} box(es) in its ground truth")
-    answer = pipe.ask(f"{paths.cache}{CACHE_SEP}{case['id']}", question, max_new_tokens=max_new_tokens)
+    ref = f"{paths.cache}{CACHE_SEP}{case['id']}"
+    answer = pipe.ask(ref, question, max_new_tokens=max_new_tokens)
+    free_text, located = answer.text, False
     truth = true_boxes(case, name)
     _say(f"Q: {question}\nA: {answer.text}")
+    if not answer.boxes:
+        _say(f"  (no box: the model did not see the {name.replace('_', ' ')}.) Told that it is there "
+             "(the answer must start with a box), it says where it would be:")
+        answer, located = pipe.ask(ref, question, max_new_tokens=max_new_tokens, locate=True), True
+        _say(f"A: {answer.text}")
     if answer.boxes:
         _say("\n".join(describe_answer(answer, truth)))
     else:
         _say("  (no box in the answer)")
-    write_json({**answer.to_dict(), "finding": name, "split": split,
+    write_json({**answer.to_dict(), "finding": name, "split": split, "free_answer": free_text, "located": located,
                 "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine)}, paths.answer_json)
     return answer, case, name
 

@@ -455,14 +455,29 @@ class Vol3DPipeline:
 
         return torch.from_numpy(np.ascontiguousarray(inp.volume))[None].to(self.device)  # (1, C, X, Y, Z)
 
+    @property
+    def locate_prefix(self) -> str | None:
+        """How this model's answers start when it is told to say where (``ask(..., locate=True)``);
+        None for a model that is not a :class:`vol3d.models.Vol3DModel`."""
+        from vol3d.models.vlm import LOCATE_PREFIX, Vol3DModel
+
+        if not isinstance(self.model, Vol3DModel):
+            return None
+        return LOCATE_PREFIX[self.model.box_head is not None]
+
     def ask(self, volume: Any, question: str, max_new_tokens: int = 128, series: int | None = None,
-            **generate_kwargs: Any) -> Answer:
+            locate: bool = False, **generate_kwargs: Any) -> Answer:
         """Answer ``question`` about ``volume`` (anything :meth:`prepare` takes).
 
         The question is used as is (a ``<vol>`` placeholder is put first when it has none,
-        as in training). ``generate_kwargs`` go to HF ``generate`` (``num_beams``, ``do_sample`` ...).
+        as in training). ``locate=True`` makes the answer start with a box: the model says
+        *where* the finding would be, taking for granted that it is there (its own judgement
+        of *whether* is skipped; use it for a finding you know is present).
+        ``generate_kwargs`` go to HF ``generate`` (``num_beams``, ``do_sample`` ...).
         """
         inp = self.prepare(volume, series=series)
+        if locate:
+            generate_kwargs["answer_prefix"] = self.locate_prefix
         text = str(self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
                                        **generate_kwargs)[0])
         boxes, unparsed = boxes_from_text(text, inp)
@@ -512,7 +527,7 @@ class Vol3DPipeline:
         results = evaluate(self.model, (ds[i] for i in range(n)), tasks, code_vocab=vocab,
                            image_blind=image_blind, samples_per_case=samples_per_case,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                           keep_predictions=keep_predictions)
+                           keep_predictions=keep_predictions, locate_prefix=self.locate_prefix)
         results["meta"].update({
             "run": str(self.run_dir) if self.run_dir is not None else None,
             "cache": str(cache_dir),

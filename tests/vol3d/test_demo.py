@@ -111,6 +111,21 @@ def test_answer_json_truth_boxes_are_the_cached_world_boxes(demo_runs):
     )
 
 
+def test_the_figure_always_has_a_predicted_box(demo_runs):
+    """The answer drawn has a box: the free answer's, or (told the finding is there) a located one,
+    and answer.json says which; the free answer is kept either way."""
+    result, text, _ = demo_runs["first"]
+    ans = json.loads((demo_runs["out"] / "answer.json").read_text())
+    assert result.answer.boxes
+    assert isinstance(ans["free_answer"], str)  # may be empty after the 2 test steps
+    if ans["located"]:
+        assert ans["answer"].startswith("<box>[") and "Told that it is there" in text
+        assert "<box>" not in ans["free_answer"]
+    else:
+        assert ans["free_answer"] == ans["answer"]
+    assert len(ans["boxes"]) == len(result.answer.boxes) >= 1
+
+
 def test_second_run_reuses_synth_train_and_eval(demo_runs):
     result, text, steps = demo_runs["second"]
     assert {"synth", "preprocess", "train", "eval"} <= set(result.reused)

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess-config", type=Path, default=None, metavar="PATH",
                         help="preprocessing of the training data when the run does not record it: a "
                              "configs/preprocess/*.yaml, a cache's params.json or the cache folder")
+    parser.add_argument("--locate", action="store_true",
+                        help="start the answer with a box: say where the finding would be, taking for granted "
+                             "that it is there (for a finding you know is present)")
     parser.add_argument("--ehr", action="store_true", help="also give the EHR-code probabilities (runs with an EHR head)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy, the default)")
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.run, device=args.device, preprocess_config=args.preprocess_config)
     inp = pipe.prepare(args.volume, series=args.series)
     gen = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
-    answer = pipe.ask(inp, args.question, max_new_tokens=args.max_new_tokens, **gen)
+    answer = pipe.ask(inp, args.question, max_new_tokens=args.max_new_tokens, locate=args.locate, **gen)
     codes = pipe.ehr(inp) if args.ehr else None
     if args.json:
         out = answer.to_dict()

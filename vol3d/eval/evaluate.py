@@ -125,6 +125,7 @@ def evaluate(
     batch_size: int = 8,
     image_blind: bool = False,
     keep_predictions: bool = False,
+    locate_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Generate answers for evaluation samples of ``tasks`` on ``cases`` and compute their metrics.
 
@@ -142,6 +143,10 @@ def evaluate(
         samples_per_case: questions per case for VQA and grounding (reports and EHR: one).
         image_blind: zero every volume (image-blind baseline).
         keep_predictions: also return every prompt, reference and prediction.
+        locate_prefix: also ask each grounding question about a *present* finding with the
+            answer forced to start with this (``vol3d.models.vlm.LOCATE_PREFIX``; ``model.generate``
+            must take ``answer_prefix``) and report ``ground.located_*``: how well the model
+            says where a finding is once told that it is there, apart from whether it saw it.
 
     Returns:
         ``{task: metrics, ..., "meta": {...}}`` (plus ``"predictions"``); see ``docs/tasks_and_metrics.md``.
@@ -159,6 +164,7 @@ def evaluate(
     processor = processor or getattr(model, "processor", None)
     device = _device(model)
     done: dict[str, list[tuple[EvalItem, Any]]] = {t: [] for t in tasks}  # (item, prediction)
+    located: list[tuple[EvalItem, str]] = []  # grounding answers forced to start with a box
     n_cases = 0
     with torch.inference_mode():
         for ci, case in enumerate(cases):
@@ -178,6 +184,11 @@ def evaluate(
                     raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
                 for it, pred in zip(chunk, out, strict=True):
                     done[it.sample.task].append((it, str(pred)))
+                present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
+                if locate_prefix and present:
+                    out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
+                                         max_new_tokens=max_new_tokens, answer_prefix=locate_prefix)
+                    located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
             for it in items:
                 if it.sample.task == "ehr":
                     done["ehr"].append(
@@ -195,6 +206,9 @@ def evaluate(
             results[task] = ehr_metrics(scores, targets, code_vocab.codes)
         else:
             results[task] = _score(task, [it for it, _ in pairs], [p for _, p in pairs], vocab)
+    if located:
+        scored = _score("ground", [it for it, _ in located], [p for _, p in located], vocab)
+        results["ground"].update({f"located_{k}": scored[k] for k in ("mean_iou", "acc_iou25", "acc_iou50")})
     results["meta"] = {
         "n_cases": n_cases,
         "tasks": list(tasks),
@@ -214,6 +228,10 @@ def evaluate(
             for t in tasks
             if t != "ehr"
             for it, p in done[t]
+        ] + [
+            {"task": "ground_located", "case": it.case_id, "prompt": it.sample.prompt,
+             "reference": it.sample.answer, "prediction": p}
+            for it, p in located
         ]
     return results
 

@@ -46,7 +46,11 @@ class Vol3DConfig:
     # --- heads
     num_ehr_codes: int = _f(0, "EHR-code logits on pooled features (0 = no head)")
     ehr_codes: list[str] = _f([], "names of the EHR codes, in logit order")
-    box_head: bool = _f(False, "regress one box (normalised input coordinates) from pooled features")
+    box_head: bool = _f(False, "grounding head: the LM writes <box> per instance and the head regresses "
+                        "its coordinates (false: the LM spells <box>[x0,...,z1]</box> digits, as M3D does)")
+    box_head_level: int = _f(-1, "encoder level whose dense map the grounding head reads (-1 = last; "
+                                 "ResNet: 0 stem .. 4 layer4, ViT: block index)")
+    box_head_dim: int = _f(128, "width of the grounding head")
     contrastive: bool = _f(False, "volume/report embeddings for contrastive alignment")
     text_tower: str = _f("minilm", "text encoder for contrastive: 'minilm' (packaged) or a local HF dir")
     contrastive_dim: int = _f(256, "width of the shared contrastive embedding")
@@ -64,6 +68,8 @@ class Vol3DConfig:
             raise ConfigError(f"ehr_codes lists {len(self.ehr_codes)} codes but num_ehr_codes is {self.num_ehr_codes}")
         if self.lora and self.freeze_lm:
             raise ConfigError("lora already freezes the LM's own weights; set freeze_lm: false (adapters train)")
+        if self.box_head_dim < 1:
+            raise ConfigError(f"box_head_dim must be >= 1, got {self.box_head_dim}")
         if self.projector_depth < 1:
             raise ConfigError("projector_depth must be >= 1")
         self.input_shape = tuple(int(v) for v in self.input_shape)  # type: ignore[assignment]

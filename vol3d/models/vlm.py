@@ -3,7 +3,8 @@
 As in LLaVA, the processor expands one ``<vol>`` placeholder into ``num_vol_tokens``
 image-token ids, and :meth:`Vol3DModel.forward` replaces their embeddings with the
 projected volume tokens (``masked_scatter``) after checking that the counts match.
-Heads beside the LM (EHR codes, box, contrastive) read the pooled encoder features.
+Heads beside the LM (EHR codes, contrastive) read the pooled encoder features; the grounding
+head turns each ``<box>`` token the LM writes into box coordinates (:class:`GroundingHead`).
 
 A saved model is one directory::
 
@@ -27,12 +28,12 @@ from torch import nn
 
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.config import Vol3DConfig
-from vol3d.models.heads import BoxHead, ContrastiveHead, EHRHead, TextTower
-from vol3d.models.layers import fourier_features
+from vol3d.models.heads import ContrastiveHead, EHRHead, GroundingHead, TextTower
+from vol3d.models.layers import fourier_features, grid_to_tokens
 from vol3d.models.processor import Vol3DProcessor
 from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
-from vol3d.models.tokenizer import VOL_TOKEN, add_vol3d_tokens, load_tokenizer
+from vol3d.models.tokenizer import BOX_END, BOX_START, VOL_TOKEN, add_vol3d_tokens, load_tokenizer
 
 CONFIG_NAME = "vol3d_config.json"
 PREPROCESS_NAME = "preprocess.json"  # see preprocess.config.read_config
@@ -45,6 +46,19 @@ def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
     for _ in range(depth - 1):
         layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
+
+
+#: ``answer_prefix`` that makes a model say where a finding is, not whether it is there:
+#: the answer starts with a box (referring localisation, as M3D's REG task assumes the
+#: object exists). A grounding-head model goes on from ``<box>``; a text-mode model spells
+#: the coordinates after ``<box>[``.
+LOCATE_PREFIX = {True: "<box>", False: "<box>["}
+
+
+def box_token_index(labels: torch.Tensor, box_token_id: int) -> torch.Tensor:
+    """``(Q, 2)`` ``(row, position)`` of every ``<box>`` token in the *answers* of ``labels (B, T)``,
+    row-major: the ``k``-th of a row is that row's ``k``-th box (prompts carry labels -100)."""
+    return (labels == box_token_id).nonzero()
 
 
 class Vol3DModel(nn.Module):
@@ -73,6 +87,7 @@ class Vol3DModel(nn.Module):
         # with, saved beside the weights so a model dir alone can prepare new images.
         self.preprocess: dict | None = None
         self.vol_token_id = int(tokenizer.convert_tokens_to_ids(VOL_TOKEN))
+        self.box_token_id = int(tokenizer.convert_tokens_to_ids(BOX_START))
 
         self.encoder = create_encoder(config.encoder, in_chans=config.in_chans, **config.encoder_overrides)
         self.reducer = create_reducer(config.reducer, self.encoder.embed_dim, **config.reducer_params)
@@ -88,7 +103,8 @@ class Vol3DModel(nn.Module):
 
         dim = self.encoder.embed_dim
         self.ehr_head = EHRHead(dim, config.num_ehr_codes) if config.num_ehr_codes else None
-        self.box_head = BoxHead(dim) if config.box_head else None
+        self.box_head = (GroundingHead(self._level_dim(config.box_head_level), hidden, config.box_head_dim)
+                         if config.box_head else None)
         self.text_tower = TextTower(config.text_tower) if config.contrastive else None
         self.contrastive_head = (
             ContrastiveHead(dim, self.text_tower.hidden_size, config.contrastive_dim) if self.text_tower else None
@@ -120,6 +136,27 @@ class Vol3DModel(nn.Module):
         """The HF model under any peft wrapper."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    def _level_dim(self, level: int) -> int:
+        """Channels of encoder level ``level`` (see ``Vol3DConfig.box_head_level``)."""
+        dims = getattr(self.encoder, "stage_dims", None)
+        n = len(dims) if dims is not None else int(getattr(self.encoder, "depth", 1))
+        if not -n <= level < n:
+            raise ConfigError(f"box_head_level {level} is out of range for encoder {self.config.encoder} "
+                              f"({n} levels: use {-n}..{n - 1}, -1 = the last)")
+        return int(dims[level]) if dims is not None else int(self.encoder.embed_dim)
+
+    def _new_token_rows(self) -> dict[str, list[int]]:
+        """Embedding rows LoRA must train besides its adapters: the ``<box>``/``</box>`` tokens the LM
+        writes were added to a pretrained vocabulary and would otherwise stay at their random init
+        (``<vol>`` needs none: its embeddings are replaced by volume tokens)."""
+        ids = [int(self.tokenizer.convert_tokens_to_ids(t)) for t in (BOX_START, BOX_END)]
+        names = {id(m): n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules()}
+        emb_in, emb_out = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
+        rows = {names[id(emb_in)]: ids}
+        if emb_out is not None and emb_out.weight is not emb_in.weight:  # untied: the output rows too
+            rows[names[id(emb_out)]] = ids
+        return rows
+
     def _apply_training_options(self) -> None:
         cfg = self.config
         if cfg.lora and not hasattr(self.lm, "peft_config"):
@@ -130,7 +167,7 @@ class Vol3DModel(nn.Module):
                 targets = "all-linear"
             self.lm = get_peft_model(self.lm, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                target_modules=targets, task_type="CAUSAL_LM",
+                target_modules=targets, task_type="CAUSAL_LM", trainable_token_indices=self._new_token_rows(),
             ))
         if cfg.freeze_lm:
             self.lm.requires_grad_(False)
@@ -179,10 +216,15 @@ class Vol3DModel(nn.Module):
 
     def encode_volume(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, C, X, Y, Z)`` -> ``tokens (B, M, H)`` in LM space, ``positions (B, M, 3)`` in [0, 1],
-        ``pooled (B, D)`` mean encoder features."""
+        ``pooled (B, D)`` mean encoder features, and with a grounding head ``dense (B, C', gx, gy, gz)``."""
         if volume.ndim != 5:
             raise InputError(f"volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
-        feats = self.encoder.forward_features(volume)  # (B, N, D)
+        dense = None
+        if self.box_head is not None:  # one pass gives the head's map and the LM's tokens
+            dense, last = self.encoder.forward_intermediates(volume, [self.config.box_head_level, -1])
+            feats = grid_to_tokens(last)  # (B, N, D)
+        else:
+            feats = self.encoder.forward_features(volume)  # (B, N, D)
         spatial = tuple(volume.shape[2:])
         grid = self.encoder.token_grid(spatial)
         positions = self.encoder.token_positions(spatial).to(volume.device)
@@ -190,7 +232,10 @@ class Vol3DModel(nn.Module):
         tokens = self.projector(reduced)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed(fourier_features(positions.to(tokens.dtype), self.config.position_bands))
-        return {"tokens": tokens, "positions": positions, "pooled": feats.mean(dim=1)}
+        out = {"tokens": tokens, "positions": positions, "pooled": feats.mean(dim=1)}
+        if dense is not None:
+            out["dense"] = dense
+        return out
 
     def _merge_embeddings(self, input_ids: torch.Tensor, vol_tokens: torch.Tensor) -> torch.Tensor:
         """LM input embeddings with ``<vol>`` positions filled by ``vol_tokens (B, M, H)``."""
@@ -215,6 +260,8 @@ class Vol3DModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         texts: list[str] | None = None,
+        box_index: torch.Tensor | None = None,
+        volume_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training/eval step's outputs.
 
@@ -222,30 +269,53 @@ class Vol3DModel(nn.Module):
             volume: ``(B, C, X, Y, Z)``; input_ids / attention_mask / labels: ``(B, T)``
                 from :attr:`processor` (labels ``-100`` where no loss is wanted).
             texts: reports for the contrastive text tower (optional).
+            box_index: ``(Q, 2)`` ``(row, position)`` of ``<box>`` tokens whose boxes the
+                grounding head should decode (e.g. :func:`box_token_index` of the labels).
+            volume_index: ``(B_text,)`` which volume each sequence is about, when several
+                questions share one volume (``volume`` is then ``(B_vol, ...)``): the encoder
+                runs once per volume. None: sequence ``i`` is about volume ``i``.
 
         Returns a dict with ``loss`` (LM cross-entropy, when labels are given), ``logits
-        (B, T, V)``, ``vol_pooled (B, D)``, ``positions (B, M, 3)``, and when the heads
-        exist ``ehr_logits (B, K)``, ``box_pred (B, 6)``, ``vol_embed (B, E)``,
-        ``text_embed (B, E)`` (if texts), ``logit_scale``.
+        (B, T, V)``, ``vol_pooled (B_vol, D)`` (and the heads on it: one row per volume), ``positions (B, M, 3)``, and when the heads
+        exist ``ehr_logits (B, K)``, ``vol_embed (B, E)``, ``text_embed (B, E)`` (if texts),
+        ``logit_scale``, and with ``box_index`` the grounding head's ``box_logits (Q, N)``,
+        ``box_cells (Q, N, 6)``, ``box_anchors (N, 3)``, ``box_cell (3,)`` (see
+        :class:`GroundingHead`) and ``box_pred (Q, 6)``, the best cell's box.
         """
+        want_boxes = box_index is not None
+        if want_boxes and self.box_head is None:
+            raise ConfigError("box_index needs a model built with box_head: true")
         with self._autocast(volume.device):
             enc = self.encode_volume(volume)
+            if volume_index is not None:
+                enc["tokens"] = enc["tokens"][volume_index]
+                if "dense" in enc:
+                    enc["dense"] = enc["dense"][volume_index]
             embeds = self._merge_embeddings(input_ids, enc["tokens"])
-            lm_out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            lm_out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False,
+                             output_hidden_states=want_boxes)
             out: dict[str, torch.Tensor] = {"logits": lm_out.logits, "vol_pooled": enc["pooled"],
                                             "positions": enc["positions"]}
             if labels is not None:
                 out["loss"] = lm_out.loss
             out.update(self.head_outputs(enc["pooled"], texts))
+            if want_boxes:
+                out.update(self._ground(enc["dense"], lm_out.hidden_states[-1], box_index))
         return out
+
+    def _ground(self, dense: torch.Tensor, hidden: torch.Tensor, box_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Grounding-head outputs for the ``<box>`` tokens at ``box_index (Q, 2)`` of ``hidden (B, T, H)``."""
+        assert self.box_head is not None
+        rows, cols = box_index[:, 0].long(), box_index[:, 1].long()
+        head = self.box_head(dense[rows], hidden[rows, cols])
+        return {"box_logits": head["logits"], "box_cells": head["boxes"], "box_anchors": head["anchors"],
+                "box_cell": head["cell"], "box_pred": GroundingHead.decode(head)}
 
     def head_outputs(self, pooled: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Outputs of the heads beside the LM for pooled features ``(B, D)``."""
         out: dict[str, torch.Tensor] = {}
         if self.ehr_head is not None:
             out["ehr_logits"] = self.ehr_head(pooled).float()
-        if self.box_head is not None:
-            out["box_pred"] = self.box_head(pooled)
         if self.contrastive_head is not None:
             out["vol_embed"] = self.contrastive_head.embed_volume(pooled)
             out["logit_scale"] = self.contrastive_head.logit_scale.exp()
@@ -266,13 +336,18 @@ class Vol3DModel(nn.Module):
         prompts: list[str] | str | torch.Tensor,
         max_new_tokens: int = 64,
         attention_mask: torch.Tensor | None = None,
+        answer_prefix: str | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Answer each prompt about its volume; greedy unless ``do_sample=True`` etc. is passed.
 
         ``prompts`` are strings (left-padded by the processor) or already expanded,
-        left-padded ``input_ids (B, T)``. Extra keyword arguments go to HF ``generate``
-        (``num_beams``, ``temperature``, ``top_p``, ``repetition_penalty`` ...).
+        left-padded ``input_ids (B, T)``. ``answer_prefix`` starts every answer with that
+        text and lets the model go on from there (e.g. ``"<box>"``: say where, not whether;
+        :data:`LOCATE_PREFIX`); it is part of the returned answer. Extra keyword arguments
+        go to HF ``generate`` (``num_beams``, ``temperature``, ``top_p``, ``repetition_penalty`` ...).
+        With a grounding head, every ``<box>`` token of an answer is returned written out as
+        ``<box>[x0,y0,z0,x1,y1,z1]</box>`` (0..999 of the model input), as text-mode models spell it.
         """
         was_training = self.training
         self.eval()
@@ -287,13 +362,64 @@ class Vol3DModel(nn.Module):
             attention_mask = attention_mask.to(volume.device)
             kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
                       "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
+            prefix = torch.tensor(self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+                                  if answer_prefix else [], dtype=torch.long, device=volume.device)
+            prefix = prefix[None].expand(input_ids.shape[0], -1)
             with self._autocast(volume.device):
-                embeds = self._merge_embeddings(input_ids, self.encode_volume(volume)["tokens"])
-                ids = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                       max_new_tokens=max_new_tokens, **kwargs)
+                enc = self.encode_volume(volume)
+                embeds = self._merge_embeddings(input_ids, enc["tokens"])
+                forced = torch.cat([embeds, self.lm.get_input_embeddings()(prefix).to(embeds.dtype)], dim=1)
+                ids = self.lm.generate(inputs_embeds=forced, attention_mask=torch.cat(
+                    [attention_mask, torch.ones_like(prefix)], dim=1), max_new_tokens=max_new_tokens, **kwargs)
+                ids = torch.cat([prefix, ids], dim=1)  # generate returns the new tokens only
+                boxes = self._generated_boxes(enc, embeds, attention_mask, ids)
         finally:
             self.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if boxes is None:
+            return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
+
+    def _generated_boxes(self, enc: dict[str, torch.Tensor], embeds: torch.Tensor, attention_mask: torch.Tensor,
+                         ids: torch.Tensor) -> list[list[list[int]]] | None:
+        """Box (integers 0..999) of every generated ``<box>`` token, per row; None without any.
+
+        Runs the prompt plus the generated answer once more, teacher-forced, for the hidden
+        state *at* each ``<box>`` token (generation only computes it when the token is fed
+        back, which never happens for a last token); positions follow the left padding as
+        in generation.
+        """
+        if self.box_head is None or not bool((ids == self.box_token_id).any()):
+            return None
+        from preprocess.geometry import BOX_SCALE
+
+        full = torch.cat([embeds, self.lm.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)
+        mask = torch.cat([attention_mask, torch.ones_like(ids)], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm(inputs_embeds=full, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                         output_hidden_states=True).hidden_states[-1]
+        where = (ids == self.box_token_id).nonzero()
+        where[:, 1] += embeds.shape[1]
+        pred = self._ground(enc["dense"], hidden, where)["box_pred"]
+        ints = torch.round(pred.float() * BOX_SCALE).long().clamp(0, BOX_SCALE).tolist()
+        out: list[list[list[int]]] = [[] for _ in range(ids.shape[0])]
+        for (row, _), box in zip(where.tolist(), ints, strict=True):
+            out[row].append(box)
+        return out
+
+    def _decode_with_boxes(self, ids: list[int], boxes: list[list[int]]) -> str:
+        """Decoded text with each ``<box>`` token written out as ``<box>[x0,y0,z0,x1,y1,z1]</box>``."""
+        from preprocess.geometry import format_box
+
+        parts, start, k = [], 0, 0
+        for i, tok in enumerate(ids + [self.box_token_id]):
+            if tok != self.box_token_id:
+                continue
+            parts.append(self.tokenizer.decode(ids[start:i], skip_special_tokens=True))
+            if i < len(ids):
+                parts.append(format_box(boxes[k]))
+                k += 1
+            start = i + 1
+        return "".join(parts).strip()
 
     # ------------------------------------------------------------------ LoRA
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -31,10 +31,18 @@ from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ
 
 VOL = "<vol>"
+#: The grounding head's token (``vol3d.models.tokenizer.BOX_START``; not imported: tasks need no torch).
+BOX_TOKEN = "<box>"
+BoxFormat = Literal["text", "token"]
+BOX_FORMATS = ("text", "token")
 TASKS = ("report", "vqa_closed", "vqa_open", "ground", "ehr")
 CLOSED_QTYPES = ("presence", "organ", "count", "size")
 #: Boxes less visible than this (after a crop or augmentation) are excluded from answers.
 MIN_VISIBLE = 0.5
+#: Open and grounding questions ask about a finding the case has with at least this probability
+#: (when it has one; otherwise about any finding, present or not). Grounding questions are mostly
+#: asked about what is there; refusals are still learned from the rest and from every normal case.
+PRESENT_SHARE = 0.75
 #: Thresholds (mm) of the size-bucket questions.
 SIZE_THRESHOLDS_MM = (5, 10, 15, 20, 30, 50, 80)
 
@@ -95,7 +103,7 @@ class TaskMix:
     vqa_open: float = 0.5  # free-text description of one finding type
     ground: float = 1.0  # "Where is the X?" -> <box>[...]</box> (or a refusal when absent)
     ehr: float = 0.0  # multi-label EHR code prediction (no text; needs an EHR head)
-    samples_per_case: int = 1  # samples drawn per case each time the case is visited
+    samples_per_case: int = 1  # questions per case each time it is visited (one encoder pass serves them all)
 
     def __post_init__(self) -> None:
         w = self.weights()
@@ -247,11 +255,20 @@ def describe_answer(spec: FindingSpec, truth: FindingTruth, spacing: Sequence[fl
     return text + (" " + note if note else "")
 
 
-def ground_answer(spec: FindingSpec, truth: FindingTruth, shape: Sequence[int]) -> str:
-    """``<box>[...]</box>`` per visible box (sorted by x0), or an honest refusal."""
+def ground_answer(spec: FindingSpec, truth: FindingTruth, shape: Sequence[int], box_format: BoxFormat = "text") -> str:
+    """One box per visible box (sorted by x0), or an honest refusal.
+
+    ``box_format="text"``: ``<box>[x0,y0,z0,x1,y1,z1]</box>`` spelled by the LM (as M3D does);
+    ``"token"``: a bare ``<box>`` whose coordinates the model's grounding head supplies.
+    """
+    if box_format not in BOX_FORMATS:
+        raise ConfigError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
     if truth.n == 0:
         return _partial_note(spec, truth.n_partial) or f"There is no {spec.text}."
-    boxes = " ".join(format_box(b) for b in normalise_boxes(truth.boxes, shape))
+    if box_format == "token":
+        boxes = " ".join([BOX_TOKEN] * truth.n)
+    else:
+        boxes = " ".join(format_box(b) for b in normalise_boxes(truth.boxes, shape))
     note = _partial_note(spec, truth.n_partial)
     return boxes + (" " + note if note else "")
 
@@ -339,8 +356,11 @@ def sample_one(
     *,
     vocab: Mapping[str, Any] | None = None,
     code_vocab: CodeVocab | None = None,
+    box_format: BoxFormat = "text",
 ) -> Sample:
-    """One sample of ``task`` for ``case``; deterministic given ``rng`` (a Generator or a seed)."""
+    """One sample of ``task`` for ``case``; deterministic given ``rng`` (a Generator or a seed).
+
+    ``box_format``: how grounding answers write boxes (:func:`ground_answer`)."""
     rng, vocab = _rng(rng), as_vocab(vocab)
     if task not in applicable_tasks(case):
         raise InputError(
@@ -364,7 +384,7 @@ def sample_one(
     name = _choose(rng, sorted(truth))
     # favour findings that are present, else the model mostly learns refusals
     present = [f for f in sorted(truth) if truth[f].n > 0 or truth[f].n_partial > 0]
-    if present and rng.random() < 0.5:
+    if present and rng.random() < PRESENT_SHARE:
         name = _choose(rng, present)
     spec, t = vocab[name], truth[name]
     if task == "vqa_open":
@@ -373,7 +393,7 @@ def sample_one(
     shape = tuple(int(s) for s in np.shape(case["image"])[-3:])
     prompt = _choose(rng, TEMPLATES["ground"]).format(**_fill(spec))
     extras = {"finding": name, "boxes_vox": t.boxes.copy(), "shape": shape, "n_partial": t.n_partial}
-    return Sample("ground", prompt, ground_answer(spec, t, shape), extras)
+    return Sample("ground", prompt, ground_answer(spec, t, shape, box_format), extras)
 
 
 def applicable_tasks(case: Mapping[str, Any]) -> list[str]:
@@ -398,6 +418,7 @@ def build_samples(
     *,
     vocab: Mapping[str, Any] | None = None,
     code_vocab: CodeVocab | None = None,
+    box_format: BoxFormat = "text",
 ) -> list[Sample]:
     """``mix.samples_per_case`` samples, tasks drawn by ``mix`` weights among those the case supports."""
     rng, mix = _rng(rng), mix or TaskMix()
@@ -411,7 +432,7 @@ def build_samples(
     p = np.array([weights[t] for t in tasks])
     p = p / p.sum()
     drawn = [tasks[int(i)] for i in rng.choice(len(tasks), size=mix.samples_per_case, p=p)]
-    return [sample_one(case, t, rng, vocab=vocab, code_vocab=code_vocab) for t in drawn]
+    return [sample_one(case, t, rng, vocab=vocab, code_vocab=code_vocab, box_format=box_format) for t in drawn]
 
 
 def corpus_texts(
@@ -442,6 +463,11 @@ def corpus_texts(
                 texts.append(f"There is no {spec.text}.")
     for i, case in enumerate(cases):
         rng = np.random.default_rng(i)
+        if has_boxes(case):  # every open and grounding answer the case can give, not only the drawn ones
+            shape = tuple(int(v) for v in np.shape(case["image"])[-3:])
+            for name, truth in finding_truth(case, vocab).items():
+                texts.append(describe_answer(vocab[name], truth, case.get("spacing")))
+                texts += [ground_answer(vocab[name], truth, shape, f) for f in BOX_FORMATS]
         for task in applicable_tasks(case):
             if task == "ehr":
                 texts += [normalise_code(c) for c in case["codes"]]

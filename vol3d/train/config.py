@@ -101,13 +101,14 @@ class LossConfig:
     lm_average: Literal["token", "sample"] = _f("token", "How the LM loss averages a batch: `token` (every answer token alike; long reports dominate) or `sample` (mean per sample, then over samples; short answers and boxes count as much as a report).")
     ehr: float = _f(0.0, "Multi-label BCE of the EHR-code head; > 0 with empty model.ehr_codes takes the training split's codes.")
     ehr_pos_weight: float | None = _f(None, "BCE pos_weight for EHR codes (positives are rare); null = unweighted.")
-    box_l1: float = _f(0.0, "L1 of the box head vs the case's largest visible box (0..1 model-input frame); cases without boxes are masked.")
-    box_giou: float = _f(0.0, "1 - generalised 3D IoU of the same boxes.")
+    box_centre: float = _f(0.0, "Grounding head: cross-entropy of its cell scores against the true box centre (one per <box> token of a grounding answer).")
+    box_l1: float = _f(0.0, "Grounding head: L1 of the box regressed at the true centre's cell (0..1 model-input frame).")
+    box_giou: float = _f(0.0, "Grounding head: 1 - generalised 3D IoU of the same box.")
     contrastive: float = _f(0.0, "CLIP InfoNCE between pooled volume and report embeddings (needs batch_size >= 2).")
     temperature: float = _f(0.07, "Softmax temperature of the contrastive loss when the model does not learn its own logit_scale.")
 
     def __post_init__(self) -> None:
-        _non_negative("loss", lm=self.lm, ehr=self.ehr, box_l1=self.box_l1, box_giou=self.box_giou, contrastive=self.contrastive)
+        _non_negative("loss", lm=self.lm, ehr=self.ehr, box_centre=self.box_centre, box_l1=self.box_l1, box_giou=self.box_giou, contrastive=self.contrastive)
         _positive("loss", temperature=self.temperature)
         if self.ehr_pos_weight is not None:
             _positive("loss", ehr_pos_weight=self.ehr_pos_weight)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vol3d.tasks.samples import BOX_TOKEN
+
 
 @runtime_checkable
 class Objective(Protocol):
@@ -66,33 +68,60 @@ def batched_validation(objective: Objective, model: nn.Module, items: Any, batch
 # ----------------------------------------------------------------------------- vision-language
 
 
-def main_box(case: dict[str, Any]) -> np.ndarray | None:
-    """The largest visible box of a case in the 0..1 model-input frame ``(6,)``, or None.
+def unit_boxes(boxes_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Voxel boxes of a model-input array of ``shape`` -> the 0..1 frame of the grounding head ``(n, 6)``
+    (:func:`preprocess.geometry.normalise_boxes` without the rounding to 0..999)."""
+    from preprocess.geometry import as_boxes
 
-    The box head sees only pooled volume features, not the prompt, so it is trained
-    on one target per case that it can infer from the image alone: the biggest finding.
+    n = np.tile(np.asarray(shape[-3:], dtype=float), 2)
+    return np.clip((as_boxes(np.asarray(boxes_vox, dtype=float)) + 0.5) / n, 0.0, 1.0)
+
+
+def centre_targets(target: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
+    """Soft targets over cells ``(Q, N)``: a Gaussian of one cell's width around each box centre.
+
+    Neighbouring cells of the true centre are nearly right too; a soft target tells the
+    centre scores so (as CenterNet's Gaussian heat maps do) instead of punishing them
+    as hard as a cell across the volume.
     """
-    from preprocess.geometry import BOX_SCALE, as_boxes, box_volume, normalise_boxes
-    from vol3d.tasks import MIN_VISIBLE
-    from vol3d.tasks.samples import box_field
+    centre = (target[:, :3] + target[:, 3:]) / 2
+    d2 = (((anchors[None] - centre[:, None]) / cell) ** 2).sum(-1)
+    return torch.softmax(-d2 / 2, dim=-1)
 
-    boxes = as_boxes(np.asarray(case.get("boxes_vox", np.zeros((0, 6))), dtype=float))
-    visible = np.asarray(box_field(case, "box_visible", np.ones(len(boxes))), dtype=float).reshape(-1)
-    boxes = boxes[visible >= MIN_VISIBLE]
-    if len(boxes) == 0:
-        return None
-    shape = tuple(np.shape(case["image"])[-3:])
-    return normalise_boxes(boxes[int(np.argmax(box_volume(boxes)))], shape)[0] / BOX_SCALE
+
+def grounding_losses(out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+    """Losses of the grounding head for ``Q`` queries with true boxes ``target (Q, 6)`` in 0..1.
+
+    ``box_centre``: cross-entropy of the cell scores against :func:`centre_targets`;
+    ``box_l1`` / ``box_giou``: of the box regressed at the cell nearest the true centre
+    (where it will be read once the scores are right), and ``box_iou`` (logged) of the
+    box actually decoded. With no query, every term is a zero that keeps the head in the
+    graph (DDP needs a gradient for every parameter).
+    """
+    from vol3d.train.losses import box_losses
+
+    logits, cells = out["box_logits"].float(), out["box_cells"]
+    if logits.shape[0] == 0:
+        zero = logits.sum() + cells.sum() * 0.0
+        return {"box_centre": zero, "box_l1": zero, "box_giou": zero, "box_iou": zero.detach()}
+    soft = centre_targets(target.float(), out["box_anchors"], out["box_cell"])
+    centre = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    at_truth = cells[torch.arange(len(cells), device=cells.device), soft.argmax(-1)]
+    box = box_losses(at_truth, target)
+    decoded = box_losses(out["box_pred"].detach(), target)
+    return {"box_centre": centre, "box_l1": box["box_l1"], "box_giou": box["box_giou"], "box_iou": decoded["box_iou"]}
 
 
 class VLMObjective:
     """Instruction tuning of a :class:`vol3d.models.Vol3DModel` on report, VQA, grounding and EHR samples.
 
-    Each item becomes one sample of a task drawn by ``mix`` among those the case has
-    ground truth for (:func:`vol3d.tasks.build_samples`), after optional augmentation
-    that moves boxes with the image. The loss is a weighted sum (``LossConfig``) of
-    LM cross-entropy on answer tokens, EHR-code BCE on every case, L1 + GIoU of the
-    box head against the case's largest box, and CLIP InfoNCE of volume vs report.
+    Each item becomes ``mix.samples_per_case`` samples of tasks drawn by ``mix`` among those
+    the case has ground truth for (:func:`vol3d.tasks.build_samples`), after optional
+    augmentation that moves boxes with the image; they share one encoder pass. The loss is a weighted sum (``LossConfig``) of
+    LM cross-entropy on answer tokens, EHR-code BCE on every case, the grounding head's
+    losses (:func:`grounding_losses`) for each ``<box>`` token of a grounding answer, and
+    CLIP InfoNCE of volume vs report. With a grounding head (``box_tokens``), grounding
+    answers are bare ``<box>`` tokens; without, the LM spells the coordinates.
 
     Args:
         processor: the model's :class:`~vol3d.models.Vol3DProcessor`.
@@ -102,10 +131,11 @@ class VLMObjective:
         augment: augmentation of training cases (None: none).
         max_length: token budget per sequence (answers beyond it are truncated).
         val_batch_size: batch size of :meth:`validate`.
+        box_tokens: the model has a grounding head (``Vol3DConfig.box_head``).
     """
 
     def __init__(self, processor: Any, mix: Any, weights: Any, code_vocab: Any = None, augment: Any = None,
-                 max_length: int = 512, val_batch_size: int = 2) -> None:
+                 max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False) -> None:
         self.processor = processor
         self.mix = mix
         self.weights = weights
@@ -113,6 +143,7 @@ class VLMObjective:
         self.augment = augment
         self.max_length = max_length
         self.val_batch_size = val_batch_size
+        self.box_tokens = box_tokens
 
     def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
         from vol3d.models.processor import IGNORE_INDEX
@@ -121,8 +152,12 @@ class VLMObjective:
         cases = list(items)  # vol3d.tasks reads CacheDataset items as they are
         if self.augment is not None:
             cases = [augment(c, r, self.augment) for c, r in zip(cases, rngs, strict=True)]
-        samples = [build_samples(c, r, self.mix, code_vocab=self.code_vocab)[0]
-                   for c, r in zip(cases, rngs, strict=True)]
+        box_format = "token" if self.box_tokens else "text"
+        # mix.samples_per_case questions per case; the encoder sees each volume once
+        per_case = [build_samples(c, r, self.mix, code_vocab=self.code_vocab, box_format=box_format)
+                    for c, r in zip(cases, rngs, strict=True)]
+        samples = [s for group in per_case for s in group]
+        volume_index = torch.tensor([i for i, group in enumerate(per_case) for _ in group], dtype=torch.long)
         enc = self.processor([s.prompt for s in samples], [s.answer for s in samples], max_length=self.max_length)
         for i, s in enumerate(samples):
             if s.task == "ehr":  # no text to learn: the EHR head answers
@@ -132,32 +167,53 @@ class VLMObjective:
             **enc,
             "tasks": [s.task for s in samples],
         }
+        if len(samples) > len(cases):
+            batch["volume_index"] = volume_index
         if self.code_vocab is not None and self.weights.ehr > 0:
             batch["ehr_target"] = torch.stack([torch.from_numpy(self.code_vocab.encode(c.get("codes") or []))
                                                for c in cases])
-        if self.weights.box_l1 > 0 or self.weights.box_giou > 0:
-            boxes = [main_box(c) for c in cases]
-            batch["box_target"] = torch.tensor(np.stack([b if b is not None else np.zeros(6) for b in boxes]),
-                                               dtype=torch.float32)
-            batch["box_mask"] = torch.tensor([b is not None for b in boxes], dtype=torch.float32)
+        if self.box_tokens:
+            batch.update(self._box_targets(samples, enc["labels"]))
         if self.weights.contrastive > 0:
             batch["texts"] = [str(c.get("report") or "") for c in cases]
         return batch
 
+    def _box_targets(self, samples: list[Any], labels: Tensor) -> dict[str, Tensor]:
+        """``box_index (Q, 2)`` of the answers' ``<box>`` tokens and their true boxes ``box_target (Q, 6)``.
+
+        Row ``b``'s ``k``-th ``<box>`` token is its ``k``-th box (answers list boxes sorted
+        by x0); a token cut off by ``max_length`` drops its box.
+        """
+        from vol3d.models.vlm import box_token_index
+
+        box_id = int(self.processor.tokenizer.convert_tokens_to_ids(BOX_TOKEN))
+        where = box_token_index(labels, box_id)
+        keep, targets, seen = [], [], [0] * len(samples)
+        for q, row in enumerate(where[:, 0].tolist()):
+            s = samples[row]
+            k, seen[row] = seen[row], seen[row] + 1
+            if s.task != "ground" or k >= len(s.extras["boxes_vox"]):
+                continue  # a stray <box> in another answer has no box to learn
+            keep.append(q)
+            targets.append(unit_boxes(s.extras["boxes_vox"], s.extras["shape"])[k])
+        return {"box_index": where[keep],
+                "box_target": torch.tensor(np.asarray(targets, dtype=np.float32).reshape(-1, 6))}
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        from vol3d.train.losses import box_losses, clip_infonce, ehr_bce, lm_cross_entropy
+        from vol3d.train.losses import clip_infonce, ehr_bce, lm_cross_entropy
 
         w = self.weights
-        out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"))
+        out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"),
+                    box_index=batch.get("box_index"), volume_index=batch.get("volume_index"))
         terms: dict[str, Tensor] = {"lm": lm_cross_entropy(out["logits"], batch["labels"],
                                                             average=getattr(w, "lm_average", "token"))}
         logs: dict[str, Any] = {}
         if "ehr_target" in batch:
             terms["ehr"] = ehr_bce(out["ehr_logits"], batch["ehr_target"], w.ehr_pos_weight)
         if "box_target" in batch:
-            box = box_losses(out["box_pred"], batch["box_target"], batch["box_mask"])
-            terms["box_l1"], terms["box_giou"] = box["box_l1"], box["box_giou"]
-            logs["box_iou"] = box["box_iou"]
+            box = grounding_losses(out, batch["box_target"])
+            logs["box_iou"] = box.pop("box_iou")
+            terms.update(box)
         if "texts" in batch and "text_embed" in out:
             scale = out.get("logit_scale", 1.0 / w.temperature)
             terms["contrastive"] = clip_infonce(out["vol_embed"], out["text_embed"], scale)
@@ -168,5 +224,5 @@ class VLMObjective:
     def validate(self, model: nn.Module, items: Any) -> dict[str, float]:
         """Mean loss terms on ``items`` without augmentation (same task draws every time)."""
         plain = VLMObjective(self.processor, self.mix, self.weights, self.code_vocab, None, self.max_length,
-                             self.val_batch_size)
+                             self.val_batch_size, self.box_tokens)
         return batched_validation(plain, model, items, self.val_batch_size)

@@ -123,7 +123,8 @@ def check_heads(cfg: TrainConfig) -> None:
     """Every loss term with a weight needs the model head that feeds it."""
     m, w = cfg.model, cfg.loss
     need = [("loss.ehr", w.ehr > 0, m.num_ehr_codes > 0, "model.ehr_codes (or num_ehr_codes)"),
-            ("loss.box_l1/box_giou", w.box_l1 > 0 or w.box_giou > 0, m.box_head, "model.box_head: true"),
+            ("loss.box_centre/box_l1/box_giou", w.box_centre > 0 or w.box_l1 > 0 or w.box_giou > 0, m.box_head,
+             "model.box_head: true"),
             ("loss.contrastive", w.contrastive > 0, m.contrastive, "model.contrastive: true")]
     for name, wanted, present, fix in need:
         if wanted and not present:
@@ -153,7 +154,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     write_run_config(cfg, info.is_main)
     codes = CodeVocab(cfg.model.ehr_codes) if cfg.model.ehr_codes and cfg.loss.ehr > 0 else None
     objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, cfg.data.augment,
-                             cfg.data.max_length, cfg.data.batch_size)
+                             cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head)
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
              model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)

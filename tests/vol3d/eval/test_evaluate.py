@@ -152,3 +152,35 @@ def test_clear_errors(cases):
         evaluate(BlindModel(), cases, ("ehr",))
     with pytest.raises(ConfigError, match="vocabulary has 3"):
         evaluate(BlindModel(), cases, ("ehr",), code_vocab=CodeVocab(["A", "B", "C"]))
+
+
+class LocatingModel(BlindModel):
+    """Never sees a finding on its own (refuses), but given the locate prefix it answers with one
+    fixed box: the located metrics must score that box, the free ones the refusals."""
+
+    BOX = "<box>[0,0,0,999,999,999]</box>"
+
+    def __init__(self):
+        self.prefixes = []
+
+    def generate(self, volume, prompts, max_new_tokens=64, answer_prefix=None):
+        self.prefixes.append(answer_prefix)
+        if answer_prefix is None:
+            return ["There is none." for _ in prompts]
+        assert answer_prefix == "<box>"
+        return [self.BOX for _ in prompts]
+
+
+def test_located_grounding_scores_where_apart_from_whether(cases, code_vocab):
+    model = LocatingModel()
+    res = evaluate(model, cases, ["ground"], samples_per_case=6, seed=5, locate_prefix="<box>")
+    g = res["ground"]
+    assert g["acc_iou25"] == 0.0 and g["unparseable_rate"] == 1.0 and g["refusal_accuracy"] == 1.0
+    # the whole-volume box overlaps every true box, a little: IoU = box volume / volume
+    items = [it for it in eval_samples(cases, ["ground"], samples_per_case=6, seed=5)["ground"]
+             if len(it.sample.extras["boxes_vox"])]
+    frac = [np.prod(b[3:] - b[:3]) / np.prod(SHAPE) for it in items for b in it.sample.extras["boxes_vox"][:1]]
+    assert 0 < g["located_mean_iou"] <= max(frac) + 1e-6 and g["located_acc_iou50"] == 0.0
+    assert model.prefixes.count("<box>") >= 1 and None in model.prefixes
+    without = evaluate(LocatingModel(), cases, ["ground"], samples_per_case=6, seed=5)
+    assert "located_mean_iou" not in without["ground"]  # no prefix: no second pass

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from preprocess.errors import ConfigError, InputError
 from vol3d.models import Vol3DConfig, Vol3DModel, Vol3DProcessor, build_tokenizer
+from vol3d.models.vlm import box_token_index
 
 TEXTS = [
     "Findings: a hypodense liver lesion <box>[120,340,88,260,470,140]</box>.",
@@ -43,20 +45,77 @@ def _batch(model: Vol3DModel):
     return volume, batch
 
 
+def _box_batch(model: Vol3DModel):
+    """Two grounding answers: two ``<box>`` tokens in row 0, one in row 1 (plus a refusal-free prompt)."""
+    torch.manual_seed(1)
+    volume = torch.rand(2, 1, 32, 32, 16)
+    batch = model.processor(["<vol> Where is the lesion?", "<vol> Locate the cyst."], ["<box> <box>", "<box>"])
+    return volume, batch, box_token_index(batch["labels"], model.box_token_id)
+
+
 def test_forward_outputs_and_heads(tokenizer):
     model = _model(tokenizer, num_ehr_codes=7, box_head=True)
-    volume, batch = _batch(model)
-    out = model(volume, **batch)
+    volume, batch, where = _box_batch(model)
+    assert where[:, 0].tolist() == [0, 0, 1]  # <box> tokens of the answers, row-major
+    out = model(volume, **batch, box_index=where)
     assert model.num_vol_tokens == 8
     assert out["logits"].shape == (*batch["input_ids"].shape, len(tokenizer))
     assert out["vol_pooled"].shape == (2, model.encoder.embed_dim)
     assert out["ehr_logits"].shape == (2, 7)
+    n_cells = out["box_anchors"].shape[0]
+    assert n_cells == 4 * 4 * 4 and out["box_logits"].shape == (3, n_cells)  # vit3d_tiny: 8^3 patches
     box = out["box_pred"]
-    assert box.shape == (2, 6) and (box >= 0).all() and (box <= 1).all() and (box[:, :3] <= box[:, 3:]).all()
+    assert box.shape == (3, 6) and (box >= 0).all() and (box <= 1).all() and (box[:, :3] <= box[:, 3:]).all()
     assert out["positions"].shape == (2, 8, 3)
-    (out["loss"] + out["ehr_logits"].sigmoid().mean() + out["box_pred"].mean()).backward()
+    (out["loss"] + out["ehr_logits"].sigmoid().mean() + out["box_logits"].mean() + box.mean()).backward()
     for part in (model.encoder, model.projector, model.lm, model.ehr_head, model.box_head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_box_query_is_its_tokens_hidden_state(tokenizer):
+    """Each <box> token decodes its own box: the two queries of row 0 differ, and the head reads
+    only that row's volume (changing row 1's volume leaves row 0's boxes alone)."""
+    model = _model(tokenizer, box_head=True).eval()
+    torch.nn.init.normal_(model.box_head.film.weight, std=0.1)  # zero at init: queries act once trained
+    volume, batch, where = _box_batch(model)
+    with torch.no_grad():
+        a = model(volume, **batch, box_index=where)["box_logits"]
+        other = volume.clone()
+        other[1] = torch.rand_like(other[1])
+        b = model(other, **batch, box_index=where)["box_logits"]
+    assert not torch.allclose(a[0], a[1])
+    torch.testing.assert_close(a[:2], b[:2])
+    assert not torch.allclose(a[2], b[2])
+
+
+def test_generate_writes_head_boxes_as_text(tokenizer):
+    """A generated <box> becomes <box>[x0,...,z1]</box> with the head's box for that token: the same
+    box a teacher-forced forward pass decodes (left padding in generation, right in training)."""
+    from preprocess.geometry import BOX_SCALE, parse_boxes
+
+    model = _model(tokenizer, box_head=True).eval()
+    volume, _, _ = _box_batch(model)
+    with torch.no_grad():  # make the LM answer "<box>" then stop, whatever it sees
+        bias = torch.full((len(tokenizer),), -1e4)
+        bias[model.box_token_id] = 1e4
+        model.lm.lm_head.bias = torch.nn.Parameter(bias)
+    prompts = ["Where is the lesion?", "Where is the liver lesion in this scan?"]  # unequal: left padding
+    texts = model.generate(volume, prompts, max_new_tokens=1)
+    assert all(len(parse_boxes(t)) == 1 and t.startswith("<box>[") for t in texts)
+    with torch.no_grad():
+        batch = model.processor([f"<vol>{p}" for p in prompts], ["<box>", "<box>"])
+        ref = model(volume, **batch, box_index=box_token_index(batch["labels"], model.box_token_id))["box_pred"]
+    for text, box in zip(texts, ref, strict=True):
+        np.testing.assert_array_equal(parse_boxes(text)[0], torch.round(box * BOX_SCALE).long().numpy())
+
+
+def test_box_index_without_a_box_head_is_an_error(tokenizer):
+    model = _model(tokenizer)
+    volume, batch, where = _box_batch(model)
+    with pytest.raises(ConfigError, match="box_head: true"):
+        model(volume, **batch, box_index=where)
+    with pytest.raises(ConfigError, match="box_head_level 9 is out of range"):
+        _model(tokenizer, box_head=True, box_head_level=9)
 
 
 def _fit(model: Vol3DModel, steps: int) -> list[float]:
@@ -106,17 +165,17 @@ def test_placeholder_count_mismatch_is_a_clear_error(tokenizer):
 
 def test_save_load_round_trip_identical_logits(tokenizer, tmp_path):
     model = _model(tokenizer, num_ehr_codes=3, ehr_codes=["A", "B", "C"], box_head=True).eval()
-    volume, batch = _batch(model)
+    volume, batch, where = _box_batch(model)
     with torch.no_grad():
-        before = model(volume, **batch)
+        before = model(volume, **batch, box_index=where)
     model.save_pretrained(tmp_path / "run")
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"model.safetensors", "vol3d_config.json", "lm"}
     assert not list((tmp_path / "run").rglob("*.bin")) and not list((tmp_path / "run").rglob("*.pt*"))
     loaded = Vol3DModel.from_pretrained(tmp_path / "run")
     assert loaded.config == model.config and len(loaded.tokenizer) == len(tokenizer)
     with torch.no_grad():
-        after = loaded(volume, **batch)
-    for key in ("logits", "ehr_logits", "box_pred"):
+        after = loaded(volume, **batch, box_index=where)
+    for key in ("logits", "ehr_logits", "box_logits", "box_cells"):
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
     with pytest.raises(InputError, match="not a saved vol3d model"):
         Vol3DModel.from_pretrained(tmp_path)
@@ -147,16 +206,24 @@ def test_freeze_flags(tokenizer):
     assert all(p.grad is not None for p in model.projector.parameters())
 
 
-def test_lora_trains_only_adapters_and_round_trips(tokenizer, tmp_path):
-    model = _model(tokenizer, lora=True, lora_r=4, lora_alpha=8)
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_trains_only_adapters_and_round_trips(tokenizer, tmp_path, tied):
+    model = _model(tokenizer, lora=True, lora_r=4, lora_alpha=8, lm_config={**TINY_LLAMA, "tie_word_embeddings": tied})
     lm_trainable = [n for n, p in model.lm.named_parameters() if p.requires_grad]
-    assert lm_trainable and all("lora_" in n for n in lm_trainable)
+    # adapters, plus the rows of the added <box> </box> tokens (the LM must learn to write them)
+    assert lm_trainable and all("lora_" in n or "trainable_tokens" in n for n in lm_trainable)
+    assert any("trainable_tokens" in n for n in lm_trainable)
+    box_ids = [model.box_token_id, model.tokenizer.convert_tokens_to_ids("</box>")]
+    emb_before = model.lm.get_input_embeddings()(torch.arange(len(tokenizer))).detach().clone()
     volume, batch = _batch(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # move the adapters away from their zero init
         opt.zero_grad()
         model(volume, **batch)["loss"].backward()
         opt.step()
+    emb_after = model.lm.get_input_embeddings()(torch.arange(len(tokenizer))).detach()
+    changed = (emb_after != emb_before).any(-1).nonzero().flatten().tolist()
+    assert changed == sorted(box_ids)  # only the new tokens' rows moved
     model.eval()
     with torch.no_grad():
         ref = model(volume, **batch)["logits"]
@@ -226,3 +293,16 @@ def test_contrastive_embeddings_with_packaged_minilm(tokenizer, tmp_path):
     loaded = Vol3DModel.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(["liver lesion"]), model.encode_text(["liver lesion"]))
+
+
+def test_questions_sharing_a_volume_match_one_volume_each(tokenizer):
+    """volume_index runs the encoder once per volume; every output equals giving each question its own copy."""
+    model = _model(tokenizer, box_head=True, num_ehr_codes=2).eval()
+    volume, batch, where = _box_batch(model)
+    one = volume[:1]
+    with torch.no_grad():
+        shared = model(one, **batch, box_index=where, volume_index=torch.tensor([0, 0]))
+        copies = model(one.expand(2, -1, -1, -1, -1), **batch, box_index=where)
+    for key in ("logits", "box_logits", "box_pred"):
+        torch.testing.assert_close(shared[key], copies[key])
+    assert shared["ehr_logits"].shape == (1, 2)  # heads on pooled features: one row per volume

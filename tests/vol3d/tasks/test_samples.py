@@ -80,6 +80,26 @@ def test_grounding_boxes_sorted_by_x0_and_round_trip():
     assert s.extras["shape"] == SHAPE
 
 
+def test_token_box_format_writes_one_box_token_per_instance():
+    """For a grounding head: the same questions and refusals, each box a bare <box> in x0 order."""
+    case = make_case(box_visible=np.array([1.0, 1.0, 0.2]))
+    seen = set()
+    for seed in range(60):
+        text = sample_one(case, "ground", seed)
+        tok = sample_one(case, "ground", seed, box_format="token")
+        assert tok.prompt == text.prompt and tok.extras["finding"] == text.extras["finding"]
+        np.testing.assert_array_equal(tok.extras["boxes_vox"], text.extras["boxes_vox"])
+        n = len(tok.extras["boxes_vox"])
+        assert tok.answer.split(" ")[:n] == ["<box>"] * n and len(parse_boxes(text.answer)) == n
+        assert tok.answer.count("<box>") == n and "[" not in tok.answer
+        if n == 0:
+            assert tok.answer == text.answer  # refusals and "mostly outside" notes are unchanged
+        seen.add(n)
+    assert seen == {0, 2}
+    with pytest.raises(ConfigError, match="box_format"):
+        sample_one(case, "ground", 0, box_format="digits")
+
+
 def test_grounding_refusal_and_partly_visible_boxes():
     for seed in range(60):
         s = sample_one(make_case(), "ground", seed)

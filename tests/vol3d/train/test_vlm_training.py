@@ -10,7 +10,7 @@ from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
 from vol3d.tasks import CodeVocab, TaskMix, corpus_texts
 from vol3d.train.config import TINY_LM, DataConfig, LossConfig, OptimConfig, TrainConfig
 from vol3d.train.loop import fit
-from vol3d.train.objectives import VLMObjective, main_box
+from vol3d.train.objectives import VLMObjective, centre_targets, grounding_losses, unit_boxes
 
 SHAPE = (32, 32, 16)
 
@@ -49,27 +49,89 @@ def tiny_model(cases: list[dict]) -> tuple[Vol3DModel, CodeVocab]:
     return Vol3DModel(cfg, tokenizer=build_tokenizer(corpus_texts(cases))), codes
 
 
-def test_main_box_is_the_largest_visible_box_in_unit_frame(cases):
-    box = main_box(cases[0])
-    assert box.shape == (6,) and np.all((box >= 0) & (box <= 1)) and np.all(box[:3] < box[3:])
-    assert main_box(cases[1]) is None  # no finding: the box head is not trained on this case
+def test_unit_boxes_match_the_text_frame():
+    """The head's 0..1 frame is normalise_boxes' 0..999 frame before rounding."""
+    from preprocess.geometry import BOX_SCALE, normalise_boxes
+
+    boxes = np.array([[-0.5, 3.5, 0.0, 7.5, 31.5, 15.5], [10.2, 0.3, 2.0, 12.0, 5.0, 3.5]])
+    unit = unit_boxes(boxes, SHAPE)
+    np.testing.assert_array_equal(np.rint(unit * BOX_SCALE), normalise_boxes(boxes, SHAPE))
+    np.testing.assert_allclose(unit[0], [0, 0.125, 0.03125, 0.25, 1, 1])
+
+
+def test_centre_targets_peak_at_the_box_centre_cell():
+    from vol3d.models.heads import GroundingHead
+
+    anchors, cell = GroundingHead.anchors((4, 4, 2))
+    target = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.25, 1.0]])  # centre (0.625, 0.125, 0.75): cell (2, 0, 1)
+    soft = centre_targets(target, anchors, cell)
+    assert soft.shape == (1, 32) and torch.isclose(soft.sum(), torch.tensor(1.0))
+    assert torch.allclose(anchors[soft.argmax()], torch.tensor([0.625, 0.125, 0.75]))
+    # farther cells get less: the neighbour along x beats the cell two steps away
+    idx = lambda i, j, k: (i * 4 + j) * 2 + k  # noqa: E731
+    assert soft[0, idx(2, 0, 1)] > soft[0, idx(1, 0, 1)] > soft[0, idx(0, 0, 1)]
+
+
+def test_grounding_losses_reward_the_right_cell():
+    """With the best score on the true centre's cell and its regressed box equal to the truth, the box
+    terms vanish and the decoded box is exact; moving the score elsewhere raises the centre loss."""
+    from vol3d.models.heads import GroundingHead
+
+    anchors, cell = GroundingHead.anchors((4, 4, 2))
+    target = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.25, 1.0]])
+    soft = centre_targets(target, anchors, cell)
+    cells = torch.rand(1, 32, 6).sort(-1).values  # any boxes elsewhere ...
+    cells[0, soft.argmax()] = target[0]  # ... and the truth at the truth's cell
+    out = {"box_anchors": anchors, "box_cell": cell, "box_cells": cells}
+    good = {**out, "box_logits": 10 * soft.log()}
+    good["box_pred"] = GroundingHead.decode({"logits": good["box_logits"], "boxes": cells})
+    loss = grounding_losses(good, target)
+    assert loss["box_l1"] == 0 and loss["box_giou"].abs() < 1e-4 and loss["box_iou"] > 0.999
+    bad = {**out, "box_logits": torch.roll(good["box_logits"], 7, dims=1)}
+    bad["box_pred"] = GroundingHead.decode({"logits": bad["box_logits"], "boxes": cells})
+    worse = grounding_losses(bad, target)
+    assert worse["box_centre"] > loss["box_centre"] + 1 and worse["box_iou"] < 0.5
+    empty = grounding_losses({**out, "box_logits": torch.zeros(0, 32, requires_grad=True),
+                              "box_cells": torch.zeros(0, 32, 6), "box_pred": torch.zeros(0, 6)}, torch.zeros(0, 6))
+    assert float(empty["box_centre"].detach()) == 0 and empty["box_centre"].requires_grad
+
+
+def test_make_batch_pairs_box_tokens_with_their_boxes(cases):
+    """Grounding answers are bare <box> tokens; box_index points at them and box_target holds each
+    one's true box in the head's frame; other tasks add no query."""
+    model, codes = tiny_model(cases)
+    mix = TaskMix(report=0.0, vqa_closed=0.0, vqa_open=0.0, ground=1.0, ehr=0.0)
+    obj = VLMObjective(model.processor, mix, LossConfig(box_centre=1.0), codes, None, 128, box_tokens=True)
+    rngs = [np.random.default_rng([3, i]) for i in range(8)]
+    batch = obj.make_batch(cases, rngs)
+    where, target = batch["box_index"], batch["box_target"]
+    has = [i for i, c in enumerate(cases) if len(c["boxes_vox"])]
+    assert set(where[:, 0].tolist()) <= set(has) and len(where) == len(target) > 0
+    for (row, pos), box in zip(where.tolist(), target, strict=True):
+        assert batch["input_ids"][row, pos] == model.box_token_id
+        np.testing.assert_allclose(box.numpy(), unit_boxes(cases[row]["boxes_vox"].numpy(), SHAPE)[0], rtol=1e-6)
+    text = VLMObjective(model.processor, mix, LossConfig(), codes, None, 128, box_tokens=False).make_batch(cases, rngs)
+    assert "box_index" not in text  # without a head the LM spells the coordinates
+    answers = model.tokenizer.batch_decode(torch.where(text["labels"] < 0, 0, text["labels"]), skip_special_tokens=True)
+    assert any("<box>[" in a for a in answers)
 
 
 def test_tiny_vlm_learns_and_run_dir_reloads(cases, tmp_path):
     model, codes = tiny_model(cases)
-    losses = LossConfig(lm=1.0, ehr=1.0, box_l1=1.0, box_giou=1.0)
+    losses = LossConfig(lm=1.0, ehr=1.0, box_centre=1.0, box_l1=1.0, box_giou=1.0)
     cfg = TrainConfig(run_dir=str(tmp_path), max_steps=24, log_every=4, val_every=0, ckpt_every=12, progress=False,
                       tensorboard=False, device="cpu", model=model.config,
                       data=DataConfig(batch_size=4, augment=None, max_length=128),
                       optim=OptimConfig(lr=3e-3, warmup_steps=2))
     mix = TaskMix(report=1.0, vqa_closed=1.0, vqa_open=0.0, ground=1.0, ehr=0.5)
-    objective = VLMObjective(model.processor, mix, losses, codes, None, 128, val_batch_size=4)
+    objective = VLMObjective(model.processor, mix, losses, codes, None, 128, val_batch_size=4, box_tokens=True)
     before = objective.validate(model.eval(), cases)
     result = fit(cfg, model.train(), objective, cases, val_items=cases, run_dir=tmp_path)
     after = {k.removeprefix("val/"): v for k, v in result.val.items()}
     assert after["lm"] < 0.7 * before["lm"]
-    assert after["ehr"] < before["ehr"] and after["box_giou"] < before["box_giou"]
-    assert {"train/lm", "train/ehr", "train/box_l1", "train/box_giou", "train/box_iou"} <= set(result.train)
+    assert after["ehr"] < before["ehr"] and after["box_centre"] < before["box_centre"]
+    assert {"train/lm", "train/ehr", "train/box_centre", "train/box_l1", "train/box_giou",
+            "train/box_iou"} <= set(result.train)
 
     # the run dir alone rebuilds the trained model: same weights, tokenizer, code list and outputs
     again = Vol3DModel.from_pretrained(tmp_path / "model")
@@ -77,9 +139,9 @@ def test_tiny_vlm_learns_and_run_dir_reloads(cases, tmp_path):
     batch = objective.make_batch(cases[:2], [np.random.default_rng(0)] * 2)
     model.eval()
     with torch.no_grad():
-        a = model(batch["volume"], batch["input_ids"], batch["attention_mask"])
-        b = again(batch["volume"], batch["input_ids"], batch["attention_mask"])
-    for key in ("logits", "ehr_logits", "box_pred"):
+        a = model(batch["volume"], batch["input_ids"], batch["attention_mask"], box_index=batch["box_index"])
+        b = again(batch["volume"], batch["input_ids"], batch["attention_mask"], box_index=batch["box_index"])
+    for key in ("logits", "ehr_logits", "box_logits", "box_pred"):
         torch.testing.assert_close(a[key], b[key])
 
 
@@ -98,7 +160,8 @@ def test_tiny_vlm_resume_with_augmentation_is_exact(cases, tmp_path):
                           tensorboard=False, device="cpu", model=model.config,
                           data=DataConfig(batch_size=2, augment=aug, max_length=128),
                           optim=OptimConfig(lr=3e-3, warmup_steps=1))
-        obj = VLMObjective(model.processor, TaskMix(), LossConfig(ehr=1.0, box_l1=1.0, box_giou=1.0), codes, aug, 128)
+        obj = VLMObjective(model.processor, TaskMix(), LossConfig(ehr=1.0, box_centre=1.0, box_l1=1.0, box_giou=1.0),
+                           codes, aug, 128, box_tokens=True)
         if interrupt_at is not None:
             real_loss, calls = obj.loss, []
 
