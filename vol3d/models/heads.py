@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ class GroundingHead(nn.Module):
     them and an encoder's receptive-field centres is absorbed by the learned offset.
 
     Args:
-        feat_dim: channels of the dense feature map.
+        feat_dim: channels of the dense map.
         query_dim: hidden size of the LM.
         dim: width of the head.
         position_bands: Fourier bands of the anchor positions added to the features.
@@ -83,20 +84,28 @@ class GroundingHead(nn.Module):
         centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         return centres, 1.0 / torch.tensor(grid, dtype=torch.float32, device=device)
 
-    def forward(self, fmap: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+    def cells(self, fmap: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Dense map ``(B, C, gx, gy, gz)`` -> cell features ``(B, N, dim)`` and the grid.
+
+        Runs once per volume; :meth:`forward` then serves every query about it.
+        """
+        grid = tuple(int(g) for g in fmap.shape[2:])
+        anchors, _ = self.anchors(grid, fmap.device)
+        feats = self.feat_proj(grid_to_tokens(fmap).float())
+        return feats + self.pos_proj(fourier_features(anchors, self.position_bands)), grid  # type: ignore[return-value]
+
+    def forward(self, feats: torch.Tensor, grid: Sequence[int], queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per query and cell: centre logits and boxes.
 
         Args:
-            fmap: ``(Q, C, gx, gy, gz)`` the dense map of each query's volume.
+            feats: ``(Q, N, dim)`` the cell features (:meth:`cells`) of each query's volume.
+            grid: the cell grid ``(gx, gy, gz)``, ``N = gx * gy * gz``.
             queries: ``(Q, query_dim)`` LM hidden states of the ``<box>`` tokens.
 
         Returns ``logits (Q, N)`` (softmax over cells: which cell holds the box centre),
         ``boxes (Q, N, 6)`` in ``[0, 1]`` with ``lo <= hi``, ``anchors (N, 3)``, ``cell (3,)``.
         """
-        grid = tuple(int(g) for g in fmap.shape[2:])
-        anchors, cell = self.anchors(grid, fmap.device)
-        feats = self.feat_proj(grid_to_tokens(fmap).float())  # (Q, N, dim)
-        feats = feats + self.pos_proj(fourier_features(anchors, self.position_bands))[None]
+        anchors, cell = self.anchors(tuple(int(g) for g in grid), feats.device)
         gamma, beta = self.film(self.query_norm(queries.float()))[:, None].chunk(2, dim=-1)
         h = feats * (1.0 + gamma) + beta
         h = h + self.mlp(h)

@@ -216,12 +216,14 @@ class Vol3DModel(nn.Module):
 
     def encode_volume(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, C, X, Y, Z)`` -> ``tokens (B, M, H)`` in LM space, ``positions (B, M, 3)`` in [0, 1],
-        ``pooled (B, D)`` mean encoder features, and with a grounding head ``dense (B, C', gx, gy, gz)``."""
+        ``pooled (B, D)`` mean encoder features, and with a grounding head its cell features
+        ``dense (B, N, D')`` on the grid ``dense_grid`` (:meth:`GroundingHead.cells`)."""
         if volume.ndim != 5:
             raise InputError(f"volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
         dense = None
         if self.box_head is not None:  # one pass gives the head's map and the LM's tokens
-            dense, last = self.encoder.forward_intermediates(volume, [self.config.box_head_level, -1])
+            fmap, last = self.encoder.forward_intermediates(volume, [self.config.box_head_level, -1])
+            dense = self.box_head.cells(fmap)
             feats = grid_to_tokens(last)  # (B, N, D)
         else:
             feats = self.encoder.forward_features(volume)  # (B, N, D)
@@ -234,7 +236,7 @@ class Vol3DModel(nn.Module):
             tokens = tokens + self.pos_embed(fourier_features(positions.to(tokens.dtype), self.config.position_bands))
         out = {"tokens": tokens, "positions": positions, "pooled": feats.mean(dim=1)}
         if dense is not None:
-            out["dense"] = dense
+            out["dense"], out["dense_grid"] = dense
         return out
 
     def _merge_embeddings(self, input_ids: torch.Tensor, vol_tokens: torch.Tensor) -> torch.Tensor:
@@ -300,14 +302,15 @@ class Vol3DModel(nn.Module):
                 out["loss"] = lm_out.loss
             out.update(self.head_outputs(enc["pooled"], texts))
             if want_boxes:
-                out.update(self._ground(enc["dense"], lm_out.hidden_states[-1], box_index))
+                out.update(self._ground(enc["dense"], enc["dense_grid"], lm_out.hidden_states[-1], box_index))
         return out
 
-    def _ground(self, dense: torch.Tensor, hidden: torch.Tensor, box_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _ground(self, dense: torch.Tensor, grid: tuple[int, int, int], hidden: torch.Tensor,
+                box_index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Grounding-head outputs for the ``<box>`` tokens at ``box_index (Q, 2)`` of ``hidden (B, T, H)``."""
         assert self.box_head is not None
         rows, cols = box_index[:, 0].long(), box_index[:, 1].long()
-        head = self.box_head(dense[rows], hidden[rows, cols])
+        head = self.box_head(dense[rows], grid, hidden[rows, cols])
         return {"box_logits": head["logits"], "box_cells": head["boxes"], "box_anchors": head["anchors"],
                 "box_cell": head["cell"], "box_pred": GroundingHead.decode(head)}
 
@@ -399,7 +402,7 @@ class Vol3DModel(nn.Module):
                          output_hidden_states=True).hidden_states[-1]
         where = (ids == self.box_token_id).nonzero()
         where[:, 1] += embeds.shape[1]
-        pred = self._ground(enc["dense"], hidden, where)["box_pred"]
+        pred = self._ground(enc["dense"], enc["dense_grid"], hidden, where)["box_pred"]
         ints = torch.round(pred.float() * BOX_SCALE).long().clamp(0, BOX_SCALE).tolist()
         out: list[list[list[int]]] = [[] for _ in range(ids.shape[0])]
         for (row, _), box in zip(where.tolist(), ints, strict=True):

@@ -306,3 +306,12 @@ def test_questions_sharing_a_volume_match_one_volume_each(tokenizer):
     for key in ("logits", "box_logits", "box_pred"):
         torch.testing.assert_close(shared[key], copies[key])
     assert shared["ehr_logits"].shape == (1, 2)  # heads on pooled features: one row per volume
+
+
+def test_grounding_head_reads_the_configured_encoder_level(tokenizer):
+    """On a ResNet the head's cells are those of box_head_level (layer1: stride 4), not the LM's tokens."""
+    model = _model(tokenizer, encoder="resnet3d_tiny", box_head=True, box_head_level=1)
+    volume, batch, where = _box_batch(model)
+    out = model(volume, **batch, box_index=where)
+    assert out["box_logits"].shape == (3, 8 * 8 * 4)  # layer1 at 32 x 32 x 16
+    assert model.box_head.feat_proj[0].in_features == model.encoder.stage_dims[1]
