@@ -475,6 +475,9 @@ class Vol3DPipeline:
         of *whether* is skipped; use it for a finding you know is present).
         ``generate_kwargs`` go to HF ``generate`` (``num_beams``, ``do_sample`` ...).
         """
+        if locate and self.locate_prefix is None:
+            raise ConfigError(f"locate=True needs a vol3d.models.Vol3DModel, not a {type(self.model).__name__} "
+                              "(its generate must take answer_prefix); ask without locate")
         inp = self.prepare(volume, series=series)
         if locate:
             generate_kwargs["answer_prefix"] = self.locate_prefix

@@ -25,7 +25,7 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
 
 
-def save_tiny_run(run: Path, preprocess: Any, ehr_codes: list[str] | None = None) -> Path:
+def save_tiny_run(run: Path, preprocess: Any, ehr_codes: list[str] | None = None, box_head: bool = False) -> Path:
     """A run directory holding an untrained tiny model (64 x 64 x 32 input) and its preprocessing."""
     from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
 
@@ -33,7 +33,7 @@ def save_tiny_run(run: Path, preprocess: Any, ehr_codes: list[str] | None = None
     torch.manual_seed(0)
     cfg = Vol3DConfig(encoder="vit3d_tiny", encoder_overrides={"img_size": list(INPUT), "patch_size": [16, 16, 8]},
                       in_chans=CHANS, input_shape=INPUT, reducer="pool", reducer_params={"out_grid": [2, 2, 2]},
-                      lm_config=TINY_LLAMA, ehr_codes=list(ehr_codes or []))
+                      lm_config=TINY_LLAMA, ehr_codes=list(ehr_codes or []), box_head=box_head)
     model = Vol3DModel(cfg, tokenizer=build_tokenizer(texts * 3, vocab_size=300))
     model.save_pretrained(run / "model")
     (run / "model" / "preprocess.json").write_text(json.dumps(preprocess.public_dict()))
@@ -129,6 +129,23 @@ def test_ask_end_to_end_on_nifti_dicom_and_cache_entry(data, run, capsys):
         out = json.loads(capsys.readouterr().out)
         assert isinstance(out["answer"], str) and out["input"]["input_shape"] == list(INPUT)
         assert set(out["ehr"]) == set(CODES) and all(0 <= p <= 1 for p in out["ehr"].values())
+
+
+def test_ask_locate_always_answers_with_a_box(data, run, tmp_path, capsys):
+    """--locate starts the answer with a box: the grounding head fills in exactly one parseable box
+    whatever the (untrained) LM says next; a text-mode model is made to start spelling one."""
+    cached = f"{data['cache']}::{data['rows'][0]['id']}"
+    head_run = save_tiny_run(tmp_path / "head", data["cfg"], box_head=True)
+    assert main(["ask", str(head_run), cached, "Where is the liver lesion?", "--json", "--locate",
+                 "--max-new-tokens", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"].startswith("<box>[") and len(out["boxes"]) == 1
+    box = out["boxes"][0]
+    assert out["unparsed_boxes"] == 0 and len(box["world_mm"]) == 6 and min(box["size_mm"]) > 0
+    assert out["answer"].startswith("<box>[" + ",".join(str(v) for v in box["normalised"]) + "]</box>")
+    assert main(["ask", str(run), cached, "Where is the liver lesion?", "--json", "--locate",
+                 "--max-new-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"].startswith("<box>[")
 
 
 def test_python_api_loads_the_run(data, run):

@@ -40,7 +40,10 @@ class GroundingHead(nn.Module):
     """Decodes a 3D box for each ``<box>`` token the language model writes.
 
     The LM says *whether* and *how many* (it writes ``<box>`` once per instance, or a
-    refusal); this head says *where*. Each ``<box>`` token's last hidden state is the
+    refusal); this head says *where*. It learns every instance's centre at once (a score
+    map with a peak on each, as CenterNet's heat maps), so an answer's ``k``-th ``<box>``
+    is simply its ``k``-th distinct peak (:meth:`decode`), whatever order the instances
+    are listed in. Each ``<box>`` token's last hidden state is the
     query. It modulates (FiLM) every cell of a dense encoder feature map, and every cell
     then scores itself as the box centre and regresses its box, as in CenterNet: the
     centre is the cell's anchor plus an offset of at most one cell, the size a fraction
@@ -116,10 +119,41 @@ class GroundingHead(nn.Module):
         return {"logits": self.score(h).squeeze(-1), "boxes": boxes, "anchors": anchors, "cell": cell}
 
     @staticmethod
-    def decode(out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The box of the best-scoring cell per query ``(Q, 6)``."""
-        best = out["logits"].argmax(dim=-1)
-        return out["boxes"][torch.arange(len(best), device=best.device), best]
+    def decode(out: dict[str, torch.Tensor], rows: torch.Tensor | None = None, max_iou: float = 0.1) -> torch.Tensor:
+        """The box of the best-scoring cell per query ``(Q, 6)``.
+
+        ``rows (Q,)``: the answer each query belongs to, queries in answer order. The ``k``-th
+        ``<box>`` of an answer then takes the best cell whose box overlaps none of the boxes
+        already given in that answer by more than ``max_iou``: an answer with three ``<box>``
+        tokens names three lesions, not one lesion three times.
+        """
+        logits, boxes = out["logits"], out["boxes"]
+        if rows is None:
+            best = logits.argmax(dim=-1)
+            return boxes[torch.arange(len(best), device=best.device), best]
+        picked: list[torch.Tensor] = []
+        given: dict[int, list[torch.Tensor]] = {}
+        for q, row in enumerate(rows.tolist()):
+            score = logits[q]
+            earlier = given.setdefault(row, [])
+            if earlier:
+                overlap = pairwise_iou(boxes[q], torch.stack(earlier)).amax(dim=1)
+                if bool((overlap <= max_iou).any()):  # else every cell repeats a box: take the best anyway
+                    score = score.masked_fill(overlap > max_iou, float("-inf"))
+            box = boxes[q, score.argmax()]
+            earlier.append(box.detach())
+            picked.append(box)
+        return torch.stack(picked) if picked else boxes.new_zeros(0, 6)
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """3D IoU of every box of ``a (N, 6)`` with every box of ``b (M, 6)`` -> ``(N, M)``."""
+    lo = torch.maximum(a[:, None, :3], b[None, :, :3])
+    hi = torch.minimum(a[:, None, 3:], b[None, :, 3:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    vol_a, vol_b = (a[:, 3:] - a[:, :3]).prod(-1), (b[:, 3:] - b[:, :3]).prod(-1)
+    union = vol_a[:, None] + vol_b[None] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
 
 
 class ContrastiveHead(nn.Module):

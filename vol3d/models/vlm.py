@@ -282,7 +282,8 @@ class Vol3DModel(nn.Module):
         exist ``ehr_logits (B, K)``, ``vol_embed (B, E)``, ``text_embed (B, E)`` (if texts),
         ``logit_scale``, and with ``box_index`` the grounding head's ``box_logits (Q, N)``,
         ``box_cells (Q, N, 6)``, ``box_anchors (N, 3)``, ``box_cell (3,)`` (see
-        :class:`GroundingHead`) and ``box_pred (Q, 6)``, the best cell's box.
+        :class:`GroundingHead`) and ``box_pred (Q, 6)``, the box each query answers
+        (:meth:`GroundingHead.decode`: the best cell not repeating an earlier box of its answer).
         """
         want_boxes = box_index is not None
         if want_boxes and self.box_head is None:
@@ -312,7 +313,7 @@ class Vol3DModel(nn.Module):
         rows, cols = box_index[:, 0].long(), box_index[:, 1].long()
         head = self.box_head(dense[rows], grid, hidden[rows, cols])
         return {"box_logits": head["logits"], "box_cells": head["boxes"], "box_anchors": head["anchors"],
-                "box_cell": head["cell"], "box_pred": GroundingHead.decode(head)}
+                "box_cell": head["cell"], "box_pred": GroundingHead.decode(head, rows)}
 
     def head_outputs(self, pooled: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Outputs of the heads beside the LM for pooled features ``(B, D)``."""

@@ -77,39 +77,48 @@ def unit_boxes(boxes_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.clip((as_boxes(np.asarray(boxes_vox, dtype=float)) + 0.5) / n, 0.0, 1.0)
 
 
-def centre_targets(target: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
-    """Soft targets over cells ``(Q, N)``: a Gaussian of one cell's width around each box centre.
+def centre_targets(target: Tensor, mask: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
+    """Soft targets over cells ``(Q, N)``: for each query, a Gaussian of one cell's width around
+    the centre of every true box of its answer ``target (Q, K, 6)`` (``mask (Q, K)``: real boxes),
+    each box weighing alike.
 
-    Neighbouring cells of the true centre are nearly right too; a soft target tells the
-    centre scores so (as CenterNet's Gaussian heat maps do) instead of punishing them
-    as hard as a cell across the volume.
+    Neighbouring cells of a true centre are nearly right too; a soft target tells the scores
+    so (as CenterNet's Gaussian heat maps do) instead of punishing them as hard as a cell
+    across the volume. Every instance gets a peak, so the head needs no notion of their order.
     """
-    centre = (target[:, :3] + target[:, 3:]) / 2
-    d2 = (((anchors[None] - centre[:, None]) / cell) ** 2).sum(-1)
-    return torch.softmax(-d2 / 2, dim=-1)
+    centre = (target[..., :3] + target[..., 3:]) / 2  # (Q, K, 3)
+    d2 = (((anchors[None, None] - centre[:, :, None]) / cell) ** 2).sum(-1)  # (Q, K, N)
+    per_box = torch.softmax(-d2 / 2, dim=-1) * mask[..., None]
+    return per_box.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-def grounding_losses(out: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-    """Losses of the grounding head for ``Q`` queries with true boxes ``target (Q, 6)`` in 0..1.
+def grounding_losses(out: dict[str, Tensor], target: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Losses of the grounding head for ``Q`` queries, each with the true boxes of its answer
+    ``target (Q, K, 6)`` in 0..1 (``mask (Q, K)`` marks the real ones).
 
     ``box_centre``: cross-entropy of the cell scores against :func:`centre_targets`;
-    ``box_l1`` / ``box_giou``: of the box regressed at the cell nearest the true centre
-    (where it will be read once the scores are right), and ``box_iou`` (logged) of the
-    box actually decoded. With no query, every term is a zero that keeps the head in the
-    graph (DDP needs a gradient for every parameter).
+    ``box_l1`` / ``box_giou``: of the box regressed at the cell nearest each true centre, against
+    that box (where it is read once the scores are right); ``box_iou`` (logged): IoU of the box
+    each query decodes with the nearest true box of its answer. With no query, every term is a
+    zero that keeps the head in the graph (DDP needs a gradient for every parameter).
     """
-    from vol3d.train.losses import box_losses
+    from vol3d.train.losses import box_iou_giou_3d, box_losses
 
     logits, cells = out["box_logits"].float(), out["box_cells"]
     if logits.shape[0] == 0:
         zero = logits.sum() + cells.sum() * 0.0
         return {"box_centre": zero, "box_l1": zero, "box_giou": zero, "box_iou": zero.detach()}
-    soft = centre_targets(target.float(), out["box_anchors"], out["box_cell"])
+    target, mask = target.float(), mask.bool()
+    anchors, cell = out["box_anchors"], out["box_cell"]
+    soft = centre_targets(target, mask.float(), anchors, cell)
     centre = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-    at_truth = cells[torch.arange(len(cells), device=cells.device), soft.argmax(-1)]
-    box = box_losses(at_truth, target)
-    decoded = box_losses(out["box_pred"].detach(), target)
-    return {"box_centre": centre, "box_l1": box["box_l1"], "box_giou": box["box_giou"], "box_iou": decoded["box_iou"]}
+    q, k = mask.nonzero(as_tuple=True)
+    mid = (target[q, k, :3] + target[q, k, 3:]) / 2
+    nearest = (((anchors[None] - mid[:, None]) / cell) ** 2).sum(-1).argmin(-1)
+    box = box_losses(cells[q, nearest], target[q, k])
+    iou, _ = box_iou_giou_3d(out["box_pred"].detach()[q].float(), target[q, k])
+    best = torch.zeros(len(logits), device=logits.device).scatter_reduce(0, q, iou, reduce="amax")
+    return {"box_centre": centre, "box_l1": box["box_l1"], "box_giou": box["box_giou"], "box_iou": best.mean()}
 
 
 class VLMObjective:
@@ -179,25 +188,29 @@ class VLMObjective:
         return batch
 
     def _box_targets(self, samples: list[Any], labels: Tensor) -> dict[str, Tensor]:
-        """``box_index (Q, 2)`` of the answers' ``<box>`` tokens and their true boxes ``box_target (Q, 6)``.
+        """``box_index (Q, 2)`` of the grounding answers' ``<box>`` tokens, and for each the true
+        boxes of its answer, ``box_target (Q, K, 6)`` in the head's frame with ``box_target_mask (Q, K)``.
 
-        Row ``b``'s ``k``-th ``<box>`` token is its ``k``-th box (answers list boxes sorted
-        by x0); a token cut off by ``max_length`` drops its box.
+        Every ``<box>`` of an answer learns all of that answer's boxes (:func:`grounding_losses`);
+        a ``<box>`` in another task's answer has no box to learn and is left out.
         """
         from vol3d.models.vlm import box_token_index
 
         box_id = int(self.processor.tokenizer.convert_tokens_to_ids(BOX_TOKEN))
         where = box_token_index(labels, box_id)
-        keep, targets, seen = [], [], [0] * len(samples)
+        keep, boxes = [], []
         for q, row in enumerate(where[:, 0].tolist()):
             s = samples[row]
-            k, seen[row] = seen[row], seen[row] + 1
-            if s.task != "ground" or k >= len(s.extras["boxes_vox"]):
-                continue  # a stray <box> in another answer has no box to learn
-            keep.append(q)
-            targets.append(unit_boxes(s.extras["boxes_vox"], s.extras["shape"])[k])
-        return {"box_index": where[keep],
-                "box_target": torch.tensor(np.asarray(targets, dtype=np.float32).reshape(-1, 6))}
+            if s.task == "ground" and len(s.extras["boxes_vox"]):
+                keep.append(q)
+                boxes.append(unit_boxes(s.extras["boxes_vox"], s.extras["shape"]))
+        k = max((len(b) for b in boxes), default=1)
+        target = np.zeros((len(boxes), k, 6), np.float32)
+        mask = np.zeros((len(boxes), k), bool)
+        for i, b in enumerate(boxes):
+            target[i, : len(b)], mask[i, : len(b)] = b, True
+        return {"box_index": where[keep], "box_target": torch.from_numpy(target),
+                "box_target_mask": torch.from_numpy(mask)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         from vol3d.train.losses import clip_infonce, ehr_bce, lm_cross_entropy
@@ -211,7 +224,7 @@ class VLMObjective:
         if "ehr_target" in batch:
             terms["ehr"] = ehr_bce(out["ehr_logits"], batch["ehr_target"], w.ehr_pos_weight)
         if "box_target" in batch:
-            box = grounding_losses(out, batch["box_target"])
+            box = grounding_losses(out, batch["box_target"], batch["box_target_mask"])
             logs["box_iou"] = box.pop("box_iou")
             terms.update(box)
         if "texts" in batch and "text_embed" in out:

@@ -59,41 +59,64 @@ def test_unit_boxes_match_the_text_frame():
     np.testing.assert_allclose(unit[0], [0, 0.125, 0.03125, 0.25, 1, 1])
 
 
-def test_centre_targets_peak_at_the_box_centre_cell():
+def test_centre_targets_peak_at_every_true_centre():
     from vol3d.models.heads import GroundingHead
 
     anchors, cell = GroundingHead.anchors((4, 4, 2))
-    target = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.25, 1.0]])  # centre (0.625, 0.125, 0.75): cell (2, 0, 1)
-    soft = centre_targets(target, anchors, cell)
+    one = torch.tensor([[[0.5, 0.0, 0.5, 0.75, 0.25, 1.0], [0, 0, 0, 0, 0, 0]]])  # centre (0.625, 0.125, 0.75)
+    soft = centre_targets(one, torch.tensor([[1.0, 0.0]]), anchors, cell)  # the padding row is ignored
     assert soft.shape == (1, 32) and torch.isclose(soft.sum(), torch.tensor(1.0))
     assert torch.allclose(anchors[soft.argmax()], torch.tensor([0.625, 0.125, 0.75]))
-    # farther cells get less: the neighbour along x beats the cell two steps away
     idx = lambda i, j, k: (i * 4 + j) * 2 + k  # noqa: E731
-    assert soft[0, idx(2, 0, 1)] > soft[0, idx(1, 0, 1)] > soft[0, idx(0, 0, 1)]
+    assert soft[0, idx(2, 0, 1)] > soft[0, idx(1, 0, 1)] > soft[0, idx(0, 0, 1)]  # falls off with distance
+    # two instances: a peak of equal height on each, whichever is listed first
+    two = torch.tensor([[[0.5, 0.0, 0.5, 0.75, 0.25, 1.0], [0.0, 0.5, 0.0, 0.25, 0.75, 0.5]]])
+    both = centre_targets(two, torch.ones(1, 2), anchors, cell)
+    swapped = centre_targets(two.flip(1), torch.ones(1, 2), anchors, cell)
+    torch.testing.assert_close(both, swapped)
+    assert torch.isclose(both[0, idx(2, 0, 1)], both[0, idx(0, 2, 0)])
+    assert set(both[0].topk(2).indices.tolist()) == {idx(2, 0, 1), idx(0, 2, 0)}
 
 
-def test_grounding_losses_reward_the_right_cell():
-    """With the best score on the true centre's cell and its regressed box equal to the truth, the box
-    terms vanish and the decoded box is exact; moving the score elsewhere raises the centre loss."""
+def _head_out(anchors, cell, cells, logits, rows=None):
+    from vol3d.models.heads import GroundingHead
+
+    out = {"box_anchors": anchors, "box_cell": cell, "box_cells": cells, "box_logits": logits}
+    out["box_pred"] = GroundingHead.decode({"logits": logits, "boxes": cells}, rows)
+    return out
+
+
+def test_grounding_losses_reward_the_right_cells():
+    """Scores peaked on the true centres and the truth regressed there: no box loss and an exact
+    decoded box; scores elsewhere raise the centre loss and lose the IoU."""
     from vol3d.models.heads import GroundingHead
 
     anchors, cell = GroundingHead.anchors((4, 4, 2))
-    target = torch.tensor([[0.5, 0.0, 0.5, 0.75, 0.25, 1.0]])
-    soft = centre_targets(target, anchors, cell)
-    cells = torch.rand(1, 32, 6).sort(-1).values  # any boxes elsewhere ...
-    cells[0, soft.argmax()] = target[0]  # ... and the truth at the truth's cell
-    out = {"box_anchors": anchors, "box_cell": cell, "box_cells": cells}
-    good = {**out, "box_logits": 10 * soft.log()}
-    good["box_pred"] = GroundingHead.decode({"logits": good["box_logits"], "boxes": cells})
-    loss = grounding_losses(good, target)
+    target = torch.tensor([[[0.5, 0.0, 0.5, 0.75, 0.25, 1.0], [0.0, 0.5, 0.0, 0.25, 0.75, 0.5]]]).expand(2, -1, -1)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    soft = centre_targets(target, mask.float(), anchors, cell)
+    cells = torch.rand(2, 32, 6).sort(-1).values  # any boxes elsewhere ...
+    for k in range(2):  # ... and each truth at its centre's cell
+        mid = (target[0, k, :3] + target[0, k, 3:]) / 2
+        cells[:, ((anchors - mid) ** 2).sum(-1).argmin()] = target[0, k]
+    good = _head_out(anchors, cell, cells, 10 * soft.log(), rows=torch.tensor([0, 0]))
+    loss = grounding_losses(good, target, mask)
     assert loss["box_l1"] == 0 and loss["box_giou"].abs() < 1e-4 and loss["box_iou"] > 0.999
-    bad = {**out, "box_logits": torch.roll(good["box_logits"], 7, dims=1)}
-    bad["box_pred"] = GroundingHead.decode({"logits": bad["box_logits"], "boxes": cells})
-    worse = grounding_losses(bad, target)
+    # two <box> tokens of one answer name the two lesions, not one lesion twice
+    assert pairwise_iou_max(good["box_pred"]) < 0.1
+    bad = _head_out(anchors, cell, cells, torch.roll(good["box_logits"], 7, dims=1))
+    worse = grounding_losses(bad, target, mask)
     assert worse["box_centre"] > loss["box_centre"] + 1 and worse["box_iou"] < 0.5
-    empty = grounding_losses({**out, "box_logits": torch.zeros(0, 32, requires_grad=True),
-                              "box_cells": torch.zeros(0, 32, 6), "box_pred": torch.zeros(0, 6)}, torch.zeros(0, 6))
+    empty = grounding_losses(_head_out(anchors, cell, torch.zeros(0, 32, 6), torch.zeros(0, 32, requires_grad=True)),
+                             torch.zeros(0, 1, 6), torch.zeros(0, 1, dtype=torch.bool))
     assert float(empty["box_centre"].detach()) == 0 and empty["box_centre"].requires_grad
+
+
+def pairwise_iou_max(boxes: torch.Tensor) -> float:
+    from vol3d.models.heads import pairwise_iou
+
+    iou = pairwise_iou(boxes, boxes)
+    return float((iou - torch.eye(len(boxes))).max())
 
 
 def test_make_batch_pairs_box_tokens_with_their_boxes(cases):
@@ -104,12 +127,13 @@ def test_make_batch_pairs_box_tokens_with_their_boxes(cases):
     obj = VLMObjective(model.processor, mix, LossConfig(box_centre=1.0), codes, None, 128, box_tokens=True)
     rngs = [np.random.default_rng([3, i]) for i in range(8)]
     batch = obj.make_batch(cases, rngs)
-    where, target = batch["box_index"], batch["box_target"]
+    where, target, mask = batch["box_index"], batch["box_target"], batch["box_target_mask"]
     has = [i for i, c in enumerate(cases) if len(c["boxes_vox"])]
-    assert set(where[:, 0].tolist()) <= set(has) and len(where) == len(target) > 0
-    for (row, pos), box in zip(where.tolist(), target, strict=True):
+    assert set(where[:, 0].tolist()) <= set(has) and len(where) == len(target) == len(mask) > 0
+    for (row, pos), boxes, real in zip(where.tolist(), target, mask, strict=True):
         assert batch["input_ids"][row, pos] == model.box_token_id
-        np.testing.assert_allclose(box.numpy(), unit_boxes(cases[row]["boxes_vox"].numpy(), SHAPE)[0], rtol=1e-6)
+        truth = unit_boxes(cases[row]["boxes_vox"].numpy(), SHAPE)
+        np.testing.assert_allclose(boxes[real].numpy(), truth, rtol=1e-6)
     text = VLMObjective(model.processor, mix, LossConfig(), codes, None, 128, box_tokens=False).make_batch(cases, rngs)
     assert "box_index" not in text  # without a head the LM spells the coordinates
     answers = model.tokenizer.batch_decode(torch.where(text["labels"] < 0, 0, text["labels"]), skip_special_tokens=True)
