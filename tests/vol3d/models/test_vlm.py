@@ -10,7 +10,9 @@ import torch
 
 from preprocess.errors import ConfigError, InputError
 from vol3d.models import Vol3DConfig, Vol3DModel, Vol3DProcessor, build_tokenizer
+from vol3d.models.tokenizer import BOX_START
 from vol3d.models.vlm import box_token_index
+from vol3d.tasks.samples import BOX_TOKEN
 
 TEXTS = [
     "Findings: a hypodense liver lesion <box>[120,340,88,260,470,140]</box>.",
@@ -57,6 +59,7 @@ def test_forward_outputs_and_heads(tokenizer):
     model = _model(tokenizer, num_ehr_codes=7, box_head=True)
     volume, batch, where = _box_batch(model)
     assert where[:, 0].tolist() == [0, 0, 1]  # <box> tokens of the answers, row-major
+    assert BOX_TOKEN == BOX_START  # vol3d.tasks writes the token the model reads (kept torch-free)
     out = model(volume, **batch, box_index=where)
     assert model.num_vol_tokens == 8
     assert out["logits"].shape == (*batch["input_ids"].shape, len(tokenizer))
