@@ -113,9 +113,9 @@ def test_grounding_losses_reward_the_right_cells():
 
 
 def pairwise_iou_max(boxes: torch.Tensor) -> float:
-    from vol3d.models.heads import pairwise_iou
+    from vol3d.train.losses import box_iou_3d
 
-    iou = pairwise_iou(boxes, boxes)
+    iou = box_iou_3d(boxes, boxes)
     return float((iou - torch.eye(len(boxes))).max())
 
 
