@@ -204,12 +204,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- text
 
 
-def normalise_boxes(boxes_vox: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Voxel boxes in the model-input array of ``shape`` -> integers 0..999 ``(N, 6)``."""
-    b = as_boxes(boxes_vox)
+def unit_boxes(boxes_vox: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Voxel boxes in the model-input array of ``shape`` -> the continuous 0..1 frame ``(N, 6)``:
+    the index range ``[-0.5, n - 0.5]`` of each axis maps onto ``[0, 1]`` (clipped)."""
+    b = as_boxes(np.asarray(boxes_vox, dtype=float))
     n = np.tile(np.asarray(shape[-3:], dtype=float), 2)
-    t = (b + 0.5) / n
-    return np.clip(np.rint(t * BOX_SCALE), 0, BOX_SCALE).astype(np.int64)
+    return np.clip((b + 0.5) / n, 0.0, 1.0)
+
+
+def normalise_boxes(boxes_vox: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Voxel boxes in the model-input array of ``shape`` -> integers 0..999 ``(N, 6)`` (:func:`unit_boxes` rounded)."""
+    return np.rint(unit_boxes(boxes_vox, shape) * BOX_SCALE).astype(np.int64)
 
 
 def denormalise_boxes(boxes_int: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from preprocess.errors import ConfigError, InputError
-from vol3d.models.layers import Mlp, fourier_features, grid_to_tokens
+from vol3d.models.layers import Mlp, fourier_features, grid_centres, grid_to_tokens
 
 
 class EHRHead(nn.Module):
@@ -84,8 +84,7 @@ class GroundingHead(nn.Module):
     @staticmethod
     def anchors(grid: tuple[int, ...], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell centres ``(N, 3)`` in grid order and the cell size ``(3,)``, both in the 0..1 frame."""
-        axes = [(torch.arange(g, dtype=torch.float32, device=device) + 0.5) / g for g in grid]
-        centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        centres = grid_centres(grid, (1, 1, 1), (0, 0, 0), grid).to(device)  # (i + 0.5) / g
         return centres, 1.0 / torch.tensor(grid, dtype=torch.float32, device=device)
 
     def cells(self, fmap: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

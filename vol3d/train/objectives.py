@@ -68,15 +68,6 @@ def batched_validation(objective: Objective, model: nn.Module, items: Any, batch
 # ----------------------------------------------------------------------------- vision-language
 
 
-def unit_boxes(boxes_vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Voxel boxes of a model-input array of ``shape`` -> the 0..1 frame of the grounding head ``(n, 6)``
-    (:func:`preprocess.geometry.normalise_boxes` without the rounding to 0..999)."""
-    from preprocess.geometry import as_boxes
-
-    n = np.tile(np.asarray(shape[-3:], dtype=float), 2)
-    return np.clip((as_boxes(np.asarray(boxes_vox, dtype=float)) + 0.5) / n, 0.0, 1.0)
-
-
 def centre_targets(target: Tensor, mask: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
     """Soft targets over cells ``(Q, N)``: for each query, a Gaussian of one cell's width around
     the centre of every true box of its answer ``target (Q, K, 6)`` (``mask (Q, K)``: real boxes),
@@ -194,6 +185,7 @@ class VLMObjective:
         Every ``<box>`` of an answer learns all of that answer's boxes (:func:`grounding_losses`);
         a ``<box>`` in another task's answer has no box to learn and is left out.
         """
+        from preprocess.geometry import unit_boxes
         from vol3d.models.vlm import box_token_index
 
         box_id = int(self.processor.tokenizer.convert_tokens_to_ids(BOX_TOKEN))

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from preprocess.geometry import unit_boxes
 from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
 from vol3d.tasks import CodeVocab, TaskMix, corpus_texts
 from vol3d.train.config import TINY_LM, DataConfig, LossConfig, OptimConfig, TrainConfig
 from vol3d.train.loop import fit
-from vol3d.train.objectives import VLMObjective, centre_targets, grounding_losses, unit_boxes
+from vol3d.train.objectives import VLMObjective, centre_targets, grounding_losses
 
 SHAPE = (32, 32, 16)
 
