@@ -9,7 +9,6 @@ RAS+ canonical axes (X, Y, Z), the axes ``target_spacing`` refers to.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 from preprocess import geometry
+from preprocess.manifest import atomic_write_text
 from preprocess.transforms import Prepared
 
 #: Percentiles reported for spacings, shapes and intensities.
@@ -126,7 +126,5 @@ def fingerprint(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def write_fingerprint(cache_dir: str | Path, summaries: Sequence[Mapping[str, Any]]) -> Path:
     """Write ``cache_dir/fingerprint.json`` atomically and return its path."""
     path = Path(cache_dir) / "fingerprint.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(fingerprint(summaries), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(fingerprint(summaries), indent=2) + "\n")
     return path

@@ -146,17 +146,24 @@ def latest_by_id(rows: Iterable[ManifestRow]) -> dict[str, ManifestRow]:
     return out
 
 
-def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
-    """Atomically replace ``path`` with ``rows`` (temporary file, fsync, rename)."""
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably: ``path.tmp``, fsync, rename, fsync the folder.
+
+    A reader sees the old file or the new one, never half of one, even after a crash.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(_dumps(row) + "\n")
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
+    """Atomically replace ``path`` with ``rows`` (:func:`atomic_write_text`)."""
+    atomic_write_text(path, "".join(_dumps(row) + "\n" for row in rows))
 
 
 def compact(rows: Iterable[ManifestRow]) -> list[ManifestRow]:

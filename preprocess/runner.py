@@ -51,6 +51,7 @@ from preprocess.manifest import (
     MANIFEST_NAME,
     ManifestRow,
     ManifestWriter,
+    atomic_write_text,
     compact,
     read_manifest,
     write_manifest,
@@ -148,16 +149,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InputError(f"{path} cannot be read ({exc}); restore it, or pass --overwrite to rebuild") from None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -173,7 +164,6 @@ def _own_files(out: Path) -> list[Path]:
     """The files vol3d writes in a cache (and only those): what --overwrite may remove."""
     own = [out / n for n in (MANIFEST_NAME, FINGERPRINT_NAME, PARAMS_NAME)]
     own += [out / f"{n}.tmp" for n in (MANIFEST_NAME, FINGERPRINT_NAME, PARAMS_NAME)]
-    own += list(out.glob(f".{FINGERPRINT_NAME}.*.tmp"))
     cases = out / CASES_DIR
     if cases.is_dir():
         # case files c_<hex>.h5 and the temporaries of store.write_case (.c_<hex>.h5.<pid>.tmp)
@@ -244,7 +234,7 @@ def open_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
     check_cache(out, params, overwrite)
     if overwrite:
         _remove_own_files(out)
-    _write_json_atomic(out / PARAMS_NAME, params)
+    atomic_write_text(out / PARAMS_NAME, json.dumps(params, indent=2, sort_keys=True) + "\n")
     _clean_temporaries(out)
 
 
