@@ -177,11 +177,6 @@ class Conv3dSlicePad(nn.Conv3d):
         return super().forward(x)
 
 
-def conv_out_size(n: int, kernel: int, stride: int, pad: int) -> int:
-    """Output length of a convolution/pooling along one axis."""
-    return (n + 2 * pad - kernel) // stride + 1
-
-
 # ----------------------------------------------------------------------------- encoder interface
 
 

@@ -200,10 +200,6 @@ class Vol3DModel(nn.Module):
         """A processor matching this model's tokenizer and token count (right padding)."""
         return Vol3DProcessor(self.tokenizer, self.num_vol_tokens)
 
-    @property
-    def device(self) -> torch.device:
-        return self.projector[0].weight.device
-
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
@@ -361,7 +357,7 @@ class Vol3DModel(nn.Module):
                 if attention_mask is None:
                     attention_mask = torch.ones_like(input_ids)
             else:
-                batch = Vol3DProcessor(self.tokenizer, self.num_vol_tokens, padding_side="left")(prompts)
+                batch = self.processor(prompts, padding_side="left")
                 input_ids, attention_mask = batch["input_ids"].to(volume.device), batch["attention_mask"]
             attention_mask = attention_mask.to(volume.device)
             kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
@@ -380,7 +376,7 @@ class Vol3DModel(nn.Module):
         finally:
             self.train(was_training)
         if boxes is None:
-            return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            return self.processor.batch_decode(ids)
         return [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
 
     def _generated_boxes(self, enc: dict[str, torch.Tensor], embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -392,7 +388,8 @@ class Vol3DModel(nn.Module):
         back, which never happens for a last token); positions follow the left padding as
         in generation.
         """
-        if self.box_head is None or not bool((ids == self.box_token_id).any()):
+        where = box_token_index(ids, self.box_token_id)
+        if self.box_head is None or not len(where):
             return None
         from preprocess.geometry import BOX_SCALE
 
@@ -401,7 +398,6 @@ class Vol3DModel(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.lm(inputs_embeds=full, attention_mask=mask, position_ids=position_ids, use_cache=False,
                          output_hidden_states=True).hidden_states[-1]
-        where = (ids == self.box_token_id).nonzero()
         where[:, 1] += embeds.shape[1]
         pred = self._ground(enc["dense"], enc["dense_grid"], hidden, where)["box_pred"]
         ints = torch.round(pred.float() * BOX_SCALE).long().clamp(0, BOX_SCALE).tolist()
