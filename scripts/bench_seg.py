@@ -96,7 +96,7 @@ def evaluate(run: Path, export: Path, out: Path, ids: set[str]) -> dict:
     prepared = prepare(Image(np.asarray(image.dataobj, np.float32) * 0 - 1000, image.affine, "CT"), pred.preprocess)
     for _ in range(3):
         t = time.perf_counter()
-        sliding_window_logits(pred.model, prepared.image.astype(np.float32), pred.roi_size, pred.infer)
+        sliding_window_logits(pred.model, prepared.image, pred.roi_size, pred.infer)
         window_s.append(time.perf_counter() - t)
     agg = aggregate_segmentation(per_case)
     organ = [agg["dice"][o] for o in ORGANS if o in agg["dice"]]

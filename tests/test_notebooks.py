@@ -61,20 +61,6 @@ def _mime_count(nb, mime: str) -> int:
     return sum(mime in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
-def _missing_cli_options() -> list[str]:
-    """The `vol3d` options the QC notebook uses that the CLI does not have (yet)."""
-    from vol3d.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
-    needed = {
-        "synth": ("--cases", "--size", "--workers"),
-        "preprocess": ("--out", "--preset", "--workers", "--no-progress", "--ingest.exclude"),
-    }
-    return [
-        f"{cmd} {opt}" for cmd, opts in needed.items() for opt in opts if opt not in sub[cmd].format_help()
-    ]
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell(path: Path):
     nb = nbformat.read(path, as_version=4)
@@ -91,11 +77,6 @@ def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell(path
 # 11-35 s on the 2-core CI machine (kernel start, `vol3d synth` + `vol3d preprocess`, figures),
 # depending on load; part of the default run (`pytest tests/test_notebooks.py` alone).
 def test_preprocess_qc_runs_headless_on_a_tiny_synthetic_cache(kernel_dir, tmp_path, monkeypatch):
-    missing = _missing_cli_options()
-    if missing:
-        pytest.skip(
-            f"the notebook builds its demo cache with options not in the CLI yet: {', '.join(missing)}"
-        )
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's demo cache goes where pytest cleans up
     nb = run_notebook(ROOT / "notebooks" / "preprocess_qc.ipynb", kernel_dir, {"N_CASES": 2})
 

@@ -17,13 +17,13 @@ from torch import nn
 
 from preprocess.transforms import Prepared, to_original
 from vol3d.seg.config import InferConfig
+from vol3d.train.loop import resolve_precision
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA cards that support it, nothing elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The training loop's ``auto`` precision: bf16 autocast on CUDA cards that support it, nothing elsewhere."""
+    dtype = resolve_precision("auto", device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from preprocess.config import PreprocessConfig
+from preprocess.config import PreprocessConfig, read_config
 from preprocess.errors import InputError
 from preprocess.types import Candidate, SeriesError
 from vol3d.seg.config import InferConfig
@@ -55,25 +55,16 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto", infer: InferConfig | None = None) -> Predictor:
         """Load ``RUN/model`` (a ``vol3d finetune --task seg`` run) onto ``device``."""
-        from preprocess.config_io import from_dict
-        from vol3d.seg.model import SegModel, model_dir
+        from vol3d.inference import resolve_device
+        from vol3d.seg.model import PREPROCESS_NAME, SegModel, model_dir
 
         directory = model_dir(run)
         model = SegModel.from_pretrained(directory, device=resolve_device(device))
         if not model.preprocess:
             raise InputError(f"{directory} has no preprocess.json, so new images cannot be prepared like its "
                              "training cache; re-save the run with this version of vol3d")
-        pcfg = from_dict(PreprocessConfig, {**model.preprocess, "id_key": None, "workers": 0},
-                         where=str(directory / "preprocess.json"))
+        pcfg = read_config(directory / PREPROCESS_NAME)
         return cls(model, model.class_names, model.config.patch_size, pcfg, infer or InferConfig())
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 @dataclasses.dataclass
@@ -119,7 +110,7 @@ def predict_candidate(pred: Predictor, c: Candidate, case_id: str, out: Path, *,
         if prepared.image.shape[0] != channels:
             raise SeriesError(PROCESSING_ERROR, f"{c.source[0]}: prepared to {prepared.image.shape[0]} channel(s), "
                                                 f"the model takes {channels}")
-        logits = sliding_window_logits(pred.model, prepared.image.astype(np.float32), pred.roi_size, pred.infer)
+        logits = sliding_window_logits(pred.model, prepared.image, pred.roi_size, pred.infer)
         mask = labels_to_original(logits, prepared, resample)
     except SeriesError as exc:
         row.status, row.reason, row.detail = "failed", exc.reason, exc.detail

@@ -51,6 +51,13 @@ def hu_at(points_ras: np.ndarray, shift: Sequence[float] = (0, 0, 0)) -> np.ndar
     return np.where(lab > 0, 100.0 * lab, hu).astype(np.float32)
 
 
+def dice_by_class(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice of every foreground class of :data:`CLASSES` between two label maps (``vol3d.seg.objective.score``)."""
+    from vol3d.seg.objective import score
+
+    return score(pred, truth, CLASSES, (1.0, 1.0, 1.0))["dice"]
+
+
 def grid_points(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """RAS mm of every voxel centre of a grid: ``(X, Y, Z, 3)``."""
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(float)

@@ -15,14 +15,21 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from segphantom import CLASSES, LookupOracle, grid_points, label_at, write_dicom_series, write_nifti
+from segphantom import (
+    CLASSES,
+    LookupOracle,
+    dice_by_class,
+    grid_points,
+    label_at,
+    write_dicom_series,
+    write_nifti,
+)
 
 from preprocess import geometry
 from preprocess.config import PreprocessConfig
 from preprocess.errors import InputError
 from preprocess.ingest import load, scan
 from preprocess.transforms import prepare
-from vol3d.eval.metrics import dice_hd95_per_class
 from vol3d.seg.config import InferConfig, SegModelConfig
 from vol3d.seg.model import SegModel
 from vol3d.seg.predict import Predictor, predict
@@ -58,10 +65,6 @@ def oracle_predictions(export, tmp_path_factory):
     return out, rows, hard
 
 
-def _dice(pred, truth):
-    return dice_hd95_per_class(pred, truth, {n: k for k, n in enumerate(CLASSES) if k})["dice"]
-
-
 def test_every_input_gets_a_row_and_ok_ones_get_files(oracle_predictions):
     out, rows, _ = oracle_predictions
     ok = [r for r in rows if r.status == "ok"]
@@ -90,28 +93,12 @@ def test_masks_match_the_truth_on_the_original_grid(oracle_predictions):
             if exact:
                 assert np.array_equal(mask, truth), r.source[0]
             else:
-                assert min(_dice(mask, truth).values()) > 0.97, (r.source[0], _dice(mask, truth))
+                assert min(dice_by_class(mask, truth).values()) > 0.97, (r.source[0], dice_by_class(mask, truth))
 
 
-def test_nifti_of_a_dicom_series_overlays_its_instances(export, oracle_predictions):
-    """Slice k of the NIfTI sits where the k-th instance (along the stack) sits in the scanner."""
-    root, _ = export
-    out, rows, _ = oracle_predictions
-    for r in rows:
-        if r.status != "ok" or r.kind != "dicom":
-            continue
-        affine = nib.load(out / "soft" / r.nifti).affine
-        voxels = []
-        for rel in r.source:
-            ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
-            first_pixel = geometry.LPS_TO_RAS[:3, :3] @ np.asarray(ds.ImagePositionPatient, float)
-            voxels.append(geometry.world_to_voxel(affine, first_pixel))
-        voxels = np.array(voxels)
-        assert np.allclose(voxels[:, :2], 0, atol=1e-3)  # column 0, row 0 of every instance
-        assert np.allclose(np.sort(voxels[:, 2]), np.arange(len(voxels)), atol=1e-3)  # one slice each
-
-
-def test_dicom_seg_references_the_series_and_reproduces_the_mask(export, oracle_predictions):
+def test_dicom_outputs_overlay_the_series_instances(export, oracle_predictions):
+    """Slice k of the NIfTI sits where the k-th instance (along the stack) sits in the scanner, and the
+    DICOM SEG references the series and reproduces the mask, frame by instance."""
     import highdicom as hd
 
     root, uids = export
@@ -119,26 +106,35 @@ def test_dicom_seg_references_the_series_and_reproduces_the_mask(export, oracle_
     for r in rows:
         if r.kind != "dicom" or r.status != "ok":
             continue
+        img = nib.load(out / "soft" / r.nifti)
+        nii = np.asarray(img.dataobj)
+        headers = {}
+        for rel in r.source:
+            ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
+            headers[ds.SOPInstanceUID] = ds
         seg = hd.seg.segread(out / "soft" / r.dicom_seg)
-        sources = {pydicom.dcmread(root / rel, stop_before_pixels=True).SOPInstanceUID: root / rel for rel in r.source}
         ref_series = seg.ReferencedSeriesSequence[0]
         assert ref_series.SeriesInstanceUID in uids
-        assert {i.ReferencedSOPInstanceUID for i in ref_series.ReferencedInstanceSequence} == set(sources)
+        assert {i.ReferencedSOPInstanceUID for i in ref_series.ReferencedInstanceSequence} == set(headers)
         assert [s.SegmentLabel for s in seg.SegmentSequence] == CLASSES[1:]
-        nii = np.asarray(nib.load(out / "soft" / r.nifti).dataobj)
-        for sop, path in sources.items():
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        slices = []
+        for sop, ds in headers.items():
+            first_pixel = geometry.LPS_TO_RAS[:3, :3] @ np.asarray(ds.ImagePositionPatient, float)
+            v = geometry.world_to_voxel(img.affine, first_pixel)
+            assert np.allclose(v[:2], 0, atol=1e-3)  # column 0, row 0 of every instance
+            k = int(round(v[2]))
+            assert abs(v[2] - k) < 1e-3
+            slices.append(k)
             frame = seg.get_pixels_by_source_instance([sop], combine_segments=True)[0]  # (rows, cols)
             # the truth at this instance's own pixels, from its position and orientation alone
             iop = np.asarray(ds.ImageOrientationPatient, float)
-            dr, dc = (float(v) for v in ds.PixelSpacing)
+            dr, dc = (float(x) for x in ds.PixelSpacing)
             aff = geometry.affine_from_dicom(ds.ImagePositionPatient, iop, (dr, dc), np.cross(iop[:3], iop[3:]))
             truth = label_at(grid_points(aff, (ds.Columns, ds.Rows, 1)))[:, :, 0].T
             assert frame.shape == truth.shape
             assert (frame == truth).mean() > 0.97
-            k = int(round(geometry.world_to_voxel(nib.load(out / "soft" / r.nifti).affine,
-                                                  geometry.voxel_to_world(aff, np.zeros(3)))[2]))
             assert np.array_equal(frame, nii[:, :, k].T)  # the SEG frame is the NIfTI slice of that instance
+        assert sorted(slices) == list(range(len(headers)))  # one slice each
 
 
 def test_no_identifier_in_file_names_or_rows(export, oracle_predictions):

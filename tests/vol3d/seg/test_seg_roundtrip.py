@@ -2,8 +2,8 @@
 
 Axial, feet-first, sagittal and oblique DICOM series are written, loaded by ingest,
 prepared (RAS+ reorientation, resampling, crop/pad) and mapped back with
-``to_original`` / ``labels_to_original``; the truth is computed from world
-coordinates only (``segphantom.label_at``).
+``labels_to_original`` (``to_original`` of the labels or of each class probability);
+the truth is computed from world coordinates only (``segphantom.label_at``).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from segphantom import CLASSES, grid_points, label_at, write_dicom_series
+from segphantom import CLASSES, dice_by_class, grid_points, label_at, write_dicom_series
 
 from preprocess.config import PreprocessConfig
 from preprocess.ingest import IngestConfig, load, scan
-from preprocess.transforms import prepare, to_original
-from vol3d.eval.metrics import dice_hd95_per_class
+from preprocess.transforms import prepare
 from vol3d.seg.inference import labels_to_original
 
 ORIENTATIONS = ["axial", "feet_first", "sagittal", "oblique"]
@@ -42,8 +41,9 @@ def series(tmp_path_factory):
     return out
 
 
-def _dice(pred, truth):
-    return dice_hd95_per_class(pred, truth, {n: k for k, n in enumerate(CLASSES) if k})["dice"]
+def _one_hot(label: np.ndarray) -> torch.Tensor:
+    """Logits ``(K, X, Y, Z)`` whose argmax is ``label``."""
+    return torch.nn.functional.one_hot(torch.as_tensor(label.astype(np.int64)), len(CLASSES)).permute(3, 0, 1, 2).float()
 
 
 @pytest.mark.parametrize("name", ORIENTATIONS)
@@ -59,23 +59,20 @@ def test_label_round_trip_is_exact_when_the_cache_is_finer(series, name):
     image, truth = series[name]
     p = prepare(image, FINE, label=truth)
     assert p.shape != truth.shape  # reoriented/resampled/cropped: a real round trip
-    back = to_original(p.label, p.affine, p.cached_to_orig, p.orig_shape, order=0)
+    back = labels_to_original(_one_hot(p.label), p, resample="labels")  # nearest: to_original(order=0)
     assert back.shape == truth.shape
     assert np.array_equal(back, truth)
-    assert all(d == 1.0 for d in _dice(back, truth).values())
 
 
 @pytest.mark.parametrize("name", ORIENTATIONS)
 def test_soft_round_trip_of_one_hot_probabilities(series, name):
-    """labels_to_original's paths: nearest labels are exact; linear probabilities (predict's default,
-    smooth when the cache is coarser) only move boundary voxels where trilinear weights of a
-    neighbouring class add up to more."""
+    """labels_to_original's linear probabilities (predict's default, smooth when the cache is coarser)
+    only move boundary voxels where trilinear weights of a neighbouring class add up to more (its
+    nearest-label path is exact: test_label_round_trip_is_exact_when_the_cache_is_finer)."""
     image, truth = series[name]
     p = prepare(image, FINE, label=truth)
-    logits = torch.nn.functional.one_hot(torch.as_tensor(p.label.astype(np.int64)), len(CLASSES)).permute(3, 0, 1, 2)
-    back = labels_to_original(logits.float() * 10, p, resample="probs")
-    assert min(_dice(back, truth).values()) > 0.97
-    assert np.array_equal(labels_to_original(logits.float(), p, resample="labels"), truth)
+    back = labels_to_original(_one_hot(p.label) * 10, p, resample="probs")
+    assert min(dice_by_class(back, truth).values()) > 0.97
 
 
 @pytest.mark.parametrize("name", ORIENTATIONS)
@@ -83,8 +80,7 @@ def test_coarse_cache_loses_only_resolution(series, name):
     """A cache coarser than the series cannot be exact, but organs must still overlap closely."""
     image, truth = series[name]
     p = prepare(image, COARSE, label=truth)
-    logits = torch.nn.functional.one_hot(torch.as_tensor(p.label.astype(np.int64)), len(CLASSES)).permute(3, 0, 1, 2)
-    back = labels_to_original(logits.float() * 10, p, resample="probs")
-    dice = _dice(back, truth)
+    back = labels_to_original(_one_hot(p.label) * 10, p, resample="probs")
+    dice = dice_by_class(back, truth)
     assert min(dice.values()) > 0.8, dice
     assert np.mean(list(dice.values())) > 0.85, dice
