@@ -21,8 +21,6 @@ from preprocess.errors import ConfigError
 
 T = TypeVar("T")
 
-_MISSING = object()
-
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

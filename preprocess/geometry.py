@@ -248,9 +248,3 @@ def parse_boxes(text: str) -> list[np.ndarray]:
             continue
         out.append(vals)
     return out
-
-
-def text_box_to_world(box_int: Sequence[int], input_shape: Sequence[int], input_affine: np.ndarray) -> np.ndarray:
-    """A text box (0..999) in a model input of ``input_shape`` with ``input_affine`` -> world RAS mm ``(6,)``."""
-    vox = denormalise_boxes(np.asarray(box_int)[None], input_shape)
-    return boxes_voxel_to_world(vox, input_affine)[0]

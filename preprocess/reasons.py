@@ -34,9 +34,6 @@ PROCESSING_ERROR = "PROCESSING_ERROR"  # unexpected error while transforming/wri
 INCONSISTENT_POSITIONS = "INCONSISTENT_POSITIONS"  # slice positions do not lie on one line
 NO_ORIENTATION = "NO_ORIENTATION"  # NIfTI with sform_code == qform_code == 0: world position unknown
 
-SKIP_REASONS = frozenset(
-    {NOT_IMAGE, LOCALIZER, IMAGE_2D, TOO_FEW_SLICES, DERIVED, UNSUPPORTED_MODALITY, NOT_MEDICAL_FILE, EXTRA_VOLUME_4D}
-)
 FAIL_REASONS = frozenset(
     {
         UNREADABLE,

@@ -16,7 +16,14 @@ from pathlib import Path
 from preprocess import reasons
 from preprocess.ingest.config import IngestConfig
 from preprocess.ingest.dicom import Header, dicom_candidates, load_dicom, read_headers
-from preprocess.ingest.discover import TEXT_OR_OFFICE, FoundFile, dicomdir_references, discover, file_row
+from preprocess.ingest.discover import (
+    TEXT_OR_OFFICE,
+    FoundFile,
+    dicomdir_references,
+    discover,
+    file_row,
+    not_medical_row,
+)
 from preprocess.ingest.volumes import claim_companions, load_volume, volume_candidates
 from preprocess.types import Candidate, Image, SeriesError
 
@@ -70,8 +77,7 @@ def scan(
     for f in inv.other:
         suffix = Path(f.rel).suffix.lower()
         if suffix in TEXT_OR_OFFICE and f.path not in referenced:
-            rows.append(file_row(f, "skipped", reasons.NOT_MEDICAL_FILE,
-                                 f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."))  # fmt: skip
+            rows.append(not_medical_row(f))
         else:
             to_read.append((f, f.path in referenced))
     headers: list[Header] = []
@@ -111,9 +117,9 @@ def load(c: Candidate, cfg: IngestConfig) -> Image:
     """
     try:
         if c.kind == "dicom":
-            return load_dicom(c, cfg)
+            return load_dicom(c)
         if c.kind in ("nifti", "nrrd", "mha"):
-            return load_volume(c, cfg)
+            return load_volume(c)
     except SeriesError:
         raise
     except MemoryError:

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import struct
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from preprocess import reasons
 from preprocess.config_io import flag_hint
 from preprocess.geometry import affine_from_dicom
 from preprocess.ingest.config import IngestConfig
-from preprocess.ingest.discover import FoundFile, file_row
+from preprocess.ingest.discover import FoundFile, file_row, not_medical_row
 from preprocess.ingest.stack import (
     analyse_positions,
     angle_deg,
@@ -302,15 +302,11 @@ def read_header(f: FoundFile, known_dicom: bool) -> Header | Candidate | None:
             return file_row(
                 f, "failed", reasons.UNREADABLE, f"DICOM file {f.rel} cannot be parsed ({exc}); re-export it."
             )
-        return file_row(
-            f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
-        )
+        ds = None  # unparsable and nothing says it is DICOM
+    if ds is None or not (magic or known_dicom or sop or "Modality" in ds or "SeriesInstanceUID" in ds):
+        return not_medical_row(f)
     if sop == _DIRECTORY_SOP:
         return None
-    if not (magic or known_dicom) and not (sop or "Modality" in ds or "SeriesInstanceUID" in ds):
-        return file_row(
-            f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
-        )
     n_frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
     h = Header(
         file=f,
@@ -535,15 +531,14 @@ def _split_geometry(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
                 )
             )
         if rest:
-            bad = main + [s for g in rest for s in g]
-            rows.append(_inconsistent(bad, [main] + rest))
+            rows.append(_inconsistent([main] + rest))
             return rows
     rows.append(_check_stack(main, cfg))
     return rows
 
 
-def _inconsistent(slices: list[Slice], groups: list[list[Slice]]) -> Candidate:
-    hs = [s.header for s in slices]
+def _inconsistent(groups: list[list[Slice]]) -> Candidate:
+    hs = [s.header for g in groups for s in g]
     where = _where(sorted({h.file.rel for h in hs}))
     a, b = groups[0][0], groups[1][0]
     odd = groups[1][0].header.file.rel
@@ -630,7 +625,7 @@ def _check_stack(slices: list[Slice], cfg: IngestConfig) -> Candidate:
             else ""
         )
         return _fail(hs, issue.reason, f"{where} {issue.message};{fix} or re-export/reconstruct the series.")
-    plan = regular_grid(geom, positions, orientation) if flags else None
+    plan = regular_grid(geom, orientation) if flags else None
     step = plan["step"] if plan else geom.step
     affine = affine_from_dicom(positions[0], orientation, spacing, step)
     detail = ("Note: " + "; ".join(notes) + ".") if notes else ""
@@ -660,12 +655,13 @@ def _attach_plan(
 # ----------------------------------------------------------------------------- pixels
 
 
-def _read_pixels(path: Path, transfer_syntax: str) -> np.ndarray:
-    """Stored pixel values of a file: ``(rows, cols)`` or ``(frames, rows, cols)``; no rescale applied."""
+def _read_pixels(path: Path) -> np.ndarray:
+    """Stored pixel values of a file: ``(rows, cols)`` or ``(frames, rows, cols)``; no rescale applied.
+
+    Callers check :func:`decoder_available` for the series' transfer syntaxes first.
+    """
     import pydicom
 
-    if not decoder_available(transfer_syntax):
-        raise SeriesError(reasons.NO_DECODER, f"{path.name}: {_decoder_fix(transfer_syntax)}.")
     try:
         # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
         return pydicom.dcmread(path, force=True).pixel_array
@@ -675,15 +671,13 @@ def _read_pixels(path: Path, transfer_syntax: str) -> np.ndarray:
 
 def _slice_pixels(s: Slice) -> np.ndarray:
     """Rescaled pixels ``(rows, cols)`` float64 of one slice (used to compare duplicates)."""
-    arr = _read_pixels(s.header.file.path, s.header.transfer_syntax)
+    arr = _read_pixels(s.header.file.path)
     if s.frame >= 0 and arr.ndim == 3:
         arr = arr[s.frame]
     return arr.astype(np.float64) * s.slope + s.intercept
 
 
-def load_dicom(
-    c: Candidate, cfg: IngestConfig, reader: Callable[[Path, str], np.ndarray] = _read_pixels
-) -> Image:
+def load_dicom(c: Candidate) -> Image:
     """Pixels of a scanned DICOM candidate as float32 ``(X=cols, Y=rows, Z=slices)``, rescaled once."""
     ex = c.extra
     if not ex.get("slices"):
@@ -691,23 +685,18 @@ def load_dicom(
             c.reason or reasons.PROCESSING_ERROR, c.detail or f"{c.source[0]} has no slice plan"
         )
     cols, rows = ex["shape"]
-    ts_of = {}
     for ts in ex["transfer_syntaxes"]:
         if not decoder_available(ts):
             raise SeriesError(reasons.NO_DECODER, f"{_where(c.source)}: {_decoder_fix(ts)}.")
     out = np.empty((cols, rows, len(ex["slices"])), np.float32)
-    cache: dict[int, np.ndarray] = {}
+    last, pixels = -1, np.empty(0)  # one file's pixels in memory at a time
     for k, ((fi, frame), (slope, icpt)) in enumerate(zip(ex["slices"], ex["rescale"], strict=True)):
-        path = c.source_files[fi]
-        if fi not in cache:
-            ts_of[fi] = (
-                ex["transfer_syntaxes"][0] if len(ex["transfer_syntaxes"]) == 1 else _transfer_syntax(path)
-            )
+        if fi != last:
             try:
-                cache = {fi: reader(path, ts_of[fi])}  # keep one file's pixels in memory at a time
+                last, pixels = fi, _read_pixels(c.source_files[fi])
             except SeriesError as exc:
                 raise SeriesError(exc.reason, f"{c.source[fi]}: {exc.detail}") from exc
-        arr = cache[fi]
+        arr = pixels
         if frame >= 0 and arr.ndim == 3:
             arr = arr[frame]
         if arr.shape != (rows, cols):
@@ -719,10 +708,3 @@ def load_dicom(
     return Image(
         array=out, affine=np.asarray(ex["affine"], float), modality=c.modality, flags=list(ex["flags"])
     )
-
-
-def _transfer_syntax(path: Path) -> str:
-    import pydicom
-
-    meta = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["Modality"]).file_meta
-    return str(meta.get("TransferSyntaxUID", ""))

@@ -112,6 +112,13 @@ def file_row(f: FoundFile, status: str, reason: str, detail: str) -> Candidate:
     )
 
 
+def not_medical_row(f: FoundFile) -> Candidate:
+    """The NOT_MEDICAL_FILE row of a file that is none of the formats ingest reads."""
+    return file_row(
+        f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
+    )
+
+
 def _is_ignored(rel: str, name: str, exclude: tuple[str, ...]) -> bool:
     parts = rel.replace("!/", "/").split("/")
     if any(p.startswith(".") or p == "__MACOSX" for p in parts) or name.lower() in OS_FILES:

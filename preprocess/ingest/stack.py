@@ -53,15 +53,14 @@ class StackGeometry:
     """Result of :func:`analyse_positions` for positions already sorted along the normal.
 
     ``issues`` is empty for a regular stack. ``step`` is the vector between neighbouring
-    slices used in the affine (LPS mm); ``s`` the sorted positions along the normal and
-    ``inplane`` the in-plane offset of each slice from the first, in pixel units ``(N, 2)``
-    (column index, row index) - what :func:`resample_stack` needs.
+    slices used in the affine (LPS mm); ``along`` the distance of each slice from the first along
+    the normal (mm) and ``inplane`` the in-plane offset of each slice from the first, in pixel
+    units ``(N, 2)`` (column index, row index) - what :func:`resample_stack` needs.
     """
 
     step: np.ndarray
-    s: np.ndarray
+    along: np.ndarray
     inplane: np.ndarray
-    tilt_deg: float
     issues: list[StackIssue]
 
 
@@ -113,7 +112,6 @@ def analyse_positions(
     row_cos = np.asarray(orientation[:3], float)
     col_cos = np.asarray(orientation[3:6], float)
     rel = p - p[0]
-    s = p @ normal
     along = rel @ normal  # (N,) distance from the first slice along the normal
     inplane_mm = rel - along[:, None] * normal[None]  # (N, 3)
     inplane = np.stack(
@@ -135,7 +133,7 @@ def analyse_positions(
                 f"slice positions do not lie on a line (in-plane jumps up to {resid:.2f} mm between slices)",
             )
         )
-        return StackGeometry(step, s, inplane, tilt, issues)
+        return StackGeometry(step, along, inplane, issues)
     if tilt > tilt_tolerance_deg:
         issues.append(
             StackIssue(
@@ -174,16 +172,16 @@ def analyse_positions(
                     flag=FLAG_UNEVEN,
                 )
             )
-    return StackGeometry(step, s, inplane, tilt, issues)
+    return StackGeometry(step, along, inplane, issues)
 
 
-def regular_grid(geom: StackGeometry, positions_sorted: np.ndarray, orientation: Sequence[float]) -> dict:
+def regular_grid(geom: StackGeometry, orientation: Sequence[float]) -> dict:
     """Plan of a regular, untilted grid spanning the stack: plain data for ``Candidate.extra``.
 
     The output slices are spaced evenly along the normal from the first to the last slice,
     with the median gap (rounded so both end slices are kept).
     """
-    along = geom.s - geom.s[0]
+    along = geom.along
     median = float(np.median(np.diff(along)))
     n_out = int(round(along[-1] / median)) + 1
     step = slice_normal(orientation) * (along[-1] / (n_out - 1))
@@ -192,7 +190,6 @@ def regular_grid(geom: StackGeometry, positions_sorted: np.ndarray, orientation:
         "inplane": geom.inplane.tolist(),
         "n_out": n_out,
         "step": step.tolist(),
-        "origin": np.asarray(positions_sorted[0], float).tolist(),
     }
 
 
@@ -214,9 +211,11 @@ def resample_stack(volume: np.ndarray, plan: dict) -> np.ndarray:
     k_src = np.interp(z, along, np.arange(nz))
     di = np.interp(z, along, inplane[:, 0])
     dj = np.interp(z, along, inplane[:, 1])
-    ii, jj, kk = np.meshgrid(np.arange(nx), np.arange(ny), np.arange(n_out), indexing="ij")
-    coords = np.stack([ii - di[kk], jj - dj[kk], k_src[kk]])
-    out = map_coordinates(
-        volume.astype(np.float32), coords, order=1, mode="constant", cval=float(volume.min())
-    )
-    return out.astype(np.float32)
+    src = volume.astype(np.float32, copy=False)
+    cval = float(volume.min())
+    ii, jj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    out = np.empty((nx, ny, n_out), np.float32)
+    for t in range(n_out):  # one output slice at a time: no full-size coordinate grids
+        coords = np.stack([ii - di[t], jj - dj[t], np.full((nx, ny), k_src[t])])
+        out[:, :, t] = map_coordinates(src, coords, order=1, mode="constant", cval=cval)
+    return out

@@ -197,7 +197,7 @@ def volume_candidates(
     return [row(key=f"{stem}#{t}", extra={"volume": t}) for t in range(n)]
 
 
-def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
+def load_volume(c: Candidate) -> Image:
     """Pixels of a NIfTI/NRRD/MHA candidate as float32 ``(X, Y, Z)`` with its RAS+ affine."""
     path = c.source_files[c.extra.get("file", 0)]
     t = c.extra.get("volume")
@@ -218,10 +218,10 @@ def load_volume(c: Candidate, cfg: IngestConfig) -> Image:
 
             img = sitk.ReadImage(str(path))
             full = sitk.GetArrayFromImage(img)  # (T, Z, Y, X) or (Z, Y, X)
-            arr = np.asarray(full.T, dtype=np.float32)  # -> (X, Y, Z[, T])
-            affine = affine_from_itk(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
             if t is not None:
-                arr = arr[..., t]
+                full = full[t]  # cast only the kept volume
+            arr = np.asarray(full.T, dtype=np.float32)  # -> (X, Y, Z)
+            affine = affine_from_itk(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
     except Exception as exc:  # a file that read at scan time but not now: changed or corrupt
         raise SeriesError(
             reasons.UNREADABLE, f"{c.source[0]} cannot be read ({type(exc).__name__}: {exc})."

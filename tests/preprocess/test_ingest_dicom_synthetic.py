@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from preprocess import reasons
-from preprocess.geometry import LPS_TO_RAS, affine_from_dicom, apply_affine
+from preprocess.geometry import affine_from_dicom, affine_from_itk, apply_affine
 from preprocess.ingest import IngestConfig, content_hash, load, scan
 from preprocess.ingest import dicom as ingest_dicom
 from preprocess.synth.dicom_writer import generate_uid, slice_positions, write_series
@@ -62,10 +62,8 @@ def _sitk_read(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     img = reader.Execute()
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())[None]
-    lps[:3, 3] = img.GetOrigin()
-    return sitk.GetArrayFromImage(img).T.astype(np.float32), LPS_TO_RAS @ lps
+    affine = affine_from_itk(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
+    return sitk.GetArrayFromImage(img).T.astype(np.float32), affine
 
 
 def _assert_like_sitk(folder: Path, image) -> None:

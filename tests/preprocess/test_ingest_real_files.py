@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from preprocess import reasons
-from preprocess.geometry import LPS_TO_RAS, apply_affine
+from preprocess.geometry import affine_from_itk, apply_affine
 from preprocess.ingest import IngestConfig, load, scan
 from preprocess.ingest import dicom as ingest_dicom
 from preprocess.types import SeriesError
@@ -49,13 +49,6 @@ def _by_folder(cands) -> dict[str, list[tuple[str, str]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _sitk_affine(img: sitk.Image) -> np.ndarray:
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())[None]
-    lps[:3, 3] = img.GetOrigin()
-    return LPS_TO_RAS @ lps
-
-
 def test_dicomdir_export_every_series_reported(pydicom_test_files):
     root = pydicom_test_files / "dicomdirtests"
     cands = scan(root, IngestConfig())
@@ -88,7 +81,9 @@ def test_dicomdir_ct_series_geometry_matches_simpleitk(pydicom_test_files):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     ref = reader.Execute()
-    np.testing.assert_allclose(img.affine, _sitk_affine(ref), atol=1e-4)
+    np.testing.assert_allclose(
+        img.affine, affine_from_itk(ref.GetDirection(), ref.GetSpacing(), ref.GetOrigin()), atol=1e-4
+    )
     np.testing.assert_array_equal(img.array, sitk.GetArrayFromImage(ref).T)
     # InstanceNumber runs 6..10 while z decreases: slice 0 is the lowest z, not InstanceNumber 6.
     assert c.source_files[c.extra["slices"][0][0]].name == "3353"
@@ -181,7 +176,7 @@ def test_nibabel_oblique_pair_as_plain_slices_matches_simpleitk(nibabel_test_dat
     np.testing.assert_array_equal(img.array, sitk.GetArrayFromImage(ref).T)
     # SimpleITK's direction is orthonormal (it keeps only the spacing along the normal); ours keeps
     # the exact step between the two positions. They agree on every in-plane axis and on both slices.
-    ras = _sitk_affine(ref)
+    ras = affine_from_itk(ref.GetDirection(), ref.GetSpacing(), ref.GetOrigin())
     np.testing.assert_allclose(img.affine[:3, [0, 1, 3]], ras[:3, [0, 1, 3]], atol=1e-4)
     for idx in [(0, 0, 0), (255, 0, 1), (100, 200, 1)]:
         world = np.asarray(ref.TransformIndexToPhysicalPoint(idx)) * [-1, -1, 1]
