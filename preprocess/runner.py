@@ -53,10 +53,11 @@ from preprocess.manifest import (
     ManifestWriter,
     atomic_write_text,
     compact,
+    latest_by_id,
     read_manifest,
     write_manifest,
 )
-from preprocess.sidecars import CaseSide, SideTables
+from preprocess.sidecars import CaseSide, SideTables, base_key
 from preprocess.types import Candidate, SeriesError
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,12 @@ def _remove_own_files(out: Path) -> None:
 
 def _clean_temporaries(out: Path) -> None:
     """Temporary case files left by a killed run (never complete: written files are renamed)."""
+    from preprocess import store
+
     cases = out / CASES_DIR
     if cases.is_dir():
-        for p in [*cases.glob("*/.c_*.h5.*.tmp"), *cases.glob("*/c_*.h5.part")]:
+        store.remove_temp_files(cases)  # those of store.write_case
+        for p in cases.glob("*/c_*.h5.part"):  # those of _link_or_copy (merge)
             p.unlink(missing_ok=True)
 
 
@@ -319,8 +323,7 @@ def make_sanitiser(c: Candidate, redact: Callable[[str], str], side: CaseSide | 
         if file:
             paths.update({str(file): what, str(Path(file).resolve()): what})
     ident = c.identity
-    base_key = re.sub(r"(#\d+(-\d+)?|@\d+)$", "", c.key)
-    idents = {c.key, base_key, ident.patient_id, ident.study_uid, ident.series_uid, ident.accession}
+    idents = {c.key, base_key(c.key), ident.patient_id, ident.study_uid, ident.series_uid, ident.accession}
     return Sanitiser(
         paths=tuple(sorted(paths.items(), key=lambda kv: len(kv[0]), reverse=True)),
         identifiers=tuple(sorted((i for i in idents if len(i) >= _MIN_IDENTIFIER), key=len, reverse=True)),
@@ -418,14 +421,12 @@ def _write(
     from preprocess import store
     from preprocess.transforms import FLAG_NOTES, cached_boxes
 
-    boxes = cached_boxes(task.side.boxes, prepared, instances)
-    prepared.flags.extend(f for f in boxes.flags if f not in prepared.flags)
     rel = case_relpath(row.id)
-    store.write_case(
+    store.write_case(  # adds the boxes' flags to prepared.flags
         out / rel,
         row.id,
         prepared,
-        boxes=boxes,
+        boxes=cached_boxes(task.side.boxes, prepared, instances),
         report={"findings": task.side.findings, "impression": task.side.impression},
         codes=task.side.codes,
         attrs={"source_hash": row.source_hash, "params_hash": row.params_hash, "side_hash": row.side_hash},
@@ -495,15 +496,16 @@ def _redactor(key: bytes, enabled: bool):
     return redact
 
 
-def _base_row(c: Candidate, key: bytes, fractions: tuple[float, float, float], redact) -> ManifestRow:
+def _base_row(
+    c: Candidate, key: bytes, fractions: tuple[float, float, float], redact, sanitise: Sanitiser
+) -> ManifestRow:
     patient = ids.patient_pseudonym(key, c)
     source = [redact(s) for s in c.source]
-    detail = make_sanitiser(c, redact)(c.detail)
     return ManifestRow(
         id=ids.case_id(key, c),
         status=c.status,
         reason=c.reason,
-        detail=detail,
+        detail=sanitise(c.detail),
         modality=c.modality,
         kind=c.kind,
         source=source,
@@ -566,16 +568,18 @@ def _run_tasks(tasks: list[CaseTask], cfg: PreprocessConfig, out: Path, params_h
                         yield fut.result()
                     except cf.process.BrokenProcessPool:
                         broken = True
-                        row = dataclasses.replace(t.row)
-                        _fail(row, reasons.PROCESSING_ERROR,
-                              "a worker process died while this case was in flight (out of memory?); rerun to retry")
-                        yield row, False
+                        yield _worker_died(t), False
             if broken:  # every case in flight is lost with the pool; report them, start a new pool
                 for t in in_flight.values():
-                    row = dataclasses.replace(t.row)
-                    _fail(row, reasons.PROCESSING_ERROR,
-                          "a worker process died while this case was in flight (out of memory?); rerun to retry")
-                    yield row, False
+                    yield _worker_died(t), False
+
+
+def _worker_died(task: CaseTask) -> ManifestRow:
+    """The failed row of a case whose worker process died (lost with the pool)."""
+    row = dataclasses.replace(task.row)
+    _fail(row, reasons.PROCESSING_ERROR,
+          "a worker process died while this case was in flight (out of memory?); rerun to retry")  # fmt: skip
+    return row
 
 
 def run_preprocess(
@@ -600,14 +604,13 @@ def run_preprocess(
     key = ids.resolve_id_key(cfg.id_key)
     params = make_params(cfg, key, fractions)
     with cache_lock(out):
-        return _run_locked(src, out, cfg, side, opts, key, params, t0)
+        return _run_locked(src, out, cfg, side, opts, key, fractions, params, t0)
 
 
 def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
-                params: dict[str, Any], t0: float) -> Summary:  # fmt: skip
+                fractions: tuple[float, float, float], params: dict[str, Any], t0: float) -> Summary:  # fmt: skip
     from preprocess import ingest
 
-    fractions = tuple(float(f) for f in opts.split_fractions)
     params_hash = params["params_hash"]
     check_cache(out, params, opts.overwrite)  # before the (long) scan; nothing written yet
     workdir = out / WORK_DIR
@@ -618,7 +621,7 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
         i, n = opts.shard
         candidates = [c for c in candidates if shard_of(c, n) == i]
     redact = _redactor(key, opts.redact_paths)
-    previous = {r.id: r for r in compact(read_manifest(out / MANIFEST_NAME))}
+    previous = latest_by_id(read_manifest(out / MANIFEST_NAME))
 
     summary = Summary(out=out)
     progress = _Progress(len(candidates), opts.progress)
@@ -628,13 +631,13 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
         with ManifestWriter(out / MANIFEST_NAME) as writer:
             seen: set[str] = set()
             for c in candidates:
-                row = _base_row(c, key, fractions, redact)
+                case_side = side.for_case(c) if c.status == "ok" else None
+                sanitise = make_sanitiser(c, redact, case_side)
+                row = _base_row(c, key, fractions, redact, sanitise)
                 if row.id in seen:  # two candidates with identical sources: ingest would be wrong
                     raise RuntimeError(f"duplicate case id {row.id} from the scan")
                 seen.add(row.id)
-                if c.status == "ok":
-                    case_side = side.for_case(c)
-                    sanitise = make_sanitiser(c, redact, case_side)
+                if case_side is not None:
                     tasks.append(CaseTask(c, row, case_side, previous.get(row.id), sanitise))
                     continue
                 if previous.get(row.id) != row:
@@ -656,7 +659,7 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
                     log.warning("case %s failed: %s %s", row.id, row.reason, row.detail)
     finally:
         progress.close()
-    summary.total_rows = _finish(out, fractions)
+    summary.total_rows = len(_finish(out, fractions))
     shutil.rmtree(workdir, ignore_errors=True)
     summary.seconds = time.monotonic() - t0
     return summary
@@ -686,24 +689,27 @@ def _scan_config(cfg: PreprocessConfig, src: Path, side: SideTables) -> Any:
     return dataclasses.replace(cfg.ingest, exclude=(*cfg.ingest.exclude, *extra)) if extra else cfg.ingest
 
 
-def _count(summary: Summary, row: ManifestRow, side: SideTables) -> None:
+def _count(summary: Summary, row: ManifestRow, side: SideTables | None = None) -> None:
     summary.counts[row.status] += 1
     if row.status != "ok":
         summary.reasons[(row.status, row.reason)] += 1
-    elif side.reports is not None and not row.has_report:
+    elif side is not None and side.reports is not None and not row.has_report:
         summary.no_report += 1
 
 
-def _finish(out: Path, fractions: tuple[float, float, float]) -> int:
-    """Compact the manifest (one row per id, sorted), refresh splits, write the fingerprint."""
-    rows = compact(read_manifest(out / MANIFEST_NAME))
+def _finish(
+    out: Path, fractions: tuple[float, float, float], rows: Iterable[ManifestRow] | None = None
+) -> list[ManifestRow]:
+    """Compact ``rows`` (default: the manifest's) to one row per id, sorted, refresh their splits,
+    write them as the manifest, write the fingerprint; returns the rows written."""
+    rows = compact(read_manifest(out / MANIFEST_NAME) if rows is None else rows)
     for r in rows:
         r.split = ids.assign_split(r.patient, fractions)
     write_manifest(out / MANIFEST_NAME, rows)
     from preprocess import fingerprint
 
     fingerprint.write_fingerprint(out, [r.stats for r in rows if r.status == "ok" and r.stats])
-    return len(rows)
+    return rows
 
 
 # ----------------------------------------------------------------------------- merge
@@ -771,12 +777,10 @@ def _merge_locked(shard_dirs: list[Path], out: Path, params: dict[str, Any], ove
             if not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
                 _link_or_copy(src, dst)
     existing = read_manifest(out / MANIFEST_NAME)
-    write_manifest(out / MANIFEST_NAME, compact([*existing, *(r for r, _ in best.values())]))
-    summary = Summary(out=out)
-    summary.total_rows = _finish(out, tuple(params.get("split_fractions", DEFAULT_SPLIT)))
-    for row in read_manifest(out / MANIFEST_NAME):
-        summary.counts[row.status] += 1
-        if row.status != "ok":
-            summary.reasons[(row.status, row.reason)] += 1
+    fractions = tuple(params.get("split_fractions", DEFAULT_SPLIT))
+    rows = _finish(out, fractions, [*existing, *(r for r, _ in best.values())])
+    summary = Summary(out=out, total_rows=len(rows))
+    for row in rows:
+        _count(summary, row)
     summary.seconds = time.monotonic() - t0
     return summary

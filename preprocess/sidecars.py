@@ -34,6 +34,15 @@ from preprocess.types import Candidate
 REPORT_COLUMNS = ("AccessionNumber", "Findings", "Impression")
 CODE_COLUMNS = ("PatientID", "Code")
 LABEL_SUFFIXES = (".nii.gz", ".nii")
+#: The suffix preprocess.ingest appends to a key: "#t" (volume t of a split 4D file), "#a-b" (the
+#: dropped volumes of one) or "@n" (the n-th series with a repeated key).
+_KEY_SUFFIX_RE = re.compile(r"(#\d+(-\d+)?|@\d+)$")
+
+
+def base_key(key: str) -> str:
+    """``key`` without the suffix ingest appends (:data:`_KEY_SUFFIX_RE`): the key of the file or
+    series whose side data (labels, boxes) it shares."""
+    return _KEY_SUFFIX_RE.sub("", key)
 
 
 @dataclasses.dataclass
@@ -212,17 +221,16 @@ class SideTables:
             side.has_report = True
         if self.codes is not None and ident.patient_id:
             side.codes = list(self.codes.get(ident.patient_id, []))
-        # A split 4D file has keys "<stem>#t", a repeated key gets "@n" (preprocess.ingest):
-        # their side data are those of the file / series.
-        base_key = re.sub(r"(#\d+|@\d+)$", "", candidate.key)
+        # a split 4D file's volumes and a repeated key share the side data of the file / series
+        base = base_key(candidate.key)
         if self.boxes is not None:
-            side.boxes = [dict(b) for b in self.boxes.get(candidate.key, self.boxes.get(base_key, []))]
-        label = self.label_file(candidate.key) or self.label_file(base_key)
+            side.boxes = [dict(b) for b in self.boxes.get(candidate.key, self.boxes.get(base, []))]
+        label = self.label_file(candidate.key) or self.label_file(base)
         if label is not None:
             side.label_path = str(label)
             side.label_hash = hashlib.sha256(label.read_bytes()).hexdigest()
         if self.lesions_dir is not None:
-            lesion = self.label_file(candidate.key, self.lesions_dir) or self.label_file(base_key, self.lesions_dir)
+            lesion = self.label_file(candidate.key, self.lesions_dir) or self.label_file(base, self.lesions_dir)
             if lesion is not None:
                 side.lesion_path = str(lesion)
                 side.lesion_hash = hashlib.sha256(lesion.read_bytes()).hexdigest()

@@ -17,7 +17,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from preprocess.config import PreprocessConfig, derive_chunk
+from preprocess.config import PreprocessConfig
 from preprocess.transforms import CachedBoxes, Prepared, cached_boxes
 
 #: Bumped when the layout changes incompatibly (attribute ``format_version``).
@@ -26,17 +26,6 @@ FORMAT_VERSION = 1
 #: Attribute names that would smell of identifiers: refused by :func:`write_case`.
 _FORBIDDEN_ATTR_WORDS = ("patient", "accession", "name", "birth", "description", "uid", "mrn")
 
-_ARRAY_ATTRS = (
-    "affine",
-    "spacing",
-    "shape",
-    "orig_shape",
-    "orig_affine",
-    "cached_to_orig",
-    "crop_box",
-    "resampled_shape",
-    "windows",
-)
 _LIST_ATTRS = ("codes", "flags")
 
 
@@ -147,6 +136,7 @@ def write_case(
             ``finding``, ``organ``), converted from their world boxes, or the output of
             :func:`preprocess.transforms.cached_boxes` (boxes from lesion instance maps); stored in
             world mm and in cached voxels with the visible fraction and how each was computed.
+            Their flags (``BOXES_ENCLOSING``) are added to ``prepared.flags``.
         report: ``{"findings": ..., "impression": ...}`` (free text of the report, no identifiers).
         codes: EHR codes (e.g. ICD-10) of the patient.
         attrs: extra group attributes, e.g. ``source_hash``; identifier-like names are refused.
@@ -159,10 +149,10 @@ def write_case(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     codec = _codec(cfg.compression)
-    chunk = derive_chunk(prepared.shape, cfg.patch_size, cfg.chunk)
+    chunk = cfg.effective_chunk(prepared.shape)
     if not isinstance(boxes, CachedBoxes):
         boxes = cached_boxes(list(boxes or []), prepared)
-    flags = [*prepared.flags, *(f for f in boxes.flags if f not in prepared.flags)]
+    prepared.flags.extend(f for f in boxes.flags if f not in prepared.flags)  # so the caller's row has them too
     try:
         with h5py.File(tmp, "w") as f:
             g = f.create_group(key)
@@ -189,7 +179,7 @@ def write_case(
             a["report_findings"] = str((report or {}).get("findings", "") or "")
             a["report_impression"] = str((report or {}).get("impression", "") or "")
             a["codes"] = _strings(codes or [])
-            a["flags"] = _strings(flags)
+            a["flags"] = _strings(prepared.flags)
             a["source_hash"] = str(attrs.pop("source_hash", ""))
             a["params_hash"] = str(attrs.pop("params_hash", cfg.params_hash()))
             for name, value in attrs.items():

@@ -569,7 +569,7 @@ def cached_boxes(
     """
     n = len(boxes)
     world = geometry.as_boxes([b.get("box_world_ras_mm", b.get("world")) for b in boxes]).reshape(n, 6)
-    vox, visible = geometry.clip_boxes(geometry.boxes_world_to_voxel(world, prepared.affine), prepared.shape)
+    vox, visible = boxes_world_to_cached(world, prepared)
     source = ["world_box"] * n
     if prepared.instances is not None and n:
         cached = ndimage.find_objects(prepared.instances)
