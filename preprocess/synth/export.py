@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from preprocess.errors import ConfigError
-from preprocess.geometry import affine_from_dicom, boxes_voxel_to_world, mask_to_box
+from preprocess.geometry import affine_from_dicom, box_corners, boxes_voxel_to_world, mask_to_box
 from preprocess.ingest.discover import IGNORE_FILE
 from preprocess.synth import phantom as ph
 from preprocess.synth.reports import FINDINGS, finding_sizes, patient_codes, write_report
@@ -169,16 +169,14 @@ class Acquisition:
 
     def positions_lps(self) -> np.ndarray:
         """ImagePositionPatient of every slice ``(Z, 3)``."""
-        return (
-            np.asarray(self.first_lps)[None]
-            + np.arange(self.shape[2])[:, None] * (self.normal * self.step)[None]
-        )
+        from preprocess.synth.dicom_writer import slice_positions  # pydicom loads only when writing
+
+        return slice_positions(self.first_lps, self.normal * self.step, self.shape[2])
 
 
 def _ras_box_corners_lps(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
     """The 8 corners ``(8, 3)`` of a RAS box, in LPS."""
-    c = np.array([[(hi if (i >> d) & 1 else lo)[d] for d in range(3)] for i in range(8)], float)
-    return c * np.array([-1.0, -1.0, 1.0])
+    return box_corners(np.concatenate([lo, hi]))[0] * np.array([-1.0, -1.0, 1.0])
 
 
 def fit_grid(
@@ -254,7 +252,7 @@ def plan_recon(primary: Acquisition, step: float) -> Acquisition:
     return dataclasses.replace(primary, step=step, shape=(primary.shape[0], primary.shape[1], nz))
 
 
-def plan_scout(anatomy: ph.Anatomy, primary: Acquisition, spacing: float) -> tuple[Acquisition, Acquisition]:
+def plan_scout(anatomy: ph.Anatomy, spacing: float) -> tuple[Acquisition, Acquisition]:
     """``(projection volume, scout plane)``: a coronal localizer whose pixels are the mean along AP."""
     body_lo, body_hi = anatomy.body.world_bounds()
     z_lo, z_hi = anatomy.z_cover[0] - 40, anatomy.z_top + 20
@@ -486,7 +484,7 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
                 )
             )
         if flags["scout"][i]:
-            _, scout = plan_scout(anatomy, primary, preset.scout_spacing)
+            _, scout = plan_scout(anatomy, preset.scout_spacing)
             shared = bool(flags["shared"][i])
             series.append(
                 SeriesPlan(
@@ -555,7 +553,6 @@ def _image(
     acq: Acquisition,
     rendered: tuple[np.ndarray, np.ndarray, dict],
     rng: np.random.Generator,
-    padding: bool,
 ) -> np.ndarray:
     """Final intensities float32 ``(X, Y, Z)`` (Fortran order): tissue means, lesions, blur, noise, range.
 
@@ -572,7 +569,7 @@ def _image(
     flip = rng.integers(0, 4, nz)
     lo, hi = (-1024.0, 3071.0) if ct else (0.0, 4095.0)
     outside = None
-    if padding and plan.padding_hu is not None and acq.plane == "axial":
+    if plan.padding_hu is not None and acq.plane == "axial":
         # Scanners write a padding value outside the circular reconstruction field of view.
         i = np.arange(nx) - (nx - 1) / 2
         j = np.arange(ny) - (ny - 1) / 2
@@ -662,19 +659,17 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
         acq = s.acq
         key = s.uid if plan.fmt == "dicom" else f"{plan.name}_s{s.number}"
         if s.role == "localizer":
-            proj_acq, _ = plan_scout(plan.anatomy, acq, plan.preset.scout_spacing)
+            proj_acq, _ = plan_scout(plan.anatomy, plan.preset.scout_spacing)
             proj = ph.render(plan.anatomy, plan.findings, proj_acq.affine, proj_acq.shape)
             # A projection radiograph: the mean along the antero-posterior rays.
-            proj_values = _image(plan, proj_acq, proj, rng, padding=False)
+            proj_values = _image(plan, proj_acq, proj, rng)
             values = np.asfortranarray(proj_values.mean(axis=2, keepdims=True))
             labels = rendered = None
         else:
             rendered = ph.render(plan.anatomy, plan.findings, acq.affine, acq.shape)
             labels = ph.label_map(*rendered[:2], plan.findings, rendered[2])
-            values = _image(plan, acq, rendered, rng, padding=True)
-        if plan.fmt == "nifti":
-            if s.role != "volume":
-                continue
+            values = _image(plan, acq, rendered, rng)
+        if plan.fmt == "nifti":  # plan_cases gives NIfTI cases their volume only
             stem = key
             ext = plan.preset.nifti_ext
             _write_nifti(
@@ -752,14 +747,16 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
             for k, world in _boxes(instances, rendered[2], acq.affine).items():
                 f = plan.findings[k - 1]
                 size = world[3:] - world[:3]
+                box_mm = [round(float(v), 3) for v in world]
+                size_mm = [round(float(v), 3) for v in size]
                 boxes_rows.append(
                     {
                         "key": key,
                         "instance": k,
                         "finding": f.kind,
                         "organ": f.tissue,
-                        "box_world_ras_mm": [round(float(v), 3) for v in world],
-                        "size_mm": [round(float(v), 3) for v in size],
+                        "box_world_ras_mm": box_mm,
+                        "size_mm": size_mm,
                     }
                 )
                 if s.role == "volume":
@@ -768,8 +765,8 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
                             "instance": k,
                             "finding": f.kind,
                             "organ": f.tissue,
-                            "box_world_ras_mm": [round(float(v), 3) for v in world],
-                            "size_mm": [round(float(v), 3) for v in size],
+                            "box_world_ras_mm": box_mm,
+                            "size_mm": size_mm,
                             "report_sizes_mm": finding_sizes(f.kind, size),
                             "center_world_ras_mm": None
                             if f.shape is None

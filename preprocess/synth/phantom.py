@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from preprocess.geometry import apply_affine
+from preprocess.geometry import apply_affine, box_corners
+from preprocess.synth.reports import FINDINGS
 
 #: Organ label values of ``labels/<key>.nii.gz`` (index = value), see docs/formats.md section 1.
 LABELS: tuple[str, ...] = (
@@ -115,9 +116,9 @@ class Quadric:
         """World -> local scaled coordinates ``(3, 3)``: ``diag(1/radii) @ R.T``."""
         return np.asarray(self.rot).T / np.asarray(self.radii)[:, None]
 
-    def scaled(self, factor: float | Sequence[float], grow_mm: float = 0.0) -> Quadric:
-        """The same shape with radii ``radii * factor + grow_mm`` (cylinders keep their length)."""
-        r = np.asarray(self.radii) * np.asarray(factor, float) + grow_mm
+    def scaled(self, factor: float | Sequence[float]) -> Quadric:
+        """The same shape with radii ``radii * factor`` (cylinders keep their length)."""
+        r = np.asarray(self.radii) * np.asarray(factor, float)
         if self.cylinder:
             r[2] = self.radii[2]
         return dataclasses.replace(self, radii=tuple(float(v) for v in np.maximum(r, 1e-3)))
@@ -249,8 +250,7 @@ def sample_anatomy(rng: np.random.Generator, spleen_scale: float = 1.0) -> Anato
 def _voxel_window(q: Quadric, inv_affine: np.ndarray, shape: Sequence[int]) -> tuple[slice, ...] | None:
     """Index slices of the voxel box that contains ``q`` on a grid, or None if outside it."""
     lo, hi = q.world_bounds()
-    corners = np.array([[(hi if (c >> d) & 1 else lo)[d] for d in range(3)] for c in range(8)])
-    vox = apply_affine(inv_affine, corners)
+    vox = apply_affine(inv_affine, box_corners(np.concatenate([lo, hi]))[0])
     start = np.maximum(np.floor(vox.min(axis=0)).astype(int), 0)
     stop = np.minimum(np.ceil(vox.max(axis=0)).astype(int) + 1, np.asarray(shape[:3]))
     if (stop <= start).any():
@@ -378,11 +378,12 @@ def intensity_slice(
 
 # ----------------------------------------------------------------------------- findings
 
-#: Plausible diameter ranges (mm) and intensities of each lesion type: (organ tissues, d_lo, d_hi, CT HU, MR).
-LESION_TYPES: dict[str, tuple[tuple[str, ...], float, float, tuple[float, float], tuple[float, float]]] = {
-    "liver_lesion": (("liver",), 8.0, 40.0, (0.0, 20.0), (150.0, 250.0)),
-    "lung_nodule": (("lung_left", "lung_right"), 5.0, 25.0, (30.0, 60.0), (400.0, 500.0)),
-    "kidney_cyst": (("kidney_left", "kidney_right"), 8.0, 35.0, (0.0, 10.0), (80.0, 150.0)),
+#: Plausible diameter ranges (mm) and intensities of each lesion type: (d_lo, d_hi, CT HU, MR).
+#: The organ tissues a lesion may lie in are ``preprocess.synth.reports.FINDINGS[kind]["organs"]``.
+LESION_TYPES: dict[str, tuple[float, float, tuple[float, float], tuple[float, float]]] = {
+    "liver_lesion": (8.0, 40.0, (0.0, 20.0), (150.0, 250.0)),
+    "lung_nodule": (5.0, 25.0, (30.0, 60.0), (400.0, 500.0)),
+    "kidney_cyst": (8.0, 35.0, (0.0, 10.0), (80.0, 150.0)),
 }
 
 
@@ -414,7 +415,8 @@ def sample_lesion(
     tries: int = 200,
 ) -> Finding | None:
     """Place one lesion of ``kind`` fully inside its organ and the covered z range, away from ``avoid``."""
-    organs, d_lo, d_hi, hu, mr = LESION_TYPES[kind]
+    organs = FINDINGS[kind]["organs"]
+    d_lo, d_hi, hu, mr = LESION_TYPES[kind]
     z_lo, z_hi = anatomy.z_cover
     for _ in range(tries):
         organ = organs[int(rng.integers(len(organs)))]

@@ -16,22 +16,11 @@ example: vol3d synth /tmp/export --cases 20 --seed 0 --size small"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from preprocess.config_io import add_dataclass_args
+    from preprocess.synth.export import SynthConfig
+
     parser.add_argument("out", type=Path, help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--cases", type=int, default=10, help="number of studies to write (default 10)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed: the same seed writes the same files"
-    )
-    parser.add_argument(
-        "--size",
-        choices=("small", "realistic"),
-        default="realistic",
-        help="realistic: 384-512 matrix, 0.6-0.9 mm, 1-5 mm slices; small: ~64-96 voxels at 4-6 mm (tests, demo)",
-    )
-    parser.add_argument("--modality", choices=("ct", "mr"), default="ct", help="image modality (default ct)")
-    parser.add_argument(
-        "--nifti-fraction", type=float, default=0.2, help="fraction of cases exported as NIfTI (default 0.2)"
-    )
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU core)")
+    add_dataclass_args(parser, SynthConfig)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -43,18 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from preprocess.config_io import build_config
     from preprocess.errors import InputError
     from preprocess.synth import SynthConfig, generate
-    from preprocess.synth.export import OWN_ENTRIES, is_export, remove_export
+    from preprocess.synth.export import OWN_ENTRIES, remove_export
 
-    cfg = SynthConfig(
-        cases=args.cases,
-        seed=args.seed,
-        size=args.size,
-        modality=args.modality,
-        nifti_fraction=args.nifti_fraction,
-        workers=args.workers,
-    )
+    cfg = build_config(SynthConfig, None, args)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder; choose another OUT")
@@ -64,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{out} is not empty; choose an empty or new folder, or pass --overwrite to replace "
                 "a previous synth export there"
             )
-        if not is_export(out):
+        try:
+            remove_export(out)  # refuses (ValueError) a folder that is not a synth export
+        except ValueError:
             # --overwrite must never wipe a folder someone typed by mistake (a home, a real export)
             raise InputError(
                 f"{out} is not empty and is not a vol3d synth export (no .vol3dignore and truth.json from "
                 "vol3d synth), so --overwrite does not touch it; choose an empty or new folder"
-            )
-        remove_export(out)
+            ) from None
         others = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
         if others:
             print(f"kept {len(others)} file(s) in {out} that synth did not write: {', '.join(others[:5])}")

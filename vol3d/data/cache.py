@@ -11,7 +11,6 @@ in the returned array's voxel frame, clipped, with the fraction that is still vi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocess import geometry
+from preprocess import geometry, manifest
 from preprocess.errors import InputError
 from preprocess.store import CaseReader, grid_corners
 from preprocess.transforms import centred_window, translation
@@ -41,18 +40,8 @@ def read_manifest(cache_dir: str | Path, split: str | Sequence[str] | None = Non
         raise InputError(
             f"{path} not found; build the cache first with `vol3d preprocess SRC --out {cache_dir}`"
         )
-    rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(
-                f"{path}:{n} is not valid JSON; rerun `vol3d preprocess` to rewrite the manifest"
-            ) from None
-        rows[str(row.get("id"))] = row
-    ok = [r for r in rows.values() if r.get("status") == "ok"]
+    rows = manifest.latest_by_id(manifest.read_manifest(path))
+    ok = [r.to_dict() for r in rows.values() if r.status == "ok"]
     if not ok:
         raise InputError(f"{path} lists no ok case; see the reason/detail columns of its rows")
     if split is not None:
@@ -243,6 +232,12 @@ class CacheDataset(Dataset):
         else:
             image = np.broadcast_to(np.zeros((), np.float32), (r.group["image"].shape[0], *size))
             label = None
+        if label is not None:
+            label_t = torch.from_numpy(label.astype(np.int64))
+        elif pixels:
+            label_t = torch.zeros(size, dtype=torch.int64)  # writable: transforms may edit it
+        else:
+            label_t = torch.zeros((), dtype=torch.int64).expand(*size)  # zero-stride, like ``image``
         boxes = r.boxes()
         vox = geometry.as_boxes(boxes["vox"]) - np.tile(origin, 2)
         clipped, frac = geometry.clip_boxes(vox, size)
@@ -255,9 +250,7 @@ class CacheDataset(Dataset):
             "image": torch.from_numpy(image.astype(np.float32))  # (C, X, Y, Z)
             if pixels
             else torch.zeros(()).expand(image.shape),
-            "label": torch.from_numpy(label.astype(np.int64))
-            if label is not None
-            else torch.zeros(size, dtype=torch.int64),
+            "label": label_t,
             "has_label": label is not None,
             "affine": torch.from_numpy(affine),  # (4, 4) index of this array -> RAS+ mm
             "origin": torch.from_numpy(

@@ -160,6 +160,8 @@ def test_item_without_pixels_matches_the_item_except_voxels(cache):
         assert set(full) == set(meta)
         assert meta["image"].shape == full["image"].shape and not meta["image"].any()
         assert meta["image"].untyped_storage().nbytes() <= 4  # a zero-stride view, nothing read
+        assert meta["label"].shape == full["label"].shape and not meta["label"].any()
+        assert meta["label"].untyped_storage().nbytes() <= 8
         for key in full:
             if key not in ("image", "label", "has_label"):
                 a, b = full[key], meta[key]
