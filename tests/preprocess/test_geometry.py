@@ -79,6 +79,14 @@ def test_normalise_extremes(shape):
     assert g.normalise_boxes(full, shape).tolist() == [[0, 0, 0, 999, 999, 999]]
 
 
+def test_unit_boxes_map_the_index_range_onto_0_1_and_clip():
+    """Each axis' edges -0.5 and n - 0.5 map onto 0 and 1; what lies beyond the volume clips."""
+    boxes = np.array([[-0.5, 3.5, 0.0, 7.5, 31.5, 15.5], [-3.0, 0.0, 0.0, 40.0, 10.0, 20.0]])
+    unit = g.unit_boxes(boxes, (32, 32, 16))
+    np.testing.assert_allclose(unit[0], [0, 0.125, 0.03125, 0.25, 1, 1])
+    np.testing.assert_allclose(unit[1], [0, 0.015625, 0.03125, 1, 0.328125, 1])  # x and z ends clip
+
+
 @pytest.mark.parametrize("ndim", [3, 4])
 def test_affine_from_itk_matches_simpleitk_physical_points(ndim):
     """affine_from_itk(direction, spacing, origin) = LPS_TO_RAS @ SimpleITK's index -> LPS map."""

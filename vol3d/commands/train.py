@@ -32,17 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _train_flags(parser)
 
 
-def load_config(args: argparse.Namespace):
-    """The TrainConfig of a new run (--config + flags) or of the run being resumed (RUN/config.yaml + flags)."""
+def load_config(args: argparse.Namespace, cls: Any = None):
+    """The run config (``cls``: TrainConfig, or another :class:`~vol3d.train.config.RunConfig`) of a
+    new run (--config + flags) or of the run being resumed (RUN/config.yaml + flags)."""
     from preprocess.config_io import build_config, overrides_from_args
     from vol3d.train.config import TrainConfig
     from vol3d.train.run import load_run_config
 
+    cls = cls or TrainConfig
     if args.resume is not None:
         overrides = overrides_from_args(args)
         overrides["run_dir"] = str(args.resume)
-        return load_run_config(args.resume, overrides)
-    return build_config(TrainConfig, args.config, args)
+        return load_run_config(args.resume, overrides, cls)
+    return build_config(cls, args.config, args)
 
 
 def run_interruptible(fit_fn: Any, cfg: Any, resume: bool, resume_command: str) -> Any:
@@ -75,14 +77,17 @@ def print_result(cfg: Any, result: Any, next_step: str, keys: tuple[str, ...] = 
     print(f"model: {cfg.run_dir}/model  ({next_step})")
 
 
-def run_training(cfg: Any, resume: bool, command: str) -> int:
-    """Train a vision-language run (``command`` is ``train`` or ``finetune``); exit code."""
-    from vol3d.train.run import train
+def run_training(cfg: Any, resume: bool, command: str, fit_fn: Any = None,
+                 next_step: str = "reload with Vol3DModel.from_pretrained", keys: tuple[str, ...] = ()) -> int:
+    """Run ``fit_fn(cfg, resume=resume)`` (default: the vision-language :func:`vol3d.train.run.train`) as
+    ``vol3d COMMAND`` and report the result (:func:`print_result`); the exit code."""
+    if fit_fn is None:
+        from vol3d.train.run import train as fit_fn
 
-    result = run_interruptible(train, cfg, resume, f"vol3d {command}")
+    result = run_interruptible(fit_fn, cfg, resume, f"vol3d {command}")
     if result is None:
         return 130
-    print_result(cfg, result, "reload with Vol3DModel.from_pretrained")
+    print_result(cfg, result, next_step, keys=keys)
     return 0
 
 

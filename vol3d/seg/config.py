@@ -2,9 +2,8 @@
 
 YAML presets in ``configs/finetune/seg_*.yaml`` only serialise it; every field is
 also a flag (``--model.tune frozen``, ``--data.patch-size 64 64 32``). The fields
-shared with the one training loop (``max_steps``, ``precision``, ``optim`` ...) have
-the same names and meaning as in :class:`vol3d.train.config.TrainConfig`, because
-:func:`vol3d.train.loop.fit` reads them from whichever config it is given.
+of the one training loop (``max_steps``, ``precision``, ``optim`` ...) come from
+:class:`vol3d.train.config.RunConfig`, the base it shares with ``TrainConfig``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Any, Literal
 
 from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
-from vol3d.train.config import OptimConfig
+from vol3d.train.config import RunConfig
 
 #: The synthetic phantom's organ labels (``preprocess.synth.LABELS``), the default classes.
 DEFAULT_CLASSES: list[str] = [
@@ -117,50 +116,12 @@ class InferConfig:
 
 
 @dataclass
-class SegConfig:
+class SegConfig(RunConfig):
     """One segmentation fine-tune (saved as ``RUN/config.yaml``)."""
 
-    # Output run directory (config.yaml, model/, checkpoints/, metrics.csv, tb/).
-    run_dir: str = ""
-    # Always `seg` (so a run dir says what trained it).
-    task: Literal["seg"] = "seg"
-    # Run directory (vol3d train/finetune, or a seg run) whose encoder initialises this one; null = from scratch.
-    init: str | None = None
-    # Seed of weights, patch order and patch choice.
-    seed: int = 0
-    # Number of optimizer steps.
-    max_steps: int = 500
-    # Micro-batches accumulated per optimizer step.
-    grad_accum: int = 1
-    # auto: bf16 autocast on CUDA (if supported), fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # Torch device: auto, cpu, cuda or cuda:N.
-    device: str = "auto"
-    # Log training metrics every N steps.
-    log_every: int = 10
-    # Validate (sliding window over whole cached volumes: Dice, HD95) every N steps and at the end; 0 = end only.
-    val_every: int = 100
-    # Save a resumable checkpoint every N steps (and at the end, and on Ctrl-C).
-    ckpt_every: int = 100
-    # Keep only the newest K checkpoints.
-    keep_last: int = 2
-    # Write TensorBoard events to RUN/tb.
-    tensorboard: bool = True
-    # Show a tqdm progress bar.
-    progress: bool = True
-    # DDP: tolerate parameters without gradient on some steps.
-    ddp_find_unused: bool = False
+    task: Literal["seg"] = _f("seg", "Always `seg` (so a run dir says what trained it).")
+    max_steps: int = _f(500, "Number of optimizer steps.")
     model: SegModelConfig = field(default_factory=SegModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     loss: SegLossConfig = field(default_factory=SegLossConfig)
     infer: InferConfig = field(default_factory=InferConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.val_every < 0:
-            raise ConfigError(f"val_every must be >= 0, got {self.val_every}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

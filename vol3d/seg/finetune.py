@@ -16,13 +16,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from preprocess.config_io import add_dataclass_args, build_config, load_yaml, overrides_from_args, to_dict
+from preprocess.config_io import add_dataclass_args, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.seg.config import SegConfig
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.yaml"
 
 
 def add_seg_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,52 +45,38 @@ def add_seg_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> SegConfig:
     """The SegConfig of a new run (``--config`` + flags) or of the run being resumed."""
-    if getattr(args, "resume", None) is not None:
-        overrides = overrides_from_args(args)
-        overrides["run_dir"] = str(args.resume)
-        path = Path(args.resume) / CONFIG_NAME
-        if not path.is_file():
-            raise InputError(f"{args.resume} is not a vol3d run directory: {CONFIG_NAME} is missing")
-        return load_yaml(SegConfig, path, overrides)
-    return build_config(SegConfig, getattr(args, "config", None), args)
+    from vol3d.commands.train import load_config as load
+
+    return load(args, SegConfig)
 
 
 def read_cache_preprocess(cache_dir: str | Path) -> dict[str, Any]:
     """The preprocessing config a cache was made with, as saved beside a model (no secrets)."""
     from preprocess.config import read_config
 
-    return to_dict(dataclasses.replace(read_config(cache_dir), id_key=None, workers=0))
+    return to_dict(read_config(cache_dir))
 
 
 def build_datasets(cfg: SegConfig) -> tuple[Any, Any]:
-    """Label-balanced training patches and whole validation volumes of the cache."""
-    import torch
-
-    from vol3d.data.cache import CacheDataset, read_manifest
+    """Label-balanced training patches and whole validation volumes of the cache's labelled cases."""
+    from vol3d.data.cache import CacheDataset
 
     d = cfg.data
-    rows = [r for r in read_manifest(d.cache_dir, d.train_split) if r.get("has_label", True)]
-    if not rows:
+    train = CacheDataset(d.cache_dir, split=d.train_split, mode="patch", patch_size=cfg.model.patch_size,
+                         sampler="label", label_probability=d.label_probability, seed=cfg.seed)
+    train.rows = [r for r in train.rows if r.get("has_label") is not False]
+    if not train.rows:
         raise InputError(f"{d.cache_dir}: no ok case with a label in split {d.train_split!r}; preprocess with "
                          "`--labels DIR` (label maps named <key>.nii.gz) or pass --data.train-split")
-    per_volume = d.samples_per_volume or math.ceil(cfg.max_steps * cfg.grad_accum * d.batch_size / len(rows))
-    train = CacheDataset(d.cache_dir, split=d.train_split, mode="patch", patch_size=cfg.model.patch_size,
-                         sampler="label", samples_per_volume=max(1, per_volume),
-                         label_probability=d.label_probability, seed=cfg.seed)
-    train.rows = [r for r in train.rows if r.get("has_label", True)]
+    train.samples_per_volume = d.samples_per_volume or math.ceil(
+        cfg.max_steps * cfg.grad_accum * d.batch_size / len(train.rows))
     val = None
     if d.val_split:
-        try:
-            val = CacheDataset(d.cache_dir, split=d.val_split, mode="volume")
-        except InputError:
+        val = CacheDataset(d.cache_dir, split=d.val_split, mode="volume")
+        val.rows = [r for r in val.rows if r.get("has_label") is not False][: d.max_val_cases or None]
+        if not val.rows:
+            log.warning("no labelled case in split %r: validation is skipped", d.val_split)
             val = None
-        if val is not None:
-            val.rows = [r for r in val.rows if r.get("has_label", True)]
-            if d.max_val_cases and len(val.rows) > d.max_val_cases:
-                val = torch.utils.data.Subset(val, range(d.max_val_cases))
-            if len(val) == 0:
-                log.warning("no labelled case in split %r: validation is skipped", d.val_split)
-                val = None
     return train, val
 
 
@@ -143,17 +127,14 @@ def finetune(cfg: SegConfig, resume: bool = False) -> Any:
              "%.2fM trainable parameters", run_dir, len(train_ds.rows), len(train_ds),
              len(val_ds) if val_ds is not None else 0, cfg.model.encoder, cfg.model.tune,
              model.num_parameters(trainable_only=True) / 1e6)
-    return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)  # type: ignore[arg-type]
+    return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vol3d finetune --task seg`` (after :func:`add_seg_arguments`)."""
-    from vol3d.commands.train import print_result, run_interruptible
+    from vol3d.commands.train import run_training
 
     cfg = load_config(args)
-    result = run_interruptible(finetune, cfg, getattr(args, "resume", None) is not None, "vol3d finetune --task seg")
-    if result is None:
-        return 130
-    print_result(cfg, result, f"segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR",
-                 keys=("val/dice_mean", "val/hd95_mean"))
-    return 0
+    return run_training(cfg, args.resume is not None, "finetune --task seg", finetune,
+                        f"segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR",
+                        keys=("val/dice_mean", "val/hd95_mean"))

@@ -26,7 +26,7 @@ import numpy as np
 
 from preprocess.errors import ConfigError
 from preprocess.geometry import as_boxes, boxes_voxel_to_world, mask_to_box
-from vol3d.tasks.samples import box_field, box_key
+from vol3d.tasks.samples import _rng, box_field, box_key
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def augment(
     import torch
     import torchio as tio
 
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    rng = _rng(rng)
     cfg = cfg or AugmentConfig()
     out = dict(case)
     was_torch = hasattr(case["image"], "detach")

@@ -1,5 +1,9 @@
 """``TrainConfig``: every knob of ``vol3d train`` / ``vol3d finetune`` in one typed dataclass.
 
+Its run fields (``run_dir``, ``max_steps``, ``precision``, ``optim`` ...) come from
+:class:`RunConfig`, the base that :class:`vol3d.seg.config.SegConfig` shares, and
+which :func:`vol3d.train.loop.fit` reads.
+
 YAML presets in ``configs/train/`` and ``configs/finetune/`` only serialise it,
 and every field is also a command-line flag (``--max-steps 100``,
 ``--optim.lr 1e-4``), through :mod:`preprocess.config_io`. The full config is
@@ -42,15 +46,16 @@ def _default_model() -> Vol3DConfig:
 
 
 def _positive(where: str, **values: float) -> None:
+    """``where``: the config section (``""`` for top-level fields)."""
     for name, v in values.items():
         if v <= 0:
-            raise ConfigError(f"{where}.{name} must be > 0, got {v}")
+            raise ConfigError(f"{where + '.' if where else ''}{name} must be > 0, got {v}")
 
 
 def _non_negative(where: str, **values: float) -> None:
     for name, v in values.items():
         if v < 0:
-            raise ConfigError(f"{where}.{name} must be >= 0, got {v}")
+            raise ConfigError(f"{where + '.' if where else ''}{name} must be >= 0, got {v}")
 
 
 @dataclass
@@ -115,13 +120,19 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One training or fine-tuning run (saved as ``RUN/config.yaml``)."""
+class RunConfig:
+    """The fields and checks of every training run, whatever it trains (what :func:`vol3d.train.loop.fit` reads).
+
+    Subclasses (:class:`TrainConfig`, :class:`vol3d.seg.config.SegConfig`) narrow ``task`` and
+    add their ``model``, ``data`` (with ``batch_size`` and ``num_workers``, which ``fit`` reads
+    too) and ``loss`` sections; a shared field has the same flag and meaning in all of them.
+    """
 
     run_dir: str = _f("", "Output run directory (config.yaml, model/, checkpoints/, metrics.csv, tb/).")
-    task: Task = _f("pretrain", "What to optimise: `pretrain` (task mix), one text task, or `seg` (vol3d.seg).")
-    init: str | None = _f(None, "Run directory whose model/ initialises the weights (fine-tuning); null = from scratch.")
-    seed: int = _f(0, "Seed of weights, data order, task sampling and augmentation.")
+    # declared here so it keeps its place near the top of config.yaml; each subclass lists its choices
+    task: str = _f("", "What to optimise.")
+    init: str | None = _f(None, "Run directory whose model/ initialises the weights (fine-tuning; `seg` takes its encoder); null = from scratch.")
+    seed: int = _f(0, "Seed of weights, data order, task or patch sampling, and augmentation.")
     max_steps: int = _f(200, "Number of optimizer steps.")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto: bf16 autocast on CUDA (if supported), fp32 on CPU. fp16 uses a GradScaler.")
@@ -133,17 +144,24 @@ class TrainConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to RUN/tb (skipped with a note when tensorboard is not installed).")
     progress: bool = _f(True, "Show a tqdm progress bar with loss and samples/s.")
     ddp_find_unused: bool = _f(False, "DDP: tolerate parameters that get no gradient on some steps (slower; needed for some LoRA setups).")
-    model: Vol3DConfig = field(default_factory=_default_model, metadata={"help": "The model architecture (encoder, reducer, language model, heads); see vol3d.models."})
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
-        _positive("train", max_steps=self.max_steps, grad_accum=self.grad_accum, log_every=self.log_every,
+        _positive("", max_steps=self.max_steps, grad_accum=self.grad_accum, log_every=self.log_every,
                   ckpt_every=self.ckpt_every, keep_last=self.keep_last)
-        _non_negative("train", val_every=self.val_every)
+        _non_negative("", val_every=self.val_every)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """One training or fine-tuning run of the vision-language model (saved as ``RUN/config.yaml``)."""
+
+    task: Task = _f("pretrain", "What to optimise: `pretrain` (task mix), one text task, or `seg` (vol3d.seg).")
+    model: Vol3DConfig = field(default_factory=_default_model, metadata={"help": "The model architecture (encoder, reducer, language model, heads); see vol3d.models."})
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def task_mix(self) -> TaskMix:
         """Task mix actually sampled: ``data.tasks`` for ``pretrain``, else the one task's mix."""

@@ -22,7 +22,6 @@ class DistInfo:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -54,7 +53,7 @@ def setup(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    return DistInfo(rank=rank, world_size=world, device=dev)
 
 
 def wrap(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Module:
@@ -65,11 +64,6 @@ def wrap(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Modu
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DDP wrapper (for saving, validation and generation)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def barrier(info: DistInfo) -> None:

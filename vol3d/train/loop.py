@@ -31,7 +31,7 @@ from torch import nn
 from preprocess.errors import InputError
 from vol3d.train import checkpoint as ckpt_io
 from vol3d.train import distributed as ddp
-from vol3d.train.config import TrainConfig
+from vol3d.train.config import RunConfig
 from vol3d.train.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases, norms and ``model.no_weight_decay()``."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
@@ -252,7 +252,7 @@ def save_model_dir(model: nn.Module, run_dir: Path) -> Path:
 
 
 def fit(
-    cfg: TrainConfig,
+    cfg: RunConfig,
     model: nn.Module,
     objective: Objective,
     train_items: Sequence[Any],
@@ -261,6 +261,9 @@ def fit(
     resume: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``objective`` for ``cfg.max_steps`` optimizer steps.
+
+    ``cfg`` is any :class:`~vol3d.train.config.RunConfig` (``TrainConfig``, ``SegConfig``);
+    besides its run fields and ``optim``, ``fit`` reads ``cfg.data.batch_size`` and ``cfg.data.num_workers``.
 
     Writes checkpoints, ``model/``, ``metrics.csv`` and ``tb/`` under ``run_dir``
     (rank 0; ``None`` writes nothing, for tests). ``resume=True`` continues from
@@ -271,6 +274,10 @@ def fit(
     info = ddp.setup(cfg.device)
     device = info.device
     amp_dtype = resolve_precision(cfg.precision, device)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -331,8 +338,7 @@ def fit(
         if val_items is None or len(val_items) == 0 or not info.is_main:
             return
         model.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), autocast():
             vals = objective.validate(model, val_items)
         model.train()
         result.val = {f"val/{k}": float(v) for k, v in vals.items()}
@@ -349,7 +355,7 @@ def fit(
                 # Gradients are all-reduced only on the last micro-batch of a step.
                 sync = micro == accum - 1 or not info.enabled
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    with autocast():
                         loss, logs = objective.loss(ddp_model, batch)
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -77,8 +77,17 @@ def centre_targets(target: Tensor, mask: Tensor, anchors: Tensor, cell: Tensor) 
     so (as CenterNet's Gaussian heat maps do) instead of punishing them as hard as a cell
     across the volume. Every instance gets a peak, so the head needs no notion of their order.
     """
+    return _soft_centres(_centre_d2(target, anchors, cell), mask)
+
+
+def _centre_d2(target: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
+    """Squared distances ``(Q, K, N)``, in cells, from every anchor to the centre of every box of ``target``."""
     centre = (target[..., :3] + target[..., 3:]) / 2  # (Q, K, 3)
-    d2 = (((anchors[None, None] - centre[:, :, None]) / cell) ** 2).sum(-1)  # (Q, K, N)
+    return (((anchors[None, None] - centre[:, :, None]) / cell) ** 2).sum(-1)
+
+
+def _soft_centres(d2: Tensor, mask: Tensor) -> Tensor:
+    """:func:`centre_targets` from the distances of :func:`_centre_d2`."""
     per_box = torch.softmax(-d2 / 2, dim=-1) * mask[..., None]
     return per_box.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
@@ -101,11 +110,11 @@ def grounding_losses(out: dict[str, Tensor], target: Tensor, mask: Tensor) -> di
         return {"box_centre": zero, "box_l1": zero, "box_giou": zero, "box_iou": zero.detach()}
     target, mask = target.float(), mask.bool()
     anchors, cell = out["box_anchors"], out["box_cell"]
-    soft = centre_targets(target, mask.float(), anchors, cell)
+    d2 = _centre_d2(target, anchors, cell)
+    soft = _soft_centres(d2, mask.float())
     centre = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
     q, k = mask.nonzero(as_tuple=True)
-    mid = (target[q, k, :3] + target[q, k, 3:]) / 2
-    nearest = (((anchors[None] - mid[:, None]) / cell) ** 2).sum(-1).argmin(-1)
+    nearest = d2[q, k].argmin(-1)
     box = box_losses(cells[q, nearest], target[q, k])
     iou, _ = box_iou_giou_3d(out["box_pred"].detach()[q].float(), target[q, k])
     best = torch.zeros(len(logits), device=logits.device).scatter_reduce(0, q, iou, reduce="amax")
@@ -211,7 +220,7 @@ class VLMObjective:
         out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"),
                     box_index=batch.get("box_index"), volume_index=batch.get("volume_index"))
         terms: dict[str, Tensor] = {"lm": lm_cross_entropy(out["logits"], batch["labels"],
-                                                            average=getattr(w, "lm_average", "token"))}
+                                                            average=w.lm_average)}
         logs: dict[str, Any] = {}
         if "ehr_target" in batch:
             terms["ehr"] = ehr_bce(out["ehr_logits"], batch["ehr_target"], w.ehr_pos_weight)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,20 +18,25 @@ from preprocess.config import read_config
 from preprocess.config_io import dump_yaml, load_yaml, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.train import distributed as ddp
-from vol3d.train.config import TrainConfig
+from vol3d.train.config import RunConfig, TrainConfig
 from vol3d.train.loop import FitResult, fit
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C", bound=RunConfig)
+
 CONFIG_NAME = "config.yaml"
 
 
-def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """``RUN/config.yaml`` as a :class:`TrainConfig` (``overrides``: dotted keys, e.g. from flags)."""
+def load_run_config(
+    run_dir: str | Path, overrides: dict[str, Any] | None = None, cls: type[C] = TrainConfig  # type: ignore[assignment]
+) -> C:
+    """``RUN/config.yaml`` as a :class:`TrainConfig`, or as ``cls`` (e.g. ``SegConfig``)
+    (``overrides``: dotted keys, e.g. from flags)."""
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise InputError(f"{run_dir} is not a vol3d run directory: {CONFIG_NAME} is missing")
-    return load_yaml(TrainConfig, path, overrides)
+    return load_yaml(cls, path, overrides)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -112,7 +117,7 @@ def check_channels(dataset: Any, in_chans: int) -> None:
                           f"set --model.in-chans {channels} (or init from a run trained on such a cache)")
 
 
-def write_run_config(cfg: Any, is_main: bool) -> None:
+def write_run_config(cfg: RunConfig, is_main: bool) -> None:
     """Create the run dir and write its full ``config.yaml`` (rank 0 only)."""
     if is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -148,7 +153,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     train_ds, val_ds = build_datasets(cfg)
     model, cfg = build_model(cfg, train_ds, resume)
     # The run dir alone must be enough to prepare new images exactly as the training ones.
-    model.preprocess = to_dict(dataclasses.replace(read_config(cfg.data.cache_dir), id_key=None, workers=0))
+    model.preprocess = to_dict(read_config(cfg.data.cache_dir))  # read_config drops the id key (a secret)
     check_heads(cfg)
     check_channels(train_ds, cfg.model.in_chans)
     write_run_config(cfg, info.is_main)

@@ -50,16 +50,6 @@ def tiny_model(cases: list[dict]) -> tuple[Vol3DModel, CodeVocab]:
     return Vol3DModel(cfg, tokenizer=build_tokenizer(corpus_texts(cases))), codes
 
 
-def test_unit_boxes_match_the_text_frame():
-    """The head's 0..1 frame is normalise_boxes' 0..999 frame before rounding."""
-    from preprocess.geometry import BOX_SCALE, normalise_boxes
-
-    boxes = np.array([[-0.5, 3.5, 0.0, 7.5, 31.5, 15.5], [10.2, 0.3, 2.0, 12.0, 5.0, 3.5]])
-    unit = unit_boxes(boxes, SHAPE)
-    np.testing.assert_array_equal(np.rint(unit * BOX_SCALE), normalise_boxes(boxes, SHAPE))
-    np.testing.assert_allclose(unit[0], [0, 0.125, 0.03125, 0.25, 1, 1])
-
-
 def test_centre_targets_peak_at_every_true_centre():
     from vol3d.models.heads import GroundingHead
 
