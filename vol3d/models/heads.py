@@ -119,10 +119,11 @@ class GroundingHead(nn.Module):
         return {"logits": self.score(h).squeeze(-1), "boxes": boxes, "anchors": anchors, "cell": cell}
 
     @staticmethod
-    def decode(out: dict[str, torch.Tensor], rows: torch.Tensor | None = None, max_iou: float = 0.1) -> torch.Tensor:
+    def decode(out: dict[str, torch.Tensor], rows: torch.Tensor, max_iou: float = 0.1) -> torch.Tensor:
         """The box of the best-scoring cell per query ``(Q, 6)``.
 
-        ``rows (Q,)``: the answer each query belongs to, queries in answer order. The ``k``-th
+        ``rows (Q,)``: the answer each query belongs to, queries in answer order (one answer per
+        query: ``torch.arange(Q)``). The ``k``-th
         ``<box>`` of an answer then takes the best cell whose box overlaps none of the boxes
         already given in that answer by more than ``max_iou``: an answer with three ``<box>``
         tokens names three lesions, not one lesion three times.
@@ -130,9 +131,6 @@ class GroundingHead(nn.Module):
         from vol3d.train.losses import box_iou_3d
 
         logits, boxes = out["logits"], out["boxes"]
-        if rows is None:
-            best = logits.argmax(dim=-1)
-            return boxes[torch.arange(len(best), device=best.device), best]
         picked: list[torch.Tensor] = []
         given: dict[int, list[torch.Tensor]] = {}
         for q, row in enumerate(rows.tolist()):

@@ -70,6 +70,7 @@ def test_centre_targets_peak_at_every_true_centre():
 
 
 def _head_out(anchors, cell, cells, logits, rows=None):
+    rows = torch.arange(len(logits)) if rows is None else rows
     from vol3d.models.heads import GroundingHead
 
     out = {"box_anchors": anchors, "box_cell": cell, "box_cells": cells, "box_logits": logits}
