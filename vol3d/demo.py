@@ -142,14 +142,6 @@ def _header(n: int, title: str) -> None:
     _say(f"\n== [{n}/6] {title} " + "=" * max(0, 60 - len(title)))
 
 
-def config_path(kind: str, name: str) -> Path:
-    """``configs/<kind>/<name>.yaml`` of the source tree (the presets ship with the repository)."""
-    path = Path(__file__).resolve().parents[1] / "configs" / kind / f"{name}.yaml"
-    if not path.is_file():
-        raise InputError(f"preset {path} not found; run the demo from a vol3d source checkout (pip install -e .)")
-    return path
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -225,9 +217,10 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     from preprocess.config_io import load_yaml
     from preprocess.runner import RunOptions, run_preprocess
     from preprocess.sidecars import SideTables
+    from vol3d.commands.preprocess import preset_path
 
     export = paths.export
-    cfg = load_yaml(PreprocessConfig, config_path("preprocess", PREPROCESS_PRESET))
+    cfg = load_yaml(PreprocessConfig, preset_path(PREPROCESS_PRESET, kind="preprocess"))
     side = SideTables.load(reports=export / "reports.csv", codes=export / "ehr_codes.csv",
                            boxes=export / "boxes.json", labels=export / "labels", lesions=export / "lesions")
     run_opts = RunOptions(progress=opts.progress, split_fractions=tuple(opts.split_fractions))
@@ -244,12 +237,13 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
 def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
     """The ``tiny_cpu`` preset with the demo's run dir, cache, steps, seed and overrides."""
     from preprocess.config_io import load_yaml
+    from vol3d.commands.preprocess import preset_path
     from vol3d.train.config import TrainConfig
 
     # absolute: the run's config.yaml must find its cache from any working directory
     overrides = {"run_dir": str(paths.run), "data.cache_dir": str(paths.cache.resolve()), "max_steps": opts.steps,
                  "seed": opts.seed, "progress": opts.progress, **opts.train_overrides}
-    return load_yaml(TrainConfig, config_path("train", TRAIN_PRESET), overrides)
+    return load_yaml(TrainConfig, preset_path(TRAIN_PRESET, kind="train"), overrides)
 
 
 def trained_step(run_dir: Path) -> int | None:
@@ -375,10 +369,8 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
     from tqdm.auto import tqdm
 
     from vol3d.eval import evaluate
-    from vol3d.inference import TEXT_TASKS
 
-    vocab = pipe.code_vocab
-    tasks = [*TEXT_TASKS, *(["ehr"] if vocab is not None else [])]
+    vocab, tasks = pipe.code_vocab, pipe.default_tasks
     out: dict[str, Any] = {}
     for name, blind in (("model", False), ("image_blind", True)):
         if blind and not baseline:
@@ -394,6 +386,7 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
 
 def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str, Any], bool]:
     """Evaluate on the held-out split (or reuse ``eval.json`` for the same weights and settings)."""
+    from vol3d.eval import jsonable
     from vol3d.inference import write_json
 
     settings = {"model_sha256": file_sha256(paths.run / "model" / "model.safetensors"),
@@ -415,7 +408,7 @@ def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str,
     res["split"] = split
     write_json(res, paths.eval_json)
     _say(headline_table(res))
-    return json.loads(paths.eval_json.read_text()), False
+    return jsonable(res), False  # what eval.json holds
 
 
 # ----------------------------------------------------------------------------- steps 5-6: ask and draw
@@ -431,15 +424,16 @@ def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], s
 
     order = sorted(range(len(cases)), key=lambda i: str(cases.rows[i]["id"]) if hasattr(cases, "rows") else i)
     wanted = (finding,) if finding else PREFERRED_FINDINGS
-    items = [cases[i] for i in order]
-    truths = [finding_truth(c) for c in items]
+    # boxes and findings only: a CacheDataset skips the voxels; only the chosen case is read whole
+    scan = getattr(cases, "item_without_pixels", cases.__getitem__)
+    truths = [finding_truth(scan(i)) for i in order]
     for name in wanted:
-        for case, truth in zip(items, truths, strict=True):
+        for i, truth in zip(order, truths, strict=True):
             if name in truth and truth[name].n > 0:
-                return case, name
+                return cases[i], name
     if finding and finding not in truths[0]:
         raise InputError(f"finding {finding!r} is not in the finding vocabulary ({sorted(truths[0])})")
-    return items[0], wanted[0]
+    return cases[order[0]], wanted[0]
 
 
 def true_boxes(case: Mapping[str, Any], finding: str) -> np.ndarray:
@@ -457,17 +451,15 @@ def question_for(finding: str) -> str:
 
 
 def match_order(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n`` (Hungarian on IoU);
-    unmatched true boxes follow. Then box ``n`` shares its colour in :func:`vol3d.viz.show_box_slices`."""
-    from scipy.optimize import linear_sum_assignment
+    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n``
+    (:func:`vol3d.eval.metrics.match_pairs`); unmatched true boxes follow. Then box ``n`` shares
+    its colour in :func:`vol3d.viz.show_box_slices`."""
+    from preprocess.geometry import as_boxes
+    from vol3d.eval.metrics import match_pairs
 
-    from preprocess.geometry import as_boxes, box_iou
-
-    pred, true = as_boxes(pred), as_boxes(true)
-    if not len(pred) or not len(true):
-        return true
-    rows, cols = linear_sum_assignment(-box_iou(pred, true))
-    order = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    true = as_boxes(true)
+    _, cols, _ = match_pairs(pred, true)  # ordered by predicted box
+    order = [int(c) for c in cols]
     return true[order + [i for i in range(len(true)) if i not in order]]
 
 
@@ -478,7 +470,7 @@ def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = N
     from vol3d.tasks import DEFAULT_VOCAB
     from vol3d.viz import show_box_slices
 
-    pred = np.stack([b.model_vox for b in answer.boxes]) if answer.boxes else np.zeros((0, 6))
+    pred = answer.model_boxes
     truth = match_order(pred, truth) if truth is not None else None
     name = DEFAULT_VOCAB[finding].text if finding in DEFAULT_VOCAB else (finding or "finding")
     n = max(len(pred), 0 if truth is None else len(truth))
@@ -498,7 +490,7 @@ def describe_answer(answer: Any, truth: np.ndarray) -> list[str]:
     from vol3d.eval.metrics import match_boxes
     from vol3d.viz import describe_boxes
 
-    pred = np.stack([b.model_vox for b in answer.boxes]) if answer.boxes else np.zeros((0, 6))
+    pred = answer.model_boxes
     _, pred_iou = match_boxes(pred, truth)
     spacing, affine = answer.input.spacing, answer.affine
     lines = [f"  {line}; IoU with its true box {iou:.2f}"
@@ -507,24 +499,26 @@ def describe_answer(answer: Any, truth: np.ndarray) -> list[str]:
 
 
 def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
-             max_new_tokens: int = 128) -> tuple[Any, dict[str, Any], str]:
-    """Ask the grounding question about a held-out case; write ``answer.json``."""
+             max_new_tokens: int = 128) -> tuple[Any, dict[str, Any], str, np.ndarray]:
+    """Ask the grounding question about a held-out case; write ``answer.json``.
+
+    Returns the answer, the case, the finding and its true boxes (model-input voxels)."""
     from vol3d.inference import CACHE_SEP, write_json
 
     ds, split = held_out(paths.cache, pipe.input_shape)
     case, name = pick_case(ds, finding)
     question = question_for(name)
-    _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
-         f"{len(true_boxes(case, name))} {name.replace('_', ' ')} box(es) in its ground truth")
-    ref = f"{paths.cache}{CACHE_SEP}{case['id']}"
-    answer = pipe.ask(ref, question, max_new_tokens=max_new_tokens)
-    free_text, located = answer.text, False
     truth = true_boxes(case, name)
+    _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
+         f"{len(truth)} {name.replace('_', ' ')} box(es) in its ground truth")
+    inp = pipe.prepare(f"{paths.cache}{CACHE_SEP}{case['id']}")  # read once, asked up to twice
+    answer = pipe.ask(inp, question, max_new_tokens=max_new_tokens)
+    free_text, located = answer.text, False
     _say(f"Q: {question}\nA: {answer.text}")
     if not answer.boxes:
         _say(f"  (no box: the model did not see the {name.replace('_', ' ')}.) Told that it is there "
              "(the answer must start with a box), it says where it would be:")
-        answer, located = pipe.ask(ref, question, max_new_tokens=max_new_tokens, locate=True), True
+        answer, located = pipe.ask(inp, question, max_new_tokens=max_new_tokens, locate=True), True
         _say(f"A: {answer.text}")
     if answer.boxes:
         _say("\n".join(describe_answer(answer, truth)))
@@ -532,7 +526,7 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
         _say("  (no box in the answer)")
     write_json({**answer.to_dict(), "finding": name, "split": split, "free_answer": free_text, "located": located,
                 "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine)}, paths.answer_json)
-    return answer, case, name
+    return answer, case, name, truth
 
 
 def _world(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -541,11 +535,12 @@ def _world(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return boxes_voxel_to_world(boxes, affine) if len(boxes) else np.zeros((0, 6))
 
 
-def step_figure(paths: DemoPaths, answer: Any, case: Mapping[str, Any], finding: str) -> Path:
-    """Draw the answer's boxes and the true boxes on orthogonal slices into ``answer.png``."""
+def step_figure(paths: DemoPaths, answer: Any, case: Mapping[str, Any], finding: str,
+                truth: np.ndarray | None = None) -> Path:
+    """Draw the answer's boxes and the true boxes (default: the case's) on orthogonal slices into ``answer.png``."""
     from vol3d.viz import save_figure
 
-    fig = answer_figure(answer, true_boxes(case, finding), finding)
+    fig = answer_figure(answer, true_boxes(case, finding) if truth is None else truth, finding)
     save_figure(fig, paths.answer_png)
     _say(f"wrote {paths.answer_png}: axial, coronal and sagittal slices through the answer's box "
          "(solid: predicted, dashed: true; radiological view, patient right on the image left)")
@@ -591,11 +586,11 @@ def run_demo(opts: DemoOptions, finding: str | None = None,
     _header(4, "evaluate on held-out cases")
     result.eval, _ = timed("eval", lambda: step_eval(opts, paths, pipe), reused=lambda v: v[1])
     _header(5, "ask a grounded question about a held-out case")
-    result.answer, result.case, result.finding = timed(
+    result.answer, result.case, result.finding, truth = timed(
         "ask", lambda: step_ask(paths, pipe, finding, opts.max_new_tokens), reused=never
     )
     _header(6, "draw the answer's box next to the truth")
-    timed("figure", lambda: step_figure(paths, result.answer, result.case, result.finding), reused=never)
+    timed("figure", lambda: step_figure(paths, result.answer, result.case, result.finding, truth), reused=never)
     _summary(paths, result)
     return result
 

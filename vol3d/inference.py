@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 PREPROCESS_NAME = "preprocess.json"
 #: Separator of a cache entry given as one string: ``CACHE_DIR::case_id``.
 CACHE_SEP = "::"
-#: Text tasks evaluated by default (``ehr`` is added when the model has an EHR head).
-TEXT_TASKS = ("report", "vqa_closed", "vqa_open", "ground")
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,6 +157,11 @@ class Answer:
         """``(4, 4)`` model-input index -> RAS+ mm."""
         return self.input.affine
 
+    @property
+    def model_boxes(self) -> np.ndarray:
+        """The answer's boxes ``(N, 6)`` in model-input voxels (``(0, 6)`` without a box)."""
+        return np.stack([b.model_vox for b in self.boxes]) if self.boxes else np.zeros((0, 6))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (lists and plain numbers only)."""
         return {
@@ -226,10 +229,11 @@ def boxes_from_text(text: str, inp: ModelInput) -> tuple[list[AnswerBox], int]:
 read_preprocess_config = read_config  # the one reader lives in preprocess.config
 
 
-def _cache_of_run(run_dir: Path) -> Path | None:
+def cache_of_run(run_dir: str | Path) -> Path | None:
     """The training cache named by ``RUN/config.yaml`` (as given, or relative to the run's parent)."""
     import yaml
 
+    run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
@@ -252,7 +256,7 @@ def find_preprocess_config(run_dir: str | Path) -> PreprocessConfig:
     for path in (run_dir / "model" / PREPROCESS_NAME, run_dir / PREPROCESS_NAME):
         if path.is_file():
             return read_preprocess_config(path)
-    cache = _cache_of_run(run_dir)
+    cache = cache_of_run(run_dir)
     if cache is not None:
         return read_preprocess_config(cache / "params.json")
     raise InputError(
@@ -366,6 +370,13 @@ class Vol3DPipeline:
 
         codes = list(getattr(self.model.config, "ehr_codes", []) or [])
         return CodeVocab(codes) if codes else None
+
+    @property
+    def default_tasks(self) -> list[str]:
+        """Tasks evaluated by default: :data:`vol3d.eval.TEXT_TASKS`, plus ``ehr`` when the model has an EHR head."""
+        from vol3d.eval.evaluate import TEXT_TASKS
+
+        return [*TEXT_TASKS, *(["ehr"] if self.code_vocab is not None else [])]
 
     # -- preparing volumes
     def prepare(self, volume: Any, series: int | None = None) -> ModelInput:
@@ -515,7 +526,7 @@ class Vol3DPipeline:
         from vol3d.eval import evaluate
 
         vocab = self.code_vocab
-        tasks = list(tasks) if tasks else [*TEXT_TASKS, *(["ehr"] if vocab is not None else [])]
+        tasks = list(tasks) if tasks else self.default_tasks
         if "ehr" in tasks and vocab is None:
             raise ConfigError("task ehr needs a model with an EHR head; this run has none (drop ehr from --tasks)")
         ds = CacheDataset(cache_dir, split=split, mode="volume", input_size=self.input_shape)
@@ -594,6 +605,7 @@ __all__ = [
     "ModelInput",
     "Vol3DPipeline",
     "boxes_from_text",
+    "cache_of_run",
     "find_preprocess_config",
     "format_boxes",
     "load",

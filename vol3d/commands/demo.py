@@ -17,7 +17,7 @@ example: vol3d demo --out ./vol3d_demo"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vol3d.demo import DemoOptions
+    from vol3d.demo import PREFERRED_FINDINGS, DemoOptions
 
     d = DemoOptions()
     parser.add_argument("--out", type=Path, default=d.out, help=f"demo folder (default ./{d.out})")
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete a previous demo in --out and start over")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the image-blind baseline evaluation (halves the evaluation time)")
-    parser.add_argument("--finding", choices=("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly"),
+    parser.add_argument("--finding", choices=PREFERRED_FINDINGS,
                         help="finding to ask about (default: the first of these a held-out case has)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -16,14 +16,14 @@ Metric definitions: docs/tasks_and_metrics.md; guide: docs/inference.md.
 
 example: vol3d eval runs/tiny --cache cache/tiny --split test --limit 50"""
 
-TASK_CHOICES = ("report", "vqa_closed", "vqa_open", "ground", "ehr")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vol3d.tasks.samples import TASKS  # torch-free
+
     parser.add_argument("run", type=Path, metavar="RUN", help="run directory of `vol3d train` / `vol3d finetune`")
     parser.add_argument("--cache", type=Path, required=True, metavar="CACHE", help="cache made by `vol3d preprocess`")
     parser.add_argument("--split", default="test", help="manifest split to evaluate (default test; 'all' = every case)")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_CHOICES, default=None,
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
                         help="tasks to score (default: the text tasks, plus ehr when the run has an EHR head)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON",

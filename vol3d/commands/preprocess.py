@@ -34,14 +34,6 @@ _RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes",
              "split_fractions")  # fmt: skip
 
 
-def _config_has(field: str) -> bool:
-    import dataclasses
-
-    from preprocess.config import PreprocessConfig
-
-    return any(f.name == field for f in dataclasses.fields(PreprocessConfig))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from preprocess.config import PreprocessConfig
     from preprocess.config_io import add_dataclass_args
@@ -74,15 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write keyed hashes instead of input paths in the manifest (file names may hold identifiers)",
     )
-    if not _config_has("split_fractions"):
-        parser.add_argument(
-            "--split-fractions",
-            nargs=3,
-            type=float,
-            metavar=("TRAIN", "VAL", "TEST"),
-            default=None,
-            help="fractions of patients per split (default 0.8 0.1 0.1)",
-        )
+    parser.add_argument(
+        "--split-fractions",
+        nargs=3,
+        type=float,
+        metavar=("TRAIN", "VAL", "TEST"),
+        default=None,
+        help="fractions of patients per split (default 0.8 0.1 0.1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     fields = parser.add_argument_group(
         "config fields", "every PreprocessConfig field (docs/preprocess.md); a flag wins over --config/--preset"
@@ -90,13 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(fields, PreprocessConfig)  # type: ignore[arg-type]  (a group adds arguments alike)
 
 
-def preset_path(name: str) -> Path:
-    """``configs/preprocess/<name>.yaml`` of the source tree; the error lists the presets there."""
-    folder = Path(__file__).resolve().parents[2] / "configs" / "preprocess"
+def preset_path(name: str, kind: str = "preprocess") -> Path:
+    """``configs/<kind>/<name>.yaml`` of the source tree (``kind``: preprocess or train; the presets ship
+    with the repository); the error lists the presets there."""
+    folder = Path(__file__).resolve().parents[2] / "configs" / kind
     path = folder / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        raise InputError(f"--preset {name}: no such preset; available: {', '.join(names) or 'none found in ' + str(folder)}")
+        found = ", ".join(names) or f"none found in {folder} (use a vol3d source checkout: pip install -e .)"
+        raise InputError(f"--preset {name}: no such {kind} preset; available: {found}")
     return path
 
 
@@ -127,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     config_path = preset_path(args.preset) if args.preset else args.config
     cfg = build_config(PreprocessConfig, config_path, args)
-    fractions = getattr(cfg, "split_fractions", None) or getattr(args, "split_fractions", None) or DEFAULT_SPLIT
+    fractions = args.split_fractions or DEFAULT_SPLIT
     opts = RunOptions(
         workers=cfg.workers,
         shard=parse_shard(args.shard) if args.shard else None,

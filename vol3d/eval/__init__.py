@@ -5,7 +5,7 @@ See ``docs/tasks_and_metrics.md`` for the definitions.
 
 from __future__ import annotations
 
-from vol3d.eval.evaluate import EvalItem, eval_samples, evaluate
+from vol3d.eval.evaluate import TEXT_TASKS, EvalItem, eval_samples, evaluate
 from vol3d.eval.metrics import (
     aggregate_segmentation,
     bleu4,
@@ -17,6 +17,7 @@ from vol3d.eval.metrics import (
     grounding_metrics,
     jsonable,
     match_boxes,
+    match_pairs,
     normalise_answer,
     report_metrics,
     rouge_l,
@@ -25,6 +26,7 @@ from vol3d.eval.metrics import (
 )
 
 __all__ = [
+    "TEXT_TASKS",
     "aggregate_segmentation",
     "bleu4",
     "dice_hd95_per_class",
@@ -38,6 +40,7 @@ __all__ = [
     "grounding_metrics",
     "jsonable",
     "match_boxes",
+    "match_pairs",
     "normalise_answer",
     "report_metrics",
     "rouge_l",

@@ -29,6 +29,9 @@ from vol3d.tasks.codes import CodeVocab
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.samples import TASKS, Sample, applicable_tasks, sample_one
 
+#: Tasks evaluated by default: every text task (``ehr`` needs a model with an EHR head).
+TEXT_TASKS = ("report", "vqa_closed", "vqa_open", "ground")
+
 
 @dataclasses.dataclass
 class EvalItem:
@@ -114,7 +117,7 @@ def eval_samples(
 def evaluate(
     model: Any,
     cases: Iterable[Mapping[str, Any]],
-    tasks: Sequence[str] = ("report", "vqa_closed", "vqa_open", "ground"),
+    tasks: Sequence[str] = TEXT_TASKS,
     *,
     vocab: Mapping[str, Any] | None = None,
     code_vocab: CodeVocab | None = None,

@@ -25,13 +25,33 @@ from typing import Any
 import numpy as np
 
 from preprocess.geometry import as_boxes, box_iou, denormalise_boxes, parse_boxes
-from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab
+from vol3d.tasks.findings import FindingSpec, as_vocab
 
 # ============================================================================ grounding
 
 
+def match_pairs(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Hungarian assignment of predicted to true boxes that maximises the total IoU.
+
+    Args:
+        pred: ``(P, 6)`` boxes; gt: ``(G, 6)`` boxes, same frame.
+    Returns:
+        ``pred_idx (M,)``, ``gt_idx (M,)`` and ``iou (M,)`` of the ``M = min(P, G)`` matched
+        pairs, ordered by ``pred_idx`` (empty when either side has no box).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pred, gt = as_boxes(pred), as_boxes(gt)
+    if not (len(pred) and len(gt)):
+        empty = np.zeros(0, dtype=int)
+        return empty, empty, np.zeros(0)
+    iou = box_iou(pred, gt)  # (P, G)
+    rows, cols = linear_sum_assignment(-iou)  # rows come sorted
+    return rows, cols, iou[rows, cols]
+
+
 def match_boxes(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal one-to-one matching of predicted to true boxes (Hungarian, maximising total IoU).
+    """Optimal one-to-one matching of predicted to true boxes (:func:`match_pairs`).
 
     Args:
         pred: ``(P, 6)`` boxes; gt: ``(G, 6)`` boxes, same frame.
@@ -39,15 +59,10 @@ def match_boxes(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
         ``gt_iou (G,)``: IoU of each true box with its matched prediction (0 if unmatched),
         ``pred_iou (P,)``: the same seen from the predictions (0 for extra predictions).
     """
-    from scipy.optimize import linear_sum_assignment
-
-    pred, gt = as_boxes(pred), as_boxes(gt)
-    gt_iou, pred_iou = np.zeros(len(gt)), np.zeros(len(pred))
-    if len(pred) and len(gt):
-        iou = box_iou(pred, gt)  # (P, G)
-        rows, cols = linear_sum_assignment(-iou)
-        gt_iou[cols] = iou[rows, cols]
-        pred_iou[rows] = iou[rows, cols]
+    rows, cols, iou = match_pairs(pred, gt)
+    gt_iou, pred_iou = np.zeros(len(as_boxes(gt))), np.zeros(len(as_boxes(pred)))
+    gt_iou[cols] = iou
+    pred_iou[rows] = iou
     return gt_iou, pred_iou
 
 
@@ -326,10 +341,11 @@ def finding_f1(
     _check_pairs(pred_texts, ref_texts)
     vocab = as_vocab(vocab)
     names = list(vocab)
-    y_pred = np.array(
-        [[extract_findings(t, vocab)[n] for n in names] for t in pred_texts], dtype=int
-    ).reshape(-1, len(names))
-    y_true = np.array([[extract_findings(t, vocab)[n] for n in names] for t in ref_texts], dtype=int).reshape(
+    # extract_findings returns every finding in vocabulary order: one call per text
+    y_pred = np.array([list(extract_findings(t, vocab).values()) for t in pred_texts], dtype=int).reshape(
+        -1, len(names)
+    )
+    y_true = np.array([list(extract_findings(t, vocab).values()) for t in ref_texts], dtype=int).reshape(
         -1, len(names)
     )
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
@@ -589,7 +605,6 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "FindingVocab",
     "aggregate_segmentation",
     "bleu4",
     "dice_hd95_per_class",
@@ -600,6 +615,7 @@ __all__ = [
     "grounding_metrics",
     "jsonable",
     "match_boxes",
+    "match_pairs",
     "normalise_answer",
     "report_metrics",
     "rouge_l",
