@@ -26,7 +26,7 @@ class _Entry:
 _ENCODERS: dict[str, _Entry] = {}
 # Modules whose import registers presets; imported on first use so the registry is
 # complete however the caller reached it.
-_FAMILIES = ("vol3d.models.vit3d", "vol3d.models.resnet3d")
+_FAMILIES = ("vol3d.models.vit3d", "vol3d.models.resnet3d", "vol3d.models.unet3d")
 
 
 def register_encoder(name: str, cls: type[nn.Module], description: str, **defaults: Any) -> None:

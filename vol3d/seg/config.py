@@ -34,9 +34,10 @@ class SegModelConfig:
     in_chans: int = _f(1, "input channels (the cache's HU windows)")
     class_names: list[str] = _f(DEFAULT_CLASSES, "one name per output class; index = label value, 0 = background")
     patch_size: tuple[int, int, int] = _f((64, 64, 32), "training patch and sliding-window ROI (X, Y, Z) voxels")
-    decoder: Literal["auto", "unetr", "unet"] = _f(
+    decoder: Literal["auto", "unetr", "unet", "monai_unet"] = _f(
         "auto", "unetr: project single-scale (ViT) features up; unet: skip connections of a multi-scale "
-        "(ResNet) encoder; auto picks by the encoder's feature strides")
+        "(ResNet) encoder; monai_unet: MONAI UNet's up path (resunet3d encoders); auto picks by the "
+        "encoder's feature strides")
     feature_size: int = _f(16, "decoder channels at full resolution (doubling per level, as MONAI UNETR)")
     intermediate_indices: list[int] = _f([], "ViT blocks tapped by the UNETR decoder (empty: evenly spread)")
     tune: Tune = _f("full", "full: train everything; frozen: encoder fixed (decoder only); "

@@ -24,7 +24,7 @@ from preprocess.config_io import from_dict, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.registry import create_encoder
 from vol3d.seg.config import SegModelConfig
-from vol3d.seg.decoders import build_decoder
+from vol3d.models.decoders import build_decoder
 
 CONFIG_NAME = "seg_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,7 +33,7 @@ VLM_CONFIG_NAME = "vol3d_config.json"  # what Vol3DModel.save_pretrained writes
 
 
 class SegModel(nn.Module):
-    """Encoder -> ``forward_intermediates`` -> :class:`~vol3d.seg.decoders.SegDecoder` -> logits.
+    """Encoder -> ``forward_intermediates`` -> :class:`~vol3d.models.decoders.SegDecoder` -> logits.
 
     Args:
         config: architecture and tuning mode.

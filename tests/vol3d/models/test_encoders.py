@@ -18,6 +18,8 @@ def _small_overrides(name: str) -> dict:
     d = encoder_defaults(name)
     if name.startswith("vit3d"):
         return {"embed_dim": d["num_heads"] * 4}
+    if name.startswith("resunet3d"):
+        return {"channels": [4 * 2**i for i in range(len(d["channels"]))]}
     # ResNet-50/152 keep their bottleneck blocks but one per stage: 3D convolution backward
     # on CPU is slow, and the full stage layouts are checked on the meta device in test_inflate
     return {"width": 4} if d["block"] == "basic" else {"width": 4, "layers": (1, 1, 1, 1)}
@@ -31,7 +33,7 @@ def _test_input(enc, batch: int = 1) -> torch.Tensor:
 
 def test_registry_lists_the_contract_names():
     for name in ("vit3d_tiny", "vit3d_small", "vit3d_base", "vit3d_large",
-                 "resnet3d_tiny", "resnet3d_18", "resnet3d_50", "resnet3d_152"):
+                 "resnet3d_tiny", "resnet3d_18", "resnet3d_50", "resnet3d_152", "resunet3d_tiny", "resunet3d_base"):
         assert name in list_encoders()
     with pytest.raises(ConfigError, match="choose one of"):
         create_encoder("vit3d_huge")
@@ -111,3 +113,19 @@ def test_resnet_in_chans_mismatch_is_a_clear_error():
     enc = create_encoder("resnet3d_tiny", in_chans=2)
     with pytest.raises(ValueError, match="in_chans=1"):
         enc.forward_features(torch.randn(1, 1, 64, 64, 32))
+
+
+def test_resnet_dense_layout_keeps_fine_maps_and_counts_tokens():
+    """A stride-1 max-pool is dropped and the stem may be 3x3x3: the maps a dense head reads stay
+    fine, and token_grid still predicts the last map exactly."""
+    enc = create_encoder("resnet3d_tiny", width=4, stem_kernel=3, xy_strides=(2, 1, 2, 2, 1),
+                         z_strides=(1, 1, 2, 2, 1), norm="instance").eval()
+    assert isinstance(enc.maxpool, torch.nn.Identity)
+    assert enc.patch_size == (8, 8, 4)
+    x = torch.randn(1, 1, 40, 24, 12)
+    maps = enc.forward_intermediates(x)
+    assert [tuple(m.shape[2:]) for m in maps] == [(20, 12, 12), (20, 12, 12), (10, 6, 6), (5, 3, 3), (5, 3, 3)]
+    assert enc.token_grid(x.shape[2:]) == (5, 3, 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in enc.modules())
+    with pytest.raises(ValueError, match="xy_strides"):
+        create_encoder("resnet3d_tiny", xy_strides=(2, 2, 3, 2, 2))

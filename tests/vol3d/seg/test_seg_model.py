@@ -10,7 +10,7 @@ import torch
 
 from preprocess.errors import ConfigError, InputError
 from vol3d.seg.config import SegModelConfig
-from vol3d.seg.decoders import level_factors, vit_taps
+from vol3d.models.decoders import level_factors, vit_taps
 from vol3d.seg.model import SegModel, load_init_encoder, model_dir
 
 
@@ -26,6 +26,8 @@ def _model(encoder: str, patch, **kw) -> SegModel:
         ("vit3d_tiny", (16, 24, 8), "unetr"),  # non-cubic, not the ViT's own img_size
         ("resnet3d_tiny", (32, 32, 16), "unet"),
         ("resnet3d_tiny", (64, 32, 32), "unet"),
+        ("resunet3d_tiny", (32, 32, 16), "monai_unet"),
+        ("resunet3d_tiny", (48, 32, 24), "monai_unet"),  # non-cubic
     ],
 )
 def test_decoder_restores_the_input_resolution(encoder, patch, style):
@@ -50,6 +52,8 @@ def test_patch_must_fit_the_encoder_stride():
         _model("vit3d_tiny", (30, 32, 16))
     with pytest.raises(ConfigError, match="single-scale"):
         _model("vit3d_tiny", (32, 32, 16), decoder="unet")
+    with pytest.raises(ConfigError, match="bottom layer"):
+        _model("resnet3d_tiny", (32, 32, 32), decoder="monai_unet")
 
 
 def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
@@ -62,7 +66,7 @@ def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
     assert all(torch.equal(before[k], v) for k, v in m.encoder.state_dict().items())  # running stats too
 
 
-@pytest.mark.parametrize("encoder", ["vit3d_tiny", "resnet3d_tiny"])
+@pytest.mark.parametrize("encoder", ["vit3d_tiny", "resnet3d_tiny", "resunet3d_tiny"])
 def test_lora_trains_adapters_only(encoder):
     m = _model(encoder, (32, 32, 16), tune="lora", lora_r=2)
     trainable = [n for n, p in m.encoder.named_parameters() if p.requires_grad]

@@ -125,7 +125,7 @@ def test_seg_presets_load_and_build(path):
     from vol3d.seg.model import SegModel
 
     model = SegModel(cfg.model)
-    assert model.decoder.path.out.conv.conv.out_channels == len(cfg.model.class_names)
+    assert model.decoder.out.conv.conv.out_channels == len(cfg.model.class_names)
     if "tiny" in path.stem:  # the CPU presets take the tiny cache as it is, and run forward at their patch size
         from preprocess.config import read_config
 
