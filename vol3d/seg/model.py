@@ -22,9 +22,9 @@ from torch import nn
 
 from preprocess.config_io import from_dict, to_dict
 from preprocess.errors import ConfigError, InputError
+from vol3d.models.decoders import build_decoder
 from vol3d.models.registry import create_encoder
 from vol3d.seg.config import SegModelConfig
-from vol3d.models.decoders import build_decoder
 
 CONFIG_NAME = "seg_config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from preprocess.errors import ConfigError, InputError
-from vol3d.seg.config import SegModelConfig
 from vol3d.models.decoders import level_factors, vit_taps
+from vol3d.seg.config import SegModelConfig
 from vol3d.seg.model import SegModel, load_init_encoder, model_dir
 
 
