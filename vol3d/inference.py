@@ -39,11 +39,10 @@ from preprocess import geometry
 from preprocess.config import PreprocessConfig, read_config
 from preprocess.errors import ConfigError, InputError
 from preprocess.types import Candidate, Image, SeriesError
+from vol3d.rundir import PREPROCESS_NAME
 
 log = logging.getLogger(__name__)
 
-#: File (in ``RUN/model/`` or ``RUN/``) holding the preprocessing config of the training cache.
-PREPROCESS_NAME = "preprocess.json"
 #: Separator of a cache entry given as one string: ``CACHE_DIR::case_id``.
 CACHE_SEP = "::"
 
@@ -470,7 +469,8 @@ class Vol3DPipeline:
     def locate_prefix(self) -> str | None:
         """How this model's answers start when it is told to say where (``ask(..., locate=True)``);
         None for a model that is not a :class:`vol3d.models.Vol3DModel`."""
-        from vol3d.models.vlm import LOCATE_PREFIX, Vol3DModel
+        from vol3d.models.vlm import Vol3DModel
+        from vol3d.protocol import LOCATE_PREFIX
 
         if not isinstance(self.model, Vol3DModel):
             return None

@@ -147,7 +147,7 @@ def evaluate(
         image_blind: zero every volume (image-blind baseline).
         keep_predictions: also return every prompt, reference and prediction.
         locate_prefix: also ask each grounding question about a *present* finding with the
-            answer forced to start with this (``vol3d.models.vlm.LOCATE_PREFIX``; ``model.generate``
+            answer forced to start with this (``vol3d.protocol.LOCATE_PREFIX``; ``model.generate``
             must take ``answer_prefix``) and report ``ground.located_*``: how well the model
             says where a finding is once told that it is there, apart from whether it saw it.
 

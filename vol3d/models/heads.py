@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from preprocess.errors import ConfigError, InputError
+from vol3d.models.box_ops import box_iou_3d
 from vol3d.models.layers import Mlp, fourier_features, grid_centres, grid_to_tokens
 
 
@@ -128,8 +129,6 @@ class GroundingHead(nn.Module):
         already given in that answer by more than ``max_iou``: an answer with three ``<box>``
         tokens names three lesions, not one lesion three times.
         """
-        from vol3d.train.losses import box_iou_3d
-
         logits, boxes = out["logits"], out["boxes"]
         picked: list[torch.Tensor] = []
         given: dict[int, list[torch.Tensor]] = {}

@@ -1,10 +1,8 @@
 """Tokenizers without hub downloads: a small byte-level BPE trained on the cache's texts,
-or any local Hugging Face tokenizer directory, both with vol3d's special tokens.
-
-- ``<vol>``: placeholder filled with volume embeddings (special: dropped when decoding).
-- ``<box>``, ``</box>``: delimit text boxes ``<box>[x0,y0,z0,x1,y1,z1]</box>``; *not*
-  special, so ``decode(..., skip_special_tokens=True)`` keeps them for box parsing.
-- ``<pad>``, ``<s>``, ``</s>``: padding, begin and end of sequence.
+or any local Hugging Face tokenizer directory, both with vol3d's special tokens
+(:mod:`vol3d.protocol`): the placeholders ``<vol>``, ``<reg>``, ``<org>`` (special: dropped
+when decoding), ``<box>``/``</box>`` (*not* special, so decoding keeps them for box parsing),
+and ``<pad>``, ``<s>``, ``</s>``.
 
 Digits are split one by one, so a box coordinate such as ``120`` is three tokens
 whatever the corpus, and every integer 0..999 can be written.
@@ -18,13 +16,20 @@ from pathlib import Path
 from transformers import AddedToken, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from preprocess.errors import InputError
+from vol3d.protocol import (
+    BOS_TOKEN,
+    BOX_END,
+    BOX_START,
+    EOS_TOKEN,
+    ORGAN_TOKEN,
+    PAD_TOKEN,
+    PLACEHOLDERS,
+    REGION_TOKEN,
+    VOL_TOKEN,
+)
 
-VOL_TOKEN = "<vol>"
-BOX_START = "<box>"
-BOX_END = "</box>"
-PAD_TOKEN = "<pad>"
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
+__all__ = ["BOS_TOKEN", "BOX_END", "BOX_START", "EOS_TOKEN", "ORGAN_TOKEN", "PAD_TOKEN", "REGION_TOKEN",
+           "VOL_TOKEN", "add_vol3d_tokens", "build_tokenizer", "load_tokenizer"]
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -42,7 +47,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, VOL_TOKEN],
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *PLACEHOLDERS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -66,8 +71,9 @@ def add_vol3d_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
         else:
             n += tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     vocab = tokenizer.get_vocab()
-    if VOL_TOKEN not in vocab:
-        n += tokenizer.add_tokens([AddedToken(VOL_TOKEN, special=True, normalized=False)], special_tokens=True)
+    new_placeholders = [AddedToken(t, special=True, normalized=False) for t in PLACEHOLDERS if t not in vocab]
+    if new_placeholders:
+        n += tokenizer.add_tokens(new_placeholders, special_tokens=True)
     new_box = [AddedToken(t, special=False, normalized=False) for t in (BOX_START, BOX_END) if t not in vocab]
     if new_box:
         n += tokenizer.add_tokens(new_box)

@@ -33,12 +33,10 @@ from vol3d.models.layers import fourier_features, grid_to_tokens
 from vol3d.models.processor import Vol3DProcessor
 from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
-from vol3d.models.tokenizer import BOX_END, BOX_START, VOL_TOKEN, add_vol3d_tokens, load_tokenizer
-
-CONFIG_NAME = "vol3d_config.json"
-PREPROCESS_NAME = "preprocess.json"  # see preprocess.config.read_config
-WEIGHTS_NAME = "model.safetensors"
-LM_DIR = "lm"
+from vol3d.models.tokenizer import add_vol3d_tokens, load_tokenizer
+from vol3d.protocol import BOX_END, BOX_START, VOL_TOKEN
+from vol3d.rundir import LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
+from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
 
 def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
@@ -48,11 +46,6 @@ def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-#: ``answer_prefix`` that makes a model say where a finding is, not whether it is there:
-#: the answer starts with a box (referring localisation, as M3D's REG task assumes the
-#: object exists). A grounding-head model goes on from ``<box>``; a text-mode model spells
-#: the coordinates after ``<box>[``.
-LOCATE_PREFIX = {True: "<box>", False: "<box>["}
 
 
 def box_token_index(labels: torch.Tensor, box_token_id: int) -> torch.Tensor:
@@ -391,7 +384,7 @@ class Vol3DModel(nn.Module):
         where = box_token_index(ids, self.box_token_id)
         if self.box_head is None or not len(where):
             return None
-        from preprocess.geometry import BOX_SCALE
+        from vol3d.protocol import BOX_SCALE
 
         full = torch.cat([embeds, self.lm.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)
         mask = torch.cat([attention_mask, torch.ones_like(ids)], dim=1)
@@ -408,7 +401,7 @@ class Vol3DModel(nn.Module):
 
     def _decode_with_boxes(self, ids: list[int], boxes: list[list[int]]) -> str:
         """Decoded text with each ``<box>`` token written out as ``<box>[x0,y0,z0,x1,y1,z1]</box>``."""
-        from preprocess.geometry import format_box
+        from vol3d.protocol import format_box
 
         parts, start, k = [], 0, 0
         for i, tok in enumerate(ids + [self.box_token_id]):

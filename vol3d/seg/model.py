@@ -24,12 +24,9 @@ from preprocess.config_io import from_dict, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.decoders import build_decoder
 from vol3d.models.registry import create_encoder
+from vol3d.rundir import PREPROCESS_NAME, VLM_CONFIG_NAME, WEIGHTS_NAME
+from vol3d.rundir import SEG_CONFIG_NAME as CONFIG_NAME
 from vol3d.seg.config import SegModelConfig
-
-CONFIG_NAME = "seg_config.json"
-WEIGHTS_NAME = "model.safetensors"
-PREPROCESS_NAME = "preprocess.json"
-VLM_CONFIG_NAME = "vol3d_config.json"  # what Vol3DModel.save_pretrained writes
 
 
 class SegModel(nn.Module):

@@ -27,12 +27,12 @@ import numpy as np
 
 from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import as_boxes, format_box, normalise_boxes
+from vol3d.protocol import BOX_START, VOL_TOKEN
 from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ
 
-VOL = "<vol>"
-#: The grounding head's token (``vol3d.models.tokenizer.BOX_START``; not imported: tasks need no torch).
-BOX_TOKEN = "<box>"
+VOL = VOL_TOKEN
+BOX_TOKEN = BOX_START
 BoxFormat = Literal["text", "token"]
 BOX_FORMATS = ("text", "token")
 TASKS = ("report", "vqa_closed", "vqa_open", "ground", "ehr")
