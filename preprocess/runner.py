@@ -617,6 +617,10 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
     candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress)
     _require_images(src, candidates, workdir)
     open_cache(out, params, opts.overwrite)
+    if side.vocab is not None:
+        from preprocess.sidecars import VOCAB_NAME
+
+        atomic_write_text(out / VOCAB_NAME, json.dumps(side.vocab, indent=2, sort_keys=True) + "\n")
     if opts.shard is not None:
         i, n = opts.shard
         candidates = [c for c in candidates if shard_of(c, n) == i]

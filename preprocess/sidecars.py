@@ -27,6 +27,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from preprocess.errors import InputError
 from preprocess.types import Candidate
@@ -125,6 +126,47 @@ def load_codes(path: str | Path) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+#: The vocabulary file a cache carries (``CACHE/vocab.json``), written from ``vol3d preprocess --vocab``.
+VOCAB_NAME = "vocab.json"
+
+
+def load_vocabulary(path: str | Path) -> dict[str, Any]:
+    """A vocabulary file (JSON or YAML): what the export's findings, label values and codes are called.
+
+    ``{"findings": {name: {"text", "organ", ...}}, "labels": [name of value 0, 1, ...],
+    "finding_labels": [label names marking finding voxels]}`` (docs/tasks_and_metrics.md). Checked
+    here for shape only (the finding fields are checked where they are used, by ``vol3d train``).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"vocabulary file {path} does not exist; pass a JSON or YAML file (docs/tasks_and_metrics.md)")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"vocabulary file {path} could not be parsed ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("findings"), dict) or not data["findings"]:
+        raise InputError(f"vocabulary file {path}: expected an object with a non-empty 'findings' mapping "
+                         "(name -> {text, organ, ...}); see docs/tasks_and_metrics.md")
+    for name, spec in data["findings"].items():
+        if not isinstance(spec, dict) or not spec.get("text") or not spec.get("organ"):
+            raise InputError(f"vocabulary file {path}: finding {name!r} needs at least 'text' and 'organ'")
+    for key in ("labels", "finding_labels"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise InputError(f"vocabulary file {path}: '{key}' must be a list of names")
+    unknown = sorted(set(data.get("finding_labels", [])) - set(data.get("labels", [])))
+    if unknown:
+        raise InputError(f"vocabulary file {path}: finding_labels {unknown} are not in 'labels'")
+    unexpected = sorted(set(data) - {"findings", "labels", "finding_labels", "codes"})
+    if unexpected:
+        raise InputError(f"vocabulary file {path}: unknown keys {unexpected}; allowed: findings, labels, "
+                         "finding_labels, codes")
+    return data
+
+
 def load_boxes(path: str | Path) -> dict[str, list[dict]]:
     """Series key -> boxes ``{"finding", "organ", "box_world_ras_mm": [6 floats]}``, validated."""
     path = Path(path)
@@ -176,6 +218,7 @@ class SideTables:
     boxes: dict[str, list[dict]] | None = None
     labels_dir: Path | None = None
     lesions_dir: Path | None = None
+    vocab: dict[str, Any] | None = None  # findings / label names (load_vocabulary), copied to CACHE/vocab.json
     paths: tuple[Path, ...] = ()  # every table file/folder given (kept out of the image scan)
 
     @classmethod
@@ -186,6 +229,7 @@ class SideTables:
         boxes: str | Path | None = None,
         labels: str | Path | None = None,
         lesions: str | Path | None = None,
+        vocab: str | Path | None = None,
     ) -> SideTables:
         """Read every given table; raise :class:`InputError` naming the file/column on any problem."""
         for folder, flag, what in ((labels, "--labels", "masks"), (lesions, "--lesions", "lesion instance maps")):
@@ -197,7 +241,8 @@ class SideTables:
             boxes=load_boxes(boxes) if boxes is not None else None,
             labels_dir=Path(labels) if labels is not None else None,
             lesions_dir=Path(lesions) if lesions is not None else None,
-            paths=tuple(Path(p) for p in (reports, codes, boxes, labels, lesions) if p is not None),
+            vocab=load_vocabulary(vocab) if vocab is not None else None,
+            paths=tuple(Path(p) for p in (reports, codes, boxes, labels, lesions, vocab) if p is not None),
         )
 
     def label_file(self, key: str, folder: Path | None = None) -> Path | None:

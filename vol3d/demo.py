@@ -222,7 +222,8 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     export = paths.export
     cfg = load_yaml(PreprocessConfig, preset_path(PREPROCESS_PRESET, kind="preprocess"))
     side = SideTables.load(reports=export / "reports.csv", codes=export / "ehr_codes.csv",
-                           boxes=export / "boxes.json", labels=export / "labels", lesions=export / "lesions")
+                           boxes=export / "boxes.json", labels=export / "labels", lesions=export / "lesions",
+                           vocab=export / "vocab.json")
     run_opts = RunOptions(progress=opts.progress, split_fractions=tuple(opts.split_fractions))
     summary = run_preprocess(export, paths.cache, cfg, side, run_opts)
     _say(summary.table())
@@ -370,16 +371,18 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
 
     from vol3d.eval import evaluate
 
-    vocab, tasks = pipe.code_vocab, pipe.default_tasks
+    codes, tasks = pipe.code_vocab, pipe.default_tasks
+    presence = pipe.presence_set(cases, seed=seed)
     out: dict[str, Any] = {}
     for name, blind in (("model", False), ("image_blind", True)):
         if blind and not baseline:
             continue
         t0 = time.perf_counter()
         items = tqdm(cases, desc=f"{label} ({name.replace('_', '-')})", unit="case", disable=not progress)
-        out[name] = evaluate(pipe.model, items, tasks, code_vocab=vocab, samples_per_case=samples_per_case,
-                             max_new_tokens=max_new_tokens, seed=seed, image_blind=blind,
-                             keep_predictions=not blind, locate_prefix=pipe.locate_prefix)
+        out[name] = evaluate(pipe.model, items, tasks, vocab=pipe.vocab, code_vocab=codes,
+                             samples_per_case=samples_per_case, max_new_tokens=max_new_tokens, seed=seed,
+                             image_blind=blind, keep_predictions=True, locate_prefix=pipe.locate_prefix,
+                             presence=presence)
         out[name]["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -507,12 +507,28 @@ class Vol3DPipeline:
                               "train with loss.ehr > 0")
         inp = self.prepare(volume, series=series)
         with torch.inference_mode():
-            pooled = self.model.encode_volume(self._tensor(inp))["pooled"]
-            logits = self.model.head_outputs(pooled)["ehr_logits"]
+            enc = self.model.encode_volume(self._tensor(inp))
+            logits = self.model.head_outputs(enc["pooled"], summary=enc.get("summary"))["ehr_logits"]
         probs = torch.sigmoid(logits.float())[0].cpu().numpy()
         return {c: float(p) for c, p in zip(vocab.codes, probs, strict=True)}
 
     # -- evaluation
+    @property
+    def vocab(self) -> dict | None:
+        """The model's finding vocabulary (None: the model does not record one; evaluation then uses the
+        synthetic default)."""
+        findings = getattr(self.model.config, "findings", None)
+        return self.model.vocab if findings else None
+
+    def presence_set(self, cases: Any, n: int | None = None, seed: int = 0) -> dict[int, list[str]]:
+        """Presence questions balanced per finding over the first ``n`` cases of a CacheDataset
+        (:func:`vol3d.tasks.samples.balanced_presence`), reading boxes only."""
+        from vol3d.tasks.samples import balanced_presence
+
+        n = len(cases) if n is None else n
+        scan = getattr(cases, "item_without_pixels", cases.__getitem__)
+        return balanced_presence((scan(i) for i in range(n)), self.vocab, seed)
+
     def evaluate(self, cache_dir: str | Path, split: str | None = "test", tasks: Sequence[str] | None = None,
                  limit: int | None = None, image_blind: bool = False, *, samples_per_case: int = 2,
                  max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0,
@@ -538,10 +554,11 @@ class Vol3DPipeline:
                              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + " (choose with --split)")
         n = len(ds) if limit is None else min(int(limit), len(ds))
         same = self._check_cache_params(Path(cache_dir))
-        results = evaluate(self.model, (ds[i] for i in range(n)), tasks, code_vocab=vocab,
+        results = evaluate(self.model, (ds[i] for i in range(n)), tasks, vocab=self.vocab, code_vocab=vocab,
                            image_blind=image_blind, samples_per_case=samples_per_case,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                           keep_predictions=keep_predictions, locate_prefix=self.locate_prefix)
+                           keep_predictions=keep_predictions, locate_prefix=self.locate_prefix,
+                           presence=self.presence_set(ds, n, seed))
         results["meta"].update({
             "run": str(self.run_dir) if self.run_dir is not None else None,
             "cache": str(cache_dir),

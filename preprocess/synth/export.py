@@ -817,7 +817,8 @@ def _workers(cfg: SynthConfig) -> int:
 
 
 #: Everything :func:`generate` writes at the top of its folder: all that ``vol3d synth --overwrite`` deletes.
-OWN_ENTRIES = ("dicom", "nifti", "labels", "lesions", "boxes.json", "reports.csv", "ehr_codes.csv", "truth.json",
+OWN_ENTRIES = ("dicom", "nifti", "labels", "lesions", "boxes.json", "vocab.json", "reports.csv", "ehr_codes.csv",
+               "truth.json",
                IGNORE_FILE)  # fmt: skip
 
 
@@ -876,9 +877,13 @@ def generate(out: str | Path, cfg: SynthConfig, progress: Callable[[int], None] 
 
 
 def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: list[dict]) -> dict:
-    """boxes.json, reports.csv, ehr_codes.csv and truth.json (rows in case order: deterministic)."""
+    """boxes.json, vocab.json, reports.csv, ehr_codes.csv and truth.json (rows in case order: deterministic)."""
+    from preprocess.synth.phantom import LABELS
+    from preprocess.synth.reports import vocabulary
+
     boxes = [b for r in results for b in r["boxes"]]
     (out / "boxes.json").write_text(json.dumps(boxes, indent=1) + "\n")
+    (out / "vocab.json").write_text(json.dumps(vocabulary(LABELS), indent=1) + "\n")
     with open(out / "reports.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["AccessionNumber", "Findings", "Impression"])
@@ -924,7 +929,7 @@ def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: l
     # Ground truth sits beside the images, as in a real export: tell `vol3d preprocess OUT` it is not imaging.
     (out / IGNORE_FILE).write_text(
         "# side data of this export, not images (read by vol3d preprocess; see docs/ingest.md)\n"
-        + "\n".join(("labels/*", "lesions/*", "boxes.json", "truth.json", "*.csv"))
+        + "\n".join(("labels/*", "lesions/*", "boxes.json", "vocab.json", "truth.json", "*.csv"))
         + "\n"
     )
     return truth

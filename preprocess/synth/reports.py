@@ -61,6 +61,29 @@ FINDINGS: dict[str, dict] = {
     },
 }
 
+#: How the synthetic reports name each finding, as a vocabulary file's ``findings`` entry (the fields of
+#: ``vol3d.tasks.FindingSpec``): the question text, the organ, and the words a report uses for it.
+VOCAB_FINDINGS: dict[str, dict] = {
+    "liver_lesion": {"text": "liver lesion", "organ": "liver", "nouns": ["lesion", "mass", "hypodensity", "metastasis"],
+                     "organ_words": ["liver", "hepatic"], "code": "K76.89"},
+    "lung_nodule": {"text": "lung nodule", "organ": "lung", "nouns": ["nodule", "opacity"],
+                    "organ_words": ["lung", "pulmonary", "lobe"], "code": "R91.1"},
+    "kidney_cyst": {"text": "kidney cyst", "organ": "kidney", "nouns": ["cyst"], "organ_words": ["kidney", "renal"],
+                    "code": "N28.1"},
+    "splenomegaly": {"text": "splenomegaly", "organ": "spleen", "nouns": ["enlarged", "enlargement"],
+                     "organ_words": ["spleen", "splenic"], "phrases": ["splenomegaly"], "countable": False,
+                     "code": "R16.1"},
+}
+
+
+def vocabulary(labels: Sequence[str]) -> dict:
+    """The export's ``vocab.json`` (``vol3d preprocess --vocab``): findings, label names (by value) and
+    the label that marks finding voxels."""
+    assert set(VOCAB_FINDINGS) == set(FINDINGS), "every synthetic finding needs a vocabulary entry"
+    return {"findings": VOCAB_FINDINGS, "labels": list(labels), "finding_labels": ["lesion"],
+            "codes": {f["code"]: f["code_description"] for f in FINDINGS.values()} | dict(NOISE_CODES)}
+
+
 #: Unrelated chronic diagnoses added to patients' EHR codes as noise: code -> description.
 NOISE_CODES: dict[str, str] = {
     "I10": "Essential (primary) hypertension",

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codes", type=Path, metavar="CSV", help="EHR codes: PatientID,Code[,Description]")
     parser.add_argument("--labels", type=Path, metavar="DIR", help="label maps <key>.nii.gz (key: SeriesInstanceUID or NIfTI stem)")
     parser.add_argument("--boxes", type=Path, metavar="JSON", help="finding boxes in world RAS mm (docs/formats.md)")
+    parser.add_argument("--vocab", type=Path, metavar="FILE", help="names of the findings and label values "
+                        "(JSON/YAML, docs/tasks_and_metrics.md); copied to CACHE/vocab.json for training")
     parser.add_argument(
         "--lesions",
         type=Path,
@@ -130,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     side = SideTables.load(
-        reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels, lesions=args.lesions
+        reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels, lesions=args.lesions,
+        vocab=args.vocab,
     )
     summary = run_preprocess(args.paths[0], args.out, cfg, side, opts)
     print(summary.table())

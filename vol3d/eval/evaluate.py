@@ -11,23 +11,42 @@ The model (or an inference pipeline) needs only this interface:
 
 Samples are drawn with :func:`vol3d.tasks.sample_one` from a seed per (case, task,
 draw), so the same cases give the same questions whatever the task list or the model.
-``image_blind=True`` zeroes every volume: the score of a model that answers from the
-text alone, the floor a grounded model must beat.
+Presence questions ("Is there a liver lesion?") can instead come from a set balanced per
+finding over the cases (:func:`vol3d.tasks.samples.balanced_presence`), so a model that
+answers from the question alone scores 0.5 on them. ``image_blind=True`` zeroes every
+volume: the score of a model that answers from the text alone, the floor a grounded model
+must beat (SURE-VQA). Every headline metric carries a 95% bootstrap confidence interval over
+cases (keys ending in ``_ci``: ``[lo, hi]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from preprocess.errors import ConfigError
-from vol3d.eval.metrics import ehr_metrics, grounding_metrics, report_metrics, vqa_metrics
-from vol3d.tasks.codes import CodeVocab
+from vol3d.eval.metrics import (
+    answer_ious,
+    bootstrap_ci,
+    ehr_metrics,
+    extract_findings,
+    grounding_metrics,
+    normalise_answer,
+    report_metrics,
+    token_f1,
+    vqa_metrics,
+)
+from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import as_vocab
-from vol3d.tasks.samples import TASKS, Sample, applicable_tasks, sample_one
+from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, presence_sample, sample_one
+
+#: Bootstrap resamples of the confidence intervals.
+BOOTSTRAP_REPS = 1000
 
 #: Tasks evaluated by default: every text task (``ehr`` needs a model with an EHR head).
 TEXT_TASKS = ("report", "vqa_closed", "vqa_open", "ground")
@@ -78,16 +97,29 @@ def _case_items(
     seed: int,
     vocab: Any,
     code_vocab: Any,
+    presence: Sequence[str] | None = None,
 ) -> list[EvalItem]:
+    """The questions about case ``ci``; with ``presence`` (the findings its balanced presence questions
+    ask about, possibly none) closed draws are the other question types and presence comes from it."""
+    from preprocess.errors import InputError
+
     ok = applicable_tasks(case)
+    qtypes = CLOSED_QTYPES if presence is None else tuple(q for q in CLOSED_QTYPES if q != "presence")
     items = []
     for task in tasks:
         if task not in ok:
             continue
         for d in range(1 if task in ("report", "ehr") else samples_per_case):
             rng = np.random.default_rng([seed, ci, TASKS.index(task), d])
-            s = sample_one(case, task, rng, vocab=vocab, code_vocab=code_vocab)
+            try:
+                s = sample_one(case, task, rng, vocab=vocab, code_vocab=code_vocab, qtypes=qtypes)
+            except InputError:  # no closed question of the allowed types (every finding partly visible)
+                continue
             items.append(EvalItem(ci, str(case.get("id", ci)), s))
+        if task == "vqa_closed" and presence:
+            for name in presence:
+                rng = np.random.default_rng([seed, ci, TASKS.index(task), 1000 + list(vocab).index(name)])
+                items.append(EvalItem(ci, str(case.get("id", ci)), presence_sample(case, name, rng, vocab)))
     return items
 
 
@@ -129,6 +161,8 @@ def evaluate(
     image_blind: bool = False,
     keep_predictions: bool = False,
     locate_prefix: str | None = None,
+    presence: Mapping[int, Sequence[str]] | None = None,
+    bootstrap: int = BOOTSTRAP_REPS,
 ) -> dict[str, Any]:
     """Generate answers for evaluation samples of ``tasks`` on ``cases`` and compute their metrics.
 
@@ -150,6 +184,9 @@ def evaluate(
             answer forced to start with this (``vol3d.protocol.LOCATE_PREFIX``; ``model.generate``
             must take ``answer_prefix``) and report ``ground.located_*``: how well the model
             says where a finding is once told that it is there, apart from whether it saw it.
+        presence: case position -> findings to ask "Is there ...?" about
+            (:func:`vol3d.tasks.samples.balanced_presence`); None draws presence questions like the others.
+        bootstrap: resamples of the confidence intervals (0: none).
 
     Returns:
         ``{task: metrics, ..., "meta": {...}}`` (plus ``"predictions"``); see ``docs/tasks_and_metrics.md``.
@@ -166,13 +203,18 @@ def evaluate(
             )
     processor = processor or getattr(model, "processor", None)
     device = _device(model)
+    takes_spacing = "spacing" in inspect.signature(model.generate).parameters
     done: dict[str, list[tuple[EvalItem, Any]]] = {t: [] for t in tasks}  # (item, prediction)
     located: list[tuple[EvalItem, str]] = []  # grounding answers forced to start with a box
     n_cases = 0
     with torch.inference_mode():
         for ci, case in enumerate(cases):
             n_cases += 1
-            items = _case_items(ci, case, tasks, samples_per_case, seed, vocab, code_vocab)
+            items = _case_items(ci, case, tasks, samples_per_case, seed, vocab, code_vocab,
+                                None if presence is None else presence.get(ci, []))
+            gen_kw: dict[str, Any] = {}
+            if takes_spacing and case.get("spacing") is not None:
+                gen_kw["spacing"] = np.asarray(case["spacing"], dtype=float)
             vol = _volume(case).to(device)
             if image_blind:
                 vol = torch.zeros_like(vol)
@@ -181,7 +223,7 @@ def evaluate(
                 chunk = text_items[b : b + batch_size]
                 volume = vol[None].expand(len(chunk), *vol.shape)  # (B, C, X, Y, Z), no copy
                 out = model.generate(
-                    volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens
+                    volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens, **gen_kw
                 )
                 if len(out) != len(chunk):
                     raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
@@ -190,11 +232,11 @@ def evaluate(
                 present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
                 if locate_prefix and present:
                     out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
-                                         max_new_tokens=max_new_tokens, answer_prefix=locate_prefix)
+                                         max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
                     located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
             for it in items:
                 if it.sample.task == "ehr":
-                    done["ehr"].append(
+                            done["ehr"].append(
                         (it, _ehr_scores(model, vol[None], it.sample.prompt, processor, code_vocab))
                     )
 
@@ -206,12 +248,18 @@ def evaluate(
         elif task == "ehr":
             scores = np.stack([p for _, p in pairs])
             targets = np.stack([it.sample.extras["target"] for it, _ in pairs])
-            results[task] = ehr_metrics(scores, targets, code_vocab.codes)
+            results[task] = ehr_metrics(scores, targets, code_vocab.codes, imaging_codes(vocab))
         else:
             results[task] = _score(task, [it for it, _ in pairs], [p for _, p in pairs], vocab)
+        if pairs and bootstrap:
+            _merge(results[task], _intervals(task, pairs, vocab, code_vocab, bootstrap, seed))
     if located:
         scored = _score("ground", [it for it, _ in located], [p for _, p in located], vocab)
         results["ground"].update({f"located_{k}": scored[k] for k in ("mean_iou", "acc_iou25", "acc_iou50")})
+    if located and bootstrap:
+        stat = _pooled(lambda it, p: answer_ious(p, it.sample.extras["boxes_vox"], it.sample.extras["shape"])[0],
+                       lambda g: float(np.mean(g >= 0.5)))
+        results["ground"]["located_acc_iou50_ci"] = bootstrap_ci(_by_case(located), stat, bootstrap, seed)
     results["meta"] = {
         "n_cases": n_cases,
         "tasks": list(tasks),
@@ -237,6 +285,111 @@ def evaluate(
             for it, p in located
         ]
     return results
+
+
+def imaging_codes(vocab: Mapping[str, Any]) -> list[str]:
+    """The EHR codes of the vocabulary's findings (``FindingSpec.code``): the ones an image can show."""
+    return sorted({normalise_code(spec.code) for spec in as_vocab(vocab).values() if spec.code})
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+    """Add ``src``'s keys into ``dst``, recursing into dicts both have."""
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _auroc(target: np.ndarray, score: np.ndarray) -> float:
+    """AUROC by the rank-sum (Mann-Whitney) statistic; NaN without both classes (fast, for bootstraps)."""
+    from scipy.stats import rankdata
+
+    pos = target > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _by_case(pairs: Sequence[tuple[EvalItem, Any]]) -> list[list[tuple[EvalItem, Any]]]:
+    groups: dict[int, list[tuple[EvalItem, Any]]] = {}
+    for it, p in pairs:
+        groups.setdefault(it.case_index, []).append((it, p))
+    return list(groups.values())
+
+
+def _pooled(per_item: Callable[[EvalItem, Any], np.ndarray], reduce: Callable[[np.ndarray], float]):
+    """A bootstrap statistic: ``reduce`` of the values ``per_item`` gives, pooled over the resample
+    (computed once per item and cached by identity, so resampling is cheap)."""
+    cache: dict[int, np.ndarray] = {}
+
+    def stat(items: list[tuple[EvalItem, Any]]) -> float:
+        vals = []
+        for it, p in items:
+            key = id(it)
+            if key not in cache:
+                cache[key] = np.atleast_1d(np.asarray(per_item(it, p), dtype=float))
+            vals.append(cache[key])
+        flat = np.concatenate(vals) if vals else np.zeros(0)
+        return reduce(flat) if flat.size else math.nan
+
+    return stat
+
+
+def _intervals(task: str, pairs: list[tuple[EvalItem, Any]], vocab: Mapping[str, Any], code_vocab: Any,
+               reps: int, seed: int) -> dict[str, Any]:
+    """``<metric>_ci`` entries of ``task``'s headline metrics, resampling cases."""
+    groups = _by_case(pairs)
+    out: dict[str, Any] = {}
+    if task == "ground":
+        ious = _pooled(lambda it, p: answer_ious(p, it.sample.extras["boxes_vox"], it.sample.extras["shape"])[0],
+                       lambda g: g)
+        out["acc_iou50_ci"] = bootstrap_ci(groups, lambda items: float(np.mean(ious(items) >= 0.5)), reps, seed)
+        out["acc_iou25_ci"] = bootstrap_ci(groups, lambda items: float(np.mean(ious(items) >= 0.25)), reps, seed)
+    elif task == "report":
+        names = list(as_vocab(vocab))
+        found = _pooled(lambda it, p: [v for n in names for v in (extract_findings(it.sample.answer, vocab)[n],
+                                                                   extract_findings(p, vocab)[n])], lambda a: a)
+
+        def micro_f1(items: list[tuple[EvalItem, Any]]) -> float:
+            arr = found(items).reshape(-1, 2)
+            tp = float((arr[:, 0] * arr[:, 1]).sum())
+            fp = float(((1 - arr[:, 0]) * arr[:, 1]).sum())
+            fn = float((arr[:, 0] * (1 - arr[:, 1])).sum())
+            return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+
+        out["findings"] = {"micro_f1_ci": bootstrap_ci(groups, micro_f1, reps, seed)}
+    elif task in ("vqa_closed", "vqa_open"):
+        if task == "vqa_closed":
+            em = _pooled(lambda it, p: normalise_answer(p) == normalise_answer(it.sample.answer), lambda a: a)
+            out["exact_match_ci"] = bootstrap_ci(groups, lambda items: float(np.mean(em(items))), reps, seed)
+            by: dict[str, Any] = {}
+            for qtype in sorted({it.sample.extras.get("qtype") for it, _ in pairs}):
+                sub = [[(it, p) for it, p in g if it.sample.extras.get("qtype") == qtype] for g in groups]
+                by[str(qtype)] = {"exact_match_ci": bootstrap_ci(sub, lambda items: float(np.mean(em(items))),
+                                                                 reps, seed)}
+            out["by_type"] = by
+        else:
+            f1 = _pooled(lambda it, p: token_f1(p, it.sample.answer), lambda a: a)
+            out["token_f1_ci"] = bootstrap_ci(groups, lambda items: float(np.mean(f1(items))), reps, seed)
+    elif task == "ehr":
+        imaging = set(imaging_codes(vocab))
+        codes = list(code_vocab.codes)
+
+        def macro(items: list[tuple[EvalItem, Any]], keep: Callable[[str], bool]) -> float:
+            scores = np.stack([p for _, p in items])
+            targets = np.stack([it.sample.extras["target"] for it, _ in items])
+            vals = [_auroc(targets[:, k], scores[:, k]) for k, c in enumerate(codes) if keep(c)]
+            vals = [v for v in vals if not math.isnan(v)]
+            return float(np.mean(vals)) if vals else math.nan
+
+        out["macro_auroc_ci"] = bootstrap_ci(groups, lambda items: macro(items, lambda c: True), reps, seed)
+        if imaging:
+            out["imaging_macro_auroc_ci"] = bootstrap_ci(groups, lambda items: macro(items, lambda c: c in imaging),
+                                                         reps, seed)
+    return out
 
 
 def _ehr_scores(model: Any, volume: Any, prompt: str, processor: Any, code_vocab: CodeVocab) -> np.ndarray:

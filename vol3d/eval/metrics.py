@@ -75,6 +75,38 @@ def _shapes(shape: Any, n: int) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in shape[-3:])] * n
 
 
+def answer_ious(text: str, gt: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """IoU of each true box ``(G,)`` with its matched answer box and of each answer box ``(P,)``
+    with its match (0 unmatched) for one grounding answer (boxes 0..999 of model-input ``shape``)."""
+    ints = parse_boxes(text)
+    pred = denormalise_boxes(np.stack(ints), tuple(int(v) for v in shape[-3:])) if ints else np.zeros((0, 6))
+    return match_boxes(pred, as_boxes(gt))
+
+
+def bootstrap_ci(groups: Sequence[Sequence[Any]], stat: Any, reps: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap confidence interval ``[lo, hi]`` of ``stat(items)`` over *groups* (cases).
+
+    ``groups``: the items of each case (a case's questions are not independent of each other,
+    so whole cases are resampled). ``stat(list_of_items) -> float`` (NaN allowed: skipped).
+    ``[None, None]`` when no resample gives a number.
+    """
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return [None, None]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(reps):
+        pick = rng.integers(len(groups), size=len(groups))
+        v = stat([it for i in pick for it in groups[i]])
+        if v is not None and math.isfinite(v):
+            values.append(float(v))
+    if not values:
+        return [None, None]
+    a = (1.0 - level) / 2
+    return [float(np.quantile(values, a)), float(np.quantile(values, 1 - a))]
+
+
 def grounding_metrics(
     pred_texts: Sequence[str],
     gt_boxes_list: Sequence[np.ndarray],
@@ -103,17 +135,13 @@ def grounding_metrics(
     pred_ious: list[float] = []
     expected = unparseable = negatives = refused = 0
     for text, gt, shp in zip(pred_texts, gt_boxes_list, shapes, strict=True):
-        gt = as_boxes(gt)
-        ints = parse_boxes(text)
-        pred = denormalise_boxes(np.stack(ints), shp) if ints else np.zeros((0, 6))
-        if len(gt) == 0:
+        g, p = answer_ious(text, gt, shp)
+        if len(as_boxes(gt)) == 0:
             negatives += 1
-            refused += int(len(pred) == 0)
-            pred_ious += [0.0] * len(pred)
-            continue
-        expected += 1
-        unparseable += int(len(pred) == 0)
-        g, p = match_boxes(pred, gt)
+            refused += int(len(p) == 0)
+        else:
+            expected += 1
+            unparseable += int(len(p) == 0)
         gt_ious += g.tolist()
         pred_ious += p.tolist()
     g_arr, p_arr = np.asarray(gt_ious), np.asarray(pred_ious)
@@ -458,12 +486,15 @@ def vqa_metrics(
 
 
 def ehr_metrics(
-    scores: np.ndarray, targets: np.ndarray, codes: Sequence[str] | None = None
+    scores: np.ndarray, targets: np.ndarray, codes: Sequence[str] | None = None,
+    imaging_codes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """AUROC of EHR code scores ``(N, K)`` (logits or probabilities) against 0/1 targets ``(N, K)``.
 
     ``macro_auroc`` averages the codes with both classes present (others are undefined
-    and listed with ``auroc: NaN``); ``micro_auroc`` pools every (case, code) pair.
+    and listed with ``auroc: NaN``); ``micro_auroc`` pools every (case, code) pair. With
+    ``imaging_codes`` (the codes of findings an image can show), ``imaging_macro_auroc`` averages
+    those and ``other_macro_auroc`` the rest (a hypertension code has no sign in a CT).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -481,13 +512,20 @@ def ehr_metrics(
             aucs.append(auc)
     flat = t.ravel()
     micro = float(roc_auc_score(flat, s.ravel())) if 0 < flat.sum() < flat.size else math.nan
-    return {
+    out = {
         "n": int(s.shape[0]),
         "macro_auroc": float(np.mean(aucs)) if aucs else math.nan,
         "micro_auroc": micro,
         "n_codes_scored": len(aucs),
         "per_code": per,
     }
+    if imaging_codes is not None:
+        imaging = {str(c).strip().upper() for c in imaging_codes}
+        for key, keep in (("imaging_macro_auroc", True), ("other_macro_auroc", False)):
+            vals = [v["auroc"] for c, v in per.items() if (c in imaging) == keep and not math.isnan(v["auroc"])]
+            out[key] = float(np.mean(vals)) if vals else math.nan
+        out["imaging_codes"] = sorted(c for c in per if c in imaging)
+    return out
 
 
 # ============================================================================ segmentation
@@ -606,7 +644,9 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 __all__ = [
     "aggregate_segmentation",
+    "answer_ious",
     "bleu4",
+    "bootstrap_ci",
     "dice_hd95_per_class",
     "ehr_metrics",
     "extract_findings",

@@ -51,6 +51,19 @@ class Vol3DConfig:
     box_head_level: int = _f(-1, "encoder level whose dense map the grounding head reads (-1 = last; "
                                  "ResNet: 0 stem .. 4 layer4, ViT: block index)")
     box_head_dim: int = _f(128, "width of the grounding head")
+    # --- perception: what the image shows, read by every answer
+    perception: bool = _f(False, "dense perception on the encoder (organ masks, finding masks with types, conditions); "
+                          "every question is preceded by the findings digest with one region token per finding and "
+                          "organ, and a <box> in an answer points at one of them (docs/models.md)")
+    label_names: list[str] = _f([], "label value -> name in the training cache's label maps (0: background); "
+                                "filled from the cache's vocab.json when empty")
+    finding_labels: list[str] = _f([], "label names whose voxels are findings (lesions) rather than organs")
+    findings: dict[str, dict[str, Any]] = _f({}, "finding vocabulary: name -> FindingSpec fields "
+                                            "(docs/tasks_and_metrics.md); filled from the cache's vocab.json when empty")
+    perception_dim: int = _f(16, "channels of the perception decoder's full-resolution feature map")
+    perception_decoder: str = _f("auto", "perception decoder style: auto | unetr | unet | monai_unet")
+    max_findings: int = _f(8, "most findings (connected components) one volume's digest lists")
+    finding_threshold: float = _f(0.5, "a voxel whose finding probability exceeds this is a finding voxel")
     contrastive: bool = _f(False, "volume/report embeddings for contrastive alignment")
     text_tower: str = _f("minilm", "text encoder for contrastive: 'minilm' (packaged) or a local HF dir")
     contrastive_dim: int = _f(256, "width of the shared contrastive embedding")
@@ -68,6 +81,13 @@ class Vol3DConfig:
             raise ConfigError(f"ehr_codes lists {len(self.ehr_codes)} codes but num_ehr_codes is {self.num_ehr_codes}")
         if self.lora and self.freeze_lm:
             raise ConfigError("lora already freezes the LM's own weights; set freeze_lm: false (adapters train)")
+        if self.perception and self.box_head:
+            raise ConfigError("perception grounds every <box> through its regions; set box_head: false "
+                              "(the grounding head is for models without perception)")
+        if not 0.0 < self.finding_threshold < 1.0:
+            raise ConfigError(f"finding_threshold must be in (0, 1), got {self.finding_threshold}")
+        if self.max_findings < 1 or self.perception_dim < 1:
+            raise ConfigError("max_findings and perception_dim must be >= 1")
         if self.box_head_dim < 1:
             raise ConfigError(f"box_head_dim must be >= 1, got {self.box_head_dim}")
         if self.projector_depth < 1:

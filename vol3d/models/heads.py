@@ -222,3 +222,42 @@ class TextTower(nn.Module):
     def sentence_embedding(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised sentence embeddings ``(B, hidden)``, as sentence-transformers gives."""
         return F.normalize(self(texts), dim=-1)
+
+
+class RegionPointer(nn.Module):
+    """A ``<box>`` the LM writes points at one region of the findings digest (a ``<reg>``/``<org>``).
+
+    Query: the LM's last hidden state at the ``<box>`` token; keys: its hidden states at the
+    region placeholders of the same sequence (each has read the digest text before it: type,
+    size, organ). The box of the answer is then that region's box, so an answer's boxes are
+    the digest's regions, never a box the digest does not have.
+    """
+
+    def __init__(self, hidden: int, dim: int = 64) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.query = nn.Linear(hidden, dim)
+        self.key = nn.Linear(hidden, dim)
+
+    def forward(self, queries: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``queries (Q, H)``, ``candidates (Q, R, H)``, ``mask (Q, R)`` (real regions) -> logits ``(Q, R)``
+        (``-inf`` where masked)."""
+        q = self.query(self.norm(queries.float()))
+        k = self.key(self.norm(candidates.float()))
+        logits = torch.einsum("qd,qrd->qr", q, k) / q.shape[-1] ** 0.5
+        return logits.masked_fill(~mask, float("-inf"))
+
+    @staticmethod
+    def decode(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The region each query picks ``(Q,)``: the best one not picked by an earlier ``<box>`` of the
+        same answer (``rows (Q,)``: the answer of each query, queries in answer order); -1 when none is left."""
+        picked: list[int] = []
+        used: dict[int, set[int]] = {}
+        for q, row in enumerate(rows.tolist()):
+            taken = used.setdefault(row, set())
+            order = torch.argsort(logits[q], descending=True).tolist()
+            best = next((r for r in order if r not in taken and torch.isfinite(logits[q, r])), -1)
+            if best >= 0:
+                taken.add(best)
+            picked.append(best)
+        return torch.tensor(picked, dtype=torch.long, device=logits.device)

@@ -1,6 +1,8 @@
 """Turns prompts (and answers) into LM inputs with a fixed number of volume tokens.
 
-Layout of one sequence: ``[<s>] prompt-before-<vol> <vol> x N prompt-after-<vol> answer </s>``.
+Layout of one sequence: ``[<s>] prompt-before-<vol> <vol> x N [context] prompt-after-<vol> answer </s>``,
+where the optional *context* is the findings digest of the volume (``vol3d.tasks.regions.digest_text``),
+its ``<reg>``/``<org>`` placeholders one token each.
 ``labels`` are ``-100`` everywhere except on the answer and its ``</s>``, so the loss
 trains only what the model must say. A prompt without ``<vol>`` gets ``"<vol>\\n"``
 prepended; more than one ``<vol>`` is an error (one volume per sample).
@@ -45,8 +47,9 @@ class Vol3DProcessor:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of one prompt with ``<vol>`` expanded (and BOS when the tokenizer has one)."""
+    def encode_prompt(self, prompt: str, context: str = "") -> list[int]:
+        """Token ids of one prompt with ``<vol>`` expanded, ``context`` right after the volume tokens
+        (on a line of its own), and BOS when the tokenizer has one."""
         n = prompt.count(VOL_TOKEN)
         if n > 1:
             raise InputError(f"prompt has {n} {VOL_TOKEN} placeholders; vol3d takes one volume per sample: {prompt[:80]!r}")
@@ -54,7 +57,8 @@ class Vol3DProcessor:
             prompt = f"{VOL_TOKEN}\n{prompt}"
         before, after = prompt.split(VOL_TOKEN)
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self._ids(before) + [self.vol_token_id] * self.num_vol_tokens + self._ids(after)
+        ctx = self._ids("\n" + context) if context else []
+        return bos + self._ids(before) + [self.vol_token_id] * self.num_vol_tokens + ctx + self._ids(after)
 
     def __call__(
         self,
@@ -62,20 +66,23 @@ class Vol3DProcessor:
         answers: Sequence[str] | str | None = None,
         max_length: int | None = None,
         padding_side: Side | None = None,
+        contexts: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Batch of ``input_ids``, ``attention_mask``, ``labels``, each ``(B, T)`` long tensors.
 
-        ``max_length`` truncates the *answer* (never the volume tokens or the prompt); a
-        prompt that alone exceeds it is an error.
+        ``max_length`` truncates the *answer* (never the volume tokens, the context or the
+        prompt); a prompt that alone exceeds it is an error. ``contexts``: one per prompt.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if contexts is not None and len(contexts) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(contexts)} contexts; pass one context per prompt")
         if isinstance(answers, str):
             answers = [answers]
         if answers is not None and len(answers) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
         rows: list[tuple[list[int], list[int]]] = []
         for i, prompt in enumerate(prompts):
-            ids = self.encode_prompt(prompt)
+            ids = self.encode_prompt(prompt, contexts[i] if contexts is not None else "")
             labels = [IGNORE_INDEX] * len(ids)
             if answers is not None:
                 ans = self._ids(answers[i])
@@ -86,8 +93,8 @@ class Vol3DProcessor:
                 if labels[max_length - 1] == IGNORE_INDEX:  # the prompt itself does not fit
                     raise InputError(
                         f"prompt {i} needs {sum(1 for x in labels if x == IGNORE_INDEX)} tokens including "
-                        f"{self.num_vol_tokens} volume tokens, more than max_length={max_length}; raise max_length "
-                        "or use a reducer with fewer tokens"
+                        f"{self.num_vol_tokens} volume tokens and its context, more than max_length={max_length}; "
+                        "raise max_length or use a reducer with fewer tokens"
                     )
                 ids, labels = ids[:max_length], labels[:max_length]
             rows.append((ids, labels))

@@ -28,13 +28,13 @@ from torch import nn
 
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.config import Vol3DConfig
-from vol3d.models.heads import ContrastiveHead, EHRHead, GroundingHead, TextTower
+from vol3d.models.heads import ContrastiveHead, EHRHead, GroundingHead, RegionPointer, TextTower
 from vol3d.models.layers import fourier_features, grid_to_tokens
 from vol3d.models.processor import Vol3DProcessor
 from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
 from vol3d.models.tokenizer import add_vol3d_tokens, load_tokenizer
-from vol3d.protocol import BOX_END, BOX_START, VOL_TOKEN
+from vol3d.protocol import BOX_END, BOX_START, ORGAN_TOKEN, REGION_TOKEN, VOL_TOKEN
 from vol3d.rundir import LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
 from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
@@ -81,6 +81,7 @@ class Vol3DModel(nn.Module):
         self.preprocess: dict | None = None
         self.vol_token_id = int(tokenizer.convert_tokens_to_ids(VOL_TOKEN))
         self.box_token_id = int(tokenizer.convert_tokens_to_ids(BOX_START))
+        self.region_token_ids = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in (REGION_TOKEN, ORGAN_TOKEN))
 
         self.encoder = create_encoder(config.encoder, in_chans=config.in_chans, **config.encoder_overrides)
         self.reducer = create_reducer(config.reducer, self.encoder.embed_dim, **config.reducer_params)
@@ -95,7 +96,23 @@ class Vol3DModel(nn.Module):
             nn.init.zeros_(self.pos_embed.bias)
 
         dim = self.encoder.embed_dim
-        self.ehr_head = EHRHead(dim, config.num_ehr_codes) if config.num_ehr_codes else None
+        self.perception = None
+        self.pointer = None
+        if config.perception:
+            from vol3d.models.perception import Perception
+
+            if self.labels is None:
+                raise ConfigError("perception needs the names of the label maps' values (model.label_names, or "
+                                  "'labels' in the cache's vocab.json); a cache without label maps cannot train it yet")
+            self.perception = Perception(self.encoder, config.in_chans, config.input_shape, self.labels, self.vocab,
+                                         config.perception_dim, hidden, config.perception_decoder)
+            self.pointer = RegionPointer(hidden)
+        summary = 0
+        if self.perception is not None:
+            from vol3d.tasks.regions import summary_dim
+
+            summary = summary_dim(self.vocab, self.labels)
+        self.ehr_head = EHRHead(dim + summary, config.num_ehr_codes) if config.num_ehr_codes else None
         self.box_head = (GroundingHead(self._level_dim(config.box_head_level), hidden, config.box_head_dim)
                          if config.box_head else None)
         self.text_tower = TextTower(config.text_tower) if config.contrastive else None
@@ -184,6 +201,27 @@ class Vol3DModel(nn.Module):
     # ------------------------------------------------------------------ properties
 
     @property
+    def vocab(self) -> dict:
+        """The finding vocabulary the model was trained with (``config.findings``; empty without perception)."""
+        from vol3d.tasks.findings import as_vocab
+
+        if not self.config.findings:
+            if self.config.perception:
+                raise ConfigError("perception needs a finding vocabulary: set model.findings, or give the cache a "
+                                  "vocab.json (vol3d preprocess --vocab FILE; docs/tasks_and_metrics.md)")
+            return {}
+        return as_vocab(self.config.findings, where="model.findings")
+
+    @property
+    def labels(self) -> Any:
+        """The :class:`~vol3d.tasks.regions.LabelSpec` of the training cache's label maps (None without)."""
+        from vol3d.tasks.regions import LabelSpec
+
+        if not self.config.label_names:
+            return None
+        return LabelSpec(tuple(self.config.label_names), tuple(self.config.finding_labels))
+
+    @property
     def num_vol_tokens(self) -> int:
         """Volume tokens the LM receives for ``config.input_shape``."""
         return self.reducer.num_tokens(self.encoder.token_grid(self.config.input_shape))
@@ -203,16 +241,25 @@ class Vol3DModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def encode_volume(self, volume: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_volume(self, volume: torch.Tensor, dense: bool = True) -> dict[str, Any]:
         """``(B, C, X, Y, Z)`` -> ``tokens (B, M, H)`` in LM space, ``positions (B, M, 3)`` in [0, 1],
-        ``pooled (B, D)`` mean encoder features, and with a grounding head its cell features
-        ``dense (B, N, D')`` on the grid ``dense_grid`` (:meth:`GroundingHead.cells`)."""
+        ``pooled (B, D)`` mean encoder features; with a grounding head its cell features
+        ``dense (B, N, D')`` on the grid ``dense_grid`` (:meth:`GroundingHead.cells`); with perception
+        ``fine`` (the encoder's finest map, which region tokens pool) and, unless ``dense=False``,
+        the perception's outputs ``perception`` (:meth:`Perception.forward`)."""
         if volume.ndim != 5:
             raise InputError(f"volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
-        dense = None
-        if self.box_head is not None:  # one pass gives the head's map and the LM's tokens
+        cells = None
+        percept: dict[str, torch.Tensor] | None = None
+        if self.perception is not None:  # one pass gives the decoder's maps and the LM's tokens
+            # every decoder style's maps end with the encoder's deepest one, the LM's tokens
+            maps = self.encoder.forward_intermediates(volume, self.perception.indices)
+            feats = grid_to_tokens(maps[-1])
+            percept = self.perception(volume, maps) if dense else {}
+            fine = maps[0]
+        elif self.box_head is not None:  # one pass gives the head's map and the LM's tokens
             fmap, last = self.encoder.forward_intermediates(volume, [self.config.box_head_level, -1])
-            dense = self.box_head.cells(fmap)
+            cells = self.box_head.cells(fmap)
             feats = grid_to_tokens(last)  # (B, N, D)
         else:
             feats = self.encoder.forward_features(volume)  # (B, N, D)
@@ -224,12 +271,20 @@ class Vol3DModel(nn.Module):
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed(fourier_features(positions.to(tokens.dtype), self.config.position_bands))
         out = {"tokens": tokens, "positions": positions, "pooled": feats.mean(dim=1)}
-        if dense is not None:
-            out["dense"], out["dense_grid"] = dense
+        if cells is not None:
+            out["dense"], out["dense_grid"] = cells
+        if percept is not None:
+            out["fine"] = fine
+            if percept:
+                out["perception"] = percept
         return out
 
-    def _merge_embeddings(self, input_ids: torch.Tensor, vol_tokens: torch.Tensor) -> torch.Tensor:
-        """LM input embeddings with ``<vol>`` positions filled by ``vol_tokens (B, M, H)``."""
+    def _merge_embeddings(self, input_ids: torch.Tensor, vol_tokens: torch.Tensor,
+                          region_tokens: torch.Tensor | None = None, region_valid: torch.Tensor | None = None,
+                          ) -> torch.Tensor:
+        """LM input embeddings with ``<vol>`` positions filled by ``vol_tokens (B, M, H)`` and the
+        ``<reg>``/``<org>`` positions, in order, by the valid rows of ``region_tokens (B, R, H)``
+        (``region_valid (B, R)``)."""
         is_vol = input_ids == self.vol_token_id
         counts = is_vol.sum(dim=1)
         m = vol_tokens.shape[1]
@@ -242,7 +297,23 @@ class Vol3DModel(nn.Module):
                 f"model.processor (num_vol_tokens={m}) and the model's input_shape {self.config.input_shape}"
             )
         embeds = self.lm.get_input_embeddings()(input_ids)
-        return embeds.masked_scatter(is_vol.unsqueeze(-1), vol_tokens.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_vol.unsqueeze(-1), vol_tokens.to(embeds.dtype))
+        is_reg = self._region_positions(input_ids)
+        if region_tokens is None or region_valid is None:
+            if bool(is_reg.any()):
+                raise InputError("the inputs hold <reg>/<org> placeholders but no regions were given; build prompts "
+                                 "with the model's own findings digest (Vol3DModel.generate does)")
+            return embeds
+        have, want = is_reg.sum(dim=1), region_valid.sum(dim=1)
+        if bool((have != want).any()):
+            raise InputError(f"region placeholder count mismatch: the digests hold {have.tolist()} <reg>/<org> tokens "
+                             f"but the volumes have {want.tolist()} regions")
+        return embeds.masked_scatter(is_reg.unsqueeze(-1), region_tokens[region_valid].to(embeds.dtype))
+
+    def _region_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` bool: where the ``<reg>``/``<org>`` placeholders are."""
+        reg, org = self.region_token_ids
+        return (input_ids == reg) | (input_ids == org)
 
     def forward(
         self,
@@ -253,6 +324,8 @@ class Vol3DModel(nn.Module):
         texts: list[str] | None = None,
         box_index: torch.Tensor | None = None,
         volume_index: torch.Tensor | None = None,
+        regions: dict[str, torch.Tensor] | None = None,
+        patches: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training/eval step's outputs.
 
@@ -265,6 +338,11 @@ class Vol3DModel(nn.Module):
             volume_index: ``(B_text,)`` which volume each sequence is about, when several
                 questions share one volume (``volume`` is then ``(B_vol, ...)``): the encoder
                 runs once per volume. None: sequence ``i`` is about volume ``i``.
+            regions: with perception, the regions of each volume the digests in ``input_ids`` list,
+                as :func:`vol3d.tasks.regions.pack_regions` arrays (tensors, ``B_vol`` rows); None: the
+                model perceives the volumes itself (inference).
+            patches: ``(P, C, x, y, z)`` crops whose dense perception outputs are returned instead of
+                the whole volumes' (training: the decoder runs on lesion-centred patches only).
 
         Returns a dict with ``loss`` (LM cross-entropy, when labels are given), ``logits
         (B, T, V)``, ``vol_pooled (B_vol, D)`` (and the heads on it: one row per volume), ``positions (B, M, 3)``, and when the heads
@@ -275,25 +353,68 @@ class Vol3DModel(nn.Module):
         (:meth:`GroundingHead.decode`: the best cell not repeating an earlier box of its answer).
         """
         want_boxes = box_index is not None
-        if want_boxes and self.box_head is None:
-            raise ConfigError("box_index needs a model built with box_head: true")
+        if want_boxes and self.box_head is None and self.pointer is None:
+            raise ConfigError("box_index needs a model built with box_head: true or perception: true")
         with self._autocast(volume.device):
-            enc = self.encode_volume(volume)
-            if volume_index is not None:
-                enc["tokens"] = enc["tokens"][volume_index]
-                if "dense" in enc:
-                    enc["dense"] = enc["dense"][volume_index]
-            embeds = self._merge_embeddings(input_ids, enc["tokens"])
+            enc = self.encode_volume(volume, dense=patches is None)
+            vi = volume_index if volume_index is not None else torch.arange(volume.shape[0], device=volume.device)
+            tokens = enc["tokens"][vi]
+            region_tokens = region_valid = None
+            read: dict[str, torch.Tensor] = {}
+            if self.perception is not None:
+                if regions is None:  # inference: the model's own regions
+                    regions = self._perceived(enc, None)[1]
+                read = self._read_regions(enc, regions)
+                if bool(self._region_positions(input_ids).any()):
+                    region_tokens, region_valid = read["tokens"][vi], regions["kind"][vi] >= 0
+            embeds = self._merge_embeddings(input_ids, tokens, region_tokens, region_valid)
             lm_out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False,
                              output_hidden_states=want_boxes)
             out: dict[str, torch.Tensor] = {"logits": lm_out.logits, "vol_pooled": enc["pooled"],
                                             "positions": enc["positions"]}
             if labels is not None:
                 out["loss"] = lm_out.loss
-            out.update(self.head_outputs(enc["pooled"], texts))
-            if want_boxes:
-                out.update(self._ground(enc["dense"], enc["dense_grid"], lm_out.hidden_states[-1], box_index))
+            if self.perception is not None:
+                if patches is not None:
+                    p = self.perception(patches, self.encoder.forward_intermediates(patches, self.perception.indices))
+                else:
+                    p = enc["perception"]
+                out.update({k: p[k] for k in ("organ_logits", "finding_logits")})
+                out["condition_logits"] = read["condition_logits"]
+            out.update(self.head_outputs(enc["pooled"], texts, regions["summary"] if regions is not None else None))
+            if want_boxes and self.pointer is not None:
+                assert regions is not None and region_valid is not None
+                out.update(self._point(lm_out.hidden_states[-1], input_ids, box_index, region_valid,
+                                       regions["box"][vi]))
+            elif want_boxes:
+                dense = enc["dense"][vi]
+                out.update(self._ground(dense, enc["dense_grid"], lm_out.hidden_states[-1], box_index))
         return out
+
+    def _read_regions(self, enc: dict[str, Any], regions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`Perception.read_regions` of the encoded volumes' regions."""
+        assert self.perception is not None
+        return self.perception.read_regions(enc["fine"], regions["finding_map"], regions["organ_map"],
+                                            regions["kind"], regions["index"], regions["meta"])
+
+    def _point(self, hidden: torch.Tensor, input_ids: torch.Tensor, box_index: torch.Tensor,
+               region_valid: torch.Tensor, region_box: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pointer outputs for the ``<box>`` tokens at ``box_index (Q, 2)`` of ``hidden (B, T, H)``:
+        ``pointer_logits (Q, R)`` over the regions of each query's sequence, ``pointer_pick (Q,)`` (the
+        region each decodes to, no repeats within an answer; -1: none) and ``box_pred (Q, 6)`` its box (0..1)."""
+        assert self.pointer is not None
+        is_reg = self._region_positions(input_ids)
+        r = region_valid.shape[1]
+        slot = is_reg.long().cumsum(dim=1) - 1
+        rows, cols = is_reg.nonzero(as_tuple=True)
+        pos = torch.zeros(input_ids.shape[0], r, dtype=torch.long, device=input_ids.device)
+        pos[rows, slot[rows, cols]] = cols
+        rq, cq = box_index[:, 0].long(), box_index[:, 1].long()
+        candidates = hidden[rq[:, None], pos[rq]]  # (Q, R, H)
+        logits = self.pointer(hidden[rq, cq], candidates, region_valid[rq])
+        pick = RegionPointer.decode(logits.detach(), rq)
+        box = region_box[rq, pick.clamp(min=0)] * (pick >= 0)[:, None]
+        return {"pointer_logits": logits, "pointer_pick": pick, "box_pred": box}
 
     def _ground(self, dense: torch.Tensor, grid: tuple[int, int, int], hidden: torch.Tensor,
                 box_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -304,10 +425,18 @@ class Vol3DModel(nn.Module):
         return {"box_logits": head["logits"], "box_cells": head["boxes"], "box_anchors": head["anchors"],
                 "box_cell": head["cell"], "box_pred": GroundingHead.decode(head, rows)}
 
-    def head_outputs(self, pooled: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Outputs of the heads beside the LM for pooled features ``(B, D)``."""
+    def head_outputs(self, pooled: torch.Tensor, texts: list[str] | None = None,
+                     summary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of the heads beside the LM for pooled features ``(B, D)`` (and, with perception, the
+        regions' ``summary (B, S)``, :func:`vol3d.tasks.regions.perceived_summary`: the EHR head reads
+        what the perception found)."""
         out: dict[str, torch.Tensor] = {}
         if self.ehr_head is not None:
+            if self.perception is not None:
+                if summary is None:
+                    raise ConfigError("the EHR head of a perception model reads the regions' summary: pass "
+                                      "pack_regions(...)['summary'] (forward does)")
+                pooled = torch.cat([pooled, summary.to(pooled.dtype)], dim=1)
             out["ehr_logits"] = self.ehr_head(pooled).float()
         if self.contrastive_head is not None:
             out["vol_embed"] = self.contrastive_head.embed_volume(pooled)
@@ -323,6 +452,63 @@ class Vol3DModel(nn.Module):
         return self.contrastive_head.embed_text(self.text_tower(texts))
 
     @torch.no_grad()
+    def perceive(self, volume: torch.Tensor, spacing: Any = None) -> list[Any]:
+        """What the perception sees in each volume ``(B, C, X, Y, Z)``: one
+        :class:`~vol3d.tasks.regions.Perceived` (findings, organs, conditions) per volume.
+
+        ``spacing``: mm per voxel ``(3,)`` or ``(B, 3)``; default the training cache's target spacing.
+        """
+        if self.perception is None:
+            raise ConfigError("perceive needs a model built with perception: true")
+        was_training = self.training
+        self.eval()
+        try:
+            with self._autocast(volume.device):
+                enc = self.encode_volume(volume)
+            return self._perceived(enc, spacing)[0]
+        finally:
+            self.train(was_training)
+
+    def _spacings(self, spacing: Any, n: int) -> list[Any]:
+        """``n`` spacings (mm per model-input voxel): the given ones, else the preprocessing's target spacing."""
+        import numpy as np
+
+        if spacing is None:
+            target = (self.preprocess or {}).get("target_spacing")
+            if target is None:
+                raise ConfigError("perception reports sizes in mm: pass the volume's spacing= (mm per voxel); this "
+                                  "model does not record a fixed target spacing")
+            spacing = target
+        arr = np.asarray(spacing.detach().cpu() if isinstance(spacing, torch.Tensor) else spacing, dtype=float)
+        return [arr] * n if arr.ndim == 1 else list(arr)
+
+    def _perceived(self, enc: dict[str, Any], spacing: Any) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """Regions of each encoded volume, and their packed tensors (:func:`~vol3d.tasks.regions.pack_regions`).
+
+        Organs and findings come from the dense maps; the conditions from the encoder features
+        pooled over the organs found (:meth:`Perception.read_regions`)."""
+        from vol3d.tasks.regions import pack_regions, perceived_from_maps
+
+        assert self.perception is not None
+        p = enc["perception"]
+        cfg = self.config
+        device = p["features"].device
+        organ_map = p["organ_logits"].argmax(dim=1)
+        finding_prob = torch.sigmoid(p["finding_logits"][:, 0]).cpu().numpy()
+        type_prob = p["finding_logits"][:, 1:].softmax(dim=1).cpu().numpy()
+        cond = torch.sigmoid(self.perception.condition_logits(enc["fine"], organ_map)).cpu().numpy()
+        organ_np = organ_map.cpu().numpy()
+        spacings = self._spacings(spacing, len(organ_np))
+        perceived, maps = [], []
+        for b in range(len(organ_np)):
+            per, fmap = perceived_from_maps(organ_np[b], finding_prob[b], type_prob[b], cond[b], spacings[b],
+                                            self.vocab, self.labels, cfg.finding_threshold, cfg.max_findings)
+            perceived.append(per)
+            maps.append(fmap)
+        packed = pack_regions(perceived, maps, list(organ_np), organ_np.shape[1:], self.vocab, self.labels)
+        return perceived, {k: torch.from_numpy(v).to(device) for k, v in packed.items()}
+
+    @torch.no_grad()
     def generate(
         self,
         volume: torch.Tensor,
@@ -330,8 +516,10 @@ class Vol3DModel(nn.Module):
         max_new_tokens: int = 64,
         attention_mask: torch.Tensor | None = None,
         answer_prefix: str | None = None,
+        spacing: Any = None,
+        return_perceived: bool = False,
         **generate_kwargs: Any,
-    ) -> list[str]:
+    ) -> Any:
         """Answer each prompt about its volume; greedy unless ``do_sample=True`` etc. is passed.
 
         ``prompts`` are strings (left-padded by the processor) or already expanded,
@@ -339,18 +527,42 @@ class Vol3DModel(nn.Module):
         text and lets the model go on from there (e.g. ``"<box>"``: say where, not whether;
         :data:`LOCATE_PREFIX`); it is part of the returned answer. Extra keyword arguments
         go to HF ``generate`` (``num_beams``, ``temperature``, ``top_p``, ``repetition_penalty`` ...).
-        With a grounding head, every ``<box>`` token of an answer is returned written out as
-        ``<box>[x0,y0,z0,x1,y1,z1]</box>`` (0..999 of the model input), as text-mode models spell it.
+        With a grounding head or perception, every ``<box>`` token of an answer is returned written
+        out as ``<box>[x0,y0,z0,x1,y1,z1]</box>`` (0..999 of the model input), as text-mode models spell it.
+
+        With perception, each prompt is preceded by its volume's findings digest (the perception's
+        regions, ``spacing`` mm per voxel as in :meth:`perceive`); a batch of one volume repeated
+        (``volume.expand(B, ...)``) is perceived once. ``return_perceived=True`` returns
+        ``(answers, perceived)``, one :class:`~vol3d.tasks.regions.Perceived` per prompt.
         """
         was_training = self.training
         self.eval()
+        perceived: list[Any] = []
         try:
+            shared = self.perception is not None and volume.shape[0] > 1 and volume.stride(0) == 0
+            vol = volume[:1] if shared else volume
+            vi = torch.zeros(volume.shape[0], dtype=torch.long, device=volume.device) if shared else \
+                torch.arange(volume.shape[0], device=volume.device)
+            with self._autocast(volume.device):
+                enc = self.encode_volume(vol)
+            regions = None
+            contexts = None
+            if self.perception is not None:
+                from vol3d.tasks.regions import digest_text
+
+                if isinstance(prompts, torch.Tensor):
+                    raise ConfigError("a perception model puts its findings digest before every question: pass the "
+                                      "prompts as strings")
+                found, packed = self._perceived(enc, spacing)
+                perceived = [found[i] for i in vi.tolist()]
+                contexts = [digest_text(p, self.vocab) for p in perceived]
+                regions = {"valid": packed["kind"][vi] >= 0, "box": packed["box"][vi]}
             if isinstance(prompts, torch.Tensor):
                 input_ids = prompts.to(volume.device)
                 if attention_mask is None:
                     attention_mask = torch.ones_like(input_ids)
             else:
-                batch = self.processor(prompts, padding_side="left")
+                batch = self.processor(prompts, padding_side="left", contexts=contexts)
                 input_ids, attention_mask = batch["input_ids"].to(volume.device), batch["attention_mask"]
             attention_mask = attention_mask.to(volume.device)
             kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
@@ -359,30 +571,39 @@ class Vol3DModel(nn.Module):
                                   if answer_prefix else [], dtype=torch.long, device=volume.device)
             prefix = prefix[None].expand(input_ids.shape[0], -1)
             with self._autocast(volume.device):
-                enc = self.encode_volume(volume)
-                embeds = self._merge_embeddings(input_ids, enc["tokens"])
+                region_tokens = None
+                if regions is not None:
+                    region_tokens = self._read_regions(enc, packed)["tokens"][vi]
+                embeds = self._merge_embeddings(input_ids, enc["tokens"][vi], region_tokens,
+                                                regions["valid"] if regions is not None else None)
                 forced = torch.cat([embeds, self.lm.get_input_embeddings()(prefix).to(embeds.dtype)], dim=1)
                 ids = self.lm.generate(inputs_embeds=forced, attention_mask=torch.cat(
                     [attention_mask, torch.ones_like(prefix)], dim=1), max_new_tokens=max_new_tokens, **kwargs)
                 ids = torch.cat([prefix, ids], dim=1)  # generate returns the new tokens only
-                boxes = self._generated_boxes(enc, embeds, attention_mask, ids)
+                if "dense" in enc:
+                    enc["dense"] = enc["dense"][vi]
+                boxes = self._generated_boxes(enc, embeds, attention_mask, input_ids, ids, regions)
         finally:
             self.train(was_training)
         if boxes is None:
-            return self.processor.batch_decode(ids)
-        return [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
+            texts = self.processor.batch_decode(ids)
+        else:
+            texts = [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
+        return (texts, perceived) if return_perceived else texts
 
-    def _generated_boxes(self, enc: dict[str, torch.Tensor], embeds: torch.Tensor, attention_mask: torch.Tensor,
-                         ids: torch.Tensor) -> list[list[list[int]]] | None:
+    def _generated_boxes(self, enc: dict[str, Any], embeds: torch.Tensor, attention_mask: torch.Tensor,
+                         input_ids: torch.Tensor, ids: torch.Tensor,
+                         regions: dict[str, torch.Tensor] | None = None) -> list[list[list[int] | None]] | None:
         """Box (integers 0..999) of every generated ``<box>`` token, per row; None without any.
 
         Runs the prompt plus the generated answer once more, teacher-forced, for the hidden
         state *at* each ``<box>`` token (generation only computes it when the token is fed
         back, which never happens for a last token); positions follow the left padding as
-        in generation.
+        in generation. With perception the box is the one of the region the token points at
+        (None when the answer has more boxes than the digest has regions).
         """
         where = box_token_index(ids, self.box_token_id)
-        if self.box_head is None or not len(where):
+        if (self.box_head is None and regions is None) or not len(where):
             return None
         from vol3d.protocol import BOX_SCALE
 
@@ -392,15 +613,21 @@ class Vol3DModel(nn.Module):
         hidden = self.lm(inputs_embeds=full, attention_mask=mask, position_ids=position_ids, use_cache=False,
                          output_hidden_states=True).hidden_states[-1]
         where[:, 1] += embeds.shape[1]
-        pred = self._ground(enc["dense"], enc["dense_grid"], hidden, where)["box_pred"]
+        if regions is not None:
+            point = self._point(hidden, torch.cat([input_ids, ids], dim=1), where, regions["valid"], regions["box"])
+            pred, found = point["box_pred"], (point["pointer_pick"] >= 0).tolist()
+        else:
+            pred = self._ground(enc["dense"], enc["dense_grid"], hidden, where)["box_pred"]
+            found = [True] * len(where)
         ints = torch.round(pred.float() * BOX_SCALE).long().clamp(0, BOX_SCALE).tolist()
-        out: list[list[list[int]]] = [[] for _ in range(ids.shape[0])]
-        for (row, _), box in zip(where.tolist(), ints, strict=True):
-            out[row].append(box)
+        out: list[list[list[int] | None]] = [[] for _ in range(ids.shape[0])]
+        for (row, _), box, ok in zip(where.tolist(), ints, found, strict=True):
+            out[row].append(box if ok else None)
         return out
 
-    def _decode_with_boxes(self, ids: list[int], boxes: list[list[int]]) -> str:
-        """Decoded text with each ``<box>`` token written out as ``<box>[x0,y0,z0,x1,y1,z1]</box>``."""
+    def _decode_with_boxes(self, ids: list[int], boxes: list[list[int] | None]) -> str:
+        """Decoded text with each ``<box>`` token written out as ``<box>[x0,y0,z0,x1,y1,z1]</box>``
+        (a box without a region is left out)."""
         from vol3d.protocol import format_box
 
         parts, start, k = [], 0, 0
@@ -409,10 +636,12 @@ class Vol3DModel(nn.Module):
                 continue
             parts.append(self.tokenizer.decode(ids[start:i], skip_special_tokens=True))
             if i < len(ids):
-                parts.append(format_box(boxes[k]))
+                box = boxes[k]
+                if box is not None:
+                    parts.append(format_box(box))
                 k += 1
             start = i + 1
-        return "".join(parts).strip()
+        return " ".join(p.strip() for p in parts if p.strip())
 
     # ------------------------------------------------------------------ LoRA
 

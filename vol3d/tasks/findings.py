@@ -64,39 +64,10 @@ class FindingSpec:
 
 FindingVocab = dict[str, FindingSpec]
 
-#: The findings of the synthetic data written by ``vol3d synth`` (preprocess/synth/reports.py).
-DEFAULT_VOCAB: FindingVocab = {
-    "liver_lesion": FindingSpec(
-        text="liver lesion",
-        organ="liver",
-        nouns=("lesion", "mass", "hypodensity", "metastasis"),
-        organ_words=("liver", "hepatic"),
-        code="K76.89",
-    ),
-    "lung_nodule": FindingSpec(
-        text="lung nodule",
-        organ="lung",
-        nouns=("nodule", "opacity"),
-        organ_words=("lung", "pulmonary", "lobe"),
-        code="R91.1",
-    ),
-    "kidney_cyst": FindingSpec(
-        text="kidney cyst",
-        organ="kidney",
-        nouns=("cyst",),
-        organ_words=("kidney", "renal"),
-        code="N28.1",
-    ),
-    "splenomegaly": FindingSpec(
-        text="splenomegaly",
-        organ="spleen",
-        nouns=("enlarged", "enlargement"),
-        organ_words=("spleen", "splenic"),
-        phrases=("splenomegaly",),
-        countable=False,
-        code="R16.1",
-    ),
-}
+#: The findings of the synthetic data written by ``vol3d synth`` (its ``vocab.json``; defined once,
+#: in ``preprocess.synth.reports.VOCAB_FINDINGS``). Only the demo and tests rely on it: a run reads
+#: its vocabulary from the cache's ``vocab.json`` or ``data.vocab``.
+DEFAULT_VOCAB: FindingVocab = {}
 
 
 def as_vocab(obj: Mapping[str, Any] | None, where: str = "finding vocabulary") -> FindingVocab:
@@ -126,6 +97,12 @@ def as_vocab(obj: Mapping[str, Any] | None, where: str = "finding vocabulary") -
     return out
 
 
+def _synthetic_vocab() -> FindingVocab:
+    from preprocess.synth.reports import VOCAB_FINDINGS
+
+    return as_vocab(VOCAB_FINDINGS, where="preprocess.synth.reports.VOCAB_FINDINGS")
+
+
 def load_vocab(path: str | Path) -> FindingVocab:
     """Read a vocabulary from a ``.json`` or ``.yaml`` file (mapping finding -> spec fields)."""
     path = Path(path)
@@ -143,3 +120,6 @@ def coarse_organ(organ: str) -> str:
     """``"kidney_left"`` / ``"left kidney"`` -> ``"kidney"``: laterality-free organ name."""
     words = organ.lower().replace("_", " ").split()
     return " ".join(w for w in words if w not in ("left", "right")) or organ.lower()
+
+
+DEFAULT_VOCAB.update(_synthetic_vocab())

@@ -240,9 +240,11 @@ def describe_answer(spec: FindingSpec, truth: FindingTruth, spacing: Sequence[fl
     where = " and ".join(organs)
     size = ""
     if spacing is not None:
+        from vol3d.tasks.regions import size_triple
+
         ext = box_sizes_mm(truth.boxes, spacing)
         big = ext[int(np.argmax(ext.prod(axis=1)))]
-        size = " x ".join(f"{v:.0f}" for v in big)
+        size = " x ".join(str(v) for v in size_triple(big))
     if not spec.countable:
         text = f"There is {spec.text}" + (f"; the {where} measures {size} mm." if size else ".")
     elif truth.n == 1:
@@ -284,13 +286,47 @@ def _choose(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
-def _balanced_pick(rng: np.random.Generator, pos: list[str], neg: list[str]) -> tuple[str, bool]:
-    """A finding and whether it is a positive one; yes/no balanced whenever both exist."""
-    want_pos = bool(rng.random() < 0.5) if pos and neg else bool(pos)
-    return _choose(rng, pos if want_pos else neg), want_pos
+def _balanced_pick(rng: np.random.Generator, pos: list[str], neg: list[str],
+                   prevalence: Mapping[str, float] | None = None) -> tuple[str, bool]:
+    """A finding and whether it is a positive one.
+
+    With ``prevalence`` (the share of cases that have each finding, :func:`prevalence`), yes and
+    no are balanced *per finding over the dataset*: a finding is drawn uniformly and kept with
+    probability ``min(p, 1 - p) / p`` when the case has it, ``/ (1 - p)`` when not, so the question
+    alone says nothing about the answer (an image-blind model sits at 0.5). Without it, yes and
+    no are balanced within the case, which lets the question give the answer away (the common
+    finding is the "yes").
+    """
+    if prevalence is None:
+        want_pos = bool(rng.random() < 0.5) if pos and neg else bool(pos)
+        return _choose(rng, pos if want_pos else neg), want_pos
+    everything = [*pos, *neg]
+    for _ in range(16):
+        name = _choose(rng, everything)
+        p = float(prevalence.get(name, 0.5))
+        p = min(max(p, 1e-3), 1 - 1e-3)
+        keep = min(p, 1 - p) / (p if name in pos else 1 - p)
+        if rng.random() < keep:
+            break
+    return name, name in pos
 
 
-def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: FindingVocab) -> Sample:
+def prevalence(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Share of the annotated cases that have each finding (visible), for :func:`_balanced_pick`."""
+    vocab = as_vocab(vocab)
+    counts = dict.fromkeys(vocab, 0)
+    n = 0
+    for case in cases:
+        if not has_boxes(case):
+            continue
+        n += 1
+        for name, truth in finding_truth(case, vocab).items():
+            counts[name] += truth.n > 0
+    return {k: v / n for k, v in counts.items()} if n else {}
+
+
+def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: FindingVocab,
+                   prevalence: Mapping[str, float] | None = None, qtypes: Sequence[str] = CLOSED_QTYPES) -> Sample:
     truth = finding_truth(case, vocab)
     spacing = case.get("spacing")
     clear = [f for f, t in truth.items() if not t.ambiguous]  # yes/no is unambiguous for these
@@ -298,13 +334,13 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
     neg = [f for f in clear if truth[f].n == 0]
     countable = [f for f in clear if vocab[f].countable]
     options = []
-    if pos or neg:
+    if (pos or neg) and "presence" in qtypes:
         options.append("presence")
-    if pos:
+    if pos and "organ" in qtypes:
         options.append("organ")
-    if countable:
+    if countable and "count" in qtypes:
         options.append("count")
-    if spacing is not None and any(truth[f].n > 0 for f in countable):
+    if spacing is not None and any(truth[f].n > 0 for f in countable) and "size" in qtypes:
         options.append("size")
     if not options:
         raise InputError(
@@ -313,7 +349,7 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
     qtype = _choose(rng, options)
     extras: dict[str, Any] = {"qtype": qtype}
     if qtype == "presence":
-        name, yes = _balanced_pick(rng, pos, neg)
+        name, yes = _balanced_pick(rng, pos, neg, prevalence)
         spec = vocab[name]
         prompt, answer = _choose(rng, TEMPLATES["presence"]).format(**_fill(spec)), "yes" if yes else "no"
     elif qtype == "organ":
@@ -331,7 +367,8 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
         prompt = _choose(rng, TEMPLATES["organ"]).format(**fill)
         extras["choices"] = choices
     elif qtype == "count":
-        name, _ = _balanced_pick(rng, [f for f in countable if f in pos], [f for f in countable if f in neg])
+        name, _ = _balanced_pick(rng, [f for f in countable if f in pos], [f for f in countable if f in neg],
+                                 prevalence)
         spec = vocab[name]
         prompt, answer = _choose(rng, TEMPLATES["count"]).format(**_fill(spec)), str(truth[name].n)
     else:
@@ -349,6 +386,44 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
     return Sample("vqa_closed", prompt, answer, extras)
 
 
+def presence_sample(case: Mapping[str, Any], finding: str, rng: np.random.Generator | int | None,
+                    vocab: Mapping[str, Any] | None = None) -> Sample:
+    """The closed question "Is there <finding>?" about ``case`` (for evaluation sets balanced per finding)."""
+    rng, vocab = _rng(rng), as_vocab(vocab)
+    truth = finding_truth(case, vocab)[finding]
+    if truth.ambiguous:
+        raise InputError(f"case {case.get('id', '?')}: {finding} is only partly visible; yes/no would be ambiguous")
+    prompt = _choose(rng, TEMPLATES["presence"]).format(**_fill(vocab[finding]))
+    return Sample("vqa_closed", prompt, "yes" if truth.n > 0 else "no", {"qtype": "presence", "finding": finding})
+
+
+def balanced_presence(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None = None,
+                      seed: int = 0) -> dict[int, list[str]]:
+    """Which findings to ask "Is there ...?" about in which case (by position), balanced per finding.
+
+    For every finding, as many cases without it as with it (whichever side is smaller sets the
+    count; the cases are drawn with ``seed``), skipping cases where it is only partly visible. A
+    model that answers from the question alone scores exactly 0.5 on every finding.
+    """
+    vocab = as_vocab(vocab)
+    pos: dict[str, list[int]] = {f: [] for f in vocab}
+    neg: dict[str, list[int]] = {f: [] for f in vocab}
+    for i, case in enumerate(cases):
+        if not has_boxes(case):
+            continue
+        for name, truth in finding_truth(case, vocab).items():
+            if not truth.ambiguous:
+                (pos if truth.n > 0 else neg)[name].append(i)
+    rng = np.random.default_rng([seed, 7])
+    out: dict[int, list[str]] = {}
+    for name in vocab:
+        k = min(len(pos[name]), len(neg[name]))
+        for side in (pos[name], neg[name]):
+            for i in sorted(rng.permutation(side)[:k].tolist()):
+                out.setdefault(int(i), []).append(name)
+    return out
+
+
 def sample_one(
     case: Mapping[str, Any],
     task: str,
@@ -357,10 +432,14 @@ def sample_one(
     vocab: Mapping[str, Any] | None = None,
     code_vocab: CodeVocab | None = None,
     box_format: BoxFormat = "text",
+    prevalence: Mapping[str, float] | None = None,
+    qtypes: Sequence[str] = CLOSED_QTYPES,
 ) -> Sample:
     """One sample of ``task`` for ``case``; deterministic given ``rng`` (a Generator or a seed).
 
-    ``box_format``: how grounding answers write boxes (:func:`ground_answer`)."""
+    ``box_format``: how grounding answers write boxes (:func:`ground_answer`); ``prevalence``:
+    balance yes/no per finding over the dataset (:func:`_balanced_pick`); ``qtypes``: the closed
+    question types to draw from."""
     rng, vocab = _rng(rng), as_vocab(vocab)
     if task not in applicable_tasks(case):
         raise InputError(
@@ -379,7 +458,7 @@ def sample_one(
             extras["target"] = code_vocab.encode(codes)
         return Sample("ehr", VOL, "", extras)
     if task == "vqa_closed":
-        return _closed_sample(case, rng, vocab)
+        return _closed_sample(case, rng, vocab, prevalence, qtypes)
     truth = finding_truth(case, vocab)
     name = _choose(rng, sorted(truth))
     # favour findings that are present, else the model mostly learns refusals
@@ -419,8 +498,10 @@ def build_samples(
     vocab: Mapping[str, Any] | None = None,
     code_vocab: CodeVocab | None = None,
     box_format: BoxFormat = "text",
+    prevalence: Mapping[str, float] | None = None,
 ) -> list[Sample]:
-    """``mix.samples_per_case`` samples, tasks drawn by ``mix`` weights among those the case supports."""
+    """``mix.samples_per_case`` samples, tasks drawn by ``mix`` weights among those the case supports
+    (``prevalence``: see :func:`sample_one`)."""
     rng, mix = _rng(rng), mix or TaskMix()
     weights = mix.weights()
     tasks = [t for t in applicable_tasks(case) if weights[t] > 0]
@@ -432,7 +513,8 @@ def build_samples(
     p = np.array([weights[t] for t in tasks])
     p = p / p.sum()
     drawn = [tasks[int(i)] for i in rng.choice(len(tasks), size=mix.samples_per_case, p=p)]
-    return [sample_one(case, t, rng, vocab=vocab, code_vocab=code_vocab, box_format=box_format) for t in drawn]
+    return [sample_one(case, t, rng, vocab=vocab, code_vocab=code_vocab, box_format=box_format, prevalence=prevalence)
+            for t in drawn]
 
 
 def corpus_texts(

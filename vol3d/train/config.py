@@ -71,11 +71,19 @@ class DataConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig, metadata={"help": "Augmentation of training volumes, boxes moving with the image (null = none; validation is never augmented)."})
     max_length: int = _f(512, "Longest token sequence (prompt + volume tokens + answer); longer answers are truncated.")
     max_val_cases: int = _f(32, "Cap on validation cases (keeps periodic validation cheap); 0 = all of them.")
+    vocab: str = _f("", "Vocabulary file (JSON/YAML: findings, label names, finding labels; docs/tasks_and_metrics.md); '' = the cache's vocab.json.")
+    perception_patch: list[int] = _f([32, 32, 32], "Perception models: the decoder learns on crops of this size (X Y Z) centred on findings; [] = on the whole volumes.")
+    perception_patches_per_case: int = _f(2, "Perception crops per case and step.")
+    finding_patch_probability: float = _f(0.7, "Share of perception crops centred on a finding (one drawn uniformly among the case's findings), the rest anywhere.")
 
     def __post_init__(self) -> None:
         _positive("data", batch_size=self.batch_size)
-        _positive("data", max_length=self.max_length)
+        _positive("data", max_length=self.max_length, perception_patches_per_case=self.perception_patches_per_case)
         _non_negative("data", num_workers=self.num_workers, max_val_cases=self.max_val_cases)
+        if self.perception_patch and (len(self.perception_patch) != 3 or min(self.perception_patch) < 1):
+            raise ConfigError(f"data.perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
+        if not 0.0 <= self.finding_patch_probability <= 1.0:
+            raise ConfigError(f"data.finding_patch_probability must be in [0, 1], got {self.finding_patch_probability}")
 
 
 @dataclass
@@ -109,11 +117,20 @@ class LossConfig:
     box_centre: float = _f(0.0, "Grounding head: cross-entropy of its cell scores against a peak on every true box centre of the answer, for each <box> token of a grounding answer.")
     box_l1: float = _f(0.0, "Grounding head: L1 of the box regressed at each true centre's cell vs that box (0..1 model-input frame).")
     box_giou: float = _f(0.0, "Grounding head: 1 - generalised 3D IoU of the same box.")
+    organ: float = _f(0.0, "Perception: DiceCE of the organ masks (cases with label maps).")
+    finding: float = _f(0.0, "Perception: BCE + Dice of the finding masks (cases with boxes or finding labels).")
+    finding_pos_weight: float = _f(10.0, "Perception: BCE pos_weight of finding voxels (a lesion is a few voxels of a volume).")
+    finding_type: float = _f(0.0, "Perception: cross-entropy of each finding voxel's type.")
+    condition: float = _f(0.0, "Perception: BCE of the condition findings (e.g. splenomegaly) from their organ.")
+    pointer: float = _f(0.0, "Perception: cross-entropy of each <box>'s pointer over the digest's regions.")
     contrastive: float = _f(0.0, "CLIP InfoNCE between pooled volume and report embeddings (needs batch_size >= 2).")
     temperature: float = _f(0.07, "Softmax temperature of the contrastive loss when the model does not learn its own logit_scale.")
 
     def __post_init__(self) -> None:
-        _non_negative("loss", lm=self.lm, ehr=self.ehr, box_centre=self.box_centre, box_l1=self.box_l1, box_giou=self.box_giou, contrastive=self.contrastive)
+        _non_negative("loss", lm=self.lm, ehr=self.ehr, box_centre=self.box_centre, box_l1=self.box_l1, box_giou=self.box_giou,
+                      organ=self.organ, finding=self.finding, finding_type=self.finding_type, condition=self.condition,
+                      pointer=self.pointer, contrastive=self.contrastive)
+        _positive("loss", finding_pos_weight=self.finding_pos_weight)
         _positive("loss", temperature=self.temperature)
         if self.ehr_pos_weight is not None:
             _positive("loss", ehr_pos_weight=self.ehr_pos_weight)

@@ -141,10 +141,23 @@ class VLMObjective:
         max_length: token budget per sequence (answers beyond it are truncated).
         val_batch_size: batch size of :meth:`validate`.
         box_tokens: the model has a grounding head (``Vol3DConfig.box_head``).
+        perception: ``(finding vocabulary, LabelSpec)`` of a model with perception: every prompt is
+            preceded by the case's findings digest (from its ground truth, so the LM learns to read
+            the digest faithfully; at inference the perception writes it), and the perception heads
+            learn organs, findings and conditions (:meth:`_perception_targets`).
+        prevalence: share of the training cases with each finding: presence and count questions
+            balance yes/no per finding over the dataset (:func:`vol3d.tasks.samples.prevalence`).
+        patch_size: with perception, the decoder learns on ``patches_per_case`` crops of this size per
+            case instead of the whole volumes, each centred on a finding (an instance drawn uniformly,
+            so a 3-voxel nodule counts as much as a large lesion) with ``finding_probability``, else
+            anywhere: nnU-Net's foreground oversampling. Several times more finding voxels per second
+            of CPU than whole volumes (docs/benchmarks/quality.md). None: whole volumes.
     """
 
     def __init__(self, processor: Any, mix: Any, weights: Any, code_vocab: Any = None, augment: Any = None,
-                 max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False) -> None:
+                 max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False,
+                 perception: tuple[Any, Any] | None = None, prevalence: dict[str, float] | None = None,
+                 patch_size: Any = None, patches_per_case: int = 2, finding_probability: float = 0.7) -> None:
         self.processor = processor
         self.mix = mix
         self.weights = weights
@@ -153,6 +166,12 @@ class VLMObjective:
         self.max_length = max_length
         self.val_batch_size = val_batch_size
         self.box_tokens = box_tokens
+        self.perception = perception
+        self.prevalence = prevalence
+        self.patch_size = tuple(int(v) for v in patch_size) if patch_size else None
+        self.patches_per_case = patches_per_case
+        self.finding_probability = finding_probability
+        self._dice_ce = None
 
     def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
         from vol3d.models.processor import IGNORE_INDEX
@@ -161,13 +180,22 @@ class VLMObjective:
         cases = list(items)  # vol3d.tasks reads CacheDataset items as they are
         if self.augment is not None:
             cases = [augment(c, r, self.augment) for c, r in zip(cases, rngs, strict=True)]
-        box_format = "token" if self.box_tokens else "text"
+        box_format = "token" if self.box_tokens or self.perception is not None else "text"
+        vocab = self.perception[0] if self.perception is not None else None
         # mix.samples_per_case questions per case; the encoder sees each volume once
-        per_case = [build_samples(c, r, self.mix, code_vocab=self.code_vocab, box_format=box_format)
+        per_case = [build_samples(c, r, self.mix, vocab=vocab, code_vocab=self.code_vocab, box_format=box_format,
+                                  prevalence=self.prevalence)
                     for c, r in zip(cases, rngs, strict=True)]
         samples = [s for group in per_case for s in group]
         volume_index = torch.tensor([i for i, group in enumerate(per_case) for _ in group], dtype=torch.long)
-        enc = self.processor([s.prompt for s in samples], [s.answer for s in samples], max_length=self.max_length)
+        contexts, found = None, None
+        if self.perception is not None:
+            from vol3d.tasks.regions import digest_text, perceived_from_case
+
+            found = [perceived_from_case(c, *self.perception) for c in cases]
+            contexts = [digest_text(found[int(i)][0], vocab) for i in volume_index]
+        enc = self.processor([s.prompt for s in samples], [s.answer for s in samples], max_length=self.max_length,
+                             contexts=contexts)
         for i, s in enumerate(samples):
             if s.task == "ehr":  # no text to learn: the EHR head answers
                 enc["labels"][i] = IGNORE_INDEX
@@ -183,9 +211,99 @@ class VLMObjective:
                                                for c in cases])
         if self.box_tokens:
             batch.update(self._box_targets(samples, enc["labels"]))
+        if found is not None:
+            batch.update(self._perception_targets(found, samples, volume_index, enc["labels"],
+                                                  tuple(batch["volume"].shape[2:])))
+            if self.patch_size is not None:
+                batch.update(self._patches(batch, found, rngs))
         if self.weights.contrastive > 0:
             batch["texts"] = [str(c.get("report") or "") for c in cases]
         return batch
+
+    def _perception_targets(self, found: list[Any], samples: list[Any], volume_index: Tensor, labels: Tensor,
+                            shape: tuple[int, ...]) -> dict[str, Any]:
+        """The regions of each case (what its digest lists), the perception heads' targets, and the
+        pointer targets of the grounding answers' ``<box>`` tokens.
+
+        ``organ_target (B, X, Y, Z)`` with ``organ_mask (B,)`` (cases with a label map);
+        ``finding_target (B, X, Y, Z)`` 0/1, ``finding_type (B, X, Y, Z)`` (-100 off findings) with
+        ``finding_mask (B,)`` (cases with finding annotations); ``condition_target (B, C)`` with
+        ``condition_mask (B,)``; ``box_index (Q, 2)`` and ``pointer_target (Q, R)``: for each ``<box>``
+        of a grounding answer, the regions whose box is one of the answer's true boxes.
+        """
+        from vol3d.models.vlm import box_token_index
+        from vol3d.tasks.regions import matching_regions, pack_regions
+
+        vocab, label_spec = self.perception  # type: ignore[misc]
+        perceived = [p for p, _ in found]
+        targets = [t for _, t in found]
+        packed = pack_regions(perceived, [t.region_map for t in targets], [t.organ for t in targets], shape,
+                              vocab, label_spec)
+        zeros_long = np.zeros(shape, np.int64)
+        n_cond = sum(not spec.countable for spec in vocab.values())
+        out: dict[str, Any] = {
+            "regions": {k: torch.from_numpy(v) for k, v in packed.items()},
+            "organ_target": torch.from_numpy(np.stack([t.organ if t.organ is not None else zeros_long
+                                                       for t in targets])),
+            "organ_mask": torch.tensor([t.organ is not None for t in targets]),
+            "finding_target": torch.from_numpy(np.stack([t.finding if t.finding is not None
+                                                         else np.zeros(shape, np.float32) for t in targets])),
+            "finding_type": torch.from_numpy(np.stack([t.finding_type if t.finding_type is not None
+                                                       else np.full(shape, -100, np.int64) for t in targets])),
+            "finding_mask": torch.tensor([t.finding is not None for t in targets]),
+            "condition_target": torch.from_numpy(np.stack([t.conditions if t.conditions is not None
+                                                           else np.zeros(n_cond, np.float32) for t in targets])
+                                                 .reshape(len(targets), n_cond)),
+            "condition_mask": torch.tensor([t.conditions is not None for t in targets]),
+        }
+        box_id = int(self.processor.tokenizer.convert_tokens_to_ids(BOX_TOKEN))
+        where = box_token_index(labels, box_id)
+        r = packed["kind"].shape[1]
+        keep, rows = [], []
+        for q, row in enumerate(where[:, 0].tolist()):
+            s = samples[row]
+            if s.task != "ground" or not len(s.extras["boxes_vox"]):
+                continue
+            hit = matching_regions(perceived[int(volume_index[row])], s.extras["boxes_vox"])
+            if hit:
+                target = np.zeros(r, np.float32)
+                target[hit] = 1.0
+                keep.append(q)
+                rows.append(target)
+        out["box_index"] = where[keep]
+        out["pointer_target"] = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, r), np.float32))
+        return out
+
+    def _patches(self, batch: dict[str, Any], found: list[Any], rngs: list[np.random.Generator]) -> dict[str, Any]:
+        """Crops of the volumes and of their dense targets for the decoder (see ``patch_size``):
+        ``patches (P, C, x, y, z)`` and the ``organ_target``/``finding_target``/``finding_type`` of the
+        patches (replacing the volumes'), each patch keeping its case's masks."""
+        assert self.patch_size is not None
+        shape = tuple(batch["volume"].shape[2:])
+        size = np.minimum(self.patch_size, shape)
+        slices, owner = [], []
+        for c, ((perceived, targets), rng) in enumerate(zip(found, rngs, strict=True)):
+            for _ in range(self.patches_per_case):
+                centre = None
+                if perceived.findings and rng.random() < self.finding_probability:
+                    k = int(rng.integers(len(perceived.findings)))
+                    voxels = np.argwhere(targets.region_map == k)
+                    if len(voxels):
+                        centre = voxels[int(rng.integers(len(voxels)))]
+                if centre is None:
+                    centre = np.array([int(rng.integers(n)) for n in shape])
+                jitter = np.array([int(rng.integers(-(s // 4), s // 4 + 1)) for s in size])
+                lo = np.clip(centre - size // 2 + jitter, 0, np.asarray(shape) - size)
+                slices.append(tuple(slice(int(a), int(a + s)) for a, s in zip(lo, size, strict=True)))
+                owner.append(c)
+        own = torch.tensor(owner, dtype=torch.long)
+
+        def crop(t: Tensor, extra: int) -> Tensor:
+            return torch.stack([t[i][(slice(None),) * extra + sl] for i, sl in zip(owner, slices, strict=True)])
+
+        return {"patches": crop(batch["volume"], 1), "organ_target": crop(batch["organ_target"], 0),
+                "finding_target": crop(batch["finding_target"], 0), "finding_type": crop(batch["finding_type"], 0),
+                "organ_mask": batch["organ_mask"][own], "finding_mask": batch["finding_mask"][own]}
 
     def _box_targets(self, samples: list[Any], labels: Tensor) -> dict[str, Tensor]:
         """``box_index (Q, 2)`` of the grounding answers' ``<box>`` tokens, and for each the true
@@ -218,7 +336,8 @@ class VLMObjective:
 
         w = self.weights
         out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"),
-                    box_index=batch.get("box_index"), volume_index=batch.get("volume_index"))
+                    box_index=batch.get("box_index"), volume_index=batch.get("volume_index"),
+                    regions=batch.get("regions"), patches=batch.get("patches"))
         terms: dict[str, Tensor] = {"lm": lm_cross_entropy(out["logits"], batch["labels"],
                                                             average=w.lm_average)}
         logs: dict[str, Any] = {}
@@ -228,6 +347,10 @@ class VLMObjective:
             box = grounding_losses(out, batch["box_target"], batch["box_target_mask"])
             logs["box_iou"] = box.pop("box_iou")
             terms.update(box)
+        if "organ_target" in batch:
+            perception = self.perception_losses(out, batch)
+            logs["pointer_acc"] = perception.pop("pointer_acc")
+            terms.update(perception)
         if "texts" in batch and "text_embed" in out:
             scale = out.get("logit_scale", 1.0 / w.temperature)
             terms["contrastive"] = clip_infonce(out["vol_embed"], out["text_embed"], scale)
@@ -235,8 +358,65 @@ class VLMObjective:
         logs.update({k: v.detach() for k, v in terms.items()})
         return total, logs
 
+    def perception_losses(self, out: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Losses of the perception heads and the region pointer (weights: ``LossConfig.organ``,
+        ``finding``, ``finding_type``, ``condition``, ``pointer``).
+
+        ``organ``: MONAI DiceCE (soft Dice over the batch, as nnU-Net's batch Dice) on the cases
+        with a label map; ``finding``: BCE (``finding_pos_weight`` for the rare finding voxels) plus
+        soft Dice over the batch; ``finding_type``: cross-entropy of the type on finding voxels;
+        ``condition``: BCE; ``pointer``: cross-entropy of each ``<box>``'s pointer against the regions
+        that are its answer's true boxes (spread evenly: any instance is right). A term without
+        targets in the batch is a zero that keeps its head in the graph (DDP needs every gradient).
+        """
+        import torch.nn.functional as F
+
+        w = self.weights
+        organ_logits, finding_logits = out["organ_logits"], out["finding_logits"]
+        zero = organ_logits.sum() * 0.0 + finding_logits.sum() * 0.0 + out["condition_logits"].sum() * 0.0
+        terms: dict[str, Tensor] = {}
+        m = batch["organ_mask"]
+        if bool(m.any()):
+            if self._dice_ce is None:
+                from monai.losses import DiceCELoss
+
+                self._dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+            terms["organ"] = self._dice_ce(organ_logits[m], batch["organ_target"][m][:, None])
+        else:
+            terms["organ"] = zero
+        m = batch["finding_mask"]
+        if bool(m.any()):
+            logit, target = finding_logits[m, 0], batch["finding_target"][m].float()
+            pos = torch.tensor(w.finding_pos_weight, device=logit.device)
+            bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos)
+            p = torch.sigmoid(logit)
+            dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
+            terms["finding"] = bce + dice
+            typed = batch["finding_type"] >= 0
+            terms["finding_type"] = (F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100)
+                                     if bool(typed.any()) and finding_logits.shape[1] > 1 else zero)
+        else:
+            terms["finding"] = terms["finding_type"] = zero
+        m = batch["condition_mask"]
+        cond = out["condition_logits"]
+        terms["condition"] = (F.binary_cross_entropy_with_logits(cond[m], batch["condition_target"][m].float())
+                              if bool(m.any()) and cond.shape[1] else zero)
+        target = batch["pointer_target"].float()
+        if "pointer_logits" in out and len(target):
+            logp = torch.log_softmax(out["pointer_logits"].float(), dim=-1)
+            logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
+            terms["pointer"] = -((target / target.sum(-1, keepdim=True)) * logp).sum(-1).mean()
+            pick = out["pointer_pick"]
+            hit = target.gather(1, pick.clamp(min=0)[:, None])[:, 0] * (pick >= 0)
+            terms["pointer_acc"] = hit.mean().detach()
+        else:
+            terms["pointer"] = zero  # no <box> in this batch (under DDP: ddp_find_unused for the pointer)
+            terms["pointer_acc"] = zero.detach()
+        return terms
+
     def validate(self, model: nn.Module, items: Any) -> dict[str, float]:
         """Mean loss terms on ``items`` without augmentation (same task draws every time)."""
         plain = VLMObjective(self.processor, self.mix, self.weights, self.code_vocab, None, self.max_length,
-                             self.val_batch_size, self.box_tokens)
+                             self.val_batch_size, self.box_tokens, self.perception, self.prevalence,
+                             self.patch_size, self.patches_per_case, self.finding_probability)
         return batched_validation(plain, model, items, self.val_batch_size)

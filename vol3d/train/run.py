@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         model = Vol3DModel.from_pretrained(src / "model")
         model.train()
         return model, dataclasses.replace(cfg, model=model.config)
-    mcfg = cfg.model
+    mcfg = resolve_vocabulary(cfg.model, cfg.data)
     # texts, boxes and codes only, read once: a big cache must not be read into memory for this
     cases = [train.item_without_pixels(i) for i in range(len(train))]
     if cfg.loss.ehr > 0 and not mcfg.ehr_codes:
@@ -103,10 +103,48 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         mcfg = dataclasses.replace(mcfg, ehr_codes=list(vocab.codes), num_ehr_codes=len(vocab))
     tokenizer = None
     if mcfg.lm_path is None:
-        tokenizer = build_tokenizer(corpus_texts(cases))
+        texts = corpus_texts(cases, mcfg.findings or None)
+        if mcfg.perception:
+            texts += digest_corpus(cases, mcfg)
+        tokenizer = build_tokenizer(texts)
     torch.manual_seed(cfg.seed)
     model = Vol3DModel(mcfg, tokenizer=tokenizer)
     return model, dataclasses.replace(cfg, model=mcfg)
+
+
+def resolve_vocabulary(model: Any, data: Any) -> Any:
+    """``model`` (a :class:`~vol3d.models.Vol3DConfig`) with the finding vocabulary and label names of
+    the data: from ``data.vocab``, else the cache's ``vocab.json`` (``vol3d preprocess --vocab``).
+    Fields already set in the config win. Models without perception need none."""
+    from preprocess.sidecars import VOCAB_NAME, load_vocabulary
+
+    if not model.perception or (model.findings and model.label_names):
+        return model
+    path = Path(data.vocab) if data.vocab else Path(data.cache_dir) / VOCAB_NAME
+    if not path.is_file():
+        raise ConfigError(f"perception needs the names of the findings and of the label values, and {path} does not "
+                          "exist: preprocess with `vol3d preprocess ... --vocab FILE`, or pass --data.vocab FILE "
+                          "(format: docs/tasks_and_metrics.md)")
+    vocab = load_vocabulary(path)
+    findings = model.findings or vocab["findings"]
+    labels = model.label_names or vocab.get("labels", [])
+    if not labels:
+        raise ConfigError(f"perception needs the label names of the cache's label maps; {path} has no 'labels' "
+                          "(list the name of each label value, 0 = background)")
+    return dataclasses.replace(model, findings=findings, label_names=list(labels),
+                               finding_labels=list(model.finding_labels or vocab.get("finding_labels", [])))
+
+
+def digest_corpus(cases: list[Any], model: Any) -> list[str]:
+    """Findings digests the tokenizer should know: each case's (from its boxes) and every organ's entry."""
+    from vol3d.protocol import ORGAN_TOKEN
+    from vol3d.tasks.regions import LabelSpec, digest_text, organ_text, perceived_from_case
+
+    labels = LabelSpec(tuple(model.label_names), tuple(model.finding_labels))
+    texts = [digest_text(perceived_from_case({**c, "label": None}, model.findings, None)[0], model.findings)
+             for c in cases]
+    texts.append("Organs: " + "; ".join(f"{organ_text(o)} {ORGAN_TOKEN} 1234 mL, 567 mm" for o in labels.organs[1:]))
+    return texts
 
 
 def check_channels(dataset: Any, in_chans: int) -> None:
@@ -127,7 +165,10 @@ def write_run_config(cfg: RunConfig, is_main: bool) -> None:
 def check_heads(cfg: TrainConfig) -> None:
     """Every loss term with a weight needs the model head that feeds it."""
     m, w = cfg.model, cfg.loss
+    perception_losses = w.organ > 0 or w.finding > 0 or w.finding_type > 0 or w.condition > 0 or w.pointer > 0
     need = [("loss.ehr", w.ehr > 0, m.num_ehr_codes > 0, "model.ehr_codes (or num_ehr_codes)"),
+            ("loss.organ/finding/finding_type/condition/pointer", perception_losses, m.perception,
+             "model.perception: true"),
             ("loss.box_centre/box_l1/box_giou", w.box_centre > 0 or w.box_l1 > 0 or w.box_giou > 0, m.box_head,
              "model.box_head: true"),
             ("loss.contrastive", w.contrastive > 0, m.contrastive, "model.contrastive: true")]
@@ -158,8 +199,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     check_channels(train_ds, cfg.model.in_chans)
     write_run_config(cfg, info.is_main)
     codes = CodeVocab(cfg.model.ehr_codes) if cfg.model.ehr_codes and cfg.loss.ehr > 0 else None
+    perception, prevalence = None, None
+    if cfg.model.perception:
+        from vol3d.tasks.samples import prevalence as finding_prevalence
+
+        perception = (model.vocab, model.labels)
+        prevalence = finding_prevalence((train_ds.item_without_pixels(i) for i in range(len(train_ds))), model.vocab)
     objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, cfg.data.augment,
-                             cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head)
+                             cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
+                             perception=perception, prevalence=prevalence,
+                             patch_size=cfg.data.perception_patch or None,
+                             patches_per_case=cfg.data.perception_patches_per_case,
+                             finding_probability=cfg.data.finding_patch_probability)
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
              model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)

@@ -157,7 +157,7 @@ def test_open_answer_describes_count_organ_and_size():
     case = make_case()
     texts = {sample_one(case, "vqa_open", seed).answer for seed in range(60)}
     assert "There are 2 liver lesions in the liver; the largest measures 5 x 5 x 10 mm." in texts
-    assert "There is one kidney cyst in the left kidney, measuring 5 x 7 x 14 mm." in texts
+    assert "There is one kidney cyst in the left kidney, measuring 7 x 5 x 14 mm." in texts
     assert "There is no lung nodule." in texts
     no_spacing = make_case(spacing=None)
     assert "There is one kidney cyst in the left kidney." in {

@@ -51,11 +51,11 @@ def test_flags_map_onto_fields_and_win_over_yaml():
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(["--max-steps", "7", "--optim.lr", "1e-4", "--data.batch-size", "3",
-                              "--model.box-head", "--loss.box-giou", "0.5", "--data.tasks.ground", "2"])
+                              "--model.freeze-encoder", "--loss.box-giou", "0.5", "--data.tasks.ground", "2"])
     cfg = build_config(TrainConfig, CONFIGS / "train" / "tiny_cpu.yaml", args)
     assert (cfg.max_steps, cfg.optim.lr, cfg.data.batch_size, cfg.loss.box_giou) == (7, 1e-4, 3, 0.5)
-    assert cfg.model.box_head is True and cfg.data.tasks.ground == 2.0
-    assert cfg.model.encoder == "resnet3d_tiny" and cfg.loss.lm_average == "sample"  # untouched fields keep the YAML's values
+    assert cfg.model.freeze_encoder is True and cfg.data.tasks.ground == 2.0
+    assert cfg.model.encoder == "resunet3d_tiny" and cfg.loss.lm_average == "sample"  # untouched fields keep the YAML's values
 
 
 @pytest.mark.parametrize(
