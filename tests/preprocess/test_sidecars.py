@@ -79,3 +79,21 @@ def test_join_dicom_and_nifti_sidecar(tmp_path):
     assert not empty.has_report and empty.findings == "" and empty.codes == [] and empty.label_path is None
     # a changed side table changes the digest (the case is redone)
     assert empty.digest() != tables.for_case(_cand()).digest()
+
+
+def test_vocabulary_file_is_checked_and_names_the_problem(tmp_path):
+    from preprocess.sidecars import load_vocabulary
+
+    good = tmp_path / "vocab.yaml"
+    good.write_text("findings:\n  adrenal_mass: {text: adrenal mass, organ: adrenal, nouns: [mass], "
+                    "organ_words: [adrenal]}\nlabels: [background, adrenal, mass]\nfinding_labels: [mass]\n")
+    assert load_vocabulary(good)["findings"]["adrenal_mass"]["organ"] == "adrenal"
+    for text, match in [("{}", "findings"), ('{"findings": {"x": {"text": "x"}}}', "'text' and 'organ'"),
+                        ('{"findings": {"x": {"text": "x", "organ": "y"}}, "finding_labels": ["m"]}', "not in 'labels'"),
+                        ('{"findings": {"x": {"text": "x", "organ": "y"}}, "colour": 1}', "unknown keys"),
+                        ("{not json", "could not be parsed")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(InputError, match=match) as err:
+            load_vocabulary(bad)
+        assert str(bad) in str(err.value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,29 @@ def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+
+
+class NoRepeatNGram:
+    """Generation never repeats an ``n``-gram of its own answer, except n-grams holding a ``<box>``
+    (an answer lists one ``<box>`` per instance). A tiny LM otherwise loops ("No free fluid. No free
+    fluid. ..."); HF's ``no_repeat_ngram_size`` would also forbid the fourth ``<box>`` of a list.
+    An HF ``LogitsProcessor``: ``(input_ids (B, t), scores (B, V)) -> scores``."""
+
+    def __init__(self, n: int, exempt: Sequence[int]) -> None:
+        self.n, self.exempt = int(n), set(int(t) for t in exempt)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        for b, row in enumerate(input_ids.tolist()):
+            if len(row) < n:
+                continue
+            prefix = tuple(row[len(row) - n + 1:])
+            if self.exempt.intersection(prefix):
+                continue
+            banned = {row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix}
+            if banned:
+                scores[b, sorted(banned - self.exempt)] = float("-inf")
+        return scores
 
 
 def box_token_index(labels: torch.Tensor, box_token_id: int) -> torch.Tensor:
@@ -518,6 +542,7 @@ class Vol3DModel(nn.Module):
         answer_prefix: str | None = None,
         spacing: Any = None,
         return_perceived: bool = False,
+        no_repeat_ngram: int = 4,
         **generate_kwargs: Any,
     ) -> Any:
         """Answer each prompt about its volume; greedy unless ``do_sample=True`` etc. is passed.
@@ -526,7 +551,8 @@ class Vol3DModel(nn.Module):
         left-padded ``input_ids (B, T)``. ``answer_prefix`` starts every answer with that
         text and lets the model go on from there (e.g. ``"<box>"``: say where, not whether;
         :data:`LOCATE_PREFIX`); it is part of the returned answer. Extra keyword arguments
-        go to HF ``generate`` (``num_beams``, ``temperature``, ``top_p``, ``repetition_penalty`` ...).
+        go to HF ``generate`` (``num_beams``, ``temperature``, ``top_p``, ``repetition_penalty`` ...);
+        ``no_repeat_ngram`` forbids repeating an n-gram of the answer (:class:`NoRepeatNGram`; 0: off).
         With a grounding head or perception, every ``<box>`` token of an answer is returned written
         out as ``<box>[x0,y0,z0,x1,y1,z1]</box>`` (0..999 of the model input), as text-mode models spell it.
 
@@ -567,6 +593,12 @@ class Vol3DModel(nn.Module):
             attention_mask = attention_mask.to(volume.device)
             kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
                       "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
+            if no_repeat_ngram:
+                from transformers import LogitsProcessorList
+
+                processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+                processors.append(NoRepeatNGram(no_repeat_ngram, [self.box_token_id]))
+                kwargs["logits_processor"] = processors
             prefix = torch.tensor(self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
                                   if answer_prefix else [], dtype=torch.long, device=volume.device)
             prefix = prefix[None].expand(input_ids.shape[0], -1)

@@ -379,7 +379,11 @@ def digest_text(perceived: Perceived, vocab: Mapping[str, Any] | None, condition
         parts.append(f"{vocab[name].text.capitalize()}: {'yes' if p >= condition_threshold else 'no'}.")
     text = "Findings: " + " ".join(parts)
     if perceived.organs:
-        organs = "; ".join(f"{organ_text(r.name)} {ORGAN_TOKEN} {r.volume_ml:.0f} mL, {size_triple(r.size_mm)[2]} mm"
+        # the craniocaudal extent only for organs a condition is a state of (a report gives the length
+        # of an enlarged spleen): every digit is a token the LM reads for every question
+        measured = {coarse_organ(vocab[c].organ) for c in perceived.conditions}
+        organs = "; ".join(f"{organ_text(r.name)} {ORGAN_TOKEN} {r.volume_ml:.0f} mL"
+                           + (f", {size_triple(r.size_mm)[2]} mm" if coarse_organ(r.name) in measured else "")
                            for r in perceived.organs)
         text += f" Organs: {organs}."
     return text

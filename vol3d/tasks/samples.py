@@ -43,6 +43,10 @@ MIN_VISIBLE = 0.5
 #: (when it has one; otherwise about any finding, present or not). Grounding questions are mostly
 #: asked about what is there; refusals are still learned from the rest and from every normal case.
 PRESENT_SHARE = 0.75
+#: Share of each closed question type (restricted to those a case allows). Fixed, not dependent on
+#: what the case has: with dataset-balanced presence and count questions, a case's chance of being
+#: asked one must not reveal the answer either.
+QTYPE_SHARES = {"presence": 0.35, "count": 0.25, "organ": 0.2, "size": 0.2}
 #: Thresholds (mm) of the size-bucket questions.
 SIZE_THRESHOLDS_MM = (5, 10, 15, 20, 30, 50, 80)
 
@@ -82,6 +86,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "<vol>\nGive the bounding box of {text_each}.",
     ),
 }
+
+
+class QuestionDropped(Exception):
+    """A dataset-balanced draw dropped this question (:func:`_balanced_pick`); ask something else."""
 
 
 class Sample(NamedTuple):
@@ -287,28 +295,23 @@ def _choose(rng: np.random.Generator, items: Sequence[Any]) -> Any:
 
 
 def _balanced_pick(rng: np.random.Generator, pos: list[str], neg: list[str],
-                   prevalence: Mapping[str, float] | None = None) -> tuple[str, bool]:
-    """A finding and whether it is a positive one.
+                   prevalence: Mapping[str, float] | None = None) -> tuple[str, bool] | None:
+    """A finding and whether it is a positive one, or None: ask another kind of question.
 
     With ``prevalence`` (the share of cases that have each finding, :func:`prevalence`), yes and
-    no are balanced *per finding over the dataset*: a finding is drawn uniformly and kept with
-    probability ``min(p, 1 - p) / p`` when the case has it, ``/ (1 - p)`` when not, so the question
-    alone says nothing about the answer (an image-blind model sits at 0.5). Without it, yes and
-    no are balanced within the case, which lets the question give the answer away (the common
-    finding is the "yes").
+    no are balanced *per finding over the dataset*: a finding is drawn uniformly and the question
+    is kept with probability ``min(p, 1 - p) / p`` when the case has it, ``/ (1 - p)`` when not,
+    else dropped (None), so the question alone says nothing about the answer (an image-blind model
+    sits at 0.5). Without it, yes and no are balanced within the case, which lets the question give
+    the answer away (the common finding is the "yes").
     """
     if prevalence is None:
         want_pos = bool(rng.random() < 0.5) if pos and neg else bool(pos)
         return _choose(rng, pos if want_pos else neg), want_pos
-    everything = [*pos, *neg]
-    for _ in range(16):
-        name = _choose(rng, everything)
-        p = float(prevalence.get(name, 0.5))
-        p = min(max(p, 1e-3), 1 - 1e-3)
-        keep = min(p, 1 - p) / (p if name in pos else 1 - p)
-        if rng.random() < keep:
-            break
-    return name, name in pos
+    name = _choose(rng, [*pos, *neg])
+    p = min(max(float(prevalence.get(name, 0.5)), 1e-6), 1 - 1e-6)
+    keep = min(p, 1 - p) / (p if name in pos else 1 - p)
+    return (name, name in pos) if rng.random() < keep else None
 
 
 def prevalence(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -346,10 +349,24 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
         raise InputError(
             f"case {case.get('id', '?')}: every finding is only partly visible; no closed question"
         )
-    qtype = _choose(rng, options)
+    allowed = [q for q in CLOSED_QTYPES if q in qtypes]
+    shares = np.array([QTYPE_SHARES[q] for q in allowed])
+    qtype = allowed[int(rng.choice(len(allowed), p=shares / shares.sum()))]
+    if qtype not in options:  # e.g. "which organ" about a case without findings
+        if prevalence is not None:  # balanced: another type here would ask normal cases more often
+            raise QuestionDropped(qtype)
+        qtype = _choose(rng, options)
+    picked = None
+    if qtype in ("presence", "count"):
+        pool = (pos, neg) if qtype == "presence" else ([f for f in countable if f in pos],
+                                                       [f for f in countable if f in neg])
+        picked = _balanced_pick(rng, *pool, prevalence)
+        if picked is None:
+            raise QuestionDropped(qtype)
     extras: dict[str, Any] = {"qtype": qtype}
     if qtype == "presence":
-        name, yes = _balanced_pick(rng, pos, neg, prevalence)
+        assert picked is not None
+        name, yes = picked
         spec = vocab[name]
         prompt, answer = _choose(rng, TEMPLATES["presence"]).format(**_fill(spec)), "yes" if yes else "no"
     elif qtype == "organ":
@@ -367,8 +384,8 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
         prompt = _choose(rng, TEMPLATES["organ"]).format(**fill)
         extras["choices"] = choices
     elif qtype == "count":
-        name, _ = _balanced_pick(rng, [f for f in countable if f in pos], [f for f in countable if f in neg],
-                                 prevalence)
+        assert picked is not None
+        name, _ = picked
         spec = vocab[name]
         prompt, answer = _choose(rng, TEMPLATES["count"]).format(**_fill(spec)), str(truth[name].n)
     else:
@@ -512,9 +529,17 @@ def build_samples(
         )
     p = np.array([weights[t] for t in tasks])
     p = p / p.sum()
-    drawn = [tasks[int(i)] for i in rng.choice(len(tasks), size=mix.samples_per_case, p=p)]
-    return [sample_one(case, t, rng, vocab=vocab, code_vocab=code_vocab, box_format=box_format, prevalence=prevalence)
-            for t in drawn]
+    out = []
+    for _ in range(mix.samples_per_case):
+        for attempt in range(8):  # a dataset-balanced question may be dropped: draw the task again
+            task = tasks[int(rng.choice(len(tasks), p=p))]
+            try:
+                out.append(sample_one(case, task, rng, vocab=vocab, code_vocab=code_vocab, box_format=box_format,
+                                      prevalence=prevalence if attempt < 7 else None))
+                break
+            except QuestionDropped:
+                continue
+    return out
 
 
 def corpus_texts(

@@ -184,3 +184,52 @@ def test_located_grounding_scores_where_apart_from_whether(cases, code_vocab):
     assert model.prefixes.count("<box>") >= 1 and None in model.prefixes
     without = evaluate(LocatingModel(), cases, ["ground"], samples_per_case=6, seed=5)
     assert "located_mean_iou" not in without["ground"]  # no prefix: no second pass
+
+
+def test_balanced_presence_sets_a_question_only_model_at_one_half():
+    from vol3d.tasks.samples import balanced_presence
+
+    cases = make_cases(30)
+    presence = balanced_presence(cases, seed=3)
+    res = evaluate(BlindModel(), cases, ["vqa_closed"], samples_per_case=2, seed=3, presence=presence)
+    by = res["vqa_closed"]["by_type"]
+    # "yes" to every presence question is right exactly half the time, finding by finding
+    assert by["presence"]["exact_match"] == 0.5
+    asked = [(ci, f) for ci, fs in presence.items() for f in fs]
+    for kind in KINDS:
+        answers = [kind in cases[ci]["box_finding"] for ci, f in asked if f == kind]
+        assert answers.count(True) == answers.count(False) > 0
+    # the other closed questions still come, and no random presence question with them
+    assert {"count", "organ"} & set(by) and by["presence"]["n"] == len(asked)
+
+
+def test_every_headline_metric_has_a_bootstrap_interval_around_it(cases, code_vocab):
+    oracle = OracleModel(cases, code_vocab, samples_per_case=2, seed=1)
+    res = evaluate(oracle, cases, TASKS, code_vocab=code_vocab, samples_per_case=2, seed=1, bootstrap=200)
+    assert res["ground"]["acc_iou50_ci"] == [1.0, 1.0] and res["report"]["findings"]["micro_f1_ci"] == [1.0, 1.0]
+    assert res["ehr"]["macro_auroc_ci"] == [1.0, 1.0]
+    blind = evaluate(BlindModel(), make_cases(20), ["vqa_closed"], samples_per_case=3, seed=1, bootstrap=300)
+    lo, hi = blind["vqa_closed"]["exact_match_ci"]
+    assert lo < blind["vqa_closed"]["exact_match"] < hi and hi - lo < 0.5
+    for qtype, v in blind["vqa_closed"]["by_type"].items():
+        assert len(v["exact_match_ci"]) == 2, qtype
+
+
+def test_bootstrap_ci_resamples_cases_not_items():
+    from vol3d.eval.metrics import bootstrap_ci
+
+    # one case holds all the errors: resampling cases makes the interval wide
+    groups = [[1] * 10 for _ in range(9)] + [[0] * 10]
+    lo, hi = bootstrap_ci(groups, lambda items: float(np.mean(items)), reps=500, seed=0)
+    assert lo < 0.9 < hi <= 1.0 and lo <= 0.8
+    assert bootstrap_ci([], lambda items: 1.0) == [None, None]
+
+
+def test_ehr_reports_imaging_codes_apart():
+    from vol3d.eval.metrics import ehr_metrics
+
+    targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    scores = np.array([[0.9, 0.5], [0.1, 0.5], [0.8, 0.5], [0.2, 0.5]])
+    res = ehr_metrics(scores, targets, ["K76.89", "I10"], imaging_codes=["k76.89"])
+    assert res["imaging_macro_auroc"] == 1.0 and res["other_macro_auroc"] == 0.5
+    assert res["imaging_codes"] == ["K76.89"]

@@ -147,6 +147,32 @@ def test_closed_answers_match_ground_truth_and_yes_no_is_balanced():
     assert total > 50 and 0.35 < answers["yes"] / total < 0.65
 
 
+def test_presence_is_balanced_per_finding_over_the_dataset_with_prevalence():
+    """With per-case balance the question gives the answer away (the common finding is the "yes");
+    with the dataset's prevalence every finding is answered yes and no equally often."""
+    from vol3d.tasks.samples import prevalence
+
+    with_lesion = make_case()
+    normal = make_case(boxes_vox=np.zeros((0, 6)), box_finding=[], box_organ=[])
+    cases = [with_lesion] * 2 + [normal] * 8  # liver lesions and kidney cysts in 20% of the cases
+    prev = prevalence(cases)
+    assert prev["liver_lesion"] == pytest.approx(0.2) and prev["splenomegaly"] == 0.0
+    counts: dict[tuple[str, str], int] = {}
+    rng = np.random.default_rng(0)
+    from vol3d.tasks.samples import QuestionDropped
+
+    for k in range(6000):
+        try:
+            s = sample_one(cases[k % len(cases)], "vqa_closed", rng, prevalence=prev)
+        except QuestionDropped:  # build_samples then asks another task
+            continue
+        if s.extras["qtype"] == "presence":
+            counts[(s.extras["finding"], s.answer)] = counts.get((s.extras["finding"], s.answer), 0) + 1
+    for finding in ("liver_lesion", "kidney_cyst"):
+        yes, no = counts[(finding, "yes")], counts[(finding, "no")]
+        assert 0.4 < yes / (yes + no) < 0.6, (finding, yes, no)
+
+
 def test_closed_questions_avoid_partly_visible_findings():
     case = make_case(box_visible=np.array([1.0, 1.0, 0.2]))
     for seed in range(200):

@@ -1,0 +1,183 @@
+"""Perception in the vision-language model: the digest before every question, region tokens,
+a <box> that points at a region, patch-trained heads, saving and the generation guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from preprocess.errors import ConfigError, InputError
+from preprocess.geometry import denormalise_boxes, parse_boxes
+from vol3d.models import Vol3DConfig, Vol3DModel, build_tokenizer
+from vol3d.models.heads import RegionPointer
+from vol3d.models.vlm import NoRepeatNGram, box_token_index
+from vol3d.tasks import TaskMix
+from vol3d.tasks.regions import LabelSpec, digest_text, pack_regions, perceived_from_case
+from vol3d.train.config import LossConfig
+from vol3d.train.objectives import VLMObjective
+
+SHAPE = (32, 32, 16)
+LABELS = ("background", "liver", "kidney_left", "spleen", "lesion")
+VOCAB = {
+    "liver_lesion": {"text": "liver lesion", "organ": "liver", "nouns": ["lesion"], "organ_words": ["liver"],
+                     "code": "K76.89"},
+    "kidney_cyst": {"text": "kidney cyst", "organ": "kidney", "nouns": ["cyst"], "organ_words": ["kidney"]},
+    "splenomegaly": {"text": "splenomegaly", "organ": "spleen", "phrases": ["splenomegaly"], "countable": False},
+}
+TINY_LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512)
+
+
+def make_case(seed: int = 0, lesions: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:20, 4:24, 2:12] = 1
+    label[22:30, 4:12, 2:10] = 2
+    label[4:12, 26:31, 2:10] = 3
+    boxes, names, organs = [], [], []
+    for k in range(lesions):
+        x, y = 4 + 7 * k + int(rng.integers(2)), 6 + int(rng.integers(8))
+        label[x:x + 3, y:y + 3, 4:7] = 4
+        boxes.append([x - 0.5, y - 0.5, 3.5, x + 2.5, y + 2.5, 6.5])
+        names.append("liver_lesion")
+        organs.append("liver")
+    image = ((label > 0)[None] * 0.5 + (label == 4)[None] * 0.3).astype(np.float32)
+    return {"id": f"c{seed}", "image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.int64)),
+            "has_label": True, "boxes_vox": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 6),
+            "box_findings": names, "box_organs": organs, "boxes_visible": torch.ones(len(boxes)),
+            "spacing": torch.tensor([2.0, 2.0, 4.0]), "report": "Two liver lesions.", "codes": ["K76.89"],
+            "modality": "CT"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    texts = ["Findings: liver lesion x2: <reg> 6 x 6 x 12 mm, liver. No kidney cyst. Splenomegaly: no. "
+             "Organs: liver <org> 100 mL; spleen <org> 10 mL, 32 mm.", "Where is the liver lesion? <box> <box>",
+             "There is no kidney cyst.", "yes no 0 1 2 3"]
+    tok = build_tokenizer(texts * 3, vocab_size=300)
+    cfg = Vol3DConfig(encoder="resunet3d_tiny", encoder_overrides={"channels": [4, 8, 8, 8]}, in_chans=1,
+                      input_shape=SHAPE, reducer="pool", reducer_params={"out_grid": [1, 1, 1]}, lm_config=TINY_LLAMA,
+                      perception=True, perception_dim=4, label_names=list(LABELS), finding_labels=["lesion"],
+                      findings=VOCAB, num_ehr_codes=1, ehr_codes=["K76.89"])
+    torch.manual_seed(0)
+    m = Vol3DModel(cfg, tokenizer=tok)
+    m.preprocess = {"target_spacing": [2.0, 2.0, 4.0]}
+    return m
+
+
+def _objective(m: Vol3DModel, patch=(16, 16, 8)) -> VLMObjective:
+    weights = LossConfig(organ=1, finding=1, finding_type=1, condition=1, pointer=1, ehr=1)
+    mix = TaskMix(report=1, vqa_closed=1, vqa_open=0, ground=4, ehr=0, samples_per_case=3)
+    from vol3d.tasks import CodeVocab
+
+    return VLMObjective(m.processor, mix, weights, CodeVocab(["K76.89"]), None, 400, 2, perception=(m.vocab, m.labels),
+                        prevalence={"liver_lesion": 0.5}, patch_size=patch, patches_per_case=2)
+
+
+def test_batch_holds_digests_regions_patches_and_pointer_targets(model):
+    obj = _objective(model)
+    cases = [make_case(0), make_case(1, lesions=1)]
+    batch = obj.make_batch(cases, [np.random.default_rng(i) for i in range(2)])
+    ids = batch["input_ids"]
+    placeholders = model._region_positions(ids).sum(1)
+    # every sequence reads its case's digest: 2 lesions + 3 organs, or 1 lesion + 3 organs
+    assert placeholders.tolist() == [5 if int(v) == 0 else 4 for v in batch["volume_index"]]
+    regions = batch["regions"]
+    assert regions["kind"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, -1]]
+    assert batch["patches"].shape == (4, 1, 16, 16, 8) and batch["organ_target"].shape == (4, 16, 16, 8)
+    # each <box> of a grounding answer points at the lesions of its case, never at an organ
+    rows = batch["box_index"][:, 0]
+    target = batch["pointer_target"]
+    assert len(target) == len(rows) > 0
+    for row, t in zip(rows.tolist(), target, strict=True):
+        n = 2 if int(batch["volume_index"][row]) == 0 else 1
+        assert t[:n].tolist() == [1.0] * n and t[n:].sum() == 0
+
+
+def test_training_steps_lower_every_loss_and_the_pointer_learns(model):
+    obj = _objective(model)
+    cases = [make_case(0), make_case(1, lesions=1)]
+    batch = obj.make_batch(cases, [np.random.default_rng(i) for i in range(2)])
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    model.train()
+    first = None
+    for _ in range(25):
+        loss, logs = obj.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or {k: float(v) for k, v in logs.items()}
+    last = {k: float(v) for k, v in logs.items()}
+    for term in ("lm", "organ", "finding", "pointer", "ehr"):
+        assert last[term] < first[term], term
+    assert last["pointer_acc"] == 1.0
+
+
+def test_generate_answers_with_the_boxes_of_its_own_regions(model):
+    case = make_case(2)
+    volume = case["image"][None]
+    answers, perceived = model.generate(volume.expand(2, -1, -1, -1, -1), ["Where is the liver lesion?",
+                                        "Is there a kidney cyst?"], max_new_tokens=6, return_perceived=True)
+    assert len(answers) == len(perceived) == 2 and perceived[0] is perceived[1]  # one volume, perceived once
+    boxes = [r.box for r in perceived[0].regions]
+    for text in answers:
+        for ints in parse_boxes(text):  # every box written out is one of the digest's regions
+            vox = denormalise_boxes(np.asarray(ints)[None], SHAPE)[0]
+            assert min(np.abs(vox - b).max() for b in boxes) < 0.1
+
+
+def test_placeholders_need_regions_and_counts_must_match(model):
+    case = make_case(0)
+    perceived, targets = perceived_from_case(case, model.vocab, model.labels)
+    digest = digest_text(perceived, model.vocab)
+    batch = model.processor(["<vol>\nWhere is the liver lesion?"], contexts=[digest])
+    with pytest.raises(InputError, match="no regions"):
+        model._merge_embeddings(batch["input_ids"], torch.zeros(1, model.num_vol_tokens, 32))
+    packed = pack_regions([perceived], [targets.region_map], [targets.organ], SHAPE, model.vocab, model.labels)
+    valid = torch.from_numpy(packed["kind"] >= 0)
+    valid[0, 0] = False
+    with pytest.raises(InputError, match="count mismatch"):
+        model._merge_embeddings(batch["input_ids"], torch.zeros(1, model.num_vol_tokens, 32),
+                                torch.zeros(1, valid.shape[1], 32), valid)
+
+
+def test_save_and_reload_keeps_the_vocabulary_and_the_answers(model, tmp_path):
+    model.eval()
+    volume = make_case(3)["image"][None]
+    before = model.generate(volume, ["Where is the liver lesion?"], max_new_tokens=5)
+    model.save_pretrained(tmp_path / "m")
+    again = Vol3DModel.from_pretrained(tmp_path / "m")
+    assert again.config.findings == model.config.findings and again.labels == model.labels
+    again.preprocess = model.preprocess
+    assert again.generate(volume, ["Where is the liver lesion?"], max_new_tokens=5) == before
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="box_head"):
+        Vol3DConfig(lm_config=TINY_LLAMA, perception=True, box_head=True)
+    tok = build_tokenizer(["a b c"] * 3, vocab_size=280)
+    cfg = Vol3DConfig(encoder="resunet3d_tiny", input_shape=SHAPE, lm_config=TINY_LLAMA, perception=True,
+                      findings=VOCAB)
+    with pytest.raises(ConfigError, match="label"):
+        Vol3DModel(cfg, tokenizer=tok)
+    assert LabelSpec(LABELS, ("lesion",)).organs[-1] == "spleen"
+
+
+def test_pointer_decodes_without_repeating_a_region_within_an_answer():
+    logits = torch.tensor([[5.0, 1.0, float("-inf")], [4.0, 3.0, float("-inf")], [4.0, 3.0, float("-inf")],
+                           [0.0, 2.0, 1.0]])
+    rows = torch.tensor([0, 0, 0, 1])
+    # the second <box> of answer 0 takes its next best region; the third finds none left
+    assert RegionPointer.decode(logits, rows).tolist() == [0, 1, -1, 1]
+
+
+def test_no_repeat_ngram_blocks_loops_but_not_box_lists():
+    box = 7
+    proc = NoRepeatNGram(3, [box])
+    scores = torch.zeros(2, 10)
+    ids = torch.tensor([[1, 2, 3, 1, 2], [box, 5, box, 5, box]])
+    out = proc(ids, scores.clone())
+    assert out[0, 3] == float("-inf") and torch.isfinite(out[0, :3]).all()  # "1 2 3 1 2" may not go on with 3
+    assert torch.isfinite(out[1]).all()  # a list of boxes may go on
+    assert box_token_index(torch.tensor([[box, 1, box]]), box).tolist() == [[0, 0], [0, 2]]

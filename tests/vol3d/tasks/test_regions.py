@@ -1,0 +1,159 @@
+"""Regions and the findings digest: ground truth of a case, the same from perception maps, packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preprocess.errors import ConfigError, InputError
+from preprocess.geometry import box_iou
+from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
+from vol3d.tasks.regions import (
+    LabelSpec,
+    digest_text,
+    matching_regions,
+    pack_regions,
+    perceived_from_case,
+    perceived_from_maps,
+    perceived_summary,
+    region_feature_dim,
+    size_text,
+    summary_dim,
+)
+
+SHAPE = (24, 20, 12)
+LABELS = LabelSpec(("background", "liver", "kidney_left", "spleen", "lesion"), ("lesion",))
+VOCAB = {
+    "liver_lesion": {"text": "liver lesion", "organ": "liver", "nouns": ["lesion"], "organ_words": ["liver"],
+                     "code": "K76.89"},
+    "kidney_cyst": {"text": "kidney cyst", "organ": "kidney", "nouns": ["cyst"], "organ_words": ["kidney"]},
+    "splenomegaly": {"text": "splenomegaly", "organ": "spleen", "phrases": ["splenomegaly"], "countable": False},
+}
+
+
+def make_case(with_label: bool = True) -> dict:
+    """A liver with two lesions (a big one and a small one), a left kidney with a cyst cut off at the
+    border (10% visible), a spleen with splenomegaly."""
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:14, 2:14, 2:10] = 1  # liver
+    label[16:22, 2:8, 2:8] = 2  # kidney_left
+    label[2:8, 15:19, 2:8] = 3  # spleen
+    label[4:8, 4:7, 4:7] = 4  # the larger lesion: 4 x 3 x 3 voxels
+    label[10:12, 10:12, 3:5] = 4  # the smaller one: 2 x 2 x 2
+    boxes = np.array([[9.5, 9.5, 2.5, 11.5, 11.5, 4.5],  # small lesion first: the digest sorts by size
+                      [3.5, 3.5, 3.5, 7.5, 6.5, 6.5],
+                      [20.5, 6.5, 4.5, 22.5, 7.5, 5.5],  # kidney cyst, mostly outside
+                      [1.5, 14.5, 1.5, 7.5, 18.5, 7.5]], float)
+    case = {"id": "c_x", "image": np.zeros((1, *SHAPE), np.float32), "label": label if with_label else None,
+            "has_label": with_label, "boxes_vox": boxes,
+            "box_finding": ["liver_lesion", "liver_lesion", "kidney_cyst", "splenomegaly"],
+            "box_organ": ["liver", "liver", "kidney_left", "spleen"], "box_visible": [1.0, 1.0, 0.1, 1.0],
+            "spacing": (2.0, 2.0, 4.0)}
+    return case
+
+
+def test_label_spec_checks_and_organ_lookup():
+    assert LABELS.organs == ("background", "liver", "kidney_left", "spleen")
+    assert LABELS.organ_lut().tolist() == [0, 1, 2, 3, -1]
+    with pytest.raises(ConfigError, match="not among the label names"):
+        LabelSpec(("background", "liver"), ("lesion",))
+    with pytest.raises(ConfigError, match="background"):
+        LabelSpec(("background", "liver"), ("background",))
+
+
+def test_ground_truth_regions_targets_and_digest():
+    case = make_case()
+    perceived, targets = perceived_from_case(case, VOCAB, LABELS)
+    # findings in vocabulary order, the largest first; the cut-off cyst is no region but is reported
+    assert [r.name for r in perceived.findings] == ["liver_lesion", "liver_lesion"]
+    assert np.allclose(perceived.findings[0].box, case["boxes_vox"][1])
+    assert perceived.partial == {"kidney_cyst": 1}
+    assert perceived.conditions == {"splenomegaly": 1.0}
+    assert [r.name for r in perceived.organs] == ["liver", "kidney_left", "spleen"]
+    # a lesion belongs to the organ around it: the liver's volume counts its lesions
+    liver = perceived.organs[0]
+    assert liver.volume_ml == pytest.approx(12 * 12 * 8 * 16 / 1000)
+    assert (targets.organ[case["label"] == 4] == 1).all()
+    # region map: each lesion's voxels carry its index in the digest order; types on finding voxels only
+    assert (targets.region_map[4:8, 4:7, 4:7] == 0).all() and (targets.region_map[10:12, 10:12, 3:5] == 1).all()
+    assert int((targets.region_map >= 0).sum()) == 4 * 3 * 3 + 2 * 2 * 2
+    assert set(np.unique(targets.finding_type)) == {-100, 0}
+    assert targets.finding.sum() == (case["label"] == 4).sum()
+    text = digest_text(perceived, VOCAB)
+    assert text.count(REGION_TOKEN) == 2 and text.count(ORGAN_TOKEN) == 3
+    assert "liver lesion x2: <reg> 8 x 6 x 12 mm, liver; <reg> 4 x 4 x 8 mm, liver." in text
+    assert "kidney cyst: 1 partly outside the volume." in text and "Splenomegaly: yes." in text
+    assert "spleen <org> " in text and "mm" in text.split("spleen <org>")[1].split(";")[0]  # spleen length given
+
+
+def test_prediction_from_perfect_maps_reproduces_the_ground_truth():
+    case = make_case()
+    truth, targets = perceived_from_case(case, VOCAB, LABELS)
+    types = np.zeros((2, *SHAPE))
+    types[0] = targets.finding_type == 0
+    pred, region_map = perceived_from_maps(targets.organ, targets.finding, types, [0.9], case["spacing"],
+                                           VOCAB, LABELS)
+    assert [r.name for r in pred.findings] == [r.name for r in truth.findings]
+    for p, t in zip(pred.findings, truth.findings, strict=True):
+        assert box_iou(p.box[None], t.box[None])[0, 0] == pytest.approx(1.0)
+        assert p.organ == "liver" and p.score == pytest.approx(1.0)
+    assert (region_map == targets.region_map).all()
+    truth.partial = {}  # the perception cannot know what lies outside the volume
+    assert digest_text(pred, VOCAB) == digest_text(truth, VOCAB)
+
+
+def test_prediction_keeps_the_most_confident_findings():
+    prob = np.zeros(SHAPE)
+    prob[2:4, 2:4, 2:4] = 0.6
+    prob[10:12, 10:12, 6:8] = 0.95
+    types = np.zeros((2, *SHAPE))
+    types[1] = 1.0  # kidney cysts
+    pred, region_map = perceived_from_maps(None, prob, types, [0.1], (1, 1, 1), VOCAB, None, max_findings=1)
+    assert len(pred.findings) == 1 and pred.findings[0].name == "kidney_cyst"
+    assert pred.findings[0].score == pytest.approx(0.95) and pred.organs == []
+    assert (region_map[10:12, 10:12, 6:8] == 0).all() and (region_map[2:4, 2:4, 2:4] == -1).all()
+    assert "Splenomegaly: no." in digest_text(pred, VOCAB)
+
+
+def test_box_only_cases_get_an_inscribed_ellipsoid_whose_box_is_the_box():
+    case = make_case(with_label=False)
+    perceived, targets = perceived_from_case(case, VOCAB, LABELS)
+    assert targets.organ is None and perceived.organs == []
+    for i, region in enumerate(perceived.findings):
+        idx = np.argwhere(targets.region_map == i)
+        mask_box = np.concatenate([idx.min(0) - 0.5, idx.max(0) + 0.5])
+        assert np.allclose(mask_box, region.box)
+
+
+def test_unknown_findings_and_label_values_are_named():
+    case = make_case()
+    case["box_finding"] = ["liver_lesion", "liver_lesion", "kidney_cyst", "adrenal_mass"]
+    with pytest.raises(InputError, match="adrenal_mass"):
+        perceived_from_case(case, VOCAB, LABELS)
+    case = make_case()
+    case["label"] = case["label"].copy()
+    case["label"][0, 0, 0] = 7
+    with pytest.raises(InputError, match="value 7"):
+        perceived_from_case(case, VOCAB, LABELS)
+
+
+def test_packing_matching_and_summary():
+    case = make_case()
+    perceived, targets = perceived_from_case(case, VOCAB, LABELS)
+    empty, _ = perceived_from_maps(None, np.zeros(SHAPE), np.zeros((2, *SHAPE)), [0.0], (1, 1, 1), VOCAB, None)
+    packed = pack_regions([perceived, empty], [targets.region_map, np.full(SHAPE, -1)], [targets.organ, None],
+                          SHAPE, VOCAB, LABELS)
+    assert packed["kind"].tolist() == [[0, 0, 1, 1, 1], [-1] * 5]
+    assert packed["index"][0].tolist() == [0, 1, 1, 2, 3]  # findings by region index, organs by class
+    assert packed["meta"].shape == (2, 5, region_feature_dim(VOCAB, LABELS))
+    assert packed["box"][0, 0].tolist() == pytest.approx([4 / 24, 4 / 20, 4 / 12, 8 / 24, 7 / 20, 7 / 12])
+    assert packed["summary"].shape == (2, summary_dim(VOCAB, LABELS))
+    s = perceived_summary(perceived, VOCAB, LABELS)
+    assert s[:4].tolist() == pytest.approx([1.0, np.log1p(2), 0.0, 0.0]) and s[4] == 1.0
+    # a grounding answer about both lesions points at regions 0 and 1; about the spleen, at its organ
+    assert matching_regions(perceived, case["boxes_vox"][:2]) == [0, 1]
+    assert matching_regions(perceived, case["boxes_vox"][3:]) == [4]
+
+
+def test_size_text_follows_the_reports():
+    assert size_text((22.4, 31.0, 8.6)) == "31 x 22 x 9 mm"  # long, short axial, then craniocaudal
