@@ -46,6 +46,8 @@ PREPROCESS_PRESET = "tiny"
 TRAIN_PRESET = "tiny_cpu"
 #: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
 QUESTION = "Where is the {text}?"
+#: The report request of step 5 (one of the training phrasings).
+REPORT_QUESTION = "Write the findings for this CT."
 #: Findings preferred for the question, in order (the first the held-out case has).
 PREFERRED_FINDINGS = ("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly")
 STATE_NAME = "demo.json"
@@ -217,7 +219,7 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     from preprocess.config_io import load_yaml
     from preprocess.runner import RunOptions, run_preprocess
     from preprocess.sidecars import SideTables
-    from vol3d.commands.preprocess import preset_path
+    from vol3d.presets import preset_path
 
     export = paths.export
     cfg = load_yaml(PreprocessConfig, preset_path(PREPROCESS_PRESET, kind="preprocess"))
@@ -238,7 +240,7 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
 def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
     """The ``tiny_cpu`` preset with the demo's run dir, cache, steps, seed and overrides."""
     from preprocess.config_io import load_yaml
-    from vol3d.commands.preprocess import preset_path
+    from vol3d.presets import preset_path
     from vol3d.train.config import TrainConfig
 
     # absolute: the run's config.yaml must find its cache from any working directory
@@ -296,19 +298,45 @@ HEADLINE: tuple[tuple[str, str, str, str], ...] = (
     ("ground.unparseable_rate", "no usable box", "", "grounding answers without a well-formed <box>[..]</box> where one was due (lower is better)"),
     ("ground.refusal_accuracy", "correct 'there is none'", "",
      "grounding questions about an absent finding answered without a box"),
-    ("ground.located_acc_iou25", "located Acc@IoU0.25", "",
-     "told the finding is there (the answer starts with a box): true boxes found at IoU >= 0.25"),
-    ("ground.located_mean_iou", "located mean IoU", "", "the same, mean IoU of each true box with its match"),
-    ("report.findings.micro_f1", "report finding F1 (micro)", ">= 0.9",
+    ("ground.located_acc_iou50", "located Acc@IoU0.5", "",
+     "told the finding is there (the answer starts with a box): true boxes found at IoU >= 0.5"),
+    ("report.findings.micro_f1", "report finding F1 (micro)", ">= 0.85",
      "findings read from the generated report (negation-aware) vs the reference report, pooled over findings"),
     ("report.findings.macro_f1", "report finding F1 (macro)", "", "the same, averaged over finding types"),
     ("report.rougeL", "report ROUGE-L", "", "longest-common-subsequence overlap of generated and reference report"),
-    ("vqa_closed.exact_match", "closed VQA accuracy", ">= 0.9",
+    ("vqa_closed.exact_match", "closed VQA accuracy", "",
      "yes/no, organ, count and size questions answered exactly"),
+    ("vqa_closed.by_type.presence.exact_match", "presence (balanced)", ">= 0.9",
+     "'Is there X?', as many cases with X as without it, per finding: answering from the question alone gives 0.5"),
+    ("vqa_closed.by_type.count.exact_match", "count exact (balanced)", ">= 0.8",
+     "'How many X?', as many cases with X as without it, per finding"),
     ("vqa_open.token_f1", "open VQA token F1", "", "word overlap of descriptive answers with the reference"),
-    ("ehr.macro_auroc", "EHR macro AUROC", ">= 0.9",
-     "ranking of the patients' ICD-10 codes from the volume, averaged over codes (0.5 = chance)"),
+    ("ehr.imaging_macro_auroc", "EHR AUROC, imaging codes", ">= 0.9",
+     "ranking of the patients' ICD-10 codes of findings an image shows, averaged over those codes (0.5 = chance)"),
+    ("ehr.macro_auroc", "EHR macro AUROC, all codes", "",
+     "the same over every code, hypertension and depression included (no image predicts those)"),
 )
+#: Tasks whose model interval must lie above the image-blind one (the model reads the image).
+SEPARATION = ("ground.acc_iou50", "report.findings.micro_f1", "vqa_closed.by_type.presence.exact_match",
+              "vqa_closed.by_type.count.exact_match", "ehr.imaging_macro_auroc")
+
+
+def interval(results: Mapping[str, Any], key: str) -> tuple[float, float]:
+    """The ``<key>_ci`` bootstrap interval of a results dict (NaNs when absent)."""
+    node: Any = results
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part, {}) if isinstance(node, Mapping) else {}
+    ci = node.get(f"{leaf}_ci") if isinstance(node, Mapping) else None
+    if not ci or ci[0] is None:
+        return math.nan, math.nan
+    return float(ci[0]), float(ci[1])
+
+
+def separation(evaluation: Mapping[str, Any]) -> dict[str, bool]:
+    """Per :data:`SEPARATION` task: does the model's interval lie above the image-blind model's?"""
+    model, blind = evaluation.get("model", {}), evaluation.get("image_blind", {})
+    return {key: interval(model, key)[0] > interval(blind, key)[1] for key in SEPARATION}
 
 
 def metric(results: Mapping[str, Any], key: str) -> float:
@@ -324,8 +352,10 @@ def metric(results: Mapping[str, Any], key: str) -> float:
         return math.nan
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+def _fmt(v: float, ci: tuple[float, float] = (math.nan, math.nan)) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    return f"{v:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if math.isfinite(ci[0]) else "")
 
 
 def headline_table(evaluation: Mapping[str, Any], explain: bool = True) -> str:
@@ -334,14 +364,22 @@ def headline_table(evaluation: Mapping[str, Any], explain: bool = True) -> str:
     cols = ["metric", "model"] + (["image-blind"] if blind else []) + ["target"]
     rows = []
     for key, name, target, _ in HEADLINE:
-        row = [name, _fmt(metric(model, key))] + ([_fmt(metric(blind, key))] if blind else []) + [target]
-        rows.append(row)
+        row = [name, _fmt(metric(model, key), interval(model, key))]
+        row += [_fmt(metric(blind, key), interval(blind, key))] if blind else []
+        rows.append(row + [target])
     widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
+    if blind:
+        sep = separation(evaluation)
+        out.append("")
+        out.append("model above image-blind (95% intervals apart): "
+                   + ", ".join(f"{dict((k, n) for k, n, _, _ in HEADLINE)[k]} {'yes' if ok else 'NO'}"
+                               for k, ok in sep.items()))
     if explain:
         out += ["", "What the numbers mean:"]
         out += [f"  {name}: {meaning}" for _, name, _, meaning in HEADLINE]
+        out.append("  [lo, hi]: 95% bootstrap interval over cases")
         if blind:
             out.append("  image-blind: the same model with every volume zeroed; it answers from the question "
                        "alone, so the gap to it is what the model reads from the images")
@@ -514,9 +552,11 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
     truth = true_boxes(case, name)
     _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
          f"{len(truth)} {name.replace('_', ' ')} box(es) in its ground truth")
-    inp = pipe.prepare(f"{paths.cache}{CACHE_SEP}{case['id']}")  # read once, asked up to twice
+    inp = pipe.prepare(f"{paths.cache}{CACHE_SEP}{case['id']}")  # read once, asked several questions
     answer = pipe.ask(inp, question, max_new_tokens=max_new_tokens)
     free_text, located = answer.text, False
+    if answer.findings:
+        _say(f"what the model perceived: {answer.findings}")
     _say(f"Q: {question}\nA: {answer.text}")
     if not answer.boxes:
         _say(f"  (no box: the model did not see the {name.replace('_', ' ')}.) Told that it is there "
@@ -527,8 +567,11 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
         _say("\n".join(describe_answer(answer, truth)))
     else:
         _say("  (no box in the answer)")
+    report = pipe.ask(inp, REPORT_QUESTION, max_new_tokens=max_new_tokens)
+    _say(f"Q: {REPORT_QUESTION}\nA: {report.text}\nreference report: {case.get('report', '')}")
     write_json({**answer.to_dict(), "finding": name, "split": split, "free_answer": free_text, "located": located,
-                "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine)}, paths.answer_json)
+                "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine), "report": report.text,
+                "reference_report": case.get("report", "")}, paths.answer_json)
     return answer, case, name, truth
 
 

@@ -145,6 +145,8 @@ class Answer:
     boxes: list[AnswerBox]
     unparsed_boxes: int  # ``<box>`` tags whose content is not six ordered integers 0..999
     input: ModelInput
+    findings: str = ""  # the findings digest the model read before the question (perception models)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # why the volume is out of domain
 
     @property
     def volume(self) -> np.ndarray:
@@ -168,11 +170,16 @@ class Answer:
             "answer": self.text,
             "boxes": [b.to_dict() for b in self.boxes],
             "unparsed_boxes": int(self.unparsed_boxes),
+            "findings": self.findings,
+            "warnings": list(self.warnings),
             "input": self.input.geometry_dict(),
         }
 
     def __str__(self) -> str:
-        lines = [f"Q: {self.question}", f"A: {self.text}"]
+        lines = [f"WARNING: {w}" for w in self.warnings]
+        if self.findings:
+            lines.append(f"perceived: {self.findings}")
+        lines += [f"Q: {self.question}", f"A: {self.text}"]
         if self.boxes:
             lines += ["", format_boxes(self.boxes)]
         if self.unparsed_boxes:
@@ -477,7 +484,7 @@ class Vol3DPipeline:
         return LOCATE_PREFIX[self.model.box_head is not None]
 
     def ask(self, volume: Any, question: str, max_new_tokens: int = 128, series: int | None = None,
-            locate: bool = False, **generate_kwargs: Any) -> Answer:
+            locate: bool = False, out_of_domain: str = "refuse", **generate_kwargs: Any) -> Answer:
         """Answer ``question`` about ``volume`` (anything :meth:`prepare` takes).
 
         The question is used as is (a ``<vol>`` placeholder is put first when it has none,
@@ -485,17 +492,59 @@ class Vol3DPipeline:
         *where* the finding would be, taking for granted that it is there (its own judgement
         of *whether* is skipped; use it for a finding you know is present).
         ``generate_kwargs`` go to HF ``generate`` (``num_beams``, ``do_sample`` ...).
+
+        A volume unlike the training data (:mod:`vol3d.domain`: modality, intensity flags and
+        statistics, the organs found) gets ``Answer.warnings``; with ``out_of_domain="refuse"``
+        (the default) its answer gives no box and says why, with ``"answer"`` it is kept as is.
         """
         if locate and self.locate_prefix is None:
             raise ConfigError(f"locate=True needs a vol3d.models.Vol3DModel, not a {type(self.model).__name__} "
                               "(its generate must take answer_prefix); ask without locate")
+        if out_of_domain not in ("refuse", "answer"):
+            raise ConfigError(f"out_of_domain must be 'refuse' or 'answer', got {out_of_domain!r}")
         inp = self.prepare(volume, series=series)
         if locate:
             generate_kwargs["answer_prefix"] = self.locate_prefix
-        text = str(self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
-                                       **generate_kwargs)[0])
+        perceived = None
+        if self.perceives:
+            generate_kwargs.update(spacing=inp.spacing, return_perceived=True)
+            texts, found = self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
+                                               **generate_kwargs)
+            text, perceived = str(texts[0]), found[0]
+        else:
+            text = str(self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
+                                           **generate_kwargs)[0])
+        warnings = self.check_domain(inp, perceived)
         boxes, unparsed = boxes_from_text(text, inp)
-        return Answer(question, text, boxes, unparsed, inp)
+        if warnings and boxes and out_of_domain == "refuse":
+            text = ("This volume does not look like the data this model was trained on, so no box is given ("
+                    + "; ".join(warnings) + ").")
+            boxes, unparsed = [], 0
+        findings = ""
+        if perceived is not None:
+            from vol3d.tasks.regions import digest_text
+
+            findings = digest_text(perceived, self.model.vocab).replace("<reg> ", "").replace(" <org>", "")
+        return Answer(question, text, boxes, unparsed, inp, findings, warnings)
+
+    @property
+    def perceives(self) -> bool:
+        """Whether the model has perception (a findings digest before every question)."""
+        return getattr(self.model, "perception", None) is not None
+
+    def check_domain(self, inp: ModelInput, perceived: Any = None) -> list[str]:
+        """Why ``inp`` does not look like the run's training data (:mod:`vol3d.domain`); [] when it does
+        or when the run has no profile (trained before profiles existed)."""
+        from vol3d.domain import DomainProfile
+
+        data = getattr(self.model, "domain", None)
+        if not data:
+            return []
+        organs = {r.name: r.volume_ml for r in perceived.organs} if perceived is not None else None
+        reasons = DomainProfile.from_dict(data).check(inp.volume, inp.modality, inp.flags, organs)
+        for r in reasons:
+            log.warning("%s: out of domain: %s", inp.source, r)
+        return reasons
 
     def ehr(self, volume: Any, series: int | None = None) -> dict[str, float]:
         """Probability of each EHR code ``{code: p}`` from the run's EHR head (sorted by code order)."""

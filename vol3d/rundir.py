@@ -8,6 +8,7 @@
         model.safetensors
         vol3d_config.json    (vision-language model) or seg_config.json (segmentation)
         preprocess.json      the preprocessing config of the training cache
+        domain.json          what the training volumes looked like (vol3d.domain)
         lm/                  the LM's HF config and tokenizer (vision-language model)
       checkpoints/step_N/    resumable checkpoints
       metrics.csv, tb/       training curves
@@ -23,6 +24,7 @@ WEIGHTS_NAME = "model.safetensors"
 VLM_CONFIG_NAME = "vol3d_config.json"
 SEG_CONFIG_NAME = "seg_config.json"
 PREPROCESS_NAME = "preprocess.json"
+DOMAIN_NAME = "domain.json"
 LM_DIR = "lm"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_NAME = "metrics.csv"

@@ -211,13 +211,25 @@ def test_metric_reads_dotted_keys_and_nan_when_absent():
 
 
 def test_headline_table_rows_and_columns():
-    table = demo.headline_table({"model": {"ground": {"acc_iou50": 0.75}}}, explain=False)
+    table = demo.headline_table({"model": {"ground": {"acc_iou50": 0.75, "acc_iou50_ci": [0.6, 0.85]}}},
+                                explain=False)
     lines = table.splitlines()
     assert len(lines) == 2 + len(demo.HEADLINE)
     assert "image-blind" not in table
     row = next(line for line in lines if "grounding Acc@IoU0.5" in line)
-    assert "0.750" in row and ">= 0.7" in row
+    assert "0.750 [0.60, 0.85]" in row and ">= 0.7" in row
     assert "n/a" in next(line for line in lines if "EHR macro AUROC" in line)
+
+
+def test_separation_needs_the_intervals_apart():
+    model = {"ground": {"acc_iou50": 0.7, "acc_iou50_ci": [0.6, 0.8]},
+             "report": {"findings": {"micro_f1": 0.5, "micro_f1_ci": [0.3, 0.6]}}}
+    blind = {"ground": {"acc_iou50": 0.0, "acc_iou50_ci": [0.0, 0.0]},
+             "report": {"findings": {"micro_f1": 0.4, "micro_f1_ci": [0.2, 0.5]}}}
+    sep = demo.separation({"model": model, "image_blind": blind})
+    assert sep["ground.acc_iou50"] is True and sep["report.findings.micro_f1"] is False
+    assert sep["ehr.imaging_macro_auroc"] is False  # no interval: not shown to be apart
+    assert "model above image-blind" in demo.headline_table({"model": model, "image_blind": blind}, explain=False)
 
 
 def test_match_order_pairs_true_boxes_with_their_predictions():

@@ -362,3 +362,25 @@ def test_ehr_needs_an_ehr_head(data, oracle_pipe):
     pipe, _ = oracle_pipe
     with pytest.raises(ConfigError, match="no EHR head"):
         pipe.ehr(volume_series(data)[0]["path"])
+
+
+def test_an_out_of_domain_volume_gets_warnings_and_no_box(data, oracle_pipe):
+    from vol3d.domain import DomainProfile
+
+    pipe, oracle = oracle_pipe
+    s = next(x for x in volume_series(data) if x["series"]["plane"] == "axial")
+    inp = pipe.prepare(s["path"], series=s["index"])
+    means = inp.volume.reshape(inp.volume.shape[0], -1).mean(axis=1).tolist()
+    oracle.answer = "<box>[100,200,300,400,500,600]</box>"
+    try:
+        oracle.domain = DomainProfile(["CT"], 10, means, [0.01] * len(means)).to_dict()
+        assert pipe.ask(inp, "Where?").warnings == [] and len(pipe.ask(inp, "Where?").boxes) == 1
+        oracle.domain = DomainProfile(["MR"], 10, means, [0.01] * len(means)).to_dict()  # trained on MR only
+        refused = pipe.ask(inp, "Where is the liver lesion?")
+        assert refused.boxes == [] and "modality CT, but the run was trained on MR" in refused.warnings[0]
+        assert "no box is given" in refused.text and "WARNING: modality CT" in str(refused)
+        kept = pipe.ask(inp, "Where is the liver lesion?", out_of_domain="answer")
+        assert len(kept.boxes) == 1 and kept.warnings == refused.warnings
+        assert kept.to_dict()["warnings"] == kept.warnings
+    finally:
+        oracle.domain = None

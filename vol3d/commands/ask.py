@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that it is there (for a finding you know is present)")
     parser.add_argument("--ehr", action="store_true", help="also give the EHR-code probabilities (runs with an EHR head)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy, the default)")
+    parser.add_argument("--out-of-domain", choices=("refuse", "answer"), default="refuse",
+                        help="a volume unlike the training data gets a warning; refuse (default): its answer "
+                             "gives no box; answer: keep the model's answer anyway")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.run, device=args.device, preprocess_config=args.preprocess_config)
     inp = pipe.prepare(args.volume, series=args.series)
     gen = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
-    answer = pipe.ask(inp, args.question, max_new_tokens=args.max_new_tokens, locate=args.locate, **gen)
+    answer = pipe.ask(inp, args.question, max_new_tokens=args.max_new_tokens, locate=args.locate,
+                      out_of_domain=args.out_of_domain, **gen)
     codes = pipe.ehr(inp) if args.ehr else None
     if args.json:
         out = answer.to_dict()

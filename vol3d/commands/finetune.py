@@ -38,12 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _finetune_config(args: argparse.Namespace):
     from preprocess.config_io import build_config
     from vol3d.commands.train import load_config
+    from vol3d.presets import resolve_config
     from vol3d.train.config import TrainConfig
     from vol3d.train.run import load_run_config
 
     if args.resume is not None:
         return load_config(args)
-    cfg = build_config(TrainConfig, args.config, args)
+    cfg = build_config(TrainConfig, resolve_config(args.config, "finetune") if args.config else None, args)
     if cfg.task not in FINETUNE_TASKS:
         raise ConfigError(f"--task must be one of {list(FINETUNE_TASKS)} (got {cfg.task!r}); "
                           "`vol3d train` does multi-task pre-training")
@@ -57,7 +58,10 @@ def _finetune_config(args: argparse.Namespace):
 def _task_of(args: argparse.Namespace) -> str | None:
     """``--task``, else the task named by the config file (``--resume RUN``'s or ``--config``'s)."""
     task = getattr(args, "cfg:task", None)
-    path = Path(args.resume) / "config.yaml" if args.resume is not None else args.config
+    from vol3d.presets import resolve_config
+
+    path = Path(args.resume) / "config.yaml" if args.resume is not None else (
+        resolve_config(args.config, "finetune") if args.config else None)
     if task is None and path is not None and Path(path).is_file():
         import yaml
 
@@ -69,9 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from vol3d.commands.train import run_training
 
     if _task_of(args) == "seg":
-        from vol3d.seg.finetune import run as run_seg
+        from vol3d.commands.train import load_config
+        from vol3d.seg.config import SegConfig
+        from vol3d.seg.finetune import finetune
 
-        return int(run_seg(args) or 0)
+        seg = load_config(args, SegConfig)
+        return run_training(seg, args.resume is not None, "finetune --task seg", finetune,
+                            f"segment new images with: vol3d predict {seg.run_dir} INPUT --out DIR",
+                            keys=("val/dice_mean", "val/hd95_mean"))
     cfg = _finetune_config(args)
     if args.resume is None and cfg.run_dir and Path(cfg.run_dir).resolve() == Path(cfg.init).resolve():
         raise ConfigError("--run-dir must differ from --init: fine-tuning writes a new run")

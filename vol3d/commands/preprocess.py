@@ -83,18 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(fields, PreprocessConfig)  # type: ignore[arg-type]  (a group adds arguments alike)
 
 
-def preset_path(name: str, kind: str = "preprocess") -> Path:
-    """``configs/<kind>/<name>.yaml`` of the source tree (``kind``: preprocess or train; the presets ship
-    with the repository); the error lists the presets there."""
-    folder = Path(__file__).resolve().parents[2] / "configs" / kind
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        found = ", ".join(names) or f"none found in {folder} (use a vol3d source checkout: pip install -e .)"
-        raise InputError(f"--preset {name}: no such {kind} preset; available: {found}")
-    return path
-
-
 def _run_merge(args: argparse.Namespace) -> int:
     from preprocess.config_io import overrides_from_args
     from preprocess.runner import merge_caches
@@ -119,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     from preprocess.config_io import build_config
     from preprocess.runner import DEFAULT_SPLIT, RunOptions, parse_shard, run_preprocess
     from preprocess.sidecars import SideTables
+    from vol3d.presets import preset_path, resolve_config
 
-    config_path = preset_path(args.preset) if args.preset else args.config
+    config_path = preset_path(args.preset) if args.preset else (
+        resolve_config(args.config, "preprocess") if args.config else None)
     cfg = build_config(PreprocessConfig, config_path, args)
     fractions = args.split_fractions or DEFAULT_SPLIT
     opts = RunOptions(

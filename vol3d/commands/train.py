@@ -36,6 +36,7 @@ def load_config(args: argparse.Namespace, cls: Any = None):
     """The run config (``cls``: TrainConfig, or another :class:`~vol3d.train.config.RunConfig`) of a
     new run (--config + flags) or of the run being resumed (RUN/config.yaml + flags)."""
     from preprocess.config_io import build_config, overrides_from_args
+    from vol3d.presets import resolve_config
     from vol3d.train.config import TrainConfig
     from vol3d.train.run import load_run_config
 
@@ -44,7 +45,8 @@ def load_config(args: argparse.Namespace, cls: Any = None):
         overrides = overrides_from_args(args)
         overrides["run_dir"] = str(args.resume)
         return load_run_config(args.resume, overrides, cls)
-    return build_config(cls, args.config, args)
+    kind = "train" if cls is TrainConfig else "finetune"
+    return build_config(cls, resolve_config(args.config, kind) if args.config else None, args)
 
 
 def run_interruptible(fit_fn: Any, cfg: Any, resume: bool, resume_command: str) -> Any:

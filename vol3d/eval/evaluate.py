@@ -43,7 +43,7 @@ from vol3d.eval.metrics import (
 )
 from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import as_vocab
-from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, presence_sample, sample_one
+from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, balanced_sample, sample_one
 
 #: Bootstrap resamples of the confidence intervals.
 BOOTSTRAP_REPS = 1000
@@ -97,14 +97,14 @@ def _case_items(
     seed: int,
     vocab: Any,
     code_vocab: Any,
-    presence: Sequence[str] | None = None,
+    presence: Sequence[tuple[str, str]] | None = None,
 ) -> list[EvalItem]:
-    """The questions about case ``ci``; with ``presence`` (the findings its balanced presence questions
-    ask about, possibly none) closed draws are the other question types and presence comes from it."""
+    """The questions about case ``ci``; with ``presence`` (its balanced ``(qtype, finding)`` questions,
+    possibly none) closed draws are of the other question types and those come from it."""
     from preprocess.errors import InputError
 
     ok = applicable_tasks(case)
-    qtypes = CLOSED_QTYPES if presence is None else tuple(q for q in CLOSED_QTYPES if q != "presence")
+    qtypes = CLOSED_QTYPES if presence is None else tuple(q for q in CLOSED_QTYPES if q not in ("presence", "count"))
     items = []
     for task in tasks:
         if task not in ok:
@@ -117,9 +117,9 @@ def _case_items(
                 continue
             items.append(EvalItem(ci, str(case.get("id", ci)), s))
         if task == "vqa_closed" and presence:
-            for name in presence:
-                rng = np.random.default_rng([seed, ci, TASKS.index(task), 1000 + list(vocab).index(name)])
-                items.append(EvalItem(ci, str(case.get("id", ci)), presence_sample(case, name, rng, vocab)))
+            for n, (qtype, name) in enumerate(presence):
+                rng = np.random.default_rng([seed, ci, TASKS.index(task), 1000 + n])
+                items.append(EvalItem(ci, str(case.get("id", ci)), balanced_sample(case, qtype, name, rng, vocab)))
     return items
 
 
@@ -161,7 +161,7 @@ def evaluate(
     image_blind: bool = False,
     keep_predictions: bool = False,
     locate_prefix: str | None = None,
-    presence: Mapping[int, Sequence[str]] | None = None,
+    presence: Mapping[int, Sequence[tuple[str, str]]] | None = None,
     bootstrap: int = BOOTSTRAP_REPS,
 ) -> dict[str, Any]:
     """Generate answers for evaluation samples of ``tasks`` on ``cases`` and compute their metrics.
@@ -184,8 +184,9 @@ def evaluate(
             answer forced to start with this (``vol3d.protocol.LOCATE_PREFIX``; ``model.generate``
             must take ``answer_prefix``) and report ``ground.located_*``: how well the model
             says where a finding is once told that it is there, apart from whether it saw it.
-        presence: case position -> findings to ask "Is there ...?" about
-            (:func:`vol3d.tasks.samples.balanced_presence`); None draws presence questions like the others.
+        presence: case position -> ``(qtype, finding)`` presence and count questions to ask
+            (:func:`vol3d.tasks.samples.balanced_presence`, balanced per finding); None draws them
+            like the other closed questions.
         bootstrap: resamples of the confidence intervals (0: none).
 
     Returns:

@@ -36,7 +36,7 @@ from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
 from vol3d.models.tokenizer import add_vol3d_tokens, load_tokenizer
 from vol3d.protocol import BOX_END, BOX_START, ORGAN_TOKEN, REGION_TOKEN, VOL_TOKEN
-from vol3d.rundir import LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
+from vol3d.rundir import DOMAIN_NAME, LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
 from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
 
@@ -103,6 +103,9 @@ class Vol3DModel(nn.Module):
         # The preprocessing config (PreprocessConfig as a dict) the training volumes were made
         # with, saved beside the weights so a model dir alone can prepare new images.
         self.preprocess: dict | None = None
+        # What the training volumes looked like (vol3d.domain.DomainProfile as a dict): a volume that
+        # does not fit gets a warning, and no box, at inference.
+        self.domain: dict | None = None
         self.vol_token_id = int(tokenizer.convert_tokens_to_ids(VOL_TOKEN))
         self.box_token_id = int(tokenizer.convert_tokens_to_ids(BOX_START))
         self.region_token_ids = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in (REGION_TOKEN, ORGAN_TOKEN))
@@ -721,6 +724,8 @@ class Vol3DModel(nn.Module):
         self.tokenizer.save_pretrained(str(directory / LM_DIR))
         if self.preprocess is not None:
             (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess, indent=2))
+        if self.domain is not None:
+            (directory / DOMAIN_NAME).write_text(json.dumps(self.domain, indent=1))
         return directory
 
     @classmethod
@@ -751,6 +756,8 @@ class Vol3DModel(nn.Module):
         model.load_state_dict(state, strict=False)
         if (directory / PREPROCESS_NAME).is_file():
             model.preprocess = json.loads((directory / PREPROCESS_NAME).read_text())
+        if (directory / DOMAIN_NAME).is_file():
+            model.domain = json.loads((directory / DOMAIN_NAME).read_text())
         if device is not None:
             model.to(device)
         return model.eval()

@@ -95,6 +95,8 @@ class SegLossConfig:
     dice: float = _f(1.0, "weight of the soft Dice term")
     ce: float = _f(1.0, "weight of the cross-entropy term")
     include_background: bool = _f(False, "count background in the Dice term (nnU-Net: no)")
+    batch_dice: bool = _f(True, "Dice over the whole batch rather than per patch (nnU-Net's batch Dice): a small "
+                                "organ absent from one patch no longer pulls its class towards zero there")
 
     def __post_init__(self) -> None:
         if self.dice < 0 or self.ce < 0 or self.dice + self.ce == 0:

@@ -43,13 +43,6 @@ def add_seg_arguments(parser: argparse.ArgumentParser) -> None:
             group._add_action(action)  # as argparse's own `parents=` does
 
 
-def load_config(args: argparse.Namespace) -> SegConfig:
-    """The SegConfig of a new run (``--config`` + flags) or of the run being resumed."""
-    from vol3d.commands.train import load_config as load
-
-    return load(args, SegConfig)
-
-
 def read_cache_preprocess(cache_dir: str | Path) -> dict[str, Any]:
     """The preprocessing config a cache was made with, as saved beside a model (no secrets)."""
     from preprocess.config import read_config
@@ -128,13 +121,3 @@ def finetune(cfg: SegConfig, resume: bool = False) -> Any:
              len(val_ds) if val_ds is not None else 0, cfg.model.encoder, cfg.model.tune,
              model.num_parameters(trainable_only=True) / 1e6)
     return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``vol3d finetune --task seg`` (after :func:`add_seg_arguments`)."""
-    from vol3d.commands.train import run_training
-
-    cfg = load_config(args)
-    return run_training(cfg, args.resume is not None, "finetune --task seg", finetune,
-                        f"segment new images with: vol3d predict {cfg.run_dir} INPUT --out DIR",
-                        keys=("val/dice_mean", "val/hd95_mean"))

@@ -39,6 +39,7 @@ class SegObjective:
         self.loss_cfg = loss or SegLossConfig()
         self.infer = infer or InferConfig()
         self.loss_fn = DiceCELoss(include_background=self.loss_cfg.include_background, to_onehot_y=True,
+                                  batch=self.loss_cfg.batch_dice,
                                   softmax=True, lambda_dice=self.loss_cfg.dice, lambda_ce=self.loss_cfg.ce)
 
     def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:

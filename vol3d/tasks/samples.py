@@ -403,24 +403,32 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
     return Sample("vqa_closed", prompt, answer, extras)
 
 
-def presence_sample(case: Mapping[str, Any], finding: str, rng: np.random.Generator | int | None,
+def balanced_sample(case: Mapping[str, Any], qtype: str, finding: str, rng: np.random.Generator | int | None,
                     vocab: Mapping[str, Any] | None = None) -> Sample:
-    """The closed question "Is there <finding>?" about ``case`` (for evaluation sets balanced per finding)."""
+    """The closed question ``qtype`` ("presence": "Is there <finding>?", "count": "How many <finding>s?")
+    about ``case``, for evaluation sets balanced per finding (:func:`balanced_presence`)."""
     rng, vocab = _rng(rng), as_vocab(vocab)
     truth = finding_truth(case, vocab)[finding]
     if truth.ambiguous:
-        raise InputError(f"case {case.get('id', '?')}: {finding} is only partly visible; yes/no would be ambiguous")
-    prompt = _choose(rng, TEMPLATES["presence"]).format(**_fill(vocab[finding]))
-    return Sample("vqa_closed", prompt, "yes" if truth.n > 0 else "no", {"qtype": "presence", "finding": finding})
+        raise InputError(f"case {case.get('id', '?')}: {finding} is only partly visible; the answer would be ambiguous")
+    if qtype == "presence":
+        prompt, answer = _choose(rng, TEMPLATES["presence"]).format(**_fill(vocab[finding])), "yes" if truth.n else "no"
+    elif qtype == "count" and vocab[finding].countable:
+        prompt, answer = _choose(rng, TEMPLATES["count"]).format(**_fill(vocab[finding])), str(truth.n)
+    else:
+        raise ConfigError(f"balanced questions are presence or count (of a countable finding), got {qtype} {finding}")
+    return Sample("vqa_closed", prompt, answer, {"qtype": qtype, "finding": finding})
 
 
 def balanced_presence(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None = None,
-                      seed: int = 0) -> dict[int, list[str]]:
-    """Which findings to ask "Is there ...?" about in which case (by position), balanced per finding.
+                      seed: int = 0, qtypes: Sequence[str] = ("presence", "count")) -> dict[int, list[tuple[str, str]]]:
+    """Which presence and count questions to ask about which case (by position), balanced per finding.
 
-    For every finding, as many cases without it as with it (whichever side is smaller sets the
-    count; the cases are drawn with ``seed``), skipping cases where it is only partly visible. A
-    model that answers from the question alone scores exactly 0.5 on every finding.
+    For every finding (countable ones for count), as many cases without it as with it (the smaller
+    side sets the number; the cases are drawn with ``seed``), skipping cases where it is only partly
+    visible. A model that answers from the question alone scores exactly 0.5 on every presence
+    finding, and on count cannot do better than always saying "0" on half the questions.
+    Returns ``{case position: [(qtype, finding), ...]}``.
     """
     vocab = as_vocab(vocab)
     pos: dict[str, list[int]] = {f: [] for f in vocab}
@@ -431,13 +439,16 @@ def balanced_presence(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, An
         for name, truth in finding_truth(case, vocab).items():
             if not truth.ambiguous:
                 (pos if truth.n > 0 else neg)[name].append(i)
-    rng = np.random.default_rng([seed, 7])
-    out: dict[int, list[str]] = {}
-    for name in vocab:
-        k = min(len(pos[name]), len(neg[name]))
-        for side in (pos[name], neg[name]):
-            for i in sorted(rng.permutation(side)[:k].tolist()):
-                out.setdefault(int(i), []).append(name)
+    out: dict[int, list[tuple[str, str]]] = {}
+    for q, qtype in enumerate(qtypes):
+        rng = np.random.default_rng([seed, 7, q])
+        for name, spec in vocab.items():
+            if qtype == "count" and not spec.countable:
+                continue
+            k = min(len(pos[name]), len(neg[name]))
+            for side in (pos[name], neg[name]):
+                for i in sorted(rng.permutation(side)[:k].tolist()):
+                    out.setdefault(int(i), []).append((qtype, name))
     return out
 
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from preprocess.config import read_config
@@ -147,6 +148,22 @@ def digest_corpus(cases: list[Any], model: Any) -> list[str]:
     return texts
 
 
+def domain_profile(dataset: Any, model: Any, max_cases: int = 64) -> Any:
+    """:func:`vol3d.domain.profile` of up to ``max_cases`` training cases (evenly spread), with their
+    organ volumes from the label maps when the model perceives organs."""
+    from vol3d.domain import profile
+
+    idx = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(max_cases, len(dataset)))})
+    cases = [dataset[i] for i in idx]
+    volumes = None
+    if model.perception is not None and model.labels is not None:
+        from vol3d.tasks.regions import perceived_from_case
+
+        volumes = [{r.name: r.volume_ml for r in perceived_from_case(c, model.vocab, model.labels)[0].organs}
+                   for c in cases if c.get("has_label")]
+    return profile(cases, volumes)
+
+
 def check_channels(dataset: Any, in_chans: int) -> None:
     """The cache's channel count (one per CT window) must be what the model takes."""
     channels = int(dataset.item_without_pixels(0)["image"].shape[0])
@@ -195,6 +212,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     model, cfg = build_model(cfg, train_ds, resume)
     # The run dir alone must be enough to prepare new images exactly as the training ones.
     model.preprocess = to_dict(read_config(cfg.data.cache_dir))  # read_config drops the id key (a secret)
+    if not resume and model.domain is None:
+        model.domain = domain_profile(train_ds, model).to_dict()
     check_heads(cfg)
     check_channels(train_ds, cfg.model.in_chans)
     write_run_config(cfg, info.is_main)

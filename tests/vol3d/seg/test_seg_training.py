@@ -15,10 +15,16 @@ from segphantom import CLASSES, build_cache
 
 from preprocess.config_io import add_dataclass_args, load_yaml
 from preprocess.errors import ConfigError, InputError
+from vol3d.commands.train import load_config as load_run_config
 from vol3d.seg.config import InferConfig, SegConfig, SegDataConfig, SegModelConfig
-from vol3d.seg.finetune import add_seg_arguments, finetune, load_config
+from vol3d.seg.finetune import add_seg_arguments, finetune
 from vol3d.seg.objective import SegObjective, score
 from vol3d.train.config import OptimConfig, TrainConfig
+
+
+def load_config(args):
+    return load_run_config(args, SegConfig)
+
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "finetune"
 
