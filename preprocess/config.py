@@ -22,6 +22,9 @@ COMPRESSIONS = ("lz4", "zstd", "lzf", "gzip", "none")
 
 #: Fields that do not change what is written for a case (excluded from ``params_hash``).
 _UNHASHED = frozenset({"workers", "id_key"})
+#: Ingest fields that bound resources only: a case either fails on them or is written the same.
+_UNHASHED_INGEST = frozenset({"max_archive_bytes", "max_archive_ratio", "max_archive_members",
+                              "max_archive_depth", "max_voxels"})
 
 
 @dataclasses.dataclass
@@ -96,7 +99,9 @@ class PreprocessConfig:
 
     def hashed_fields(self) -> dict[str, Any]:
         """The fields that change what is written for a case, as plain JSON data."""
-        return {k: v for k, v in to_dict(self).items() if k not in _UNHASHED}
+        data = {k: v for k, v in to_dict(self).items() if k not in _UNHASHED}
+        data["ingest"] = {k: v for k, v in data["ingest"].items() if k not in _UNHASHED_INGEST}
+        return data
 
     def params_hash(self) -> str:
         """sha256 (hex) of the canonical JSON of :meth:`hashed_fields`: equal hash, equal output."""

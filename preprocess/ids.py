@@ -7,16 +7,23 @@ the cache can do that, yet the same key gives the same pseudonym in every run, s
 a patient's studies link across runs, shards and machines.
 
 The key comes from the config field ``id_key`` or, when that is empty, from the
-environment variable ``VOL3D_ID_KEY``. If neither is set, vol3d refuses to run
+environment variable ``VOL3D_ID_KEY``: at least 128 bits of key material, written as
+hex (32+ digits) or base64 (22+ characters), or ``passphrase:<words>`` stretched with
+scrypt (a passphrase a person can remember; at least 16 characters). Anything else
+(``aaaaaaaaaaaaaaaa``, a word) is refused. If neither is set, vol3d refuses to run
 (:func:`resolve_id_key`) rather than invent a key: a key generated into the cache
 directory would travel with the cache (defeating its purpose) and a fresh random
 key per run would break linkage between runs. Only a fingerprint of the key
-(:func:`key_check`) is stored, in ``params.json``, so a run with a different key
-is refused instead of silently mixing two pseudonym spaces.
+(:func:`key_check`, through scrypt, so guesses cannot be tested quickly offline) is
+stored, in ``params.json``, so a run with a different key is refused instead of
+silently mixing two pseudonym spaces. Hashes of source bytes are keyed too
+(:func:`source_hash_key`): holding a file does not tell whether it is in a cache.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -28,34 +35,71 @@ from preprocess.types import Candidate, Identity
 
 #: Environment variable holding the id key when the config's ``id_key`` is empty.
 ENV_VAR = "VOL3D_ID_KEY"
-#: Shortest accepted key, in characters.
-MIN_KEY_CHARS = 16
+#: Fewest bytes of key material (128 bits) in a hex or base64 key.
+MIN_KEY_BYTES = 16
+#: Shortest accepted passphrase (``passphrase:<text>``), in characters.
+MIN_PASSPHRASE_CHARS = 16
+#: Prefix of a passphrase key, stretched with scrypt into 32 bytes.
+PASSPHRASE_PREFIX = "passphrase:"
+#: scrypt cost of a passphrase and of the stored key check (about 50 ms, 16 MiB).
+_SCRYPT = {"n": 1 << 14, "r": 8, "p": 1, "maxmem": 64 << 20}
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+_B64_RE = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
 #: Hex digits kept from each HMAC (128 bits: collisions are not a concern).
 HASH_HEX = 32
 #: Split names in the order their fractions are given.
 SPLITS = ("train", "val", "test")
 
 _HOW_TO = (
-    "set a secret key of at least {n} characters that stays OUTSIDE the cache, e.g.\n"
+    "set a secret key of at least 128 bits that stays OUTSIDE the cache, e.g.\n"
     "  export {env}=$(python -c 'import secrets; print(secrets.token_hex(32))')\n"
-    "and keep it (in a password manager or a 0600 file you `source`): the same key gives the same "
-    "pseudonymous ids in every run, a different key gives unrelated ids. "
+    "(hex of 32+ digits or base64 of 22+ characters; or passphrase:<a phrase of 16+ characters>, "
+    "stretched with scrypt) and keep it (in a password manager or a 0600 file you `source`): the same "
+    "key gives the same pseudonymous ids in every run, a different key gives unrelated ids. "
     "Alternatively pass --id-key KEY (or id_key: KEY in the preprocess config; a flag shows in the "
     "shell history, so prefer the variable)."
 )
 
 
+def _key_material(text: str) -> bytes | None:
+    """The key bytes ``text`` writes (hex, base64 or a passphrase), or None when it is none of them."""
+    if text.startswith(PASSPHRASE_PREFIX):
+        phrase = text[len(PASSPHRASE_PREFIX):]
+        if len(phrase) < MIN_PASSPHRASE_CHARS:
+            return None
+        return hashlib.scrypt(phrase.encode("utf-8"), salt=b"vol3d-id-key/v1", dklen=32, **_SCRYPT)
+    if _HEX_RE.fullmatch(text) and len(text) % 2 == 0:
+        raw = bytes.fromhex(text)
+    elif _B64_RE.fullmatch(text) and _looks_random(text):
+        try:
+            raw = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    else:
+        return None
+    # a key of one repeated byte (16 x 'a' in hex) is no secret, whatever its length
+    return raw if len(raw) >= MIN_KEY_BYTES and len(set(raw)) > 4 else None
+
+
+def _looks_random(text: str) -> bool:
+    """Base64 of random bytes mixes upper and lower case and digits or symbols; a phrase of
+    words (``secret-key-long-but-only-words``) does not, and is no key."""
+    return (any(c.isupper() for c in text) and any(c.islower() for c in text)
+            and any(c.isdigit() or c in "+/-_" for c in text))  # fmt: skip
+
+
 def resolve_id_key(config_key: str | None = None) -> bytes:
     """The id key: ``config_key`` if non-empty, else ``$VOL3D_ID_KEY``; refuse when neither is usable."""
-    key = config_key or os.environ.get(ENV_VAR, "")
+    key = (config_key or os.environ.get(ENV_VAR, "")).strip()
     if not key:
-        raise ConfigError("no key for pseudonymous ids: " + _HOW_TO.format(n=MIN_KEY_CHARS, env=ENV_VAR))
-    if len(key) < MIN_KEY_CHARS:
+        raise ConfigError("no key for pseudonymous ids: " + _HOW_TO.format(env=ENV_VAR))
+    material = _key_material(key)
+    if material is None:
         raise ConfigError(
-            f"the id key is only {len(key)} characters, too short to keep ids secret: "
-            + _HOW_TO.format(n=MIN_KEY_CHARS, env=ENV_VAR)
+            f"the id key ({len(key)} characters) is not 128 bits of hex or base64 key material, nor a passphrase "
+            "of 16+ characters, so it would not keep ids secret: " + _HOW_TO.format(env=ENV_VAR)
         )
-    return key.encode("utf-8")
+    return material
 
 
 def keyed_hash(key: bytes, domain: str, *parts: str) -> str:
@@ -66,8 +110,20 @@ def keyed_hash(key: bytes, domain: str, *parts: str) -> str:
 
 
 def key_check(key: bytes) -> str:
-    """A fingerprint of the key that can be stored: equal keys give equal checks; it reveals nothing."""
-    return keyed_hash(key, "vol3d-key-check")[:16]
+    """A fingerprint of the key that can be stored: equal keys give equal checks. Through scrypt,
+    so testing key guesses against it offline costs about 50 ms each."""
+    return "scrypt:" + hashlib.scrypt(key, salt=b"vol3d-key-check/v1", dklen=8, **_SCRYPT).hex()
+
+
+def source_hash_key(key: bytes) -> bytes:
+    """The key of :func:`keyed_source_hash` (derived, so workers never hold the id key itself)."""
+    return hmac.new(key, b"vol3d-source-hash", hashlib.sha256).digest()
+
+
+def keyed_source_hash(hash_key: bytes, content_digest: str) -> str:
+    """What the manifest stores for a case's source bytes: a keyed hash of their sha256, so
+    holding a file does not tell whether it is in the cache."""
+    return hmac.new(hash_key, content_digest.encode(), hashlib.sha256).hexdigest()
 
 
 def _series_parts(candidate: Candidate) -> tuple[str, ...]:

@@ -44,8 +44,9 @@ class ManifestRow:
     has_report: bool | None = None
     n_boxes: int | None = None
     n_codes: int | None = None
-    source_hash: str | None = None  # sha256 of the source bytes: a change means redo
-    side_hash: str | None = None  # sha256 of the joined side data (report, codes, boxes, label)
+    source_hash: str | None = None  # keyed hash (HMAC) of the sha256 of the source bytes: a change means redo
+    source_stat: str | None = None  # keyed hash of the source files' sizes and mtimes: unchanged = not re-read
+    side_hash: str | None = None  # keyed hash of the joined side data (report, codes, boxes, label)
     params_hash: str | None = None  # hash of the preprocessing config
     stats: dict[str, Any] | None = None  # per-case summary used by the dataset fingerprint
 

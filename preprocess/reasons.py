@@ -15,6 +15,7 @@ DERIVED = "DERIVED"  # ImageType DERIVED/SECONDARY, skipped when config.skip_der
 UNSUPPORTED_MODALITY = "UNSUPPORTED_MODALITY"  # modality not in config.modalities
 NOT_MEDICAL_FILE = "NOT_MEDICAL_FILE"  # a file that is neither DICOM nor a known image format
 EXTRA_VOLUME_4D = "EXTRA_VOLUME_4D"  # 4D input, volumes dropped by the 'first' policy
+NOT_REGULAR_FILE = "NOT_REGULAR_FILE"  # named pipe, socket, device, or a symlink out of the input / in a loop
 
 # --- failed (exit code 3)
 UNREADABLE = "UNREADABLE"  # truncated / corrupt file, header cannot be parsed
@@ -33,6 +34,8 @@ LABEL_MISMATCH = "LABEL_MISMATCH"  # label mask geometry does not match its imag
 PROCESSING_ERROR = "PROCESSING_ERROR"  # unexpected error while transforming/writing (a bug)
 INCONSISTENT_POSITIONS = "INCONSISTENT_POSITIONS"  # slice positions do not lie on one line
 NO_ORIENTATION = "NO_ORIENTATION"  # NIfTI with sform_code == qform_code == 0: world position unknown
+ARCHIVE_LIMIT = "ARCHIVE_LIMIT"  # zip over the size / ratio / member-count / nesting limits (a zip bomb?)
+TOO_LARGE = "TOO_LARGE"  # a header announces more voxels than ingest.max_voxels (checked before allocating)
 
 FAIL_REASONS = frozenset(
     {
@@ -52,5 +55,7 @@ FAIL_REASONS = frozenset(
         PROCESSING_ERROR,
         INCONSISTENT_POSITIONS,
         NO_ORIENTATION,
+        ARCHIVE_LIMIT,
+        TOO_LARGE,
     }
 )

@@ -4,8 +4,9 @@ One run:
 
 1. lock the cache directory (``.vol3d.lock``: one run at a time), validate the side tables
    and the cache directory (exit 2 before any work);
-2. ``ingest.scan`` the input (exit 2 when it holds no image at all); keep this shard's
-   candidates (``--shard i/N``);
+2. ``ingest.scan`` the input (exit 2 when it holds no image at all), unpacking archives into a
+   fresh staging folder beside the cache (``.<cache>.staging-*``, mode 0700, removed however the
+   run ends); keep this shard's candidates (``--shard i/N``);
 3. give every candidate its pseudonymous ids (:mod:`preprocess.ids`) and side data
    (:mod:`preprocess.sidecars`) while the identifiers are at hand;
 4. process the ``ok`` candidates in a process pool: each worker hashes the source bytes,
@@ -18,8 +19,9 @@ One run:
 ``merge_caches`` joins shard caches into one.
 
 No identifier reaches the manifest or the log: every ``detail`` goes through one
-:class:`Sanitiser`, which removes the candidate's key, UIDs, accession and PatientID and
-every absolute path, and hashes relative paths under ``--redact-paths``.
+:class:`~preprocess.sanitise.Sanitiser`, which removes the candidate's key, UIDs, accession and
+PatientID and every absolute path, and hashes relative paths (unless ``keep_paths``); the
+paths go to the crosswalk beside the cache (:mod:`preprocess.sanitise`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
-import signal
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -57,7 +58,15 @@ from preprocess.manifest import (
     read_manifest,
     write_manifest,
 )
-from preprocess.sidecars import CaseSide, SideTables, base_key
+from preprocess.sanitise import (
+    Sanitiser,
+    crosswalk_path,
+    make_sanitiser,
+    path_redactor,
+    read_crosswalk,
+    write_crosswalk,
+)
+from preprocess.sidecars import CaseSide, SideTables
 from preprocess.types import Candidate, SeriesError
 
 log = logging.getLogger(__name__)
@@ -65,11 +74,9 @@ log = logging.getLogger(__name__)
 PARAMS_NAME = "params.json"
 FINGERPRINT_NAME = "fingerprint.json"
 CASES_DIR = "cases"
-WORK_DIR = ".work"  # scratch for ingest (e.g. unpacked zips); removed at the end of a run
+WORK_DIR = ".work"  # where earlier versions unpacked zips inside the cache; removed when found
 LOCK_NAME = ".vol3d.lock"  # held (flock) by the run writing the cache; holds its pid
 FORMAT_VERSION = 1
-#: Test hook: SIGKILL the run itself after this many cases were written (deterministic kill point).
-KILL_HOOK_ENV = "VOL3D_TEST_KILL_AFTER"
 #: Default split fractions (train, val, test).
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 
@@ -81,7 +88,14 @@ class RunOptions:
     workers: int = 0  # worker processes; 0 = min(4, CPU cores); 1 = in this process
     shard: tuple[int, int] | None = None  # (i, N): process only shard i of N (0 <= i < N)
     overwrite: bool = False  # discard vol3d's own files in --out first (other files are never touched)
-    redact_paths: bool = False  # write keyed hashes instead of input paths in the manifest
+    # keyed hashes instead of input paths in the manifest and its details (the default: hospital
+    # exports name folders after patients); the paths go to the crosswalk file, outside the cache
+    redact_paths: bool = True
+    crosswalk: Path | None = None  # default: <out>.crosswalk.jsonl beside the cache (see crosswalk_path)
+    rehash: bool = False  # re-read every source byte on a rerun (default: unchanged size + mtime = unchanged)
+    # called with the number of cases written so far, after each row is durable in the manifest
+    # (progress reporting; the kill test stops the process at a chosen point with it)
+    on_case_written: Callable[[int], None] | None = None
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT
     progress: bool = True  # tqdm progress bar on stderr
 
@@ -269,67 +283,6 @@ def check_cache(out: Path, params: dict[str, Any], overwrite: bool) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- sanitising details
-
-#: An absolute path (posix, or a Windows drive) not preceded by a word: ``/data/x.dcm``, ``C:\\x``.
-_ABS_PATH_RE = re.compile(r"(?<![\w.~-])(?:/|[A-Za-z]:[\\/])[^\s'\"(),;]+")
-#: Identifiers shorter than this are not searched for (they would match inside numbers and words).
-_MIN_IDENTIFIER = 4
-_HOLD = 0xE000  # private-use characters stand for text already rewritten (see Sanitiser.__call__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sanitiser:
-    """Takes a candidate's identifiers and every absolute path out of a detail sentence or traceback.
-
-    Built in the parent process (:func:`make_sanitiser`, which knows the id key) and plain
-    data, so a worker applies the very same rewriting.
-    """
-
-    paths: tuple[tuple[str, str], ...] = ()  # (text, replacement), longest text first
-    identifiers: tuple[str, ...] = ()  # key, UIDs, accession, PatientID; replaced by "<id>"
-
-    def __call__(self, text: str) -> str:
-        held: list[str] = []
-
-        def hold(new: str) -> str:
-            held.append(new)
-            return chr(_HOLD + len(held) - 1)
-
-        for old, new in self.paths:  # paths first: a relative path shown as is may contain the key
-            if old in text:
-                text = text.replace(old, hold(new))
-        for ident in self.identifiers:
-            text = text.replace(ident, "<id>")
-        # what is left is not the series' own file: keep a code file's name, it helps a bug report
-        text = _ABS_PATH_RE.sub(lambda m: "<path>/" + Path(m[0]).name if m[0].endswith(".py") else "<path>", text)
-        return "".join(held[ord(ch) - _HOLD] if _HOLD <= ord(ch) < _HOLD + len(held) else ch for ch in text)
-
-
-def make_sanitiser(c: Candidate, redact: Callable[[str], str], side: CaseSide | None = None) -> Sanitiser:
-    """The :class:`Sanitiser` of candidate ``c``: its absolute source files become their relative
-    paths (``redact``-ed), side-data files become "the label map"/"the lesion map", and its key,
-    UIDs, accession and PatientID become ``<id>``."""
-    paths: dict[str, str] = {}
-    for rel in c.source:  # the series' folders too: a detail may name the folder, not a file
-        parts = rel.split("/")
-        for i in range(len(parts)):
-            name = "/".join(parts[: i + 1])
-            paths[name] = redact(name)
-    for absolute, rel in zip(c.source_files, c.source, strict=False):
-        for form in {str(absolute), os.path.abspath(absolute), str(Path(absolute).resolve())}:
-            paths[form] = redact(rel)
-    for file, what in ((side.label_path, "the label map"), (side.lesion_path, "the lesion map")) if side else ():
-        if file:
-            paths.update({str(file): what, str(Path(file).resolve()): what})
-    ident = c.identity
-    idents = {c.key, base_key(c.key), ident.patient_id, ident.study_uid, ident.series_uid, ident.accession}
-    return Sanitiser(
-        paths=tuple(sorted(paths.items(), key=lambda kv: len(kv[0]), reverse=True)),
-        identifiers=tuple(sorted((i for i in idents if len(i) >= _MIN_IDENTIFIER), key=len, reverse=True)),
-    )
-
-
 # ----------------------------------------------------------------------------- per-case work (worker side)
 
 
@@ -342,6 +295,15 @@ class CaseTask:
     side: CaseSide
     previous: ManifestRow | None  # the last manifest row of this id, to skip unchanged work
     sanitise: Sanitiser = dataclasses.field(default_factory=Sanitiser)  # for every detail and log line
+    hash_key: bytes = b""  # ids.source_hash_key: source and side-data hashes are keyed
+    rehash: bool = False  # hash every source byte even when sizes and mtimes are unchanged
+
+
+def _source_stat(task: CaseTask) -> str:
+    """Keyed digest of the sizes and mtimes of a case's files: equal on a rerun means unchanged
+    (as rsync and make decide), so a resume does not re-read every source byte."""
+    stats = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in task.candidate.source_files]
+    return ids.keyed_source_hash(task.hash_key, json.dumps([stats, task.candidate.extra.get("volume")]))
 
 
 def _reusable(prev: ManifestRow | None, source_hash: str, side_hash: str, params_hash: str, out: Path) -> bool:
@@ -386,12 +348,19 @@ def process_case(task: CaseTask, cfg: PreprocessConfig, out: Path, params_hash: 
     from preprocess import ingest
 
     row = dataclasses.replace(task.row)
-    side_hash = task.side.digest()
+    side_hash = ids.keyed_source_hash(task.hash_key, task.side.digest())
     try:
-        source_hash = ingest.content_hash(task.candidate)
-        if _reusable(task.previous, source_hash, side_hash, params_hash, out):
-            return task.previous, True  # type: ignore[return-value]
-        row.source_hash, row.side_hash, row.params_hash = source_hash, side_hash, params_hash
+        stat = _source_stat(task)
+        prev = task.previous
+        if not task.rehash and prev is not None and prev.source_stat == stat and prev.source_hash:
+            source_hash = prev.source_hash  # same sizes and mtimes: the bytes are not read again
+        else:
+            source_hash = ids.keyed_source_hash(task.hash_key, ingest.content_hash(task.candidate))
+        if _reusable(prev, source_hash, side_hash, params_hash, out):
+            assert prev is not None
+            # touched but equal bytes: reused, with the new stat (the caller writes a changed row)
+            return (prev if prev.source_stat == stat else dataclasses.replace(prev, source_stat=stat)), True
+        row.source_hash, row.side_hash, row.params_hash, row.source_stat = source_hash, side_hash, params_hash, stat
         image = ingest.load(task.candidate, cfg.ingest)
         series = task.candidate.source[0] if task.candidate.source else "this series"
         label = _load_side_map(task.side.label_path, "label map", series, image)
@@ -489,13 +458,6 @@ def resolve_workers(n: int) -> int:
     return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
-def _redactor(key: bytes, enabled: bool):
-    def redact(path: str) -> str:
-        return "h_" + ids.keyed_hash(key, "path", path)[:20] if enabled else path
-
-    return redact
-
-
 def _base_row(
     c: Candidate, key: bytes, fractions: tuple[float, float, float], redact, sanitise: Sanitiser
 ) -> ManifestRow:
@@ -535,13 +497,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _kill_hook() -> int:
-    try:
-        return int(os.environ.get(KILL_HOOK_ENV, "0"))
-    except ValueError:
-        return 0
 
 
 def _run_tasks(tasks: list[CaseTask], cfg: PreprocessConfig, out: Path, params_hash: str, workers: int):
@@ -601,6 +556,10 @@ def run_preprocess(
         raise InputError(f"input {src} does not exist; pass a DICOM folder, DICOMDIR, zip or image file")
     fractions = tuple(float(f) for f in opts.split_fractions)
     ids.assign_split("p_check", fractions)  # validates the fractions before any work
+    walk = Path(opts.crosswalk or crosswalk_path(out)).resolve()
+    if opts.redact_paths and walk.is_relative_to(out.resolve()):
+        raise InputError(f"--crosswalk {walk} is inside the cache {out}; the crosswalk names patients' files "
+                         "and must live outside the cache (the default is <CACHE>.crosswalk.jsonl beside it)")
     key = ids.resolve_id_key(cfg.id_key)
     params = make_params(cfg, key, fractions)
     with cache_lock(out):
@@ -609,11 +568,25 @@ def run_preprocess(
 
 def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
                 fractions: tuple[float, float, float], params: dict[str, Any], t0: float) -> Summary:  # fmt: skip
+    check_cache(out, params, opts.overwrite)  # before the (long) scan; nothing written yet
+    # archives unpack beside the cache, never inside it (raw DICOM holds every tag), one fresh
+    # folder per run (mode 0700), removed however the run ends
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.staging-*"):  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        return _run_scanned(src, out, cfg, side, opts, key, fractions, params, t0, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_scanned(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
+                 fractions: tuple[float, float, float], params: dict[str, Any], t0: float,
+                 workdir: Path) -> Summary:  # fmt: skip
     from preprocess import ingest
 
     params_hash = params["params_hash"]
-    check_cache(out, params, opts.overwrite)  # before the (long) scan; nothing written yet
-    workdir = out / WORK_DIR
     candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress)
     _require_images(src, candidates, workdir)
     open_cache(out, params, opts.overwrite)
@@ -624,13 +597,20 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
     if opts.shard is not None:
         i, n = opts.shard
         candidates = [c for c in candidates if shard_of(c, n) == i]
-    redact = _redactor(key, opts.redact_paths)
+    redact = path_redactor(key, opts.redact_paths)
+    hash_key = ids.source_hash_key(key)
     previous = latest_by_id(read_manifest(out / MANIFEST_NAME))
 
     summary = Summary(out=out)
     progress = _Progress(len(candidates), opts.progress)
-    kill_after, n_written = _kill_hook(), 0
+    n_written = 0
     tasks: list[CaseTask] = []
+    links: dict[str, dict[str, Any]] = {}
+    if opts.redact_paths:  # the link back to the files, written before any case can be killed mid-way
+        for c in candidates:
+            links[ids.case_id(key, c)] = {"id": ids.case_id(key, c), "source": list(c.source),
+                                          "manifest_source": [redact(x) for x in c.source]}  # fmt: skip
+        write_crosswalk(opts.crosswalk or crosswalk_path(out), links)
     try:
         with ManifestWriter(out / MANIFEST_NAME) as writer:
             seen: set[str] = set()
@@ -642,7 +622,7 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
                     raise RuntimeError(f"duplicate case id {row.id} from the scan")
                 seen.add(row.id)
                 if case_side is not None:
-                    tasks.append(CaseTask(c, row, case_side, previous.get(row.id), sanitise))
+                    tasks.append(CaseTask(c, row, case_side, previous.get(row.id), sanitise, hash_key, opts.rehash))
                     continue
                 if previous.get(row.id) != row:
                     writer.append(row)
@@ -651,12 +631,14 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
             for row, reused in _run_tasks(tasks, cfg, out, params_hash, resolve_workers(opts.workers)):
                 if reused:
                     summary.reused += 1
+                    if previous.get(row.id) != row:  # only its source stat changed
+                        writer.append(row)
                 else:
                     writer.append(row)
                     summary.written += row.status == "ok"
                     n_written += 1
-                    if kill_after and n_written >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    if opts.on_case_written is not None:
+                        opts.on_case_written(n_written)
                 _count(summary, row, side)
                 progress.update(row.status)
                 if row.status == "failed":
@@ -664,7 +646,6 @@ def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, o
     finally:
         progress.close()
     summary.total_rows = len(_finish(out, fractions))
-    shutil.rmtree(workdir, ignore_errors=True)
     summary.seconds = time.monotonic() - t0
     return summary
 
@@ -774,12 +755,20 @@ def _merge_locked(shard_dirs: list[Path], out: Path, params: dict[str, Any], ove
                 best[row.id] = (row, d)
     for row, d in best.values():
         if row.status == "ok" and row.h5:
+            if row.h5 != case_relpath(row.id):  # e.g. "../A/evil.h5": never read or write outside the caches
+                raise InputError(f"shard {d} lists case file {row.h5!r} for {row.id}, not {case_relpath(row.id)!r}; "
+                                 "the shard's manifest was edited or damaged, rerun that shard")  # fmt: skip
             src = d / row.h5
             if not src.is_file():
                 raise InputError(f"shard {d} lists {row.h5} but the file is missing; rerun that shard to finish it")
             dst = out / row.h5
             if not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
                 _link_or_copy(src, dst)
+    walks: dict[str, dict[str, Any]] = {}
+    for d in shard_dirs:  # the shards' crosswalks join into the merged cache's
+        walks.update(read_crosswalk(crosswalk_path(d)))
+    if walks:
+        write_crosswalk(crosswalk_path(out), walks)
     existing = read_manifest(out / MANIFEST_NAME)
     fractions = tuple(params.get("split_fractions", DEFAULT_SPLIT))
     rows = _finish(out, fractions, [*existing, *(r for r, _ in best.values())])

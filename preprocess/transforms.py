@@ -29,7 +29,7 @@ from scipy import ndimage, sparse
 
 from preprocess import geometry
 from preprocess.config import PreprocessConfig
-from preprocess.reasons import LABEL_MISMATCH, PROCESSING_ERROR
+from preprocess.reasons import LABEL_MISMATCH, PROCESSING_ERROR, TOO_LARGE
 from preprocess.types import Image, SeriesError
 
 #: Flag of an acquisition whose axes are not the world axes (rotation kept in the affine).
@@ -392,6 +392,11 @@ def prepare(
         if (start > res_lo).any() or (stop < res_hi).any():
             flags.append(FLAG_FOREGROUND_CLIPPED)
     out_shape = tuple(int(n) for n in stop - start)
+    planned = int(np.prod(out_shape, dtype=np.int64)) * arr.shape[0]
+    if planned > cfg.ingest.max_voxels:  # e.g. a nonsense PixelSpacing: fail before allocating it
+        raise SeriesError(TOO_LARGE, f"resampled to {cfg.target_spacing} mm it would be {out_shape} voxels "
+                          f"({planned} with channels), more than ingest.max_voxels ({cfg.ingest.max_voxels}); "
+                          "check the spacing in its header, or raise the limit if it is genuine")  # fmt: skip
 
     # --- resample only the part of the window that lies inside the resampled grid
     in_lo, in_hi = np.maximum(start, 0), np.minimum(stop, g.res_shape)

@@ -135,7 +135,7 @@ def evaluate(predictor, export: Path, out: Path, ids: set[str]) -> dict:
     from vol3d.seg.predict import predict
 
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = predict(predictor, export / "dicom", out, resample="probs", dicom_seg=False)
+    rows = predict(predictor, export / "dicom", out, resample="probs", dicom_seg=False, keep_paths=True)  # synthetic
     per_case, seconds = [], []
     classes = {n: k for k, n in enumerate(predictor.class_names) if n in ORGANS + ["lesion"]}
     for r in rows:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    os.environ.setdefault("VOL3D_ID_KEY", "bench-key-not-secret-0123")
+    os.environ.setdefault("VOL3D_ID_KEY", "b3e7c0de5eed1dea" * 4)
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cache = prepare_data(args.workdir, args.cases, args.seed)

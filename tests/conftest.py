@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VOL3D_ID_KEY", "test-key-not-secret")
+os.environ.setdefault("VOL3D_ID_KEY", "0123456789abcdef" * 4)  # 128 bits of hex: a test key, not a secret
 
 
 @pytest.fixture(scope="session")

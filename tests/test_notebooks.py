@@ -94,7 +94,11 @@ def test_preprocess_qc_runs_headless_on_a_tiny_synthetic_cache(kernel_dir, tmp_p
     if any(r.get("n_boxes") for r in summary["ok"]):  # the slider is a live widget in a real kernel
         assert _mime_count(nb, "application/vnd.jupyter.widget-view+json") >= 1
     # Ground-truth lesion maps in the export are not cached as images.
-    assert not [r for r in summary["rows"] if any(s.startswith("lesions/") for s in r["source"])]
+    from preprocess.sanitise import crosswalk_path, read_crosswalk
+
+    links = read_crosswalk(crosswalk_path(cache))  # the manifest names no file: the crosswalk beside it does
+    assert {r["id"] for r in summary["rows"]} <= set(links)
+    assert not [i for i, r in links.items() if any(s.startswith("lesions/") for s in r["source"])]
     for row in summary["not_ok"]:
         assert row["reason"] in out
 

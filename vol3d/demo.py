@@ -40,7 +40,7 @@ import numpy as np
 from preprocess.errors import InputError
 
 #: Id key used when ``VOL3D_ID_KEY`` is unset. Public, so only for synthetic data.
-DEMO_ID_KEY = "vol3d-demo-public-key-synthetic-data-only"
+DEMO_ID_KEY = "passphrase:vol3d demo: a public key for synthetic data only"
 #: Preprocessing preset (``configs/preprocess/``) and training preset (``configs/train/``).
 PREPROCESS_PRESET = "tiny"
 TRAIN_PRESET = "tiny_cpu"

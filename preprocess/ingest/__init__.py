@@ -15,7 +15,7 @@ from pathlib import Path
 
 from preprocess import reasons
 from preprocess.ingest.config import IngestConfig
-from preprocess.ingest.dicom import Header, dicom_candidates, load_dicom, read_headers
+from preprocess.ingest.dicom import Header, dicom_candidates, load_dicom, quiet_pydicom, read_headers
 from preprocess.ingest.discover import (
     TEXT_OR_OFFICE,
     FoundFile,
@@ -44,7 +44,12 @@ def scan(
         Candidates sorted by ``(source[0], key)``; ``source`` paths are relative to ``src``
         (``a.zip!/inner/file`` inside zips). Pixels are read only to compare duplicate slices.
     """
-    inv = discover(Path(src), tuple(cfg.exclude), workdir)
+    with quiet_pydicom():  # its validation warnings quote tag values; the rows say what is wrong instead
+        return _scan(src, cfg, workdir, progress)
+
+
+def _scan(src: Path, cfg: IngestConfig, workdir: Path | None, progress: bool) -> list[Candidate]:
+    inv = discover(Path(src), tuple(cfg.exclude), workdir, limits=cfg)
     rows: list[Candidate] = list(inv.rows)
 
     # DICOMDIR: its references are DICOM for sure; files it does not list are still scanned.
@@ -71,7 +76,11 @@ def scan(
     companions = claim_companions(inv)
     for f, kind in inv.volumes:
         sidecar, data = companions[f.rel]
-        rows.extend(volume_candidates(f, kind, sidecar, data, cfg))
+        try:
+            rows.extend(volume_candidates(f, kind, sidecar, data, cfg))
+        except Exception as exc:  # one damaged file is its own failed row, never the end of the scan
+            rows.append(file_row(f, "failed", reasons.UNREADABLE,
+                                 f"{f.rel} cannot be read ({type(exc).__name__}: {exc}); re-export it."))  # fmt: skip
 
     to_read: list[tuple[FoundFile, bool]] = [(f, True) for f in inv.dicom]
     for f in inv.other:
@@ -117,7 +126,8 @@ def load(c: Candidate, cfg: IngestConfig) -> Image:
     """
     try:
         if c.kind == "dicom":
-            return load_dicom(c)
+            with quiet_pydicom():
+                return load_dicom(c)
         if c.kind in ("nifti", "nrrd", "mha"):
             return load_volume(c)
     except SeriesError:

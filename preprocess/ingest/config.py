@@ -29,6 +29,14 @@ class IngestConfig:
     # Glob patterns (matched against the path relative to the input root, or the file name) of files
     # ingest ignores without a row, e.g. ("labels/*", "*.csv") for side tables kept inside the export.
     exclude: tuple[str, ...] = ()
+    # Archive limits (a zip over any of them is failed ARCHIVE_LIMIT, nothing of it unpacked beyond
+    # the limit): total unpacked bytes, unpacked/packed ratio of a member, members, zips inside zips.
+    max_archive_bytes: int = 64 << 30
+    max_archive_ratio: float = 200.0
+    max_archive_members: int = 500_000
+    max_archive_depth: int = 3
+    # Largest volume (voxels) a header may announce; bigger ones fail before any allocation.
+    max_voxels: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.min_slices < 1:
@@ -37,5 +45,10 @@ class IngestConfig:
             raise ConfigError(f"ingest.spacing_tolerance must be in (0, 1), got {self.spacing_tolerance}")
         if self.tilt_tolerance_deg < 0:
             raise ConfigError("ingest.tilt_tolerance_deg must be >= 0")
+        for name in ("max_archive_bytes", "max_archive_members", "max_voxels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ingest.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_archive_ratio <= 1 or self.max_archive_depth < 0:
+            raise ConfigError("ingest.max_archive_ratio must be > 1 and ingest.max_archive_depth >= 0")
         self.modalities = tuple(m.upper() for m in self.modalities)
         self.exclude = tuple(self.exclude)

@@ -7,11 +7,14 @@ Rules and reason codes are documented in docs/ingest.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import struct
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,18 @@ HEADER_TAGS = [
     "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
     "RescaleIntercept", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "InstanceNumber",
     "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+    "DiffusionBValue", "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "AcquisitionNumber",
+    0x0019100C,  # Siemens private b-value (older DWI exports)
 ]  # fmt: skip
+#: Header values that tell the volumes of a multi-volume series apart (dcm2niix splits on the same),
+#: in the order they are tried: ``(label in the key, tags)``.
+VOLUME_TAGS: tuple[tuple[str, tuple], ...] = (
+    ("b", ("DiffusionBValue", 0x0019100C)),
+    ("echo", ("EchoNumbers",)),
+    ("t", ("TemporalPositionIdentifier",)),
+    ("trigger", ("TriggerTime",)),
+    ("acq", ("AcquisitionNumber",)),
+)
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _DIRECTORY_SOP = "1.2.840.10008.1.3.10"
@@ -107,24 +121,41 @@ _DECODER_HINT = {
 }
 
 
+#: JPEG syntaxes GDCM decodes itself where pydicom's plugins cannot (12-bit JPEG Extended, whose
+#: only pydicom decoder is the GPL libjpeg): baseline, extended, lossless and lossless SV1.
+_GDCM_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                        "1.2.840.10008.1.2.4.70"})  # fmt: skip
+
+
+def _gdcm_available() -> bool:
+    try:
+        import gdcm  # noqa: F401  (python-gdcm, BSD licence)
+    except ImportError:
+        return False
+    return True
+
+
 def decoder_available(transfer_syntax: str) -> bool:
-    """Whether pydicom can decode pixel data in ``transfer_syntax`` with the installed plugins."""
+    """Whether the pixel data in ``transfer_syntax`` decodes with the installed packages
+    (pydicom's plugins, or GDCM directly for the JPEG family)."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    uid = UID(transfer_syntax or "1.2.840.10008.1.2.1")
-    if not uid.is_compressed:
-        return True
     try:
+        uid = UID(transfer_syntax or "1.2.840.10008.1.2.1")
+        if not uid.is_compressed:
+            return True
+        if str(uid) in _GDCM_JPEG and _gdcm_available():
+            return True
         return bool(get_decoder(uid).is_available)
-    except (NotImplementedError, ValueError):
+    except (NotImplementedError, ValueError, AttributeError):  # not a transfer syntax at all
         return False
 
 
 def _decoder_fix(transfer_syntax: str) -> str:
     from pydicom.uid import UID
 
-    pkg = _DECODER_HINT.get(transfer_syntax, "pylibjpeg-libjpeg (GPL) or python-gdcm")
+    pkg = _DECODER_HINT.get(transfer_syntax, "python-gdcm (or pylibjpeg-libjpeg, GPL)")
     return f"{UID(transfer_syntax).name} pixel data needs a decoder: pip install {pkg}"
 
 
@@ -162,6 +193,7 @@ class Header:
     multiframe_problem: str  # "" or why per-frame geometry is missing
     thickness: float | None
     slices: list[Slice] = dataclasses.field(default_factory=list)
+    volume_values: dict[str, str] = dataclasses.field(default_factory=dict)  # VOLUME_TAGS label -> value
 
     @property
     def is_localizer(self) -> bool:
@@ -268,43 +300,85 @@ def _frames(ds, n_frames: int) -> tuple[list[tuple], str]:
     return out, ""
 
 
+#: First bytes of a DICOM stream without the 128-byte preamble (ACR-NEMA style files): the group
+#: 0x0002 / 0x0008 of the first element, little or big endian.
+_RAW_DICOM_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
 def read_header(f: FoundFile, known_dicom: bool) -> Header | Candidate | None:
     """Header of one file, a NOT_MEDICAL_FILE/UNREADABLE row, or None for a DICOMDIR index file.
 
     ``known_dicom``: the name or a DICOMDIR says it is DICOM, so a parse failure is UNREADABLE
-    rather than NOT_MEDICAL_FILE.
+    rather than NOT_MEDICAL_FILE. Other files are parsed only when they look like DICOM (the
+    ``DICM`` magic, or a first element of group 0002/0008). Whatever a damaged file makes the
+    parser raise becomes that file's row: one file never stops a scan.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    magic = False
     try:
-        size = f.path.stat().st_size
         with open(f.path, "rb") as fp:
-            magic = fp.read(132)[128:132] == b"DICM"
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            meta = getattr(ds, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-            sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-            has_pixels, problem = _pixel_data_check(fp, ds, size, ts)
-    except (
-        InvalidDicomError,
-        OSError,
-        ValueError,
-        TypeError,
-        KeyError,
-        EOFError,
-        struct.error,
-        AttributeError,
-    ) as exc:
-        if magic or known_dicom:
-            return file_row(
-                f, "failed", reasons.UNREADABLE, f"DICOM file {f.rel} cannot be parsed ({exc}); re-export it."
-            )
-        ds = None  # unparsable and nothing says it is DICOM
-    if ds is None or not (magic or known_dicom or sop or "Modality" in ds or "SeriesInstanceUID" in ds):
+            head = fp.read(132)
+    except OSError as exc:
+        return file_row(f, "failed", reasons.UNREADABLE, f"{f.rel} cannot be opened ({exc.strerror or exc}).")
+    magic = head[128:132] == b"DICM"
+    if not (magic or known_dicom or head[:2] in _RAW_DICOM_STARTS):
         return not_medical_row(f)
+    try:
+        return _parse_header(f, magic, known_dicom)
+    except Exception as exc:  # noqa: BLE001 - a damaged file is data, not a bug: it gets a row
+        if magic or known_dicom:
+            return file_row(f, "failed", reasons.UNREADABLE,
+                            f"DICOM file {f.rel} cannot be parsed ({type(exc).__name__}: {_short(exc)}); "
+                            "re-export it.")  # fmt: skip
+        return not_medical_row(f)  # unparsable and nothing says it is DICOM
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int(value: object, name: str) -> int:
+    """A single non-negative integer header value; anything else (multi-valued, text) is damage."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, (list, tuple)) or hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} holds several values ({value!r})")
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{name} is negative ({number})")
+    return number
+
+
+def _volume_values(ds) -> dict[str, str]:
+    """The :data:`VOLUME_TAGS` values of a header, as canonical text (``1000``, ``2``, ``120.5``)."""
+    out = {}
+    for label, tags in VOLUME_TAGS:
+        for tag in tags:
+            got = ds.get(tag)  # a keyword gives the value, a tag number the element
+            value = got.value if hasattr(got, "VR") else got
+            if isinstance(value, bytes):  # a private tag read without its dictionary
+                value = value.decode("latin-1").strip("\0 ")
+            number = _float(value, None)
+            if number is not None:
+                out[label] = f"{number:g}"
+                break
+    return out
+
+
+def _parse_header(f: FoundFile, magic: bool, known_dicom: bool) -> Header | Candidate | None:
+    import pydicom
+
+    size = f.path.stat().st_size
+    with open(f.path, "rb") as fp:
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        meta = getattr(ds, "file_meta", None)
+        ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+        has_pixels, problem = _pixel_data_check(fp, ds, size, ts)
+    if not (magic or known_dicom or sop or "Modality" in ds or "SeriesInstanceUID" in ds):
+        return not_medical_row(f)
+    if not sop and "Modality" not in ds and "SeriesInstanceUID" not in ds and not has_pixels:
+        # named or marked as DICOM, but nothing of a DICOM object could be read from it
+        raise ValueError("no DICOM element could be read (empty, or not DICOM after its preamble)")
     if sop == _DIRECTORY_SOP:
         return None
     n_frames = int(_float(ds.get("NumberOfFrames"), 1) or 1)
@@ -321,15 +395,16 @@ def read_header(f: FoundFile, known_dicom: bool) -> Header | Candidate | None:
             accession=str(ds.get("AccessionNumber", "") or ""),
         ),
         image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        rows=int(ds.get("Rows", 0) or 0),
-        cols=int(ds.get("Columns", 0) or 0),
+        rows=_int(ds.get("Rows"), "Rows"),
+        cols=_int(ds.get("Columns"), "Columns"),
         transfer_syntax=ts,
         n_frames=n_frames,
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        samples=_int(ds.get("SamplesPerPixel"), "SamplesPerPixel") or 1,
         has_pixels=has_pixels,
         problem=problem,
         multiframe_problem="",
         thickness=_float(ds.get("SpacingBetweenSlices"), None) or _float(ds.get("SliceThickness"), None),
+        volume_values=_volume_values(ds),
     )
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         frames, h.multiframe_problem = _frames(ds, n_frames)
@@ -349,14 +424,34 @@ def read_header(f: FoundFile, known_dicom: bool) -> Header | Candidate | None:
     return h
 
 
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom's validation warnings quote tag values (a non-conformant UID holding a patient's name
+    is printed as is): off while ingest reads files, which reports what is wrong in its own rows."""
+    import pydicom
+
+    logger = logging.getLogger("pydicom")
+    mode, level = pydicom.config.settings.reading_validation_mode, logger.level
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            warnings.filterwarnings("ignore", category=UserWarning, message=".*(VR|value|UID|invalid|Invalid).*")
+            yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = mode
+        logger.setLevel(level)
+
+
 def read_headers(
     files: list[tuple[FoundFile, bool]], progress: bool = False
 ) -> list[Header | Candidate | None]:
     """:func:`read_header` over many files with a thread pool (I/O bound on network shares)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = min(16, 4 * (os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    workers = min(8, 2 * (os.cpu_count() or 2))  # I/O overlap without 16 headers inflating at once
+    with quiet_pydicom(), ThreadPoolExecutor(max_workers=workers) as pool:
         it: Iterable = pool.map(lambda a: read_header(*a), files)
         if progress:
             from tqdm import tqdm
@@ -414,7 +509,13 @@ def dicom_candidates(headers: list[Header], cfg: IngestConfig) -> list[Candidate
         bundles[(uid, h.series_number, h.is_localizer, h.is_image, mf)].append(h)
     rows: list[Candidate] = []
     for key in sorted(bundles):
-        rows.extend(_classify_bundle(sorted(bundles[key], key=lambda h: h.file.rel), cfg))
+        hs = sorted(bundles[key], key=lambda h: h.file.rel)
+        try:
+            rows.extend(_classify_bundle(hs, cfg))
+        except Exception as exc:  # noqa: BLE001 - nonsense header values fail their series alone
+            rows.append(_fail(hs, reasons.UNREADABLE,
+                              f"{_where([h.file.rel for h in hs])}: its headers hold values that cannot be used "
+                              f"({type(exc).__name__}: {_short(exc)}); re-export it."))  # fmt: skip
     return rows
 
 
@@ -471,6 +572,12 @@ def _classify_bundle(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
                 f"{where} is a Siemens MOSAIC (several slices tiled in one image); convert it with dcm2niix first.",
             )
         ]
+    voxels = max(h.rows * h.cols for h in hs) * max(1, sum(max(1, h.n_frames) for h in hs))
+    if voxels > cfg.max_voxels:
+        return [_fail(hs, reasons.TOO_LARGE,
+                      f"{where} announces {voxels} voxels ({first.cols} x {first.rows} per slice), more than "
+                      f"ingest.max_voxels ({cfg.max_voxels}); check its headers, or if the volume is genuine "
+                      f"{flag_hint('ingest.max_voxels', voxels)}.")]  # fmt: skip
     broken = [h for h in hs if h.multiframe_problem]
     if broken:
         return [
@@ -533,8 +640,42 @@ def _split_geometry(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
         if rest:
             rows.append(_inconsistent([main] + rest))
             return rows
-    rows.append(_check_stack(main, cfg))
+    volumes = _split_volumes(main)
+    if volumes is None:
+        rows.append(_check_stack(main, cfg))
+        return rows
+    label, groups = volumes
+    for value, group in groups:  # one row, key and geometry per volume, like dcm2niix
+        cand = _check_stack(group, cfg)
+        cand.key = f"{cand.key}#{label}={value}"
+        note = f"volume {label}={value} of a series of {len(groups)} volumes at the same positions"
+        cand.detail = f"{cand.detail} ({note})" if cand.detail else f"Note: {note}."
+        rows.append(cand)
     return rows
+
+
+def _split_volumes(slices: list[Slice]) -> tuple[str, list[tuple[str, list[Slice]]]] | None:
+    """``(label, [(value, slices)])`` when several volumes share the slice positions (DWI b-values,
+    echoes, time points, acquisitions) and one of :data:`VOLUME_TAGS` tells them apart (each volume
+    then has every position once); None for a plain stack."""
+    if any(s.frame >= 0 or s.position is None for s in slices):
+        return None
+    positions = [tuple(round(v, 2) for v in s.position) for s in slices]
+    if len(set(positions)) == len(positions):
+        return None
+    for label, _ in VOLUME_TAGS:
+        by_value: dict[str, list[Slice]] = defaultdict(list)
+        for s in slices:
+            by_value[s.header.volume_values.get(label, "")].append(s)
+        if len(by_value) < 2 or "" in by_value:
+            continue
+        unique = all(
+            len({tuple(round(v, 2) for v in s.position) for s in g}) == len(g) for g in by_value.values()
+        )
+        if unique:
+            order = sorted(by_value, key=lambda v: (float(v), v))
+            return label, [(v, by_value[v]) for v in order]
+    return None
 
 
 def _inconsistent(groups: list[list[Slice]]) -> Candidate:
@@ -663,10 +804,42 @@ def _read_pixels(path: Path) -> np.ndarray:
     import pydicom
 
     try:
-        # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
-        return pydicom.dcmread(path, force=True).pixel_array
+        with quiet_pydicom():
+            ds = pydicom.dcmread(path, force=True)
+            ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+            try:
+                # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
+                return ds.pixel_array
+            except Exception:
+                if ts in _GDCM_JPEG and _gdcm_available():  # e.g. 12-bit JPEG Extended: GDCM decodes it
+                    return _gdcm_pixels(path, ds)
+                raise
     except Exception as exc:  # any decoder/parser failure means this file's pixels are unusable
         raise SeriesError(reasons.UNREADABLE, f"pixels of {path.name} cannot be decoded ({exc})") from exc
+
+
+def _gdcm_pixels(path: Path, ds) -> np.ndarray:
+    """Stored values of a JPEG-compressed file decoded by GDCM (python-gdcm), shaped like pydicom's."""
+    import gdcm
+
+    gdcm.Trace.WarningOff()
+    gdcm.Trace.ErrorOff()  # GDCM tries its 8-bit codec first and reports that on stderr
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise ValueError("GDCM cannot read the file")
+    image = reader.GetImage()
+    fmt = image.GetPixelFormat()
+    dtype = {(8, 0): np.uint8, (8, 1): np.int8, (16, 0): np.uint16, (16, 1): np.int16,
+             (32, 0): np.uint32, (32, 1): np.int32}[(fmt.GetBitsAllocated(), fmt.GetPixelRepresentation())]  # fmt: skip
+    buf = image.GetBuffer()
+    raw = buf.encode("utf-8", "surrogateescape") if isinstance(buf, str) else bytes(buf)
+    arr = np.frombuffer(raw, dtype=dtype)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1)
+    shape = (frames, rows, cols, samples) if samples > 1 else (frames, rows, cols)
+    arr = arr[: int(np.prod(shape))].reshape(shape)
+    return arr[0] if frames == 1 else arr
 
 
 def _slice_pixels(s: Slice) -> np.ndarray:

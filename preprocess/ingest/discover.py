@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import os
 import re
+import shutil
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
 
 from preprocess import reasons
+from preprocess.ingest.config import IngestConfig
 from preprocess.types import Candidate, Identity
 
 # Extensions of volume files read without DICOM, and the kind they map to (longest first).
@@ -126,26 +130,120 @@ def _is_ignored(rel: str, name: str, exclude: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in exclude)
 
 
-def _walk(root: Path, prefix: str, single: Path | None) -> list[FoundFile]:
+def _not_regular_row(rel: str, path: Path, what: str) -> Candidate:
+    return file_row(FoundFile(path, rel), "skipped", reasons.NOT_REGULAR_FILE,
+                    f"{rel} is {what}; it was not read.")  # fmt: skip
+
+
+def _walk(root: Path, prefix: str, single: Path | None, inv: Inventory) -> list[FoundFile]:
+    """Regular files below ``root`` in sorted order, without recursion (any depth).
+
+    Symlinks are followed only to targets inside ``root``, and a folder is entered once (a
+    symlink loop ends there). Named pipes, sockets, devices and links out of ``root`` get a
+    skipped ``NOT_REGULAR_FILE`` row and are never opened (opening a pipe would block).
+    """
     if single is not None:
         return [FoundFile(single.resolve(), prefix + single.name)]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            out.append(FoundFile(p.resolve(), prefix + p.relative_to(root).as_posix()))
+    top = root.resolve()
+    out: list[FoundFile] = []
+    visited: dict[Path, str] = {}  # folder -> the relative path it was read under
+    seen_files: dict[Path, str] = {}
+    links_to_files: list[tuple[Path, str, Path]] = []
+    stack: list[tuple[Path, str]] = [(top, "")]  # real folders, depth first in sorted order
+    links: list[tuple[Path, str, str]] = []  # folders reached through a symlink: read after every real one
+    while stack or links:
+        if stack:
+            folder, rel_dir = stack.pop()
+        else:
+            folder, rel_dir, link = links.pop(0)
+            if folder in visited:  # the real folder (or another link to it) was read already
+                inv.rows.append(_not_regular_row(link, folder, f"a link to {visited[folder] or '.'}, which was read"))
+                continue
+        if folder in visited:
+            continue
+        visited[folder] = rel_dir.rstrip("/")
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            inv.rows.append(_not_regular_row(prefix + (rel_dir or "."), folder,
+                                             f"a folder that cannot be listed ({exc.strerror or exc})"))
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith(".") or e.name == "__MACOSX":  # ignored anyway (see _is_ignored)
+                continue
+            rel = prefix + rel_dir + e.name
+            path = Path(e.path)
+            is_link = e.is_symlink()
+            try:
+                if is_link:
+                    target = path.resolve(strict=True)
+                    if not target.is_relative_to(top):
+                        inv.rows.append(_not_regular_row(rel, path, "a symlink to a place outside the input folder"))
+                        continue
+                else:
+                    target = path  # canonical already: its folder is, and it is no link
+                mode = target.stat().st_mode
+            except (OSError, RuntimeError):  # dangling link, symlink loop, permission
+                inv.rows.append(_not_regular_row(rel, path, "a broken or looping symlink, or cannot be read"))
+                continue
+            if stat.S_ISDIR(mode):
+                if is_link:
+                    links.append((target, rel_dir + e.name + "/", rel))
+                else:
+                    subdirs.append((target, rel_dir + e.name + "/"))
+            elif stat.S_ISREG(mode):
+                if target in seen_files:  # read each file once
+                    inv.rows.append(_not_regular_row(rel, path, f"a link to {seen_files[target]}, which was read"))
+                elif is_link:  # a link to a file: read under the real name when the walk gets there
+                    links_to_files.append((target, rel, path))
+                else:
+                    seen_files[target] = rel
+                    out.append(FoundFile(target, rel))
+            elif not _is_ignored(rel, e.name, ()):
+                inv.rows.append(_not_regular_row(rel, path, "not a regular file (a named pipe, socket or device)"))
+        stack.extend(reversed(subdirs))
+    for target, rel, path in links_to_files:
+        if target in seen_files:
+            inv.rows.append(_not_regular_row(rel, path, f"a link to {seen_files[target]}, which was read"))
+        else:  # the only way to this file
+            seen_files[target] = rel
+            out.append(FoundFile(target, rel))
     return out
 
 
-def _extract_zip(f: FoundFile, staging: Path, inv: Inventory) -> Path | None:
-    """Unpack ``f`` below ``staging``; members with unsafe paths become UNREADABLE rows."""
-    target = staging / re.sub(r"[^A-Za-z0-9._-]+", "_", f.rel)
+def _staging_name(rel: str) -> str:
+    """A folder name unique per archive: readable stem plus a hash of the full relative path
+    (``patient A.zip`` and ``patient_A.zip`` must never share one)."""
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", rel.rsplit("/", 1)[-1])[:40] + "-" + digest
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+def _extract_zip(f: FoundFile, staging: Path, inv: Inventory, limits: IngestConfig, depth: int) -> Path | None:
+    """Unpack ``f`` below ``staging`` within the archive limits of ``limits``.
+
+    Members with unsafe paths become UNREADABLE rows; a zip over a limit (total unpacked size,
+    unpacked/packed ratio, member count, nesting depth) is failed ``ARCHIVE_LIMIT`` and what was
+    unpacked of it removed. The counts are enforced on the bytes actually inflated, not on the
+    sizes the zip declares.
+    """
+    target = staging / _staging_name(f.rel)
     try:
+        if depth > limits.max_archive_depth:
+            raise _LimitExceeded(f"it is nested {depth} zips deep (ingest.max_archive_depth "
+                                 f"{limits.max_archive_depth})")
         with zipfile.ZipFile(f.path) as zf:
-            for info in zf.infolist():
-                if info.is_dir():
-                    continue
+            members = [i for i in zf.infolist() if not i.is_dir()]
+            if len(members) > limits.max_archive_members:
+                raise _LimitExceeded(f"it has {len(members)} members (ingest.max_archive_members "
+                                     f"{limits.max_archive_members})")
+            total = 0
+            for info in members:
                 dest = (target / info.filename).resolve()
                 if not dest.is_relative_to(target.resolve()):
                     inv.rows.append(
@@ -161,19 +259,33 @@ def _extract_zip(f: FoundFile, staging: Path, inv: Inventory) -> Path | None:
                 if info.flag_bits & 0x1:
                     raise RuntimeError("it is encrypted")
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                # Skip re-extraction when a previous run left the same member in the staging folder.
-                if dest.exists() and dest.stat().st_size == info.file_size:
-                    continue
+                allowed = max(info.compress_size, 1) * limits.max_archive_ratio
+                written = 0
                 with zf.open(info) as src, open(dest, "wb") as out:
                     while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        total += len(chunk)
+                        if total > limits.max_archive_bytes:
+                            raise _LimitExceeded(f"it unpacks to more than {limits.max_archive_bytes} bytes "
+                                                 "(ingest.max_archive_bytes)")
+                        if written > (1 << 20) and written > allowed:
+                            raise _LimitExceeded(f"member {info.filename} inflates more than "
+                                                 f"{limits.max_archive_ratio:g} times (ingest.max_archive_ratio)")
                         out.write(chunk)
-    except (zipfile.BadZipFile, RuntimeError, OSError, NotImplementedError) as exc:
+    except _LimitExceeded as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        inv.rows.append(file_row(f, "failed", reasons.ARCHIVE_LIMIT,
+                                 f"zip archive {f.rel} was not unpacked: {exc}; unpack it yourself if it is "
+                                 "genuine, or raise the limit in the config."))  # fmt: skip
+        return None
+    except Exception as exc:  # any failure of one archive (bad zip, CRC, unsupported method, disk) is its row
+        shutil.rmtree(target, ignore_errors=True)
         inv.rows.append(
             file_row(
                 f,
                 "failed",
                 reasons.UNREADABLE,
-                f"zip archive {f.rel} cannot be unpacked ({exc}); re-export it.",
+                f"zip archive {f.rel} cannot be unpacked ({type(exc).__name__}: {exc}); re-export it.",
             )
         )
         return None
@@ -194,11 +306,14 @@ def read_ignore_file(src: Path) -> tuple[str, ...]:
     return tuple(line for line in lines if line and not line.startswith("#"))
 
 
-def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None) -> Inventory:
-    """Walk ``src`` (a folder, or a single file), unpacking zips (recursively) below ``workdir``.
+def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
+             limits: IngestConfig | None = None) -> Inventory:  # fmt: skip
+    """Walk ``src`` (a folder, or a single file), unpacking zips (recursively, within the archive
+    limits of ``limits``) below ``workdir``, each into a folder of its own.
 
     Paths matching ``exclude`` or the patterns of ``src/.vol3dignore`` are not looked at.
     """
+    limits = limits or IngestConfig()
     src = Path(src)
     if not src.exists():
         from preprocess.errors import InputError
@@ -207,10 +322,12 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None) -> Inven
     exclude = tuple(exclude) + read_ignore_file(src)
     inv = Inventory()
     staging = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vol3d-ingest-"))
-    queue: list[tuple[Path, str, Path | None]] = [(src.parent, "", src) if src.is_file() else (src, "", None)]
+    queue: list[tuple[Path, str, Path | None, int]] = [
+        (src.parent, "", src, 0) if src.is_file() else (src, "", None, 0)
+    ]
     while queue:
-        root, prefix, single = queue.pop(0)
-        for f in _walk(root, prefix, single):
+        root, prefix, single, depth = queue.pop(0)
+        for f in _walk(root, prefix, single, inv):
             name = f.rel.rsplit("/", 1)[-1]
             if _is_ignored(f.rel, name, exclude):
                 continue
@@ -218,9 +335,9 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None) -> Inven
             low = name.lower()
             kind = volume_kind(name)
             if low.endswith(".zip"):
-                target = _extract_zip(f, staging, inv)
+                target = _extract_zip(f, staging, inv, limits, depth + 1)
                 if target is not None:
-                    queue.append((target, f.rel + "!/", None))
+                    queue.append((target, f.rel + "!/", None, depth + 1))
             elif low == "dicomdir":
                 inv.dicomdirs.append(f)
             elif kind is not None:

@@ -182,6 +182,11 @@ def volume_candidates(
         return [row("skipped", reasons.TOO_FEW_SLICES, f"{f.rel} has shape {shape[:3]}, fewer than ingest.min_slices="
                     f"{cfg.min_slices} along an axis; to include it, "
                     f"{flag_hint('ingest.min_slices', min(shape[:3]))}.")]  # fmt: skip
+    voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if voxels > cfg.max_voxels:
+        return [row("failed", reasons.TOO_LARGE, f"{f.rel} has shape {shape[:3]} ({voxels} voxels), more than "
+                    f"ingest.max_voxels ({cfg.max_voxels}); check its header, or if the volume is genuine "
+                    f"{flag_hint('ingest.max_voxels', voxels)}.")]  # fmt: skip
     if len(shape) == 3:
         return [row()]
     n = shape[3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections import Counter
 
 import pytest
@@ -20,14 +22,38 @@ def _cand(pid: str = "PAT-001", study: str = "1.2.3", series: str = "1.2.3.4", s
 
 
 def test_resolve_key_prefers_config_then_env_and_refuses_without(monkeypatch):
-    monkeypatch.setenv(ids.ENV_VAR, "env-key-long-enough-123")
-    assert ids.resolve_id_key("config-key-long-enough") == b"config-key-long-enough"
-    assert ids.resolve_id_key("") == b"env-key-long-enough-123"
+    monkeypatch.setenv(ids.ENV_VAR, "0123456789abcdef" * 2)
+    assert ids.resolve_id_key("fedcba9876543210" * 2) == bytes.fromhex("fedcba9876543210" * 2)
+    assert ids.resolve_id_key("") == bytes.fromhex("0123456789abcdef" * 2)
     monkeypatch.delenv(ids.ENV_VAR)
     with pytest.raises(ConfigError, match="VOL3D_ID_KEY"):
         ids.resolve_id_key(None)
-    with pytest.raises(ConfigError, match="too short"):
-        ids.resolve_id_key("short")
+
+
+def test_keys_need_128_bits_of_material():
+    raw = bytes(range(16))
+    assert ids.resolve_id_key(raw.hex()) == raw
+    assert ids.resolve_id_key(base64.b64encode(raw).decode()) == raw
+    assert ids.resolve_id_key(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
+    phrase = ids.resolve_id_key("passphrase:correct horse battery staple")
+    assert len(phrase) == 32 and phrase == ids.resolve_id_key("passphrase:correct horse battery staple")
+    for weak in ("a" * 16, "a" * 64, "0123456789abcdef", "secret-key-long-but-only-words",
+                 "passphrase:short", base64.b64encode(bytes(15)).decode(), "ab" * 20):  # fmt: skip
+        with pytest.raises(ConfigError, match="128 bits"):
+            ids.resolve_id_key(weak)
+
+
+def test_key_check_is_a_slow_kdf_and_source_hashes_are_keyed(monkeypatch):
+    a, b = bytes(range(16)), bytes(range(1, 17))
+    costs = []
+    real = hashlib.scrypt
+    monkeypatch.setattr(ids.hashlib, "scrypt", lambda *x, **kw: costs.append(kw["n"]) or real(*x, **kw))
+    check = ids.key_check(a)
+    assert check.startswith("scrypt:") and check == ids.key_check(a) != ids.key_check(b)
+    assert costs and min(costs) >= 1 << 14  # a memory-hard KDF per guess, not one HMAC
+    digest = hashlib.sha256(b"pixels").hexdigest()
+    ha, hb = (ids.keyed_source_hash(ids.source_hash_key(k), digest) for k in (a, b))
+    assert ha != hb and digest not in (ha, hb)
 
 
 def test_pseudonyms_are_keyed_stable_and_never_contain_the_identifier():

@@ -431,3 +431,33 @@ def test_scan_order_is_deterministic(tmp_path):
     first = [(c.source, c.key, c.status) for c in scan(tmp_path, CFG)]
     assert first == [(c.source, c.key, c.status) for c in scan(tmp_path, CFG)]
     assert [s[0][0].split("/")[0] for s in first] == ["README.txt", "a", "b", "c"]
+
+
+@pytest.mark.parametrize(("tag", "values", "label"), [
+    ("DiffusionBValue", (0, 500, 1000), "b"),
+    ("AcquisitionNumber", (1, 2), "acq"),
+    ("EchoNumbers", (1, 2), "echo"),
+])  # fmt: skip
+def test_volumes_sharing_positions_split_into_one_row_each(tmp_path, tag, values, label):
+    """A DWI series (b-values) or repeated acquisitions/echoes at the same positions: one volume per
+    value, each with its own key, pixels and geometry (as dcm2niix splits them), not DUPLICATE_SLICES."""
+    study, uid = _study(), generate_uid()
+    vols = {v: _volume(seed=i) for i, v in enumerate(values)}
+    for v, vol in vols.items():
+        _write(tmp_path / "dwi", vol, study=study, series_uid=uid, file_prefix=f"V{v}_", extra_tags={tag: v})
+    cands = [c for c in scan(tmp_path, CFG) if c.kind == "dicom"]
+    assert sorted(c.key for c in cands) == sorted(f"{uid}#{label}={v}" for v in values)
+    for c in cands:
+        assert c.status == "ok", (c.reason, c.detail)
+        value = int(c.key.rsplit("=", 1)[1])
+        image = load(c, CFG)
+        np.testing.assert_array_equal(image.array, vols[value])
+        assert all(Path(p).name.startswith(f"V{value}_") for p in c.source_files)
+
+
+def test_copies_at_the_same_positions_without_a_volume_tag_still_fail(tmp_path):
+    study, uid = _study(), generate_uid()
+    _write(tmp_path / "s", _volume(seed=1), study=study, series_uid=uid, file_prefix="A_")
+    _write(tmp_path / "s", _volume(seed=2), study=study, series_uid=uid, file_prefix="B_")
+    c = _only(scan(tmp_path, CFG), "failed")
+    assert c.reason == reasons.DUPLICATE_SLICES

@@ -181,3 +181,15 @@ def test_nibabel_oblique_pair_as_plain_slices_matches_simpleitk(nibabel_test_dat
     for idx in [(0, 0, 0), (255, 0, 1), (100, 200, 1)]:
         world = np.asarray(ref.TransformIndexToPhysicalPoint(idx)) * [-1, -1, 1]
         np.testing.assert_allclose(apply_affine(img.affine, np.array(idx, float)), world, atol=0.02)
+
+
+def test_jpeg_lossless_and_12_bit_extended_decode_with_the_default_install(pydicom_test_files):
+    """JPEG Lossless (.70, the common lossless syntax of CT archives) and 12-bit JPEG Extended (.51)
+    decode without the GPL libjpeg: pydicom's GDCM plugin, or GDCM directly where pydicom refuses."""
+    for ts in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.51"):
+        assert ingest_dicom.decoder_available(ts), ts
+    lossy = ingest_dicom._read_pixels(pydicom_test_files / "JPEG-lossy.dcm")
+    assert lossy.shape == (1024, 256) and lossy[420, 140] == 244 and lossy[230, 120] == 95  # pydicom's reference
+    rgb = pydicom_test_files / "SC_rgb_jpeg_gdcm.dcm"  # JPEG Lossless SV1
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(rgb)))  # (1, rows, cols, 3): one frame
+    np.testing.assert_array_equal(ingest_dicom._read_pixels(rgb), expected[0])

@@ -88,7 +88,7 @@ def run(tmp_path_factory):
            "--preset", "tiny", "--workers", "2", "--reports", str(export / "reports.csv"),
            "--codes", str(export / "ehr_codes.csv"), "--labels", str(export / "labels"),
            "--boxes", str(export / "boxes.json"), "--ingest.exclude", "lesions/*"]  # fmt: skip
-    env = {**os.environ, "VOL3D_ID_KEY": "phi-test-key-not-secret"}
+    env = {**os.environ, "VOL3D_ID_KEY": "fedcba9876543210" * 4}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
     return truth, out, proc
 
@@ -145,7 +145,7 @@ def broken_run(tmp_path_factory):
            "--reports", str(export / "reports.csv"), "--codes", str(export / "ehr_codes.csv"),
            "--labels", str(export / "labels"), "--boxes", str(export / "boxes.json"),
            "--lesions", str(export / "lesions")]  # fmt: skip
-    env = {**os.environ, "VOL3D_ID_KEY": "phi-test-key-not-secret"}
+    env = {**os.environ, "VOL3D_ID_KEY": "fedcba9876543210" * 4}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
     return truth, export, out, proc
 
@@ -173,3 +173,16 @@ def test_failure_details_and_logs_hold_no_identifier_or_path(broken_run):
     leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
     assert not leaks, f"identifiers or paths found: {leaks[:10]}"
     assert b"failed: LABEL_MISMATCH the label map joined to h_" in proc.stderr  # the log did report it
+
+
+def test_absolute_paths_with_spaces_are_removed_whole():
+    """Hospital folders are named 'DOE JOHN': the path pattern must not stop at the space."""
+    from preprocess.sanitise import Sanitiser
+
+    clean = Sanitiser()
+    for text in ("pixels of /data/DOE JOHN/ct/x.dcm cannot be decoded", "C:\\exports\\DOE JANE\\a.dcm failed",
+                 "opened '/mnt/pacs/MRN 99887766/series 2/IM1'"):  # fmt: skip
+        out = clean(text)
+        assert "DOE" not in out and "JOHN" not in out and "JANE" not in out and "99887766" not in out, out
+        assert "<path>" in out
+    assert clean("/data/x.dcm is truncated; re-export it") == "<path> is truncated; re-export it"

@@ -16,6 +16,7 @@ from preprocess.config_io import load_yaml
 from preprocess.errors import InputError
 from preprocess.manifest import read_manifest
 from preprocess.runner import RunOptions, merge_caches, run_preprocess
+from preprocess.sanitise import crosswalk_path, read_crosswalk
 from preprocess.sidecars import SideTables
 from preprocess.store import read_case
 from vol3d.cli import main
@@ -81,6 +82,11 @@ def export(tmp_path_factory) -> tuple[Path, dict]:
     return root, make_nifti_export(root, 6)
 
 
+def _sources(out: Path) -> dict[str, list[str]]:
+    """The input paths of each case id, from the crosswalk beside the cache (the manifest has none)."""
+    return {i: row["source"] for i, row in read_crosswalk(crosswalk_path(out)).items()}
+
+
 def _run(root: Path, out: Path, cfg=None, **opts):
     opts.setdefault("workers", 1)
     opts.setdefault("progress", False)
@@ -95,7 +101,8 @@ def test_rows_side_data_and_geometry(export, tmp_path):
     assert summary.no_report == 1
     rows = read_manifest(out / "manifest.jsonl")
     assert len(rows) == len({r.id for r in rows}) == 6
-    stems = {r.source[0].removesuffix(".nii.gz"): r for r in rows}
+    sources = _sources(out)
+    stems = {sources[r.id][0].removesuffix(".nii.gz"): r for r in rows}
     # two series per patient share the patient pseudonym, hence the split
     assert rows[0].patient.startswith("p_") and len({r.patient for r in rows}) == 3
     for a in ("case00", "case02", "case04"):
@@ -134,7 +141,8 @@ def test_resume_reuses_unchanged_and_redoes_changed(export, tmp_path):
     make_nifti_export(src, 4, seed=1)
     out = tmp_path / "cache"
     assert _run(src, out).written == 4
-    rows = {r.source[0]: r for r in read_manifest(out / "manifest.jsonl")}
+    sources = _sources(out)
+    rows = {sources[r.id][0]: r for r in read_manifest(out / "manifest.jsonl")}
     mtimes = {k: (out / r.h5).stat().st_mtime_ns for k, r in rows.items()}
 
     again = _run(src, out)
@@ -154,6 +162,26 @@ def test_resume_reuses_unchanged_and_redoes_changed(export, tmp_path):
     assert len(final) == 4 and len({r.id for r in final}) == 4  # compacted: no duplicate rows
 
 
+def test_resume_reads_source_bytes_only_when_size_or_mtime_changed(tmp_path, monkeypatch):
+    from preprocess import ingest
+
+    src = tmp_path / "src"
+    make_nifti_export(src, 3, seed=2)
+    out = tmp_path / "cache"
+    hashed = []
+    real = ingest.content_hash
+    monkeypatch.setattr(ingest, "content_hash", lambda c: hashed.append(c.source[0]) or real(c))
+    _run(src, out)
+    assert len(hashed) == 3
+    hashed.clear()
+    assert _run(src, out).reused == 3 and hashed == []  # unchanged stats: no byte read
+    os.utime(src / "nifti/case00.nii.gz")  # touched (a copy, a backup restore), same bytes
+    assert _run(src, out).reused == 3 and hashed == ["case00.nii.gz"]
+    hashed.clear()
+    assert _run(src, out).reused == 3 and hashed == []  # the new stat was remembered
+    assert _run(src, out, rehash=True).reused == 3 and len(hashed) == 3  # --rehash reads everything
+
+
 def test_refuses_other_params_other_key_and_foreign_folders(export, tmp_path, monkeypatch):
     root, _ = export
     out = tmp_path / "cache"
@@ -161,7 +189,7 @@ def test_refuses_other_params_other_key_and_foreign_folders(export, tmp_path, mo
     (out / "my_notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="different parameters.*crop_margin_mm"):
         _run(root, out, tiny_config(crop_margin_mm=2.0))
-    monkeypatch.setenv("VOL3D_ID_KEY", "another-key-that-is-long-enough")
+    monkeypatch.setenv("VOL3D_ID_KEY", "02468ace13579bdf" * 4)
     with pytest.raises(InputError, match="different id key"):
         _run(root, out)
     monkeypatch.undo()
@@ -200,13 +228,28 @@ def test_shards_then_merge_equal_a_single_run(export, tmp_path):
         merge_caches([tmp_path / "shard0", tmp_path / "other"], tmp_path / "merged2")
 
 
-def test_redact_paths_hides_file_names(export, tmp_path):
+def test_no_input_path_in_the_cache_and_the_crosswalk_beside_it(export, tmp_path):
     root, _ = export
     out = tmp_path / "cache"
-    _run(root, out, redact_paths=True)
-    text = (out / "manifest.jsonl").read_text()
-    assert "case0" not in text and "nii" not in text
-    assert all(r.source[0].startswith("h_") for r in read_manifest(out / "manifest.jsonl"))
+    _run(root, out)
+    for f in out.rglob("*"):  # manifest, params, fingerprint, case files: no file name of the export
+        if f.is_file():
+            data = f.read_bytes()
+            assert b"case0" not in data and b".nii" not in data, f
+    rows = read_manifest(out / "manifest.jsonl")
+    assert all(r.source[0].startswith("h_") for r in rows)
+    walk = crosswalk_path(out)
+    assert walk.parent == tmp_path and (walk.stat().st_mode & 0o777) == 0o600
+    links = read_crosswalk(walk)
+    assert {r.id for r in rows} <= set(links)
+    assert all(links[r.id]["manifest_source"] == r.source and links[r.id]["source"][0].startswith("case")
+               for r in rows)  # fmt: skip
+    with pytest.raises(InputError, match="inside the cache"):
+        _run(root, out, crosswalk=out / "walk.jsonl")
+    kept = tmp_path / "kept"
+    _run(root, kept, redact_paths=False)  # --keep-paths: paths in the manifest, no crosswalk
+    assert all(r.source[0].startswith("case") for r in read_manifest(kept / "manifest.jsonl"))
+    assert not crosswalk_path(kept).exists()
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -249,7 +292,8 @@ def test_cli_dicomdir_export_exit_3_and_merge_word(pydicom_test_files, tmp_path,
     assert all(r.reason and r.detail for r in rows if r.status != "ok")
     assert all((tmp_path / "all" / r.h5).is_file() for r in by_status["ok"])
     # every file of the disc is accounted for: rows cover all files except the DICOMDIR index variants
-    listed = {s for r in rows for s in r.source}
+    sources = _sources(tmp_path / "all")
+    listed = {s for r in rows for s in sources[r.id]}
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and "DICOMDIR" not in p.name}
     assert files <= listed
     code = main(["preprocess", "merge", str(out), "--out", str(tmp_path / "x"), "--reports", "r.csv"])
@@ -272,7 +316,8 @@ def test_synth_export_statuses_and_side_data(tmp_path):
     summary = run_preprocess(export, out, cfg, side, RunOptions(workers=2, progress=False))
     assert summary.exit_code == 0 and summary.no_report == 0
     rows = read_manifest(out / "manifest.jsonl")
-    by_file = {s: r for r in rows for s in r.source}
+    sources = _sources(out)
+    by_file = {s: r for r in rows for s in sources[r.id]}
     boxes_by_key: dict[str, list] = {}
     for b in json.loads((export / "boxes.json").read_text()):
         boxes_by_key.setdefault(b["key"], []).append(b)
@@ -280,7 +325,7 @@ def test_synth_export_statuses_and_side_data(tmp_path):
     for case in truth["cases"]:
         for series in case["series"]:
             row = by_file[series["files"][0]]
-            assert sorted(row.source) == sorted(series["files"])  # one row per series, all its files
+            assert sorted(sources[row.id]) == sorted(series["files"])  # one row per series, all its files
             assert (row.status, row.reason) == (series["expected"]["status"], series["expected"].get("reason", ""))
             if row.status != "ok":
                 continue

@@ -21,7 +21,7 @@ from preprocess.store import read_case
 from vol3d.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "guards-test-key-not-secret"
+KEY = "13579bdf02468ace" * 4
 
 
 @pytest.fixture(autouse=True)
@@ -96,8 +96,9 @@ def test_unexpected_error_detail_is_generic_and_its_traceback_is_sanitised(tmp_p
     assert (row["reason"], row["detail"]) == ("PROCESSING_ERROR", "unexpected RuntimeError; rerun with -v and report it")
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "Traceback" in r.getMessage()]
     assert debug and "RuntimeError: cannot process" in debug[0]
-    # the absolute path became the relative source path, the key outside it became <id>
-    assert "cannot process 1.2.840.99.7.nii.gz (series <id>)" in debug[0] and str(tmp_path) not in debug[0]
+    # the absolute path became the source's keyed name (the manifest's), the key outside it became <id>
+    assert f"cannot process {row['source'][0]} (series <id>)" in debug[0] and str(tmp_path) not in debug[0]
+    assert row["source"][0].startswith("h_") and "1.2.840.99.7" not in debug[0]
     assert 'File "<path>/runner.py"' in debug[0]  # code files keep their names
 
 

@@ -15,7 +15,6 @@ import pytest
 from test_runner import make_nifti_export
 
 from preprocess.manifest import latest_by_id, read_manifest
-from preprocess.runner import KILL_HOOK_ENV
 from preprocess.store import read_case
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,10 +22,29 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups and SIGKILL are POSIX")
 
 
-def _start(src: Path, out: Path, **env: str) -> subprocess.Popen:
+#: A run that SIGKILLs itself (workers too) right after its N-th case is durable: a deterministic kill point.
+_KILL_AT = """
+import os, signal, sys
+from preprocess.config import PreprocessConfig
+from preprocess.config_io import load_yaml
+from preprocess.runner import RunOptions, run_preprocess
+from vol3d.presets import preset_path
+
+def kill_at(n):
+    if n >= int(sys.argv[3]):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+cfg = load_yaml(PreprocessConfig, preset_path("tiny"))
+run_preprocess(sys.argv[1], sys.argv[2], cfg, opts=RunOptions(workers=2, progress=False, on_case_written=kill_at))
+"""
+
+
+def _start(src: Path, out: Path, kill_after: int = 0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vol3d.cli", "preprocess", str(src), "--out", str(out), "--preset", "tiny",
            "--workers", "2", "--no-progress"]  # fmt: skip
-    full_env = {**os.environ, "VOL3D_ID_KEY": os.environ.get("VOL3D_ID_KEY", "test-key-not-secret"), **env}
+    if kill_after:
+        cmd = [sys.executable, "-c", _KILL_AT, str(src), str(out), str(kill_after)]
+    full_env = {**os.environ, "VOL3D_ID_KEY": os.environ.get("VOL3D_ID_KEY", "0123456789abcdef" * 4)}
     # its own session: the kill also reaches its worker processes, as a crash of the machine would
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -58,13 +76,13 @@ def _rerun_and_check(src: Path, out: Path, n: int) -> None:
     assert {i: (out / before[i].h5).stat().st_mtime_ns for i in before} == mtimes
     assert f"reused (unchanged) {len(before)}" in log
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".part"))]
-    assert not (out / ".work").exists()
+    assert not (out / ".work").exists() and not list(out.parent.glob(".cache.staging-*"))
 
 
 def test_kill_hook_at_a_deterministic_point_then_resume(tmp_path):
     make_nifti_export(tmp_path / "export", 10)
     src, out = tmp_path / "export/nifti", tmp_path / "cache"
-    proc = _start(src, out, **{KILL_HOOK_ENV: "4"})
+    proc = _start(src, out, kill_after=4)
     try:
         proc.wait(timeout=300)
     finally:

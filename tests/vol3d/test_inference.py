@@ -60,6 +60,11 @@ def build_export_and_cache(root: Path, cases: int = 6) -> dict[str, Any]:
     cfg = tiny_preprocess_config()
     run_preprocess(src, cache, cfg, side, RunOptions(workers=1, progress=False, split_fractions=(0.5, 0.0, 0.5)))
     rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    from preprocess.sanitise import crosswalk_path, read_crosswalk
+
+    links = read_crosswalk(crosswalk_path(cache))  # the manifest names no file; the crosswalk beside it does
+    for r in rows:
+        r["input_paths"] = links[r["id"]]["source"]
     return {"src": src, "cache": cache, "truth": truth, "cfg": cfg, "rows": [r for r in rows if r["status"] == "ok"]}
 
 
@@ -94,7 +99,7 @@ def volume_series(data) -> list[dict[str, Any]]:
     if "series" in data:
         return data["series"]
     out = []
-    by_source = {frozenset(r["source"]): r for r in data["rows"]}
+    by_source = {frozenset(r["input_paths"]): r for r in data["rows"]}
     for case in data["truth"]["cases"]:
         for s in case["series"]:
             if s["role"] == "localizer":

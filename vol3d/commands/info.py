@@ -27,30 +27,34 @@ def _version(dist: str) -> str | None:
 
 
 def dicom_codecs() -> dict[str, bool]:
-    """Which compressed transfer syntaxes pydicom can decode with what is installed."""
-    from pydicom.pixels.decoders.base import get_decoder
+    """Which compressed transfer syntaxes ingest decodes with what is installed (pydicom's
+    plugins, and GDCM for the JPEG family: :func:`preprocess.ingest.dicom.decoder_available`)."""
     from pydicom.uid import (
         JPEG2000,
         JPEG2000Lossless,
         JPEGBaseline8Bit,
         JPEGExtended12Bit,
+        JPEGLossless,
         JPEGLosslessSV1,
         JPEGLSLossless,
         JPEGLSNearLossless,
         RLELossless,
     )
 
+    from preprocess.ingest.dicom import decoder_available
+
     names = {
         "JPEG baseline": JPEGBaseline8Bit,
-        "JPEG extended": JPEGExtended12Bit,
-        "JPEG lossless": JPEGLosslessSV1,
+        "JPEG extended 12-bit": JPEGExtended12Bit,
+        "JPEG lossless": JPEGLossless,
+        "JPEG lossless SV1": JPEGLosslessSV1,
         "JPEG-LS lossless": JPEGLSLossless,
         "JPEG-LS near-lossless": JPEGLSNearLossless,
         "JPEG 2000 lossless": JPEG2000Lossless,
         "JPEG 2000": JPEG2000,
         "RLE": RLELossless,
     }
-    return {name: bool(get_decoder(uid).is_available) for name, uid in names.items()}
+    return {name: decoder_available(uid) for name, uid in names.items()}
 
 
 def collect() -> dict:
@@ -85,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     codecs = info["dicom_codecs"]
     print("DICOM     " + ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in codecs.items()))
     if not all(codecs.values()):
-        print("          (pip install 'vol3d[codecs-gpl]' adds pylibjpeg-libjpeg for baseline/extended JPEG)")
+        print("          (see the NO_DECODER fix in docs/ingest.md for the package that adds a missing one)")
     return 0

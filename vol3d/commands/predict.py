@@ -15,7 +15,9 @@ resampling and reorientation undone):
   OUT/<id>_seg.dcm     DICOM SEG referencing the source instances (DICOM input only)
   OUT/predictions.jsonl  one row per series/file found: status, reason, outputs
 
-<id> is the pseudonymous case id (set VOL3D_ID_KEY as for `vol3d preprocess`).
+<id> is the pseudonymous case id (set VOL3D_ID_KEY as for `vol3d preprocess`). No input
+path is written under OUT: predictions.jsonl names inputs by keyed hashes, and the
+crosswalk back to the files (PHI) goes to OUT.crosswalk.jsonl beside OUT (mode 0600).
 Exit codes: 0 all done (skipped non-images count as done), 3 some inputs failed,
 2 bad arguments or input. Guide: docs/segmentation.md.
 
@@ -34,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--no-dicom-seg", dest="dicom_seg", action="store_false",
                         help="do not write DICOM SEG objects for DICOM inputs")
+    walk = parser.add_mutually_exclusive_group()
+    walk.add_argument("--crosswalk", type=Path, metavar="FILE",
+                      help="where the id -> input path crosswalk goes (PHI; default OUT.crosswalk.jsonl)")
+    walk.add_argument("--keep-paths", action="store_true",
+                      help="write input paths into predictions.jsonl instead (no crosswalk)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         elif row.kind != "file":  # non-image files (reports, csv) are not worth a line each
             print(f"{row.id}: {row.status} {row.reason}: {row.detail}")
 
-    rows = predict(predictor, args.input, args.out, resample=args.resample, dicom_seg=args.dicom_seg, on_row=show)
+    rows = predict(predictor, args.input, args.out, resample=args.resample, dicom_seg=args.dicom_seg, on_row=show,
+                   keep_paths=args.keep_paths, crosswalk=args.crosswalk)
     counts = summarise(rows)
     print(f"{counts.get('ok', 0)} segmented, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed; "
           f"masks in {args.out}, one row per input in {args.out / 'predictions.jsonl'}")

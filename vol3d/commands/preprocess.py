@@ -10,7 +10,7 @@ from preprocess.errors import InputError
 HELP = "ingest DICOM/DICOMDIR/zip/NIfTI/NRRD/MHA into a chunked HDF5 cache + manifest"
 USAGE = """vol3d preprocess SRC --out CACHE [--config YAML | --preset NAME] [--workers N] [--shard i/N]
                         [--reports CSV] [--codes CSV] [--labels DIR] [--boxes JSON] [--lesions DIR]
-                        [--overwrite] [--redact-paths] [CONFIG FLAGS]
+                        [--overwrite] [--keep-paths | --crosswalk FILE] [CONFIG FLAGS]
        vol3d preprocess merge CACHE_SHARD [CACHE_SHARD ...] --out CACHE [--overwrite]"""
 DESCRIPTION = """Scan a hospital export, split and validate series, convert to RAS+, rescale HU,
 resample to the preset spacing, and write one chunked HDF5 file per series plus
@@ -18,6 +18,10 @@ manifest.jsonl (one row per series or file found, with status ok/skipped/failed)
 Reports (by AccessionNumber), EHR codes (by PatientID), label masks, boxes and
 lesion instance maps are joined before identifiers are dropped; ids are keyed hashes
 (set VOL3D_ID_KEY). One run at a time per cache (a lock file, .vol3d.lock).
+
+No input path reaches the cache: the manifest names files by keyed hashes, and the
+link back to the export (which QC needs, and which is PHI) goes to the crosswalk
+CACHE.crosswalk.jsonl beside the cache (mode 0600; --crosswalk moves it).
 
 Resumable: run the same command again after an interruption (even kill -9); finished
 cases are kept, changed inputs or side data are redone. A cache made with other
@@ -30,8 +34,8 @@ Guide: docs/preprocess.md. Exit codes: 0 all ok or skipped by policy, 3 some ser
 failed (the rest was written), 2 bad arguments or input (nothing changed)."""
 
 #: Side-table and run options that make no sense for `merge`.
-_RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "lesions", "redact_paths",
-             "split_fractions")  # fmt: skip
+_RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "lesions", "keep_paths",
+             "crosswalk", "rehash", "split_fractions")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rebuild a cache made with other parameters (only vol3d's own files there are replaced)",
     )
-    parser.add_argument(
-        "--redact-paths",
-        action="store_true",
-        help="write keyed hashes instead of input paths in the manifest (file names may hold identifiers)",
-    )
+    walk = parser.add_mutually_exclusive_group()
+    walk.add_argument("--crosswalk", type=Path, metavar="FILE",
+                      help="where the id -> input path crosswalk goes (PHI; default CACHE.crosswalk.jsonl beside "
+                      "the cache; never inside it)")  # fmt: skip
+    walk.add_argument("--keep-paths", action="store_true",
+                      help="write input paths into the manifest instead (only for exports whose file names hold "
+                      "no identifier); no crosswalk")  # fmt: skip
+    parser.add_argument("--redact-paths", action="store_true", help=argparse.SUPPRESS)  # the default now
+    parser.add_argument("--rehash", action="store_true",
+                        help="on a rerun, re-read every source byte to decide what changed (default: a file whose "
+                        "size and modification time are unchanged is unchanged)")  # fmt: skip
     parser.add_argument(
         "--split-fractions",
         nargs=3,
@@ -117,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         workers=cfg.workers,
         shard=parse_shard(args.shard) if args.shard else None,
         overwrite=args.overwrite,
-        redact_paths=args.redact_paths,
+        redact_paths=not args.keep_paths,
+        crosswalk=args.crosswalk,
+        rehash=args.rehash,
         split_fractions=tuple(fractions),
         progress=not args.no_progress,
     )

@@ -194,8 +194,9 @@ class TextTower(nn.Module):
         if not local.is_dir():
             raise InputError(f"text tower directory {local} does not exist; use 'minilm' or a local HF encoder dir")
         self.source = path
-        self.tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
-        self.encoder = AutoModel.from_pretrained(str(local), local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True, trust_remote_code=False)
+        self.encoder = AutoModel.from_pretrained(str(local), local_files_only=True, trust_remote_code=False,
+                                                 use_safetensors=True)
         self.hidden_size = int(self.encoder.config.hidden_size)
         self.max_length = max_length
         self.frozen = freeze

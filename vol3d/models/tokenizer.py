@@ -88,7 +88,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise InputError(f"tokenizer directory {path} does not exist; pass the local directory of the LM checkpoint")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: no usable tokenizer files ({exc}); the directory needs tokenizer.json "
                          "or the tokenizer files of the LM") from None

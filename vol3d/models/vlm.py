@@ -94,6 +94,10 @@ class Vol3DModel(nn.Module):
         if lm is None and config.lm_path is not None and not (Path(config.lm_path) / "config.json").is_file():
             raise InputError(f"lm_path {config.lm_path} has no config.json; point it at a local HF causal-LM "
                              "checkpoint directory (config.json, weights, tokenizer files)")
+        if lm is None and config.lm_path is not None and not any(Path(config.lm_path).glob("*.safetensors")):
+            raise InputError(f"lm_path {config.lm_path} has no .safetensors weights; vol3d never unpickles weights "
+                             "(a .bin can run code): convert it once with transformers' save_pretrained"
+                             "(dir, safe_serialization=True) in a trusted environment")
         if tokenizer is None:
             if config.lm_path is None:
                 raise ConfigError("a tiny lm_config needs a tokenizer: Vol3DModel(cfg, tokenizer=build_tokenizer(texts))")
@@ -156,7 +160,8 @@ class Vol3DModel(nn.Module):
         cfg = self.config
         dtype = getattr(torch, cfg.lm_dtype)
         if cfg.lm_path is not None:
-            lm = AutoModelForCausalLM.from_pretrained(cfg.lm_path, local_files_only=True, dtype=dtype)
+            lm = AutoModelForCausalLM.from_pretrained(cfg.lm_path, local_files_only=True, dtype=dtype,
+                                                      trust_remote_code=False, use_safetensors=True)
         else:
             tok = self.tokenizer
             params = dict(cfg.lm_config or {})
@@ -261,10 +266,26 @@ class Vol3DModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def set_precision(self, dtype: torch.dtype | None) -> None:
+        """Run the forward passes under ``dtype`` autocast on CUDA (``None``: fp32), whatever
+        ``config.bf16`` said. The training loop calls it with the run's ``precision`` so the model
+        never autocasts to another dtype than the one the run asked for; the saved config records
+        whether bf16 was used, so inference runs as training did."""
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise InputError(f"precision must be None, bfloat16 or float16, got {dtype}")
+        self._amp_dtype = dtype
+        self.config = dataclasses.replace(self.config, bf16=dtype == torch.bfloat16)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the forward passes autocast to on ``device`` (None: no autocast):
+        :meth:`set_precision`'s dtype, else bf16 when ``config.bf16``; never on CPU."""
+        if device.type != "cuda":
+            return None
+        return getattr(self, "_amp_dtype", torch.bfloat16 if self.config.bf16 else None)
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.config.bf16 and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = self.autocast_dtype(device)
+        return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     # ------------------------------------------------------------------ forward
 
@@ -520,10 +541,11 @@ class Vol3DModel(nn.Module):
         p = enc["perception"]
         cfg = self.config
         device = p["features"].device
-        organ_map = p["organ_logits"].argmax(dim=1)
-        finding_prob = torch.sigmoid(p["finding_logits"][:, 0]).cpu().numpy()
-        type_prob = p["finding_logits"][:, 1:].softmax(dim=1).cpu().numpy()
-        cond = torch.sigmoid(self.perception.condition_logits(enc["fine"], organ_map)).cpu().numpy()
+        organ_map = p["organ_logits"].detach().argmax(dim=1)  # regions are decisions: no gradient flows back
+        finding_prob = torch.sigmoid(p["finding_logits"][:, 0].detach().float()).cpu().numpy()
+        type_prob = p["finding_logits"][:, 1:].detach().float().softmax(dim=1).cpu().numpy()
+        with torch.no_grad():
+            cond = torch.sigmoid(self.perception.condition_logits(enc["fine"], organ_map).float()).cpu().numpy()
         organ_np = organ_map.cpu().numpy()
         spacings = self._spacings(spacing, len(organ_np))
         perceived, maps = [], []
@@ -741,7 +763,7 @@ class Vol3DModel(nn.Module):
                                  "(expected the output of Vol3DModel.save_pretrained)")
         config = Vol3DConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         tokenizer = load_tokenizer(directory / LM_DIR)
-        lm_config = AutoConfig.from_pretrained(str(directory / LM_DIR), local_files_only=True)
+        lm_config = AutoConfig.from_pretrained(str(directory / LM_DIR), local_files_only=True, trust_remote_code=False)
         lm = AutoModelForCausalLM.from_config(lm_config, dtype=getattr(torch, config.lm_dtype))
         model = cls(config, tokenizer=tokenizer, lm=lm)
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:

@@ -15,7 +15,9 @@ in stacking order, with the matching RAS affine, so world coordinates agree with
 DICOM and the mask overlays the series in 3D Slicer or ITK-SNAP. ``<id>`` is the
 pseudonymous case id (``c_`` + keyed hash, the same as ``vol3d preprocess`` gives the
 series with the same ``VOL3D_ID_KEY`` and input root). ``OUT/predictions.jsonl`` has
-one row per series/file found, like the cache manifest.
+one row per series/file found, like the cache manifest: its ``source`` holds keyed hashes
+of the input paths, and the crosswalk back to them (PHI) goes to ``<OUT>.crosswalk.jsonl``
+beside ``OUT`` (mode 0600), unless ``keep_paths``.
 """
 
 from __future__ import annotations
@@ -134,20 +136,30 @@ def predict_candidate(pred: Predictor, c: Candidate, case_id: str, out: Path, *,
 
 
 def predict(pred: Predictor, inputs: str | Path, out: str | Path, *, resample: str = "probs",
-            dicom_seg: bool = True, on_row: Callable[[PredictionRow], None] | None = None) -> list[PredictionRow]:
+            dicom_seg: bool = True, on_row: Callable[[PredictionRow], None] | None = None,
+            keep_paths: bool = False, crosswalk: str | Path | None = None) -> list[PredictionRow]:
     """Segment every series/file under ``inputs`` into ``out``; returns one row per thing found.
 
+    Rows name their inputs by keyed hashes and their details carry no path or identifier; the
+    crosswalk ``id -> input paths`` goes to ``crosswalk`` (default ``<out>.crosswalk.jsonl``,
+    outside ``out``). ``keep_paths=True`` writes the input paths into the rows instead.
     Raises :class:`InputError` when ``inputs`` does not exist or holds no image at all.
     """
     from preprocess.ids import case_id
     from preprocess.ingest import scan
+    from preprocess.sanitise import crosswalk_path, make_sanitiser, path_redactor, write_crosswalk
 
     inputs, out = Path(inputs), Path(out)
     if not inputs.exists():
         raise InputError(f"{inputs} does not exist; give a NIfTI file, a DICOM series folder or a folder of them")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
+    walk = Path(crosswalk) if crosswalk is not None else crosswalk_path(out)
+    if not keep_paths and walk.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"--crosswalk {walk} is inside --out {out}; the crosswalk names patients' files and must "
+                         "live outside the output folder")  # fmt: skip
     key = _case_key()
+    redact = path_redactor(key, not keep_paths)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[PredictionRow] = []
     with tempfile.TemporaryDirectory(prefix="vol3d-predict-") as work:
@@ -156,12 +168,19 @@ def predict(pred: Predictor, inputs: str | Path, out: str | Path, *, resample: s
         if not images:
             raise InputError(f"{inputs}: no DICOM series or NIfTI/NRRD/MHA volume found; give a NIfTI file, a DICOM "
                              "series folder or a folder of them")
+        if not keep_paths:
+            write_crosswalk(walk, {case_id(key, c): {"id": case_id(key, c), "source": list(c.source),
+                                                     "manifest_source": [redact(x) for x in c.source]}
+                                   for c in candidates})  # fmt: skip
         for c in candidates:
             cid = case_id(key, c)
             if c.status != "ok":
                 row = PredictionRow(cid, c.status, c.reason, c.detail, c.kind, list(c.source))
             else:
                 row = predict_candidate(pred, c, cid, out, resample=resample, dicom_seg=dicom_seg)
+            sanitise = make_sanitiser(c, redact)
+            row.source = [redact(x) for x in c.source]
+            row.detail = sanitise(row.detail)
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -161,6 +161,7 @@ class RunConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to RUN/tb (skipped with a note when tensorboard is not installed).")
     progress: bool = _f(True, "Show a tqdm progress bar with loss and samples/s.")
     ddp_find_unused: bool = _f(False, "DDP: tolerate parameters that get no gradient on some steps (slower; needed for some LoRA setups).")
+    sync_batchnorm: bool = _f(False, "torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), for the 3D ResNet at batch 1-2 per GPU.")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:

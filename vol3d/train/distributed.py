@@ -66,6 +66,19 @@ def wrap(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Modu
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
+def sync_batchnorm(model: nn.Module, info: DistInfo, enabled: bool) -> nn.Module:
+    """BatchNorm layers made SyncBatchNorm for a world > 1 (``enabled``): at batch 1-2 per GPU the
+    3D ResNet's batch statistics are then taken over the global batch. torch syncs on GPUs only."""
+    if not enabled or not info.enabled:
+        return model
+    if info.device.type == "cpu":
+        from preprocess.errors import ConfigError
+
+        raise ConfigError("sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPU); drop "
+                          "--sync-batchnorm, or use norm: instance for the ResNet at small batches")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()

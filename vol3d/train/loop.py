@@ -278,6 +278,9 @@ def fit(
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
+    if hasattr(model, "set_precision"):  # the model autocasts inside forward: make it the run's dtype
+        model.set_precision(amp_dtype)
+    model = ddp.sync_batchnorm(model, info, cfg.sync_batchnorm)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

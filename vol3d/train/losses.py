@@ -46,18 +46,34 @@ def ehr_bce(logits: Tensor, targets: Tensor, pos_weight: float | None = None) ->
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pw)
 
 
-def clip_infonce(vol_embed: Tensor, text_embed: Tensor, logit_scale: Tensor | float = 1 / 0.07) -> Tensor:
+def clip_infonce(vol_embed: Tensor, text_embed: Tensor, logit_scale: Tensor | float = 1 / 0.07,
+                 gather: bool = True) -> Tensor:
     """Symmetric CLIP InfoNCE over a batch of paired embeddings ``(B, D), (B, D)`` -> scalar.
 
     Pair ``i`` is the positive of row/column ``i``; all other batch items are the
     negatives, so the loss needs a batch of at least 2 to mean anything.
     ``logit_scale`` is the inverse temperature (CLIP learns it; a float fixes it).
+
+    Under torchrun (``gather`` and a process group of several ranks) the negatives come from
+    every rank: the embeddings are all-gathered with their gradients and each rank scores its
+    own rows against all columns, so with DDP's gradient averaging the step equals one process
+    with the whole global batch (ranks must use equal local batch sizes).
     """
     v = F.normalize(vol_embed.float(), dim=-1)
     t = F.normalize(text_embed.float(), dim=-1)
-    logits = logit_scale * (v @ t.T)
-    labels = torch.arange(v.shape[0], device=v.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    offset = 0
+    v_all, t_all = v, t
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            v_all, t_all = torch.cat(all_gather(v)), torch.cat(all_gather(t))
+            offset = torch.distributed.get_rank() * v.shape[0]
+    labels = torch.arange(v.shape[0], device=v.device) + offset
+    per_volume = logit_scale * (v @ t_all.T)  # local volumes against every text
+    per_text = logit_scale * (t @ v_all.T)
+    return 0.5 * (F.cross_entropy(per_volume, labels) + F.cross_entropy(per_text, labels))
 
 
 def lm_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100,

@@ -315,3 +315,46 @@ def test_grounding_head_reads_the_configured_encoder_level(tokenizer):
     out = model(volume, **batch, box_index=where)
     assert out["box_logits"].shape == (3, 8 * 8 * 4)  # layer1 at 32 x 32 x 16
     assert model.box_head.feat_proj[0].in_features == model.encoder.stage_dims[1]
+
+
+def test_run_precision_decides_the_forward_autocast(tokenizer):
+    """The model used to autocast to bf16 on CUDA whatever the run's ``precision`` said."""
+    model = _model(tokenizer)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert model.autocast_dtype(cuda) is torch.bfloat16 and model.autocast_dtype(cpu) is None
+    model.set_precision(None)  # precision: fp32
+    assert model.autocast_dtype(cuda) is None and model.config.bf16 is False
+    model.set_precision(torch.float16)
+    assert model.autocast_dtype(cuda) is torch.float16
+    model.set_precision(torch.bfloat16)
+    assert model.autocast_dtype(cuda) is torch.bfloat16 and model.config.bf16 is True
+    with pytest.raises(InputError):
+        model.set_precision(torch.float64)
+
+
+def test_lm_directories_never_run_their_own_code_or_unpickle(tmp_path):
+    """A checkpoint whose config.json names custom code (auto_map) loads the standard class and never
+    imports that code; a checkpoint with pickled weights only is refused (no torch.load of a .bin)."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plain = build_tokenizer(TEXTS, vocab_size=300)
+    ckpt = tmp_path / "remote-code-llm"
+    params = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(plain), **params)).save_pretrained(ckpt)
+    plain.save_pretrained(ckpt)
+    marker = tmp_path / "code-ran"
+    (ckpt / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    model = Vol3DModel(_config(lm_config=None, lm_path=str(ckpt)))
+    assert type(model.lm).__name__ == "LlamaForCausalLM" and not marker.exists()
+    pickled = tmp_path / "pickled-llm"
+    shutil.copytree(ckpt, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.lm.state_dict(), pickled / "pytorch_model.bin")  # a pickle: loading it could run code
+    with pytest.raises(InputError, match="no .safetensors weights"):
+        Vol3DModel(_config(lm_config=None, lm_path=str(pickled)))

@@ -29,6 +29,7 @@ from preprocess import geometry
 from preprocess.config import PreprocessConfig
 from preprocess.errors import InputError
 from preprocess.ingest import load, scan
+from preprocess.sanitise import crosswalk_path, read_crosswalk
 from preprocess.transforms import prepare
 from vol3d.seg.config import InferConfig, SegModelConfig
 from vol3d.seg.model import SegModel
@@ -109,7 +110,7 @@ def test_dicom_outputs_overlay_the_series_instances(export, oracle_predictions):
         img = nib.load(out / "soft" / r.nifti)
         nii = np.asarray(img.dataobj)
         headers = {}
-        for rel in r.source:
+        for rel in read_crosswalk(crosswalk_path(out / "soft"))[r.id]["source"]:
             ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
             headers[ds.SOPInstanceUID] = ds
         seg = hd.seg.segread(out / "soft" / r.dicom_seg)
@@ -141,8 +142,13 @@ def test_no_identifier_in_file_names_or_rows(export, oracle_predictions):
     out, _, _ = oracle_predictions
     names = " ".join(p.name for p in (out / "soft").iterdir())
     rows = (out / "soft" / "predictions.jsonl").read_text()
-    for secret in ("PID0", "Doe", "ACC1", "1.2.826.0.1.3680043.8.498.8000"):
+    for secret in ("PID0", "Doe", "ACC1", "1.2.826.0.1.3680043.8.498.8000", "axial"):
         assert secret not in names and secret not in rows
+    assert ".dcm" not in rows.replace("_seg.dcm", "") and ".nii" not in rows.replace(".nii.gz\"", "")  # no input name
+    walk = crosswalk_path(out / "soft")  # the link back to the inputs: beside OUT, owner-only
+    assert walk.parent == out and (walk.stat().st_mode & 0o777) == 0o600
+    listed = [json.loads(line) for line in rows.splitlines()]
+    assert all(read_crosswalk(walk)[r["id"]]["manifest_source"] == r["source"] for r in listed)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, export):

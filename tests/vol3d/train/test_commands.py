@@ -71,7 +71,7 @@ def test_end_to_end_on_a_synthetic_cache(tmp_path):
     pre = _vol3d("preprocess", str(src / "dicom"), "--out", str(cache), "--config", str(ROOT / "configs/preprocess/tiny.yaml"),
                  "--reports", str(src / "reports.csv"), "--codes", str(src / "ehr_codes.csv"),
                  "--labels", str(src / "labels"), "--boxes", str(src / "boxes.json"),
-                 env={"VOL3D_ID_KEY": "test-key-not-secret"})
+                 env={"VOL3D_ID_KEY": "0123456789abcdef" * 4})
     assert pre.returncode in (0, 3), pre.stderr
     common = ["--data.cache-dir", str(cache), "--data.val-split", "train", "--data.num-workers", "0", "--no-progress",
               "--log-every", "2", "--ckpt-every", "3", "--val-every", "0"]

@@ -133,3 +133,29 @@ def test_ddp_two_processes_keep_replicas_identical(tmp_path):
         assert torch.equal(r0[name], r1[name]), name
         # 2 ranks x batch 1 with averaged gradients == 1 process x batch 2
         torch.testing.assert_close(r0[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", None), ("bf16", torch.bfloat16), ("auto", None)])
+def test_fit_hands_the_run_precision_to_the_model(precision, dtype):
+    """A model that autocasts inside forward (the VLM) gets the run's dtype, not its own default."""
+    model = toy_model()
+    seen = []
+    model.set_precision = seen.append
+    fit(_cfg(max_steps=1, precision=precision), model, ToyObjective(), toy_items(8))
+    assert seen == [dtype]  # auto on CPU is fp32
+
+
+def test_sync_batchnorm_converts_for_several_gpus_and_refuses_cpu():
+    from preprocess.errors import ConfigError
+    from vol3d.train import distributed as ddp
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4), torch.nn.ReLU())
+
+    gpus = ddp.DistInfo(rank=0, world_size=2, device=torch.device("cuda:0"))
+    converted = ddp.sync_batchnorm(net(), gpus, enabled=True)
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm)
+    one = ddp.DistInfo(rank=0, world_size=1, device=torch.device("cuda:0"))
+    assert isinstance(ddp.sync_batchnorm(net(), one, enabled=True)[1], torch.nn.BatchNorm3d)  # nothing to sync
+    with pytest.raises(ConfigError, match="GPUs"):
+        ddp.sync_batchnorm(net(), ddp.DistInfo(rank=0, world_size=2, device=torch.device("cpu")), enabled=True)

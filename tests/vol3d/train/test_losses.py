@@ -109,3 +109,41 @@ def test_lm_cross_entropy_sample_average_weights_every_sample_alike():
     assert lm_cross_entropy(logits, torch.full((3, 8), -100), average="sample").item() == 0.0
     with pytest.raises(ValueError, match="token"):
         lm_cross_entropy(logits, labels, average="batch")
+
+
+def _gathered_infonce_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    v, t = torch.randn(6, 8), torch.randn(6, 8)
+    v_local = v[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
+    t_local = t[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
+    loss = clip_infonce(v_local, t_local, logit_scale=5.0)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "gv": v_local.grad, "gt": t_local.grad}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_clip_infonce_gathers_negatives_across_ranks(tmp_path):
+    """Two ranks of 3 pairs each, gathered, equal one process with all 6 pairs: mean loss and
+    (DDP-averaged) gradients; without gathering each rank would see only 2 negatives."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_gathered_infonce_worker, args=(port, str(tmp_path)), nprocs=2,
+                                          join=True, start_method="fork")  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    v, t = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    full = clip_infonce(v, t, logit_scale=5.0)
+    full.backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, full.detach())
+    # all_gather's backward sums the ranks' gradients; DDP then averages over the 2 ranks
+    torch.testing.assert_close(torch.cat([r["gv"] for r in ranks]) / 2, v.grad)
+    torch.testing.assert_close(torch.cat([r["gt"] for r in ranks]) / 2, t.grad)
+    local = clip_infonce(v[:3], t[:3], logit_scale=5.0, gather=False)
+    assert not torch.isclose(local, ranks[0]["loss"])
