@@ -17,7 +17,7 @@ from typing import Any
 
 from preprocess import ids
 from preprocess.sidecars import CaseSide, base_key
-from preprocess.types import Candidate
+from preprocess.types import Candidate, Identity
 
 #: An absolute path (posix, or a Windows drive) not preceded by a word: ``/data/x.dcm``, ``C:\\x``.
 #: A space belongs to the path when a later separator follows in the same word (``/data/DOE JOHN/x``).
@@ -119,3 +119,37 @@ def write_crosswalk(path: str | Path, rows: dict[str, dict[str, Any]]) -> None:
             f.write(json.dumps(merged[key], sort_keys=True) + "\n")
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- report text
+
+
+def _date_forms(da: str) -> list[str]:
+    """The ways a DICOM date ``YYYYMMDD`` is written in report text (longest first)."""
+    if not re.fullmatch(r"\d{8}", da):
+        return []
+    y, m, d = da[:4], da[4:6], da[6:]
+    um, ud = str(int(m)), str(int(d))
+    forms = {da, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}-{m}-{y}",
+             f"{ud}.{um}.{y}", f"{ud}/{um}/{y}", f"{um}/{ud}/{y}"}  # fmt: skip
+    return sorted(forms, key=len, reverse=True)
+
+
+def scrub_report(text: str, identity: Identity) -> str:
+    """``text`` without the identifiers the same patient's headers carry: the patient's name
+    parts (``<name>``), PatientID and AccessionNumber (``<id>``), birth and study dates in the
+    usual spellings (``<date>``). What it cannot know (another person's name, a phone number,
+    a date not in the headers) stays: scrub reports with a dedicated de-identification tool
+    before export when they may hold such text."""
+    if not text:
+        return text
+    for ident in (identity.patient_id, identity.accession):
+        if len(ident) >= _MIN_IDENTIFIER:
+            text = re.sub(re.escape(ident), "<id>", text, flags=re.IGNORECASE)
+    parts = {p for p in re.split(r"[\^\s,]+", identity.patient_name) if len(p) >= 3}
+    for part in sorted(parts, key=len, reverse=True):
+        text = re.sub(rf"\b{re.escape(part)}\b", "<name>", text, flags=re.IGNORECASE)
+    for da in (identity.birth_date, identity.study_date):
+        for form in _date_forms(da):
+            text = re.sub(rf"(?<!\d){re.escape(form)}(?!\d)", "<date>", text)
+    return text

@@ -220,6 +220,7 @@ class SideTables:
     lesions_dir: Path | None = None
     vocab: dict[str, Any] | None = None  # findings / label names (load_vocabulary), copied to CACHE/vocab.json
     paths: tuple[Path, ...] = ()  # every table file/folder given (kept out of the image scan)
+    scrub_reports: bool = True  # report text without the patient's name, ids and dates (sanitise.scrub_report)
 
     @classmethod
     def load(
@@ -263,6 +264,10 @@ class SideTables:
         # ingest fills the accession from DICOM tags or the NIfTI's JSON sidecar
         if self.reports is not None and ident.accession in self.reports:
             side.findings, side.impression = self.reports[ident.accession]
+            if self.scrub_reports:
+                from preprocess.sanitise import scrub_report
+
+                side.findings, side.impression = scrub_report(side.findings, ident), scrub_report(side.impression, ident)
             side.has_report = True
         if self.codes is not None and ident.patient_id:
             side.codes = list(self.codes.get(ident.patient_id, []))

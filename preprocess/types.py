@@ -23,6 +23,10 @@ class Identity:
     study_uid: str = ""
     series_uid: str = ""
     accession: str = ""
+    # only to scrub them from report text (preprocess.sanitise.scrub_report)
+    patient_name: str = ""
+    birth_date: str = ""  # DICOM DA, YYYYMMDD
+    study_date: str = ""
 
     def __repr__(self) -> str:
         return "Identity(<redacted>)"

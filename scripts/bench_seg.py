@@ -5,7 +5,7 @@ the same path (``vol3d predict``: prepare, sliding window, probabilities back to
     python scripts/bench_seg.py --workdir /tmp/bench_seg --cases 48 --seed 0 --budget-min 15 --json out.json
     python scripts/bench_seg.py ... --init RUN    # also from a `vol3d train` run's encoder, tuned and frozen
 
-1. ``vol3d synth --seed S --cases N --size small`` (DICOM only) and ``vol3d preprocess --config tiny``;
+1. ``vol3d synth --seed S --cases N --size small`` (DICOM only) and ``vol3d preprocess`` with ``--preprocess`` (default ``tiny_seg``: the tiny grid, no fixed window);
 2. each model's seconds per step are measured on a few steps, then it trains for as many steps as fit
    in ``--budget-min`` (the learning-rate schedule sees the real length): vol3d through
    ``vol3d.seg.finetune.finetune`` (``--preset``, default ``configs/finetune/seg_unet_tiny.yaml``),
@@ -42,15 +42,15 @@ def sh(*args: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def prepare_data(work: Path, cases: int, seed: int) -> Path:
+def prepare_data(work: Path, cases: int, seed: int, preprocess: str) -> Path:
     export, cache = work / "export", work / "cache"
     stamp = work / "data.json"
-    want = {"cases": cases, "seed": seed}
+    want = {"cases": cases, "seed": seed, "preprocess": preprocess}
     if not stamp.is_file() or json.loads(stamp.read_text()) != want:
         sh("synth", str(export), "--cases", str(cases), "--seed", str(seed), "--size", "small",
            "--nifti-fraction", "0", "--overwrite")
         sh("preprocess", str(export / "dicom"), "--labels", str(export / "labels"), "--config",
-           str(ROOT / "configs/preprocess/tiny.yaml"), "--out", str(cache), "--overwrite")
+           str(ROOT / "configs/preprocess" / f"{preprocess}.yaml"), "--out", str(cache), "--overwrite")
         stamp.write_text(json.dumps(want))
     return cache
 
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--budget-min", type=float, default=15.0, help="training wall-clock minutes of EACH model")
     ap.add_argument("--preset", default="seg_unet_tiny", help="configs/finetune/<preset>.yaml of the vol3d side")
+    ap.add_argument("--preprocess", default="tiny_seg", help="configs/preprocess/<name>.yaml of the cache (default "
+                    "tiny_seg: the tiny grid without its fixed window, which cuts the lungs and spine off)")
     ap.add_argument("--init", default=None, help="a vol3d run: also train from its encoder, tuned and frozen")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args(argv)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VOL3D_ID_KEY", "b3e7c0de5eed1dea" * 4)
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cache = prepare_data(args.workdir, args.cases, args.seed)
+    cache = prepare_data(args.workdir, args.cases, args.seed, args.preprocess)
     ids = held_out(cache)
     load_start = [round(v, 2) for v in os.getloadavg()]
     budget = args.budget_min * 60

@@ -130,3 +130,9 @@ def test_explore_grounded_answers_draws_the_boxes_of_a_held_out_case(kernel_dir,
     assert _mime_count(nb, "text/html") >= 3  # one highlighted answer per question
     assert "true box 1: RAS mm x" in out  # world millimetres and size of the true box
     assert _mime_count(nb, "application/vnd.jupyter.widget-view+json") >= 1  # the live slider
+    # a static rendering cannot run the slider: it shows the static grid of the same slices
+    from nbconvert import HTMLExporter
+
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    section = html.split("Scroll through the slices", 1)[1].split("<h2", 1)[0]
+    assert "<img" in section and "data:image/png;base64" in section

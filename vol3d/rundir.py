@@ -26,6 +26,7 @@ SEG_CONFIG_NAME = "seg_config.json"
 PREPROCESS_NAME = "preprocess.json"
 DOMAIN_NAME = "domain.json"
 LM_DIR = "lm"
+ADAPTER_DIR = "lm_adapter"  # LoRA runs: the adapter in PEFT's own format
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_NAME = "metrics.csv"
 

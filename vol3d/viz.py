@@ -457,11 +457,44 @@ def box_slider(
     return ipywidgets.VBox([slider, image])
 
 
+def show_slider(
+    volume: np.ndarray,
+    boxes_pred: np.ndarray | None,
+    boxes_true: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    axis: str = "axial",
+    channel: int = 0,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Display :func:`box_slider` and, under it, :func:`slice_grid`'s static grid of the same slices.
+
+    A static rendering of the notebook (nbconvert HTML, a static viewer, a shared report) cannot
+    run the slider's widget, so the grid is what it shows; in a live notebook the grid is the
+    overview and the slider the detail."""
+    from IPython.display import display
+    from matplotlib.figure import Figure
+
+    slider = box_slider(volume, boxes_pred, boxes_true, spacing, axis=axis, channel=channel, labels=labels)
+    display(slider)
+    if not isinstance(slider, Figure):  # without widgets box_slider gave the static grid already
+        display(slice_grid(volume, boxes_pred, boxes_true, spacing, axis=axis, channel=channel, labels=labels))
+
+
 # ----------------------------------------------------------------------------- label maps
 
 
-def label_names() -> tuple[str, ...]:
-    """Organ label names by value (0 background ... 9 lesion): ``preprocess.synth.LABELS``."""
+def label_names(cache_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Label names by value (0 background ...): the cache's ``vocab.json`` ``labels`` (what
+    ``vol3d preprocess --vocab`` copied from the export) when it has them, else the synthetic
+    phantom's (``preprocess.synth.LABELS``, what ``vol3d synth`` exports)."""
+    if cache_dir is not None:
+        from preprocess.sidecars import VOCAB_NAME, load_vocabulary
+
+        path = Path(cache_dir) / VOCAB_NAME
+        if path.is_file():
+            labels = load_vocabulary(path).get("labels") or []
+            if labels:
+                return tuple(str(n) for n in labels)
     from preprocess.synth import LABELS
 
     return tuple(LABELS)
@@ -490,14 +523,16 @@ def mid_slice_gallery(
     ncols: int = 4,
     axis: str = "axial",
     channel: int = 0,
+    names: Sequence[str] | None = None,
 ) -> Figure:
     """One mid-slice per item with its label map overlaid, and a legend of the label values shown.
 
     Args:
         items: ``(volume, label | None, title)`` or ``(volume, label | None, title, spacing)``;
-            volume ``(X, Y, Z)`` or ``(C, X, Y, Z)``, label ``(X, Y, Z)`` integer values 0..9.
+            volume ``(X, Y, Z)`` or ``(C, X, Y, Z)``, label ``(X, Y, Z)`` integer label values.
         ncols: panels per row.
         axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+        names: label names by value for the legend (default :func:`label_names`).
 
     Returns:
         A figure with exactly one axes per item.
@@ -532,7 +567,7 @@ def mid_slice_gallery(
         ax = fig.add_subplot(nrows, ncols, i + 1)
         _draw_slice(ax, vol, view, index, spacing, {}, _window(vol), label=lab)
         ax.set_title(str(title), fontsize=9)
-    names = label_names()
+    names = tuple(names) if names is not None else label_names()
     handles = [
         Patch(
             facecolor=LABEL_COLORS[v], edgecolor="#555555", label=f"{v} {names[v] if v < len(names) else ''}"
@@ -734,4 +769,4 @@ def cache_gallery(
         shape = "x".join(str(n) for n in case["image"].shape[1:])
         title = f"{row['id'][:10]} {row.get('modality', '')} {row.get('split', '')}\n{shape}"
         items.append((case["image"], case["label"], title, case["spacing"]))
-    return mid_slice_gallery(items, ncols=ncols, axis=axis)
+    return mid_slice_gallery(items, ncols=ncols, axis=axis, names=label_names(cache_dir))

@@ -42,6 +42,7 @@ HEADER_TAGS = [
     "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
     "RescaleIntercept", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "InstanceNumber",
     "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+    "PatientName", "PatientBirthDate", "StudyDate",
     "DiffusionBValue", "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "AcquisitionNumber",
     0x0019100C,  # Siemens private b-value (older DWI exports)
 ]  # fmt: skip
@@ -393,6 +394,9 @@ def _parse_header(f: FoundFile, magic: bool, known_dicom: bool) -> Header | Cand
             study_uid=str(ds.get("StudyInstanceUID", "") or ""),
             series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
             accession=str(ds.get("AccessionNumber", "") or ""),
+            patient_name=str(ds.get("PatientName", "") or ""),
+            birth_date=str(ds.get("PatientBirthDate", "") or ""),
+            study_date=str(ds.get("StudyDate", "") or ""),
         ),
         image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
         rows=_int(ds.get("Rows"), "Rows"),

@@ -85,7 +85,8 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
         return "" if v is None else str(v)
 
     ident = Identity(
-        get("PatientID"), get("StudyInstanceUID"), get("SeriesInstanceUID"), get("AccessionNumber")
+        get("PatientID"), get("StudyInstanceUID"), get("SeriesInstanceUID"), get("AccessionNumber"),
+        get("PatientName"), get("PatientBirthDate"), get("StudyDate"),
     )
     return ident, get("Modality").upper(), ""
 

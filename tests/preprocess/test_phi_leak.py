@@ -186,3 +186,19 @@ def test_absolute_paths_with_spaces_are_removed_whole():
         assert "DOE" not in out and "JOHN" not in out and "JANE" not in out and "99887766" not in out, out
         assert "<path>" in out
     assert clean("/data/x.dcm is truncated; re-export it") == "<path> is truncated; re-export it"
+
+
+def test_report_text_loses_the_identifiers_its_headers_carry():
+    from preprocess.sanitise import scrub_report
+    from preprocess.types import Identity
+
+    who = Identity(patient_id="MRN-99887766", accession="ACC12345", patient_name="DOE^JANE^Q",
+                   birth_date="19700131", study_date="20240105")  # fmt: skip
+    text = ("Jane Doe (MRN-99887766), born 1970-01-31, accession acc12345. CT of 01/05/2024 compared with "
+            "20240105 and 5.1.2024: 12 mm liver lesion, unchanged since 2023-12-01. Dr. Smith.")  # fmt: skip
+    out = scrub_report(text, who)
+    for secret in ("Jane", "Doe", "99887766", "1970", "12345", "01/05/2024", "20240105", "5.1.2024"):
+        assert secret.lower() not in out.lower(), (secret, out)
+    assert "12 mm liver lesion" in out and "2023-12-01" in out and "Dr. Smith" in out  # what it cannot know stays
+    assert out.count("<name>") == 2 and out.count("<date>") == 4
+    assert scrub_report("No acute findings.", who) == "No acute findings."

@@ -141,6 +141,8 @@ def test_gallery_has_one_axes_per_item_and_legend_of_visible_labels():
     assert overlay.mask.sum() == (lab[:, :, SHAPE[2] // 2] == 0).sum()
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["1 liver"]
+    brain = viz.mid_slice_gallery(items[:1], names=["background", "hippocampus"])  # an export's own names
+    assert [t.get_text() for t in brain.legends[0].get_texts()] == ["1 hippocampus"]
     with pytest.raises(InputError, match="label shape"):
         viz.mid_slice_gallery([(vol, lab[:-1], "bad")])
 
@@ -250,3 +252,12 @@ def test_read_cached_case_round_trip(tmp_path):
     assert np.allclose(case["affine"], affine) and np.allclose(case["spacing"], SPACING)
     with pytest.raises(InputError, match="missing"):
         viz.read_cached_case(tmp_path, {**row, "h5": "cases/nope.h5"})
+
+
+def test_label_names_come_from_the_caches_vocabulary(tmp_path):
+    import json
+
+    assert viz.label_names(tmp_path)[1] == "liver"  # no vocab.json: the synthetic phantom's names
+    vocab = {"findings": {"nodule": {"text": "nodule", "organ": "lung"}}, "labels": ["background", "caudate"]}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    assert viz.label_names(tmp_path) == ("background", "caudate")

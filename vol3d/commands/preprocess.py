@@ -35,7 +35,7 @@ failed (the rest was written), 2 bad arguments or input (nothing changed)."""
 
 #: Side-table and run options that make no sense for `merge`.
 _RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "lesions", "keep_paths",
-             "crosswalk", "rehash", "split_fractions")  # fmt: skip
+             "crosswalk", "rehash", "no_scrub_reports", "split_fractions")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write input paths into the manifest instead (only for exports whose file names hold "
                       "no identifier); no crosswalk")  # fmt: skip
     parser.add_argument("--redact-paths", action="store_true", help=argparse.SUPPRESS)  # the default now
+    parser.add_argument("--no-scrub-reports", action="store_true",
+                        help="store report text as given (default: the patient's name, PatientID, accession, "
+                        "birth and study dates found in the headers are replaced by <name>/<id>/<date>)")
     parser.add_argument("--rehash", action="store_true",
                         help="on a rerun, re-read every source byte to decide what changed (default: a file whose "
                         "size and modification time are unchanged is unchanged)")  # fmt: skip
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels, lesions=args.lesions,
         vocab=args.vocab,
     )
+    side.scrub_reports = not args.no_scrub_reports
     summary = run_preprocess(args.paths[0], args.out, cfg, side, opts)
     print(summary.table())
     return summary.exit_code

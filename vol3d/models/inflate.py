@@ -92,3 +92,54 @@ def load_inflated_resnet(model: torch.nn.Module, path: str | Path, center: bool 
             "(e.g. resnet152 for resnet3d_152)"
         )
     model.load_state_dict(sd3d)
+
+
+# ----------------------------------------------------------------------------- MONAI's ViT
+
+#: MONAI ``monai.networks.nets.ViT`` parameter names -> :class:`~vol3d.models.vit3d.ViT3D` names, per block
+#: (``{i}`` the block index). MONAI's qkv has no bias (ours starts at zero) and its cross-attention
+#: norm is unused without cross-attention, so it is dropped.
+MONAI_VIT_NAMES = {
+    "patch_embedding.position_embeddings": "pos_embed",
+    "patch_embedding.patch_embeddings.weight": "patch_embed.proj.weight",
+    "patch_embedding.patch_embeddings.bias": "patch_embed.proj.bias",
+    "blocks.{i}.norm1.weight": "blocks.{i}.norm1.weight",
+    "blocks.{i}.norm1.bias": "blocks.{i}.norm1.bias",
+    "blocks.{i}.attn.qkv.weight": "blocks.{i}.attn.qkv.weight",
+    "blocks.{i}.attn.out_proj.weight": "blocks.{i}.attn.proj.weight",
+    "blocks.{i}.attn.out_proj.bias": "blocks.{i}.attn.proj.bias",
+    "blocks.{i}.norm2.weight": "blocks.{i}.norm2.weight",
+    "blocks.{i}.norm2.bias": "blocks.{i}.norm2.bias",
+    "blocks.{i}.mlp.linear1.weight": "blocks.{i}.mlp.fc1.weight",
+    "blocks.{i}.mlp.linear1.bias": "blocks.{i}.mlp.fc1.bias",
+    "blocks.{i}.mlp.linear2.weight": "blocks.{i}.mlp.fc2.weight",
+    "blocks.{i}.mlp.linear2.bias": "blocks.{i}.mlp.fc2.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+
+
+def vit_state_dict_from_monai(monai_sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """A ``monai.networks.nets.ViT`` state dict (e.g. the encoder of MONAI's UNETR/SwinUNETR bundles,
+    or a self-supervised ViT saved by MONAI) as :class:`~vol3d.models.vit3d.ViT3D` weights.
+
+    The architectures match (pre-norm blocks, GELU MLP, one token per patch, positional embedding
+    in the same ``(X, Y, Z)`` token order); build the ``ViT3D`` with MONAI's ``img_size``,
+    ``patch_size``, ``hidden_size``, ``num_layers`` and ``num_heads`` and load the result with
+    ``strict=True``. The only difference left is LayerNorm's epsilon (MONAI 1e-5, ours 1e-6).
+    Raises :class:`InputError` naming the missing parameters when ``monai_sd`` is not a MONAI ViT.
+    """
+    names = {}
+    for monai_name, ours in MONAI_VIT_NAMES.items():
+        for i in range(depth) if "{i}" in monai_name else [None]:
+            names[monai_name.format(i=i)] = ours.format(i=i)
+    missing = [n for n in names if n not in monai_sd]
+    if missing:
+        raise InputError(f"not a MONAI ViT state dict of depth {depth}: missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}; pass the ViT's own state_dict() "
+                         "(for UNETR: the keys under 'vit.', prefix removed)")
+    out = {ours: monai_sd[name] for name, ours in names.items()}
+    for i in range(depth):
+        qkv = monai_sd[f"blocks.{i}.attn.qkv.weight"]
+        out[f"blocks.{i}.attn.qkv.bias"] = monai_sd.get(f"blocks.{i}.attn.qkv.bias", qkv.new_zeros(qkv.shape[0]))
+    return out

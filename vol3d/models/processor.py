@@ -7,6 +7,10 @@ its ``<reg>``/``<org>`` placeholders one token each.
 trains only what the model must say. A prompt without ``<vol>`` gets ``"<vol>\\n"``
 prepended; more than one ``<vol>`` is an error (one volume per sample).
 
+An instruction-tuned LM's tokenizer that has a chat template gets its prompts wrapped in it
+(one user turn holding the prompt, the volume tokens and the context, then the template's
+generation prompt); the answer follows as the assistant's text, ended by EOS.
+
 Padding: ``right`` for training (the default), ``left`` for generation, where every
 row's last token must be the last prompt token. :meth:`Vol3DModel.generate` asks for
 left padding itself.
@@ -36,9 +40,11 @@ class Vol3DProcessor:
         padding_side: default side for padding, ``right`` (training) or ``left`` (generation).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_vol_tokens: int, padding_side: Side = "right") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_vol_tokens: int, padding_side: Side = "right",
+                 use_chat_template: bool = True) -> None:
         add_vol3d_tokens(tokenizer)
         self.tokenizer = tokenizer
+        self.chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
         self.num_vol_tokens = int(num_vol_tokens)
         self.padding_side: Side = padding_side
         self.vol_token_id = int(tokenizer.convert_tokens_to_ids(VOL_TOKEN))
@@ -56,6 +62,12 @@ class Vol3DProcessor:
         if n == 0:
             prompt = f"{VOL_TOKEN}\n{prompt}"
         before, after = prompt.split(VOL_TOKEN)
+        if self.chat:  # the template decides BOS, roles and the generation prompt
+            content = before + VOL_TOKEN + ("\n" + context if context else "") + after
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                      add_generation_prompt=True)
+            pre, post = text.split(VOL_TOKEN)
+            return self._ids(pre) + [self.vol_token_id] * self.num_vol_tokens + self._ids(post)
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         ctx = self._ids("\n" + context) if context else []
         return bos + self._ids(before) + [self.vol_token_id] * self.num_vol_tokens + ctx + self._ids(after)

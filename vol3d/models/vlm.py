@@ -36,7 +36,7 @@ from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
 from vol3d.models.tokenizer import add_vol3d_tokens, load_tokenizer
 from vol3d.protocol import BOX_END, BOX_START, ORGAN_TOKEN, REGION_TOKEN, VOL_TOKEN
-from vol3d.rundir import DOMAIN_NAME, LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
+from vol3d.rundir import ADAPTER_DIR, DOMAIN_NAME, LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
 from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
 
@@ -721,7 +721,10 @@ class Vol3DModel(nn.Module):
         """Write ``model.safetensors``, ``vol3d_config.json`` and ``lm/`` (HF config + tokenizer).
 
         With LoRA, the adapters are saved inside ``model.safetensors`` under peft's names
-        and rebuilt on load from the config; call :meth:`merge_lora` first to save a plain LM.
+        and rebuilt on load from the config, and also as a PEFT adapter in ``lm_adapter/``
+        (``adapter_config.json`` + ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base_lm,
+        "RUN/model/lm_adapter")`` loads it onto the base LM); call :meth:`merge_lora` first to
+        save a plain LM.
         """
         from safetensors.torch import save_file
 
@@ -744,6 +747,8 @@ class Vol3DModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         self._base_lm().config.save_pretrained(str(directory / LM_DIR))
         self.tokenizer.save_pretrained(str(directory / LM_DIR))
+        if hasattr(self.lm, "peft_config"):  # the ecosystem's format too (peft, vLLM, TGI read it)
+            self.lm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
         if self.preprocess is not None:
             (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess, indent=2))
         if self.domain is not None:

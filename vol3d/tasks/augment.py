@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,9 @@ class AugmentConfig:
 
     flip_prob: float = 0.0  # per-axis flip probability; 0 by default: flips mirror anatomy (situs inversus)
     flip_axes: tuple[int, ...] = (0, 1, 2)  # array axes (X, Y, Z) that may be flipped
-    # label pairs (a, b, c, d: a<->b, c<->d) swapped by an X flip so "left" stays true
-    lr_swap_labels: tuple[int, ...] = (3, 4, 5, 6)
+    # label pairs (a, b, c, d: a<->b, c<->d) swapped by an X flip so "left" stays true; None: the
+    # pairs the export's label names give (`*_left`/`*_right`, `left_*`/`right_*`; see for_labels)
+    lr_swap_labels: tuple[int, ...] | None = None
     affine_prob: float = 0.3  # probability of a small rotation/scale/translation
     max_rotation_deg: float = 5.0  # rotation about each axis drawn in [-d, d] degrees
     max_scale: float = 0.05  # isotropic scale drawn in [1-s, 1+s] (< 1 makes objects smaller)
@@ -45,7 +46,9 @@ class AugmentConfig:
     max_log_gamma: float = 0.2  # gamma = exp(u), u in [-g, g]
     noise_prob: float = 0.3  # probability of additive Gaussian noise
     noise_std: float = 0.02  # its standard deviation (images are scaled to 0..1)
-    lesion_label: int | None = 9  # label value of lesions, used to keep boxes tight under an affine
+    # label value of findings, to keep boxes tight under an affine; None: the export's finding label
+    # (vocab.json "finding_labels") when known, else the most frequent label inside each box
+    lesion_label: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("flip_prob", "affine_prob", "gamma_prob", "noise_prob"):
@@ -53,10 +56,29 @@ class AugmentConfig:
                 raise ConfigError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ConfigError(f"AugmentConfig.flip_axes must be among 0, 1, 2; got {self.flip_axes}")
-        if len(self.lr_swap_labels) % 2:
+        if self.lr_swap_labels is not None and len(self.lr_swap_labels) % 2:
             raise ConfigError("AugmentConfig.lr_swap_labels must list label pairs (an even number of values)")
         if not 0 <= self.max_scale < 1 or self.max_rotation_deg < 0 or self.max_translation_vox < 0:
             raise ConfigError("AugmentConfig: max_scale in [0, 1), rotation and translation >= 0")
+
+
+def for_labels(cfg: AugmentConfig, label_names: Sequence[str], finding_labels: Sequence[str] = ()) -> AugmentConfig:
+    """``cfg`` with what it left open (None) taken from the export's label names (value = index):
+    the left/right pairs (``kidney_left``/``kidney_right``, ``left_hippocampus``/``right_hippocampus``)
+    and the first finding label. Set values are kept."""
+    names = [str(n).lower() for n in label_names]
+    pairs: list[int] = []
+    if cfg.lr_swap_labels is None:
+        for i, name in enumerate(names):
+            side = _SIDE.search(name)
+            if side is not None and side.group(0) == "left" and swap_laterality(name) in names:
+                pairs += [i, names.index(swap_laterality(name))]
+    lesion = cfg.lesion_label
+    if lesion is None and finding_labels:
+        first = str(finding_labels[0]).lower()
+        lesion = names.index(first) if first in names else None
+    return dataclasses.replace(cfg, lr_swap_labels=tuple(pairs) if cfg.lr_swap_labels is None else cfg.lr_swap_labels,
+                               lesion_label=lesion)
 
 
 _SIDE = re.compile(r"(?<![a-z])(left|right)(?![a-z])", re.IGNORECASE)  # also inside "kidney_left"
@@ -182,7 +204,7 @@ def augment(
         if 0 in flips:  # mirrored left-right: what was the left kidney is now on the right
             if label is not None:
                 lab = subject["label"].data.clone()
-                pairs = cfg.lr_swap_labels
+                pairs = cfg.lr_swap_labels or ()
                 for a, b in zip(pairs[::2], pairs[1::2], strict=True):
                     lab[subject["label"].data == a], lab[subject["label"].data == b] = b, a
                 subject["label"].set_data(lab)

@@ -71,6 +71,7 @@ class DataConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig, metadata={"help": "Augmentation of training volumes, boxes moving with the image (null = none; validation is never augmented)."})
     max_length: int = _f(512, "Longest token sequence (prompt + volume tokens + answer); longer answers are truncated.")
     max_val_cases: int = _f(32, "Cap on validation cases (keeps periodic validation cheap); 0 = all of them.")
+    val_task_cases: int = _f(8, "Validation cases whose answers are generated and scored at every validation (grounding, report F1, presence, count, EHR AUROC in metrics.csv and TensorBoard, `task/...`); 0 = losses only.")
     vocab: str = _f("", "Vocabulary file (JSON/YAML: findings, label names, finding labels; docs/tasks_and_metrics.md); '' = the cache's vocab.json.")
     perception_patch: list[int] = _f([32, 32, 32], "Perception models: the decoder learns on crops of this size (X Y Z) centred on findings; [] = on the whole volumes.")
     perception_patches_per_case: int = _f(2, "Perception crops per case and step.")
@@ -79,7 +80,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive("data", batch_size=self.batch_size)
         _positive("data", max_length=self.max_length, perception_patches_per_case=self.perception_patches_per_case)
-        _non_negative("data", num_workers=self.num_workers, max_val_cases=self.max_val_cases)
+        _non_negative("data", num_workers=self.num_workers, max_val_cases=self.max_val_cases,
+                      val_task_cases=self.val_task_cases)
         if self.perception_patch and (len(self.perception_patch) != 3 or min(self.perception_patch) < 1):
             raise ConfigError(f"data.perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
         if not 0.0 <= self.finding_patch_probability <= 1.0:

@@ -68,6 +68,37 @@ def batched_validation(objective: Objective, model: nn.Module, items: Any, batch
 # ----------------------------------------------------------------------------- vision-language
 
 
+#: Headline metrics of :func:`vol3d.eval.evaluate` logged at every validation: (log name, path).
+TASK_METRICS = (
+    ("task/ground_acc_iou50", ("ground", "acc_iou50")),
+    ("task/report_finding_f1", ("report", "findings", "micro_f1")),
+    ("task/presence_acc", ("vqa_closed", "by_type", "presence", "exact_match")),
+    ("task/count_acc", ("vqa_closed", "by_type", "count", "exact_match")),
+    ("task/vqa_closed_acc", ("vqa_closed", "exact_match")),
+    ("task/ehr_imaging_auroc", ("ehr", "imaging_macro_auroc")),
+)
+
+
+def task_metrics(model: nn.Module, cases: list[Any], code_vocab: Any = None, max_new_tokens: int = 96) -> dict[str, float]:
+    """The task metrics of ``model`` on a few validation ``cases`` (one question per task and case,
+    no bootstrap): what TensorBoard and metrics.csv show beside the losses during training."""
+    import math
+
+    from vol3d.eval import evaluate
+
+    tasks = [t for t in ("report", "vqa_closed", "ground", "ehr") if t != "ehr" or code_vocab is not None]
+    res = evaluate(model, cases, tasks, vocab=getattr(model, "vocab", None) or None, code_vocab=code_vocab,
+                   samples_per_case=1, max_new_tokens=max_new_tokens, bootstrap=0)  # fmt: skip
+    out = {}
+    for name, path in TASK_METRICS:
+        value: Any = res
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not math.isnan(float(value)):
+            out[name] = float(value)
+    return out
+
+
 def centre_targets(target: Tensor, mask: Tensor, anchors: Tensor, cell: Tensor) -> Tensor:
     """Soft targets over cells ``(Q, N)``: for each query, a Gaussian of one cell's width around
     the centre of every true box of its answer ``target (Q, K, 6)`` (``mask (Q, K)``: real boxes),
@@ -171,6 +202,7 @@ class VLMObjective:
         self.patch_size = tuple(int(v) for v in patch_size) if patch_size else None
         self.patches_per_case = patches_per_case
         self.finding_probability = finding_probability
+        self.task_metric_cases = 0  # validate(): task metrics (vol3d.eval) on this many validation cases
         self._dice_ce = None
 
     def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
@@ -419,4 +451,8 @@ class VLMObjective:
         plain = VLMObjective(self.processor, self.mix, self.weights, self.code_vocab, None, self.max_length,
                              self.val_batch_size, self.box_tokens, self.perception, self.prevalence,
                              self.patch_size, self.patches_per_case, self.finding_probability)
-        return batched_validation(plain, model, items, self.val_batch_size)
+        out = batched_validation(plain, model, items, self.val_batch_size)
+        if self.task_metric_cases and hasattr(model, "generate"):
+            cases = [items[i] for i in range(min(self.task_metric_cases, len(items)))]
+            out.update(task_metrics(model, cases, self.code_vocab))
+        return out

@@ -224,12 +224,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
 
         perception = (model.vocab, model.labels)
         prevalence = finding_prevalence((train_ds.item_without_pixels(i) for i in range(len(train_ds))), model.vocab)
-    objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, cfg.data.augment,
+    augment = cfg.data.augment
+    if augment is not None and model.config.label_names:  # left/right pairs and finding label by name
+        from vol3d.tasks.augment import for_labels
+
+        augment = for_labels(augment, model.config.label_names, model.config.finding_labels)
+    objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, augment,
                              cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
                              perception=perception, prevalence=prevalence,
                              patch_size=cfg.data.perception_patch or None,
                              patches_per_case=cfg.data.perception_patches_per_case,
                              finding_probability=cfg.data.finding_patch_probability)
+    objective.task_metric_cases = cfg.data.val_task_cases
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
              model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)

@@ -161,3 +161,23 @@ def test_load_from_safetensors_and_pth(tmp_path):
     wrong = create_encoder("resnet3d_18")
     with pytest.raises(InputError, match="r.pth"):
         load_inflated_resnet(wrong, tmp_path / "r.pth")
+
+
+def test_monai_vit_weights_load_into_vit3d_and_give_the_same_features():
+    from monai.networks.nets import ViT
+
+    from vol3d.models.inflate import vit_state_dict_from_monai
+    from vol3d.models.vit3d import ViT3D
+
+    torch.manual_seed(0)
+    monai_vit = ViT(in_channels=2, img_size=(32, 32, 16), patch_size=(8, 8, 4), hidden_size=48, mlp_dim=192,
+                    num_layers=2, num_heads=4, classification=False).eval()
+    ours = ViT3D(img_size=(32, 32, 16), patch_size=(8, 8, 4), in_chans=2, embed_dim=48, depth=2, num_heads=4).eval()
+    ours.load_state_dict(vit_state_dict_from_monai(monai_vit.state_dict(), depth=2), strict=True)
+    x = torch.randn(2, 2, 32, 32, 16)
+    with torch.no_grad():
+        expected, _ = monai_vit(x)
+        got = ours.forward_features(x)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # LayerNorm eps 1e-6 vs 1e-5
+    with pytest.raises(InputError, match="not a MONAI ViT"):
+        vit_state_dict_from_monai({"norm.weight": torch.ones(48)}, depth=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -230,6 +231,14 @@ def test_lora_trains_only_adapters_and_round_trips(tokenizer, tmp_path, tied):
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(Vol3DModel.from_pretrained(tmp_path / "adapter")(volume, **batch)["logits"], ref)
+        # the adapter in PEFT's own format loads onto the base LM with peft alone
+        from peft import PeftModel
+
+        assert (tmp_path / "adapter/lm_adapter/adapter_model.safetensors").is_file()
+        base = copy.deepcopy(model.lm).unload()  # the base LM, LoRA layers taken out unmerged
+        ids = batch["input_ids"].clamp(max=len(model.tokenizer) - 1)
+        peft_lm = PeftModel.from_pretrained(base, tmp_path / "adapter/lm_adapter").eval()
+        torch.testing.assert_close(peft_lm(input_ids=ids).logits, model.lm(input_ids=ids).logits)
         model.merge_lora()
         assert not model.config.lora
         torch.testing.assert_close(model(volume, **batch)["logits"], ref, rtol=1e-4, atol=1e-4)

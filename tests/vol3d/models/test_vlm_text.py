@@ -65,3 +65,19 @@ def test_packaged_minilm_loads_offline_and_embeds_meaningfully():
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # a pretrained encoder: paraphrases are closer than unrelated text
+
+
+def test_processor_wraps_prompts_in_the_chat_template_of_an_instruction_lm():
+    tok = build_tokenizer(TEXTS, vocab_size=320)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # fmt: skip
+    proc = Vol3DProcessor(tok, num_vol_tokens=4)
+    batch = proc(["<vol> Findings:"], ["liver lesion"], contexts=["No kidney cyst."])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert int((ids == proc.vol_token_id).sum()) == 4
+    prompt = tok.decode(ids[labels == IGNORE_INDEX], skip_special_tokens=True)
+    assert prompt.startswith("<|user|>") and prompt.rstrip().endswith("<|assistant|>")
+    assert "No kidney cyst." in prompt and "Findings:" in prompt
+    assert tok.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True) == "liver lesion"
+    plain = Vol3DProcessor(tok, num_vol_tokens=4, use_chat_template=False)(["<vol> Findings:"])
+    assert "<|user|>" not in tok.decode(plain["input_ids"][0], skip_special_tokens=True)

@@ -37,7 +37,7 @@ def make_case():
 @pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1, 2)])
 def test_flip_moves_boxes_exactly_where_the_flipped_masks_are(axes):
     case = make_case()
-    cfg = AugmentConfig(flip_prob=1.0, flip_axes=axes, affine_prob=0.0, **NO_INTENSITY)
+    cfg = AugmentConfig(flip_prob=1.0, flip_axes=axes, affine_prob=0.0, lr_swap_labels=(3, 4), **NO_INTENSITY)
     out = augment(case, 0, cfg)
     assert out["augment"]["flips"] == list(axes)
     lab = out["label"]
@@ -52,7 +52,7 @@ def test_flip_moves_boxes_exactly_where_the_flipped_masks_are(axes):
 
 
 def test_left_right_flip_swaps_laterality_in_labels_boxes_and_report():
-    cfg = AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0, **NO_INTENSITY)
+    cfg = AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0, lr_swap_labels=(3, 4), **NO_INTENSITY)
     out = augment(make_case(), 0, cfg)
     assert out["box_organ"][2] == "kidney_right"
     assert out["report"] == "Simple cyst in the right kidney."
@@ -147,7 +147,7 @@ def test_cache_dataset_items_tensors_and_plural_keys():
         "affine": torch.from_numpy(np.diag([2.0, 2.0, 3.0, 1.0])),
         "boxes_world": torch.zeros(3, 6),
     }
-    out = augment(item, 0, AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0))
+    out = augment(item, 0, AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0, lr_swap_labels=(3, 4)))
     assert isinstance(out["image"], torch.Tensor) and isinstance(out["boxes_vox"], torch.Tensor)
     assert out["image"].shape == (1, *SHAPE)
     assert out["box_organs"][2] == "kidney_right" and "box_organ" not in out
@@ -164,3 +164,18 @@ def test_config_validation():
         AugmentConfig(flip_axes=(3,))
     with pytest.raises(ConfigError):
         AugmentConfig(lr_swap_labels=(3, 4, 5))
+
+
+def test_left_right_pairs_and_finding_label_come_from_the_exports_label_names():
+    from vol3d.tasks.augment import for_labels
+
+    synthetic = ["background", "liver", "spleen", "kidney_left", "kidney_right", "lung_left", "lung_right",
+                 "spine", "aorta", "lesion"]  # fmt: skip
+    cfg = for_labels(AugmentConfig(), synthetic, ["lesion"])
+    assert cfg.lr_swap_labels == (3, 4, 5, 6) and cfg.lesion_label == 9
+    brain = ["background", "Left_Hippocampus", "Right_Hippocampus", "ventricles", "left-putamen", "right-putamen",
+             "tumour"]  # fmt: skip
+    cfg = for_labels(AugmentConfig(), brain, ["tumour"])
+    assert cfg.lr_swap_labels == (1, 2, 4, 5) and cfg.lesion_label == 6
+    assert for_labels(AugmentConfig(lr_swap_labels=(), lesion_label=3), synthetic, ["lesion"]).lr_swap_labels == ()
+    assert for_labels(AugmentConfig(), ["background", "liver"]).lr_swap_labels == ()  # nothing to swap

@@ -149,6 +149,13 @@ def test_tiny_vlm_learns_and_run_dir_reloads(cases, tmp_path):
     assert {"train/lm", "train/ehr", "train/box_centre", "train/box_l1", "train/box_giou",
             "train/box_iou"} <= set(result.train)
 
+    # task metrics beside the losses at validation (what metrics.csv and TensorBoard show as val/task/...)
+    objective.task_metric_cases = 4
+    with torch.no_grad():
+        metrics = objective.validate(model.eval(), cases)
+    assert {"task/ground_acc_iou50", "task/report_finding_f1", "task/vqa_closed_acc"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k.startswith("task/"))
+
     # the run dir alone rebuilds the trained model: same weights, tokenizer, code list and outputs
     again = Vol3DModel.from_pretrained(tmp_path / "model")
     assert again.config.ehr_codes == codes.codes
