@@ -302,7 +302,7 @@ class CaseTask:
 def _source_stat(task: CaseTask) -> str:
     """Keyed digest of the sizes and mtimes of a case's files: equal on a rerun means unchanged
     (as rsync and make decide), so a resume does not re-read every source byte."""
-    stats = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in task.candidate.source_files]
+    stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, task.candidate.source_files)]
     return ids.keyed_source_hash(task.hash_key, json.dumps([stats, task.candidate.extra.get("volume")]))
 
 

@@ -455,7 +455,7 @@ def read_headers(
     from concurrent.futures import ThreadPoolExecutor
 
     workers = min(8, 2 * (os.cpu_count() or 2))  # I/O overlap without 16 headers inflating at once
-    with quiet_pydicom(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # callers run it under quiet_pydicom (scan)
         it: Iterable = pool.map(lambda a: read_header(*a), files)
         if progress:
             from tqdm import tqdm
@@ -808,16 +808,15 @@ def _read_pixels(path: Path) -> np.ndarray:
     import pydicom
 
     try:
-        with quiet_pydicom():
-            ds = pydicom.dcmread(path, force=True)
-            ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-            try:
-                # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
-                return ds.pixel_array
-            except Exception:
-                if ts in _GDCM_JPEG and _gdcm_available():  # e.g. 12-bit JPEG Extended: GDCM decodes it
-                    return _gdcm_pixels(path, ds)
-                raise
+        ds = pydicom.dcmread(path, force=True)  # scan and load run this under quiet_pydicom
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+        try:
+            # pydicom 3 returns stored values (no modality LUT): rescale is applied once, by the caller.
+            return ds.pixel_array
+        except Exception:
+            if ts in _GDCM_JPEG and _gdcm_available():  # e.g. 12-bit JPEG Extended: GDCM decodes it
+                return _gdcm_pixels(path, ds)
+            raise
     except Exception as exc:  # any decoder/parser failure means this file's pixels are unusable
         raise SeriesError(reasons.UNREADABLE, f"pixels of {path.name} cannot be decoded ({exc})") from exc
 
