@@ -17,6 +17,7 @@ imaging codes >= 0.9; each model CI's lower bound above the image-blind upper bo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=192, help="longest generated answer")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="TrainConfig override on top of tiny_cpu (dotted key, YAML value), repeatable")
-    p.add_argument("--reuse-run", action="store_true", help="evaluate OUT/run as it is (no training)")
+    p.add_argument("--reuse-run", action="store_true", help="evaluate OUT/run as it is (no training), on OUT/cache as it is when it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is several times faster than 2 on a "
@@ -82,8 +83,25 @@ def machine() -> dict:
     }
 
 
-class _Budget(Exception):
-    pass
+def seconds_per_step(opts: demo.DemoOptions, paths: demo.DemoPaths, steps: int = 30) -> tuple[float, float]:
+    """Wall-clock seconds of one training step of this configuration and of starting a run (building the
+    model, the data workers), from a short run (steps 10-``steps``; the first ten warm up the allocator
+    and the data workers), so the learning-rate schedule can span the budget."""
+    import csv
+
+    from vol3d.train.run import train
+
+    run = paths.out / "calibrate_run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = demo.train_config(dataclasses.replace(opts, steps=steps, progress=False), paths)
+    cfg.run_dir, cfg.log_every, cfg.val_every, cfg.ckpt_every = str(run), 10, 0, 10 * steps
+    t0 = time.time()
+    train(cfg)
+    with open(run / "metrics.csv") as fh:
+        times = {int(r["step"]): float(r["time"]) for r in csv.DictReader(fh) if r["name"] == "train/loss"}
+    shutil.rmtree(run, ignore_errors=True)
+    per_step = (times[steps] - times[10]) / (steps - 10)
+    return per_step, max(0.0, times[10] - t0 - 10 * per_step)
 
 
 def train_within(opts: demo.DemoOptions, paths: demo.DemoPaths, seconds: float) -> tuple[int, bool]:
@@ -151,15 +169,24 @@ def main(argv: list[str] | None = None) -> int:
     stamp.write_text(json.dumps(data_key))
 
     t0 = time.perf_counter()
-    demo.step_synth(opts, paths)
-    demo.step_preprocess(opts, paths)
+    if args.reuse_run and (paths.cache / "manifest.jsonl").is_file():
+        print(f"evaluating {paths.run} on the cache as it is: {paths.cache}")  # the run was trained on it
+    else:
+        demo.step_synth(opts, paths)
+        demo.step_preprocess(opts, paths)
     info["data_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
     if args.reuse_run:
         step, stopped = demo.trained_step(paths.run) or 0, False
     else:
+        per_step, startup = seconds_per_step(opts, paths)
         left = budget - (time.perf_counter() - t_start) - args.eval_reserve_min * 60
+        # the learning-rate schedule spans the steps the budget affords (a schedule cut short by the
+        # clock never anneals); the clock still stops training if the steps run slower than measured
+        # (5% for the periodic validations and checkpoints)
+        opts.steps = max(1, min(args.steps, int(0.95 * (left - startup) / per_step)))
+        info.update(seconds_per_step=round(per_step, 3), steps_planned=opts.steps)
         step, stopped = train_within(opts, paths, left)
     info.update(train_seconds=round(time.perf_counter() - t0, 1), step_reached=step, stopped_by_budget=stopped)
 

@@ -64,6 +64,9 @@ class Vol3DConfig:
     perception_decoder: str = _f("auto", "perception decoder style: auto | unetr | unet | monai_unet")
     max_findings: int = _f(8, "most findings (connected components) one volume's digest lists")
     finding_threshold: float = _f(0.5, "a voxel whose finding probability exceeds this is a finding voxel")
+    organ_keep_fraction: float = _f(0.2, "predicted organ maps keep, per organ, its largest connected component and "
+                                    "those at least this fraction of it (nnU-Net's post-processing; stray voxels "
+                                    "elsewhere would stretch the organ's box); 0 keeps every voxel")
     contrastive: bool = _f(False, "volume/report embeddings for contrastive alignment")
     text_tower: str = _f("minilm", "text encoder for contrastive: 'minilm' (packaged) or a local HF dir")
     contrastive_dim: int = _f(256, "width of the shared contrastive embedding")
@@ -86,6 +89,8 @@ class Vol3DConfig:
                               "(the grounding head is for models without perception)")
         if not 0.0 < self.finding_threshold < 1.0:
             raise ConfigError(f"finding_threshold must be in (0, 1), got {self.finding_threshold}")
+        if not 0.0 <= self.organ_keep_fraction <= 1.0:
+            raise ConfigError(f"organ_keep_fraction must be in [0, 1], got {self.organ_keep_fraction}")
         if self.max_findings < 1 or self.perception_dim < 1:
             raise ConfigError("max_findings and perception_dim must be >= 1")
         if self.box_head_dim < 1:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -519,8 +520,6 @@ class Vol3DModel(nn.Module):
 
     def _spacings(self, spacing: Any, n: int) -> list[Any]:
         """``n`` spacings (mm per model-input voxel): the given ones, else the preprocessing's target spacing."""
-        import numpy as np
-
         if spacing is None:
             target = (self.preprocess or {}).get("target_spacing")
             if target is None:
@@ -535,18 +534,20 @@ class Vol3DModel(nn.Module):
 
         Organs and findings come from the dense maps; the conditions from the encoder features
         pooled over the organs found (:meth:`Perception.read_regions`)."""
-        from vol3d.tasks.regions import pack_regions, perceived_from_maps
+        from vol3d.tasks.regions import clean_organ_map, pack_regions, perceived_from_maps
 
         assert self.perception is not None
         p = enc["perception"]
         cfg = self.config
         device = p["features"].device
-        organ_map = p["organ_logits"].detach().argmax(dim=1)  # regions are decisions: no gradient flows back
+        # regions are decisions: no gradient flows back; each organ's stray fragments are dropped
+        organ_np = np.stack([clean_organ_map(m, cfg.organ_keep_fraction)
+                             for m in p["organ_logits"].detach().argmax(dim=1).cpu().numpy()])
+        organ_map = torch.from_numpy(organ_np).to(device)
         finding_prob = torch.sigmoid(p["finding_logits"][:, 0].detach().float()).cpu().numpy()
         type_prob = p["finding_logits"][:, 1:].detach().float().softmax(dim=1).cpu().numpy()
         with torch.no_grad():
             cond = torch.sigmoid(self.perception.condition_logits(enc["fine"], organ_map).float()).cpu().numpy()
-        organ_np = organ_map.cpu().numpy()
         spacings = self._spacings(spacing, len(organ_np))
         perceived, maps = [], []
         for b in range(len(organ_np)):

@@ -301,6 +301,33 @@ def perceived_from_case(case: Mapping[str, Any], vocab: Mapping[str, Any] | None
 # ----------------------------------------------------------------------------- predictions
 
 
+def clean_organ_map(organ_map: np.ndarray, keep_fraction: float = 0.2) -> np.ndarray:
+    """A predicted organ map with each organ's stray fragments set to background (0).
+
+    Per organ class, the largest connected component stays, and so does every other component of at
+    least ``keep_fraction`` of its size (a class that covers two organs, e.g. "kidneys", keeps both);
+    nnU-Net's largest-component post-processing. A few voxels of spleen predicted inside the liver
+    would otherwise stretch the spleen's box over both organs. ``keep_fraction`` 0 returns the map
+    unchanged.
+    """
+    from scipy import ndimage
+
+    organ_map = np.asarray(organ_map)
+    if keep_fraction <= 0:
+        return organ_map
+    out = organ_map.copy()
+    for k in np.unique(organ_map):
+        if k == 0:
+            continue
+        comps, n = ndimage.label(organ_map == k)
+        if n < 2:
+            continue
+        sizes = np.bincount(comps.reshape(-1), minlength=n + 1)[1:]
+        drop = np.flatnonzero(sizes < keep_fraction * sizes.max()) + 1
+        out[np.isin(comps, drop)] = 0
+    return out
+
+
 def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, type_prob: np.ndarray,
                         condition_prob: Sequence[float], spacing: Sequence[float], vocab: Mapping[str, Any] | None,
                         labels: LabelSpec | None, threshold: float = 0.5, max_findings: int = 8,
@@ -490,7 +517,7 @@ def matching_regions(perceived: Perceived, boxes_vox: np.ndarray, min_iou: float
 
 
 __all__ = [
-    "DenseTargets", "LabelSpec", "Perceived", "Region", "coarse_organ", "digest_text", "matching_regions", "pack_regions", "perceived_summary", "summary_dim",
+    "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text", "matching_regions", "pack_regions", "perceived_summary", "summary_dim",
     "organ_text", "perceived_from_case", "perceived_from_maps", "region_feature_dim", "region_features",
     "size_text", "size_triple",
 ]

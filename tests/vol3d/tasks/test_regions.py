@@ -10,6 +10,7 @@ from preprocess.geometry import box_iou
 from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
 from vol3d.tasks.regions import (
     LabelSpec,
+    clean_organ_map,
     digest_text,
     matching_regions,
     pack_regions,
@@ -113,6 +114,24 @@ def test_prediction_keeps_the_most_confident_findings():
     assert pred.findings[0].score == pytest.approx(0.95) and pred.organs == []
     assert (region_map[10:12, 10:12, 6:8] == 0).all() and (region_map[2:4, 2:4, 2:4] == -1).all()
     assert "Splenomegaly: no." in digest_text(pred, VOCAB)
+
+
+def test_stray_organ_fragments_are_dropped_before_the_organ_box_is_read():
+    case = make_case()
+    _, targets = perceived_from_case(case, VOCAB, LABELS)
+    noisy = targets.organ.copy()
+    noisy[12, 12, 8] = 3  # one voxel of "spleen" inside the liver, far from the spleen
+    raw, _ = perceived_from_maps(noisy, np.zeros(SHAPE), np.zeros((2, *SHAPE)), [0.0], (1, 1, 1), VOCAB, LABELS)
+    cleaned = clean_organ_map(noisy, 0.2)
+    fixed, _ = perceived_from_maps(cleaned, np.zeros(SHAPE), np.zeros((2, *SHAPE)), [0.0], (1, 1, 1), VOCAB, LABELS)
+    spleen = {r.name: r for r in fixed.organs}["spleen"]
+    assert spleen.box.tolist() == [1.5, 14.5, 1.5, 7.5, 18.5, 7.5]  # the spleen alone
+    assert {r.name: r for r in raw.organs}["spleen"].box[3] == 12.5  # the stray voxel stretched it
+    assert cleaned[12, 12, 8] == 0 and (cleaned[noisy != 3] == noisy[noisy != 3]).all()
+    assert (clean_organ_map(noisy, 0.0) == noisy).all()
+    split = targets.organ.copy()
+    split[10:12] = 0  # the liver cut in two halves of similar size: a class in two large parts keeps both
+    assert (clean_organ_map(split, 0.2) == split).all()
 
 
 def test_box_only_cases_get_an_inscribed_ellipsoid_whose_box_is_the_box():
