@@ -136,3 +136,7 @@ def test_explore_grounded_answers_draws_the_boxes_of_a_held_out_case(kernel_dir,
     html, _ = HTMLExporter().from_notebook_node(nb)
     section = html.split("Scroll through the slices", 1)[1].split("<h2", 1)[0]
     assert "<img" in section and "data:image/png;base64" in section
+    # the explorer the notebook opens with: a live widget, and under it the static snapshot of its
+    # first answer (slices as an embedded PNG), which is what this static page shows
+    explorer = html.split("Explore interactively", 1)[1].split("<h2", 1)[0]
+    assert "static snapshot" in explorer and "data:image/png;base64" in explorer and "<b>Q:</b>" in explorer

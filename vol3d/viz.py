@@ -480,6 +480,15 @@ def show_slider(
         display(slice_grid(volume, boxes_pred, boxes_true, spacing, axis=axis, channel=channel, labels=labels))
 
 
+def explore(run: Any, cache: str | os.PathLike | None = None, **kwargs: Any) -> Any:
+    """Pick a case, type a question, see the answer, its boxes on three slices and the box table,
+    updated in place: :func:`vol3d.explorer.explore` (``question``, ``case``, ``interactive``,
+    ``device``, ``max_new_tokens``). Returns the :class:`vol3d.explorer.Explorer`."""
+    from vol3d.explorer import explore as _explore
+
+    return _explore(run, cache, **kwargs)
+
+
 # ----------------------------------------------------------------------------- label maps
 
 
