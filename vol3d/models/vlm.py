@@ -711,27 +711,28 @@ class Vol3DModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def _weights_to_save(self) -> dict[str, torch.Tensor]:
-        sd = self.state_dict()
+    def _weights_to_save(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        sd = dict(self.state_dict() if state_dict is None else state_dict)
         if self.text_tower is not None and self.text_tower.frozen:
             # a frozen packaged tower is rebuilt from its own files at load time
             sd = {k: v for k, v in sd.items() if not k.startswith("text_tower.")}
         return sd
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``model.safetensors``, ``vol3d_config.json`` and ``lm/`` (HF config + tokenizer).
 
         With LoRA, the adapters are saved inside ``model.safetensors`` under peft's names
         and rebuilt on load from the config, and also as a PEFT adapter in ``lm_adapter/``
         (``adapter_config.json`` + ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base_lm,
         "RUN/model/lm_adapter")`` loads it onto the base LM); call :meth:`merge_lora` first to
-        save a plain LM.
+        save a plain LM. ``state_dict``: the weights to write instead of the module's own (the full
+        weights a sharded training run gathered).
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         (directory / LM_DIR).mkdir(parents=True, exist_ok=True)
-        sd = self._weights_to_save()
+        sd = self._weights_to_save(state_dict)
         # tied tensors (e.g. LM input/output embeddings) are stored once; aliases are
         # recorded in the metadata and restored by from_pretrained
         seen: dict[tuple[int, tuple[int, ...]], str] = {}
@@ -749,7 +750,9 @@ class Vol3DModel(nn.Module):
         self._base_lm().config.save_pretrained(str(directory / LM_DIR))
         self.tokenizer.save_pretrained(str(directory / LM_DIR))
         if hasattr(self.lm, "peft_config"):  # the ecosystem's format too (peft, vLLM, TGI read it)
-            self.lm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+            lm_sd = None if state_dict is None else {k[len("lm."):]: v for k, v in sd.items() if k.startswith("lm.")}
+            self.lm.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True,
+                                    **({} if lm_sd is None else {"state_dict": lm_sd}))
         if self.preprocess is not None:
             (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess, indent=2))
         if self.domain is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,14 @@ class SegModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors``, ``seg_config.json`` and ``preprocess.json`` (no pickles)."""
+    def save_pretrained(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Write ``model.safetensors``, ``seg_config.json`` and ``preprocess.json`` (no pickles);
+        ``state_dict``: the weights to write instead of the module's own (a sharded run's gathered ones)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         save_file(state, str(directory / WEIGHTS_NAME))
         (directory / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2))
         (directory / PREPROCESS_NAME).write_text(json.dumps(self.preprocess, indent=2))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from preprocess.errors import InputError
@@ -39,6 +39,8 @@ class TrainerState:
     step: int
     samples_seen: int
     world_size: int
+    #: optimizer state layout: "sharded" (FSDP: full state keyed by parameter name) or "" (keyed by index)
+    optimizer_layout: str = ""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -95,18 +97,30 @@ def save_checkpoint(
     scaler: Any | None,
     state: TrainerState,
     rng: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optim_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``RUN/checkpoints/step_N`` atomically and return its path."""
+    """Write ``RUN/checkpoints/step_N`` atomically and return its path.
+
+    ``model_state``/``optim_state``: the full state of a sharded (FSDP) model, gathered by
+    :func:`vol3d.train.distributed.full_state`, saved instead of
+    ``model``'s and ``optimizer``'s own."""
     final = Path(run_dir) / "checkpoints" / f"step_{state.step}"
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    # save_model (not save_file) deduplicates tied weights, e.g. LM input/output embeddings.
-    save_model(model, str(tmp / "model.safetensors"))
+    if model_state is not None:  # tied aliases once, as save_model stores them
+        from vol3d.train.distributed import tied_names
+
+        tied = tied_names(model)
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items() if k not in tied},
+                  str(tmp / "model.safetensors"))
+    else:  # save_model (not save_file) deduplicates tied weights, e.g. LM input/output embeddings.
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optim_state is None else optim_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,
@@ -126,23 +140,42 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any | None,
+    sharded: bool = False,
 ) -> tuple[TrainerState, dict[str, Any]]:
-    """Restore model/optimizer/scheduler/scaler in place; returns the counters and the RNG state."""
+    """Restore model/optimizer/scheduler/scaler in place; returns the counters and the RNG state.
+
+    ``sharded``: ``model`` is an FSDP2 module (every rank reads the full state and keeps its shard)."""
     ckpt = Path(ckpt)
     needed = [ckpt / n for n in ("model.safetensors", "trainer_state.pt", "trainer.json")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         raise InputError(f"checkpoint {ckpt} is incomplete (missing {missing}); delete it to resume from an older one")
-    missing_keys, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    if sharded != (optimizer_layout(ckpt) == "sharded"):
+        saved, now = ("fsdp", "ddp (or one process)") if not sharded else ("ddp (or one process)", "fsdp")
+        raise InputError(f"checkpoint {ckpt} was saved by a {saved} run and this run uses {now}: their optimizer "
+                         f"states differ; resume with the strategy it was saved with (strategy: in config.yaml)")
+    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if sharded:
+        from vol3d.train.distributed import load_full_state
+
+        missing_keys, unexpected = load_full_state(model, optimizer, load_file(str(ckpt / "model.safetensors")),
+                                                   blob["optimizer"])
+    else:
+        missing_keys, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
     if missing_keys or unexpected:
         raise InputError(
             f"checkpoint {ckpt} does not match the model built from config.yaml "
             f"(missing {missing_keys[:5]}, unexpected {unexpected[:5]}); was config.yaml edited?"
         )
-    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
     state = TrainerState(**json.loads((ckpt / "trainer.json").read_text()))
     return state, blob["rng"]
+
+
+def optimizer_layout(ckpt: Path) -> str:
+    """The ``optimizer_layout`` a checkpoint was saved with (see :class:`TrainerState`)."""
+    return str(json.loads((Path(ckpt) / "trainer.json").read_text()).get("optimizer_layout", ""))

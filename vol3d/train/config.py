@@ -163,6 +163,7 @@ class RunConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to RUN/tb (skipped with a note when tensorboard is not installed).")
     progress: bool = _f(True, "Show a tqdm progress bar with loss and samples/s.")
     ddp_find_unused: bool = _f(False, "DDP: tolerate parameters that get no gradient on some steps (slower; needed for some LoRA setups).")
+    strategy: str = _f("ddp", "torchrun: `ddp` (every rank holds the model, gradients averaged) or `fsdp` (torch's FSDP2: parameters, gradients and optimizer state sharded over the ranks, for LMs that do not fit replicated); docs/training.md.")
     sync_batchnorm: bool = _f(False, "torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), for the 3D ResNet at batch 1-2 per GPU.")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -170,6 +171,8 @@ class RunConfig:
         _positive("", max_steps=self.max_steps, grad_accum=self.grad_accum, log_every=self.log_every,
                   ckpt_every=self.ckpt_every, keep_last=self.keep_last)
         _non_negative("", val_every=self.val_every)
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -14,7 +14,6 @@ the RNG forked, so they never perturb the training stream.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -229,23 +228,52 @@ class _Window:
         return out
 
 
-def save_model_dir(model: nn.Module, run_dir: Path) -> Path:
-    """Write ``RUN/model`` (``save_pretrained`` when the model has it) via a temp dir + rename."""
+def save_model_dir(model: nn.Module, run_dir: Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """Write ``RUN/model`` (``save_pretrained`` when the model has it) via a temp dir + rename.
+
+    ``state_dict``: the full weights of a sharded model (:func:`vol3d.train.distributed.full_state`)."""
     import shutil
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     final = Path(run_dir) / "model"
     tmp = final.with_name("model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+    elif state_dict is not None:
+        tmp.mkdir(parents=True)
+        tied = ddp.tied_names(model)  # stored once, as save_model stores them
+        save_file({k: v.contiguous() for k, v in state_dict.items() if k not in tied}, str(tmp / "model.safetensors"))
     else:
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / "model.safetensors"))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def validate_across_ranks(objective: Objective, model: nn.Module, items: Sequence[Any], info: ddp.DistInfo,
+                          sharded: bool) -> dict[str, float]:
+    """``objective.validate`` on the validation items, split over the ranks: rank ``r`` takes items
+    ``r, r + W, ...`` and the metrics are averaged weighted by each rank's item count (every rank gets
+    the result). A sharded (FSDP) model needs every rank in every forward pass, so there each rank
+    validates all items (the same passes in the same order) and rank 0's metrics count."""
+    if not info.enabled or sharded:
+        return dict(objective.validate(model, items))
+    import torch.distributed as dist
+
+    mine = [items[i] for i in range(info.rank, len(items), info.world_size)]
+    local = (dict(objective.validate(model, mine)) if mine else {}, len(mine))
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, local)
+    totals: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for vals, n in gathered:
+        for k, v in vals.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+            weights[k] = weights.get(k, 0) + n
+    return {k: totals[k] / weights[k] for k in totals if weights[k]}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -282,6 +310,9 @@ def fit(
         model.set_precision(amp_dtype)
     model = ddp.sync_batchnorm(model, info, cfg.sync_batchnorm)
     model.to(device)
+    sharded = cfg.strategy == "fsdp" and info.enabled
+    if sharded:  # before the optimizer is built: FSDP2 replaces the parameters by their shards
+        ddp.shard(model, info)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
@@ -294,7 +325,7 @@ def fit(
         last = ckpt_io.latest_checkpoint(run_dir) if run_dir is not None else None
         if last is None:
             raise InputError(f"nothing to resume: {run_dir}/checkpoints has no step_N checkpoint")
-        state, rng = ckpt_io.load_checkpoint(last, model, optimizer, scheduler, scaler)
+        state, rng = ckpt_io.load_checkpoint(last, model, optimizer, scheduler, scaler, sharded=sharded)
         step, samples_seen = state.step, state.samples_seen
         if state.world_size != info.world_size:
             log.warning("resuming a %d-process run with %d processes: the data order differs from an uninterrupted run",
@@ -330,22 +361,27 @@ def fit(
 
     def checkpoint() -> None:
         nonlocal last_saved
-        if writes is not None and last_saved != step:
-            ckpt_io.save_checkpoint(writes, model, optimizer, scheduler, scaler,
-                                    ckpt_io.TrainerState(step, samples_seen, info.world_size), resume_rng)
+        if last_saved == step:
+            return
+        model_sd = optim_sd = None
+        if sharded:  # every rank takes part in gathering the full state; rank 0 writes it
+            model_sd, optim_sd = ddp.full_state(model, optimizer)
+        if writes is not None:
+            state = ckpt_io.TrainerState(step, samples_seen, info.world_size, "sharded" if sharded else "")
+            ckpt_io.save_checkpoint(writes, model, optimizer, scheduler, scaler, state, resume_rng, model_sd, optim_sd)
             ckpt_io.prune_checkpoints(writes, cfg.keep_last)
-            save_model_dir(model, writes)
+            save_model_dir(model, writes, model_sd)
         last_saved = step
 
     def validate() -> None:
-        if val_items is None or len(val_items) == 0 or not info.is_main:
+        if val_items is None or len(val_items) == 0:
             return
         model.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), autocast():
-            vals = objective.validate(model, val_items)
+            vals = validate_across_ranks(objective, model, val_items, info, sharded)
         model.train()
-        result.val = {f"val/{k}": float(v) for k, v in vals.items()}
-        metrics.write(step, result.val)
+        result.val = {f"val/{k}": float(v) for k, v in vals.items()}  # every rank's result holds them
+        metrics.write(step, result.val)  # rank 0's writes
         if bar is not None:
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.val.items()))
 
@@ -357,7 +393,7 @@ def fit(
                 batch = to_device(next(batches), device)
                 # Gradients are all-reduced only on the last micro-batch of a step.
                 sync = micro == accum - 1 or not info.enabled
-                with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                with ddp.gradient_sync(ddp_model, sync):
                     with autocast():
                         loss, logs = objective.loss(ddp_model, batch)
                     scaled = loss / accum
@@ -367,7 +403,7 @@ def fit(
                 scaler.unscale_(optimizer)
             if cfg.optim.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                window.add({"grad_norm": gnorm})
+                window.add({"grad_norm": gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm})
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,93 @@ def test_sync_batchnorm_converts_for_several_gpus_and_refuses_cpu():
     assert isinstance(ddp.sync_batchnorm(net(), one, enabled=True)[1], torch.nn.BatchNorm3d)  # nothing to sync
     with pytest.raises(ConfigError, match="GPUs"):
         ddp.sync_batchnorm(net(), ddp.DistInfo(rank=0, world_size=2, device=torch.device("cpu")), enabled=True)
+
+
+class _Stack(torch.nn.Module):
+    """Blocks in a ModuleList (FSDP units) and two root layers sharing one weight (a tied LM's embeddings)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+        self.pre, self.post = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.post.weight = self.pre.weight
+        self.out = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.out(torch.tanh(self.post(torch.tanh(self.pre(h)))))
+
+
+def _fsdp_worker(rank: int, port: int, run: str, steps: int, resume: bool) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from vol3d.train import distributed
+
+    cfg = _cfg(run, max_steps=steps, batch_size=1, grad_accum=2, strategy="fsdp", ckpt_every=2, val_every=2)
+    model = _Stack(seed=rank)  # different inits: rank 0's weights are broadcast before sharding
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{run}/init.pt")
+    result = fit(cfg, model, ToyObjective(), toy_items(16), toy_items(5, seed=1), run_dir=Path(run), resume=resume)
+    assert distributed.is_sharded(model)
+    torch.save(result.val, f"{run}/val{rank}.pt")
+    distributed.cleanup()
+
+
+def test_fsdp_two_processes_train_like_one_and_save_full_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from preprocess.errors import InputError
+    from vol3d.train import distributed as ddp
+    from vol3d.train.checkpoint import optimizer_layout
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.multiprocessing.start_processes(_fsdp_worker, args=(_free_port(), str(run), 4, False), nprocs=2,
+                                          join=True, start_method="fork")
+    saved = load_file(str(run / "model" / "model.safetensors"))  # the full weights, gathered from both shards
+    single = _Stack(seed=0)
+    ref = fit(_cfg(max_steps=4, batch_size=2, grad_accum=2, val_every=2), single, ToyObjective(), toy_items(16),
+              toy_items(5, seed=1))
+    assert set(saved) == set(single.state_dict()) - ddp.tied_names(single)  # the tied alias is stored once
+    for name, p in single.state_dict().items():
+        if name not in ddp.tied_names(single):
+            # 2 ranks x batch 1 (accumulated over 2 micro-batches) == 1 process x batch 2, from rank 0's init
+            torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    v0, v1 = torch.load(run / "val0.pt"), torch.load(run / "val1.pt")
+    assert v0 == v1 and v0["val/mse"] == pytest.approx(ref.val["val/mse"], rel=1e-5)
+    assert optimizer_layout(run / "checkpoints" / "step_4") == "sharded"
+
+    # resume the sharded run from its step-4 checkpoint (full state, read by every rank) to step 6
+    torch.multiprocessing.start_processes(_fsdp_worker, args=(_free_port(), str(run), 6, True), nprocs=2,
+                                          join=True, start_method="fork")
+    assert (run / "checkpoints" / "step_6").is_dir()
+    resumed = load_file(str(run / "model" / "model.safetensors"))
+    one = tmp_path / "one"  # the same in one process: 4 steps, then resumed to 6
+    for steps, again in ((4, False), (6, True)):
+        single = _Stack(seed=0)
+        fit(_cfg(one, max_steps=steps, batch_size=2, grad_accum=2, ckpt_every=2), single, ToyObjective(),
+            toy_items(16), run_dir=one, resume=again)
+    for name, p in single.state_dict().items():
+        if name in resumed:
+            torch.testing.assert_close(resumed[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    # a one-process (unsharded) run cannot take the sharded optimizer state
+    with pytest.raises(InputError, match="fsdp"):
+        fit(_cfg(run, max_steps=8, batch_size=2), _Stack(seed=0), ToyObjective(), toy_items(16), run_dir=run,
+            resume=True)
+
+
+def test_fsdp_units_are_the_blocks_innermost_first():
+    from vol3d.train import distributed as ddp
+
+    model = _Stack(seed=0)
+    assert ddp.shard_units(model) == [model.blocks[1], model.blocks[0]]
+    assert ddp.tied_names(model) == {"post.weight"}
+    with pytest.raises(Exception, match="strategy"):
+        _cfg(strategy="zero3")

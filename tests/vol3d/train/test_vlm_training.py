@@ -226,3 +226,49 @@ def test_objective_lm_average_follows_the_loss_config(cases):
     answer_lengths = (batch["labels"] != -100).sum(dim=1)
     assert answer_lengths.max() > answer_lengths.min()  # a mixed batch, where the averages can differ
     assert not torch.allclose(got["token"], got["sample"])
+
+
+def _fsdp_vlm_worker(rank: int, port: int, run: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from vol3d.train import distributed
+
+    cases = [fake_case(i) for i in range(8)]
+    model, codes = tiny_model(cases)
+    cfg = TrainConfig(run_dir=run, max_steps=3, log_every=1, val_every=0, ckpt_every=3, progress=False,
+                      tensorboard=False, device="cpu", model=model.config, strategy="fsdp",
+                      data=DataConfig(batch_size=2, augment=None, max_length=128),
+                      optim=OptimConfig(lr=3e-3, warmup_steps=1))
+    losses = LossConfig(lm=1.0, ehr=1.0, box_centre=1.0, box_l1=1.0, box_giou=1.0)
+    objective = VLMObjective(model.processor, TaskMix(report=1.0, vqa_closed=1.0, ground=1.0, ehr=0.5), losses,
+                             codes, None, 128, val_batch_size=4, box_tokens=True)
+    from pathlib import Path
+
+    result = fit(cfg, model.train(), objective, cases, val_items=cases[:3], run_dir=Path(run))
+    assert distributed.is_sharded(model) and np.isfinite(result.train["train/loss"])
+    assert np.isfinite(result.val["val/lm"]) if rank == 0 else True
+    distributed.cleanup()
+
+
+def test_tiny_vlm_trains_sharded_with_fsdp_and_saves_full_weights(cases, tmp_path):
+    """Two gloo processes with --strategy fsdp (the VLM's LM layers and ViT blocks as units): the run
+    completes, and RUN/model holds the full trained weights that load in one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_fsdp_vlm_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
+                                          start_method="fork")
+    trained = Vol3DModel.from_pretrained(tmp_path / "model")
+    init, _ = tiny_model(cases)
+    changed = [k for k, v in init.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert any(k.startswith("lm.") for k in changed) and any(k.startswith("encoder.") for k in changed)
+    batch = VLMObjective(trained.processor, TaskMix(report=1.0), LossConfig(), None, None, 128).make_batch(
+        cases[:2], [np.random.default_rng(0)] * 2)
+    with torch.no_grad():
+        out = trained.eval()(batch["volume"], batch["input_ids"], batch["attention_mask"])
+    assert torch.isfinite(out["logits"]).all()
