@@ -365,10 +365,60 @@ def _volume_values(ds) -> dict[str, str]:
     return out
 
 
+#: A deflated file (transfer syntax 1.2.840.10008.1.2.1.99) is inflated whole by the parser, so one
+#: that inflates to more than this many times its size (or :data:`MAX_INFLATED_BYTES`) is refused
+#: before parsing: 200 KB of deflated zeros would otherwise take gigabytes per scan thread.
+MAX_INFLATE_RATIO = 200
+MAX_INFLATED_BYTES = 4 << 30
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+
+
+def _deflated_start(fp, head: bytes) -> int | None:
+    """Where the deflated data set of a DICOM file with the ``DICM`` magic starts (after its file meta
+    group), or None when the file is not deflated or its meta group has no length to skip."""
+    if head[128:132] != b"DICM":
+        return None
+    meta = fp.read(12)
+    if meta[:4] != b"\x02\x00\x00\x00" or meta[4:6] != b"UL":
+        return None
+    length = struct.unpack("<I", meta[8:12])[0]
+    if length > 1 << 20:  # a meta group is a few hundred bytes
+        return None
+    group = fp.read(length)
+    return 132 + 12 + length if _DEFLATED in group else None
+
+
+def _inflates_within(fp, start: int, limit: int) -> bool:
+    """Whether the raw deflate stream from ``start`` inflates to at most ``limit`` bytes, counted in
+    64 KiB steps without keeping the output (memory stays bounded whatever the stream holds)."""
+    import zlib
+
+    fp.seek(start)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        chunk = inflater.unconsumed_tail or fp.read(1 << 16)
+        if not chunk:
+            break
+        total += len(inflater.decompress(chunk, 1 << 16))
+        if total > limit:
+            return False
+    return True
+
+
 def _parse_header(f: FoundFile, magic: bool, known_dicom: bool) -> Header | Candidate | None:
     import pydicom
 
     size = f.path.stat().st_size
+    with open(f.path, "rb") as fp:
+        head = fp.read(132)
+        start = _deflated_start(fp, head)
+        limit = min(MAX_INFLATED_BYTES, MAX_INFLATE_RATIO * max(size, 1 << 16))
+        if start is not None and not _inflates_within(fp, start, limit):
+            return file_row(f, "failed", reasons.ARCHIVE_LIMIT,
+                            f"deflated DICOM file {f.rel} ({size} bytes) inflates to more than {limit} bytes "
+                            f"(over {MAX_INFLATE_RATIO} times its size: a decompression bomb?); it was not read. "
+                            "Re-export it uncompressed or with another transfer syntax.")
     with open(f.path, "rb") as fp:
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
         meta = getattr(ds, "file_meta", None)

@@ -318,3 +318,28 @@ def test_pydicom_warnings_never_print_tag_values(tmp_path, capfd, caplog):
         load(next(c for c in cands if c.status == "ok"), IngestConfig())
     captured = capfd.readouterr()
     assert "DOEJANE" not in captured.err + captured.out + caplog.text
+
+
+def test_a_deflated_file_that_inflates_to_gigabytes_is_refused_before_parsing(tmp_path):
+    """A deflated transfer syntax file is inflated whole by the parser: its inflated size is counted
+    first, in bounded steps, and a decompression bomb fails alone (ARCHIVE_LIMIT) while a normal
+    deflated series beside it is read."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    root = tmp_path / "export"
+    normal = _series(root / "deflated")
+    for p in normal:  # a genuine deflated series: the same slices, re-encoded
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(p, enforce_file_format=True)
+    bomb = pydicom.dcmread(normal[0])
+    bomb.SeriesInstanceUID = generate_uid()
+    bomb.add(DataElement(0x00091010, "OB", bytes(40 << 20)))  # 40 MiB of zeros: about 40 KiB deflated
+    (root / "bomb").mkdir()
+    bomb.save_as(root / "bomb" / "x.dcm", enforce_file_format=True)
+    assert (root / "bomb" / "x.dcm").stat().st_size < 200_000
+    cands = scan(root, IngestConfig())  # 40 MiB > 200 x 64 KiB: refused by the ratio
+    by = {c.source[0].split("/")[0]: c for c in cands}
+    assert by["bomb"].status == "failed" and by["bomb"].reason == reasons.ARCHIVE_LIMIT
+    assert "inflates to more than" in by["bomb"].detail and "x.dcm" in by["bomb"].detail
+    assert by["deflated"].status == "ok" and len(by["deflated"].source) == NZ
