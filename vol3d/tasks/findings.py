@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,16 @@ def coarse_organ(organ: str) -> str:
     """``"kidney_left"`` / ``"left kidney"`` -> ``"kidney"``: laterality-free organ name."""
     words = organ.lower().replace("_", " ").split()
     return " ".join(w for w in words if w not in ("left", "right")) or organ.lower()
+
+
+def organ_in(label: str, organs: Iterable[str]) -> str:
+    """The organ of ``organs`` (vocabulary organ names) that a label name is a part of, by words:
+    ``"ren_sinister"`` with organs ``{"ren", "hepar"}`` -> ``"ren"``, ``"kidney_left"`` -> ``"kidney"``
+    (the longest match); :func:`coarse_organ` of the label when none matches. Exports name the sides
+    of paired organs in their own language, so no list of laterality words is assumed."""
+    words = set(label.lower().replace("_", " ").split())
+    hits = [o for o in organs if o and set(o.lower().replace("_", " ").split()) <= words]
+    return max(hits, key=lambda o: (len(o.split()), len(o))) if hits else coarse_organ(label)
 
 
 DEFAULT_VOCAB.update(_synthetic_vocab())

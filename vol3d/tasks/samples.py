@@ -29,7 +29,7 @@ from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import as_boxes, format_box, normalise_boxes
 from vol3d.protocol import BOX_START, VOL_TOKEN
 from vol3d.tasks.codes import CodeVocab, normalise_code
-from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ
+from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ, organ_in
 
 VOL = VOL_TOKEN
 BOX_TOKEN = BOX_START
@@ -372,8 +372,9 @@ def _closed_sample(case: Mapping[str, Any], rng: np.random.Generator, vocab: Fin
     elif qtype == "organ":
         name = _choose(rng, pos)
         spec = vocab[name]
-        answer = coarse_organ(truth[name].organs[0])
-        pool = sorted({coarse_organ(s.organ) for s in vocab.values()} - {answer})
+        organs = {coarse_organ(s.organ) for s in vocab.values()}
+        answer = organ_in(truth[name].organs[0], organs)
+        pool = sorted(organs - {answer})
         others = [pool[i] for i in rng.permutation(len(pool))[:3]]
         choices = [str(c) for c in np.asarray([answer, *others])[rng.permutation(len(others) + 1)]]
         # the bare noun is ambiguous when another present finding shares it in another organ

@@ -318,3 +318,12 @@ def test_corpus_covers_every_sampled_text():
                 assert tokens(s.prompt) <= vocab
                 assert tokens(s.answer) <= vocab
     assert "There is no lung nodule." in corpus and cases[0]["report"] in corpus
+
+
+def test_organ_questions_map_any_sided_label_to_the_vocabulary_organ():
+    from vol3d.tasks.findings import organ_in
+
+    assert organ_in("kidney_left", {"kidney", "liver"}) == "kidney"
+    assert organ_in("ren_sinister", {"ren", "hepar", "pulmo"}) == "ren"  # sides named in another language
+    assert organ_in("lobus hepatis dexter", {"hepatis", "lobus hepatis"}) == "lobus hepatis"  # the longest match
+    assert organ_in("pancreas", {"ren"}) == "pancreas" and organ_in("lung_right", set()) == "lung"
