@@ -64,6 +64,10 @@ class Vol3DConfig:
     perception_decoder: str = _f("auto", "perception decoder style: auto | unetr | unet | monai_unet")
     max_findings: int = _f(8, "most findings (connected components) one volume's digest lists")
     finding_threshold: float = _f(0.5, "a voxel whose finding probability exceeds this is a finding voxel")
+    closed_answers_from_perception: bool = _f(True, "perception models: the first token of a yes/no or count "
+                                              "answer about the one finding a question names agrees with the "
+                                              "perceived regions (the LM picks the kind of answer, the regions its "
+                                              "value, as boxes come from the region a <box> points at)")
     organ_keep_fraction: float = _f(0.2, "predicted organ maps keep, per organ, its largest connected component and "
                                     "those at least this fraction of it (nnU-Net's post-processing; stray voxels "
                                     "elsewhere would stretch the organ's box); 0 keeps every voxel")

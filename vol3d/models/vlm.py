@@ -73,6 +73,41 @@ class NoRepeatNGram:
         return scores
 
 
+class PerceivedValues:
+    """The first token of a closed answer about a finding agrees with the perception: the LM decides
+    *what kind* of answer to give (yes/no, a number, a box, a sentence), the perception's regions
+    give its *value*, as a ``<box>`` gets its box from the region it points at.
+
+    Per row, ``counts[b]`` is the perceived count of the one finding the question names (a condition:
+    1 or 0), None for no constraint. When the LM's most likely first token is "yes" or "no", the
+    answer becomes "no" for a count of 0 and "yes" otherwise, unless ``yes_allowed[b]`` is False
+    (the question holds a number, e.g. "larger than 20 mm?": a present finding does not make it
+    "yes", an absent one still makes it "no"). When it is a digit, the answer becomes the count.
+    Later tokens are the LM's. An HF ``LogitsProcessor``."""
+
+    def __init__(self, counts: Sequence[int | None], yes_allowed: Sequence[bool], yes_id: int, no_id: int,
+                 digit_ids: Sequence[int]) -> None:
+        self.counts, self.yes_allowed = list(counts), list(yes_allowed)
+        self.yes_id, self.no_id, self.digit_ids = int(yes_id), int(no_id), [int(d) for d in digit_ids]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != 0:  # generation from embeddings: the first step has no token yet
+            return scores
+        top = scores.argmax(dim=-1).tolist()
+        for b, count in enumerate(self.counts):
+            if count is None:
+                continue
+            want = None
+            if top[b] in (self.yes_id, self.no_id):
+                want = self.no_id if count == 0 else self.yes_id if self.yes_allowed[b] else None
+            elif top[b] in self.digit_ids and count < len(self.digit_ids):
+                want = self.digit_ids[count]
+            if want is not None:
+                scores[b] = torch.where(torch.arange(scores.shape[1], device=scores.device) == want,
+                                        scores[b].max(), torch.full_like(scores[b], float("-inf")))
+        return scores
+
+
 def box_token_index(labels: torch.Tensor, box_token_id: int) -> torch.Tensor:
     """``(Q, 2)`` ``(row, position)`` of every ``<box>`` token in the *answers* of ``labels (B, T)``,
     row-major: the ``k``-th of a row is that row's ``k``-th box (prompts carry labels -100)."""
@@ -619,11 +654,19 @@ class Vol3DModel(nn.Module):
             attention_mask = attention_mask.to(volume.device)
             kwargs = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
                       "eos_token_id": self.tokenizer.eos_token_id, **generate_kwargs}
+            extra: list[Any] = []
             if no_repeat_ngram:
+                extra.append(NoRepeatNGram(no_repeat_ngram, [self.box_token_id]))
+            if contexts is not None and self.config.closed_answers_from_perception and not answer_prefix:
+                texts = [prompts] * len(perceived) if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
+                values = self._perceived_values(texts, perceived)
+                if values is not None:
+                    extra.append(values)
+            if extra:
                 from transformers import LogitsProcessorList
 
                 processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-                processors.append(NoRepeatNGram(no_repeat_ngram, [self.box_token_id]))
+                processors.extend(extra)
                 kwargs["logits_processor"] = processors
             prefix = torch.tensor(self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
                                   if answer_prefix else [], dtype=torch.long, device=volume.device)
@@ -648,6 +691,33 @@ class Vol3DModel(nn.Module):
         else:
             texts = [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
         return (texts, perceived) if return_perceived else texts
+
+    def _perceived_values(self, prompts: list[str], perceived: list[Any]) -> PerceivedValues | None:
+        """:class:`PerceivedValues` for these prompts and their volumes' regions (None when the tokenizer
+        has no single first token for "yes", "no" and the digits)."""
+        import re
+
+        from vol3d.tasks.findings import finding_named
+
+        def first(text: str) -> int | None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return int(ids[0]) if ids else None
+
+        yes, no, digits = first("yes"), first("no"), [first(str(d)) for d in range(10)]
+        if yes is None or no is None or yes == no or None in digits or len(set(digits)) != 10:
+            return None
+        vocab = self.vocab
+        counts: list[int | None] = []
+        for prompt, per in zip(prompts, perceived, strict=True):
+            name = finding_named(prompt, vocab)
+            if name is None:
+                counts.append(None)
+            elif vocab[name].countable:
+                counts.append(per.count(name))
+            else:
+                counts.append(int(per.conditions.get(name, 0.0) >= 0.5))
+        yes_allowed = [re.search(r"\d", p.split("<vol>")[-1]) is None for p in prompts]
+        return PerceivedValues(counts, yes_allowed, yes, no, digits)  # type: ignore[arg-type]
 
     def _generated_boxes(self, enc: dict[str, Any], embeds: torch.Tensor, attention_mask: torch.Tensor,
                          input_ids: torch.Tensor, ids: torch.Tensor,

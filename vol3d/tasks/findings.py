@@ -122,6 +122,18 @@ def coarse_organ(organ: str) -> str:
     return " ".join(w for w in words if w not in ("left", "right")) or organ.lower()
 
 
+def finding_named(question: str, vocab: Mapping[str, FindingSpec]) -> str | None:
+    """The one vocabulary finding a question names (its text, plural or phrases, as whole words), or
+    None when it names none or several ("Is there a liver lesion?" -> ``"liver_lesion"``)."""
+    import re
+
+    q = " " + re.sub(r"[^a-z0-9]+", " ", question.lower()) + " "
+    named = {name for name, spec in vocab.items()
+             for form in (spec.text, spec.plural_text, *spec.phrases)
+             if form and f" {re.sub(r'[^a-z0-9]+', ' ', form.lower()).strip()} " in q}
+    return named.pop() if len(named) == 1 else None
+
+
 def organ_in(label: str, organs: Iterable[str]) -> str:
     """The organ of ``organs`` (vocabulary organ names) that a label name is a part of, by words:
     ``"ren_sinister"`` with organs ``{"ren", "hepar"}`` -> ``"ren"``, ``"kidney_left"`` -> ``"kidney"``

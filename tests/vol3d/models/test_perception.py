@@ -181,3 +181,59 @@ def test_no_repeat_ngram_blocks_loops_but_not_box_lists():
     assert out[0, 3] == float("-inf") and torch.isfinite(out[0, :3]).all()  # "1 2 3 1 2" may not go on with 3
     assert torch.isfinite(out[1]).all()  # a list of boxes may go on
     assert box_token_index(torch.tensor([[box, 1, box]]), box).tolist() == [[0, 0], [0, 2]]
+
+
+def test_perceived_values_set_the_first_token_of_closed_answers():
+    from vol3d.models.vlm import PerceivedValues
+
+    yes, no, digits = 7, 8, list(range(20, 30))
+    values = PerceivedValues([0, 2, 3, None, 1], [True, True, True, True, False], yes, no, digits)
+    scores = torch.zeros(5, 40)
+    scores[0, yes] = scores[1, no] = scores[2, 21] = scores[3, yes] = scores[4, no] = 5.0  # what the LM would say
+    out = values(torch.zeros(5, 0, dtype=torch.long), scores.clone()).argmax(-1).tolist()
+    # a finding seen 0 times: "no"; seen twice: "yes"; three times: "3"; no finding named: the LM's
+    # own answer; a question with a number ("larger than 20 mm?"): a present finding keeps the LM's "no"
+    assert out == [no, yes, digits[3], yes, no]
+    later = values(torch.zeros(5, 1, dtype=torch.long), scores.clone())
+    assert torch.equal(later, scores)  # only the first answer token
+
+    from vol3d.tasks.findings import as_vocab, finding_named
+
+    vocab = as_vocab(VOCAB)
+    assert finding_named("Is there a liver lesion?", vocab) == "liver_lesion"
+    assert finding_named("How many kidney cysts are there?", vocab) == "kidney_cyst"
+    assert finding_named("Does this scan show splenomegaly?", vocab) == "splenomegaly"
+    assert finding_named("Any liver lesion or kidney cyst?", vocab) is None  # two: no single value
+    assert finding_named("Is the liver normal?", vocab) is None
+
+
+def test_generated_yes_no_and_counts_agree_with_the_digest(model):
+    """Whatever value the LM would give (here: pushed to "yes", "5", "yes"), the first token of a yes/no
+    or count answer about a finding is the perceived one; with the option off, the LM's stays."""
+    case = make_case(3)
+    volume = case["image"][None].expand(3, -1, -1, -1, -1)
+    questions = ["Is there a liver lesion?", "How many liver lesions are there?", "Is there a kidney cyst?"]
+    tok = model.tokenizer
+    push = [tok("yes", add_special_tokens=False)["input_ids"][0], tok("5", add_special_tokens=False)["input_ids"][0],
+            tok("yes", add_special_tokens=False)["input_ids"][0]]
+
+    def lm_says(input_ids, scores):  # the LM's own first choice, before the perception's values
+        if input_ids.shape[1] == 0:
+            scores[torch.arange(3), push] += 100.0
+        return scores
+
+    answers, perceived = model.generate(volume, questions, max_new_tokens=1, return_perceived=True,
+                                        logits_processor=[lm_says])
+    lesions, cysts = perceived[0].count("liver_lesion"), perceived[0].count("kidney_cyst")
+
+    def first(word):  # the first token of a word, as decoded ("yes" may be "y" + "es" in a tiny tokenizer)
+        return tok.decode(tok(word, add_special_tokens=False)["input_ids"][:1]).strip()
+
+    assert [a.strip() for a in answers] == [first("yes" if lesions else "no"), first(str(lesions)),
+                                            first("yes" if cysts else "no")]
+    model.config.closed_answers_from_perception = False
+    try:
+        plain = model.generate(volume, questions, max_new_tokens=1, logits_processor=[lm_says])
+    finally:
+        model.config.closed_answers_from_perception = True
+    assert [a.strip() for a in plain] == [first("yes"), "5", first("yes")]
