@@ -68,8 +68,8 @@ def _with_vocabulary(cfg):
     import tempfile
     import types
 
-    from preprocess.synth.phantom import LABELS
-    from preprocess.synth.reports import vocabulary
+    from vol3d.synth.phantom import LABELS
+    from vol3d.synth.reports import vocabulary
     from vol3d.train.run import resolve_vocabulary
 
     with tempfile.TemporaryDirectory() as tmp:

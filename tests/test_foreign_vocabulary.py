@@ -64,7 +64,7 @@ def foreign_export(src: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    from preprocess.synth import SynthConfig, generate
+    from vol3d.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("foreign")
     src, cache, run = root / "src", root / "cache", root / "run"

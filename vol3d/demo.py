@@ -2,7 +2,7 @@
 
 Six steps, each reusing what a previous run left in the demo folder ``OUT``:
 
-1. ``OUT/export``: a synthetic hospital export (:func:`preprocess.synth.generate`);
+1. ``OUT/export``: a synthetic hospital export (:func:`vol3d.synth.generate`);
    reused when complete (its ``.vol3dignore`` is written last).
 2. ``OUT/cache``: the HDF5 cache (:func:`preprocess.runner.run_preprocess` with the
    ``tiny`` preset); the runner itself reuses unchanged cases and resumes after a kill.
@@ -190,7 +190,7 @@ def _prepare_folder(opts: DemoOptions, paths: DemoPaths) -> None:
 def step_synth(opts: DemoOptions, paths: DemoPaths) -> bool:
     """Write the synthetic export unless a complete one exists; True when reused."""
     from preprocess.ingest.discover import IGNORE_FILE
-    from preprocess.synth import SynthConfig, generate
+    from vol3d.synth import SynthConfig, generate
 
     export = paths.export
     if (export / IGNORE_FILE).is_file() and (export / "truth.json").is_file():

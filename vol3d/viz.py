@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # matplotlib is imported lazily at run time
 #: Colours of box ``n`` (cycled); bright so they read on a grey CT slice.
 BOX_COLORS = ("#00e5ff", "#ff3ec9", "#ffd400", "#7cfc00", "#ff8c1a", "#b388ff", "#ff4d4d", "#ffffff")
 
-#: Organ label colours by value (0 background is never drawn); names in ``preprocess.synth.LABELS``.
+#: Organ label colours by value (0 background is never drawn); names in ``vol3d.synth.LABELS``.
 LABEL_COLORS = (
     "#000000",  # 0 background
     "#c0703a",  # 1 liver
@@ -495,7 +495,7 @@ def explore(run: Any, cache: str | os.PathLike | None = None, **kwargs: Any) -> 
 def label_names(cache_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
     """Label names by value (0 background ...): the cache's ``vocab.json`` ``labels`` (what
     ``vol3d preprocess --vocab`` copied from the export) when it has them, else the synthetic
-    phantom's (``preprocess.synth.LABELS``, what ``vol3d synth`` exports)."""
+    phantom's (``vol3d.synth.LABELS``, what ``vol3d synth`` exports)."""
     if cache_dir is not None:
         from preprocess.sidecars import VOCAB_NAME, load_vocabulary
 
@@ -504,7 +504,7 @@ def label_names(cache_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
             labels = load_vocabulary(path).get("labels") or []
             if labels:
                 return tuple(str(n) for n in labels)
-    from preprocess.synth import LABELS
+    from vol3d.synth import LABELS
 
     return tuple(LABELS)
 

@@ -17,7 +17,7 @@ from preprocess import reasons
 from preprocess.geometry import affine_from_dicom, affine_from_itk, apply_affine
 from preprocess.ingest import IngestConfig, content_hash, load, scan
 from preprocess.ingest import dicom as ingest_dicom
-from preprocess.synth.dicom_writer import generate_uid, slice_positions, write_series
+from vol3d.synth.dicom_writer import generate_uid, slice_positions, write_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PS = (0.7, 0.8)  # (row spacing, column spacing)

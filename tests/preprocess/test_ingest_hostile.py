@@ -22,7 +22,7 @@ from preprocess.config import PreprocessConfig
 from preprocess.ingest import IngestConfig, scan
 from preprocess.manifest import read_manifest
 from preprocess.runner import RunOptions, run_preprocess
-from preprocess.synth.dicom_writer import generate_uid, slice_positions, write_series
+from vol3d.synth.dicom_writer import generate_uid, slice_positions, write_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-42", "PatientBirthDate": "19700101", "PatientSex": "F"}

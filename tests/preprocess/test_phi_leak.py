@@ -79,7 +79,7 @@ def _h5_blobs(path: Path) -> list[tuple[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from preprocess.synth.export import SynthConfig, generate
+    from vol3d.synth.export import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("phi")
     export, out = root / "export", root / "cache"
@@ -130,7 +130,7 @@ def test_no_identifier_in_any_output_byte_name_or_log(run):
 def broken_run(tmp_path_factory):
     """The same kind of export with a corrupt label map (named by its SeriesInstanceUID) and a
     truncated slice, run in one process at debug level with --redact-paths."""
-    from preprocess.synth.export import SynthConfig, generate
+    from vol3d.synth.export import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("phi_broken")
     export, out = root / "export", root / "cache"

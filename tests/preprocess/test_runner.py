@@ -305,7 +305,7 @@ def test_cli_dicomdir_export_exit_3_and_merge_word(pydicom_test_files, tmp_path,
 
 
 def test_synth_export_statuses_and_side_data(tmp_path):
-    from preprocess.synth.export import SynthConfig, generate
+    from vol3d.synth.export import SynthConfig, generate
 
     export = tmp_path / "export"
     truth = generate(export, SynthConfig(cases=4, seed=1, size="small", workers=1))

@@ -121,7 +121,7 @@ def test_label_that_does_not_fit_names_the_series_by_its_source_path(tmp_path):
 def _oblique_synth_case(root: Path) -> tuple[Path, dict]:
     """One oblique DICOM case of ``vol3d synth --size small`` (with two lesions), its boxes.json
     rows and its lesion instance map; returns the export folder and the case's truth."""
-    from preprocess.synth.export import SynthConfig, plan_cases, write_case
+    from vol3d.synth.export import SynthConfig, plan_cases, write_case
 
     plans = plan_cases(SynthConfig(cases=6, seed=0, size="small", workers=1))
     plan = next(p for p in plans if any("OBL" in s.description for s in p.series) and p.findings)

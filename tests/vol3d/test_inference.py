@@ -52,7 +52,7 @@ def build_export_and_cache(root: Path, cases: int = 6) -> dict[str, Any]:
     """``vol3d synth`` (small, seed 0) and its cache with the tiny preset and every side table."""
     from preprocess.runner import RunOptions, run_preprocess
     from preprocess.sidecars import SideTables
-    from preprocess.synth import SynthConfig, generate
+    from vol3d.synth import SynthConfig, generate
 
     src, cache = root / "src", root / "cache"
     truth = generate(src, SynthConfig(cases=cases, seed=0, size="small", workers=1))

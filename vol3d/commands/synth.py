@@ -17,7 +17,7 @@ example: vol3d synth /tmp/export --cases 20 --seed 0 --size small"""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from preprocess.config_io import add_dataclass_args
-    from preprocess.synth.export import SynthConfig
+    from vol3d.synth.export import SynthConfig
 
     parser.add_argument("out", type=Path, help="output folder (created; must be empty unless --overwrite)")
     add_dataclass_args(parser, SynthConfig)
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     from preprocess.config_io import build_config
     from preprocess.errors import InputError
-    from preprocess.synth import SynthConfig, generate
-    from preprocess.synth.export import OWN_ENTRIES, remove_export
+    from vol3d.synth import SynthConfig, generate
+    from vol3d.synth.export import OWN_ENTRIES, remove_export
 
     cfg = build_config(SynthConfig, None, args)
     out: Path = args.out

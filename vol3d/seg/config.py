@@ -15,7 +15,7 @@ from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
 from vol3d.train.config import RunConfig
 
-#: The synthetic phantom's organ labels (``preprocess.synth.LABELS``), the default classes.
+#: The synthetic phantom's organ labels (``vol3d.synth.LABELS``), the default classes.
 DEFAULT_CLASSES: list[str] = [
     "background", "liver", "spleen", "kidney_left", "kidney_right",
     "lung_left", "lung_right", "spine", "aorta", "lesion",

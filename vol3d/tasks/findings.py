@@ -65,7 +65,7 @@ class FindingSpec:
 FindingVocab = dict[str, FindingSpec]
 
 #: The findings of the synthetic data written by ``vol3d synth`` (its ``vocab.json``; defined once,
-#: in ``preprocess.synth.reports.VOCAB_FINDINGS``). Only the demo and tests rely on it: a run reads
+#: in ``vol3d.synth.reports.VOCAB_FINDINGS``). Only the demo and tests rely on it: a run reads
 #: its vocabulary from the cache's ``vocab.json`` or ``data.vocab``.
 DEFAULT_VOCAB: FindingVocab = {}
 
@@ -98,9 +98,9 @@ def as_vocab(obj: Mapping[str, Any] | None, where: str = "finding vocabulary") -
 
 
 def _synthetic_vocab() -> FindingVocab:
-    from preprocess.synth.reports import VOCAB_FINDINGS
+    from vol3d.synth.reports import VOCAB_FINDINGS
 
-    return as_vocab(VOCAB_FINDINGS, where="preprocess.synth.reports.VOCAB_FINDINGS")
+    return as_vocab(VOCAB_FINDINGS, where="vol3d.synth.reports.VOCAB_FINDINGS")
 
 
 def load_vocab(path: str | Path) -> FindingVocab:

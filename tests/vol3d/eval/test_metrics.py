@@ -140,7 +140,7 @@ def test_extract_findings_with_negations(text, present):
 
 
 def test_extract_findings_reads_every_synthetic_report():
-    from preprocess.synth.reports import FINDINGS, finding_sizes, write_report
+    from vol3d.synth.reports import FINDINGS, finding_sizes, write_report
 
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -18,9 +18,9 @@ from torch import nn
 from preprocess import geometry
 from preprocess.config import PreprocessConfig
 from preprocess.store import write_case
-from preprocess.synth.dicom_writer import slice_positions, write_series
 from preprocess.transforms import prepare
 from preprocess.types import Image
+from vol3d.synth.dicom_writer import slice_positions, write_series
 
 CLASSES = ["background", "liver", "spleen", "kidney"]
 BODY = (np.zeros(3), np.array([70.0, 55.0, 60.0]))  # centre, radii (mm)

@@ -277,7 +277,7 @@ def test_custom_vocabulary_from_plain_dicts_and_files(tmp_path):
 
 
 def test_default_vocabulary_matches_the_synthetic_report_writer():
-    from preprocess.synth.reports import FINDINGS
+    from vol3d.synth.reports import FINDINGS
 
     assert set(FINDINGS) == set(DEFAULT_VOCAB)
     for name, spec in DEFAULT_VOCAB.items():

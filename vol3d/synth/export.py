@@ -22,8 +22,8 @@ import numpy as np
 from preprocess.errors import ConfigError
 from preprocess.geometry import affine_from_dicom, box_corners, boxes_voxel_to_world, mask_to_box
 from preprocess.ingest.discover import IGNORE_FILE
-from preprocess.synth import phantom as ph
-from preprocess.synth.reports import FINDINGS, finding_sizes, patient_codes, write_report
+from vol3d.synth import phantom as ph
+from vol3d.synth.reports import FINDINGS, finding_sizes, patient_codes, write_report
 
 Modality = Literal["ct", "mr"]
 
@@ -169,7 +169,7 @@ class Acquisition:
 
     def positions_lps(self) -> np.ndarray:
         """ImagePositionPatient of every slice ``(Z, 3)``."""
-        from preprocess.synth.dicom_writer import slice_positions  # pydicom loads only when writing
+        from vol3d.synth.dicom_writer import slice_positions  # pydicom loads only when writing
 
         return slice_positions(self.first_lps, self.normal * self.step, self.shape[2])
 
@@ -647,7 +647,7 @@ def _dicom_tags(plan: CasePlan, s: SeriesPlan) -> dict[str, object]:
 
 def write_case(plan: CasePlan, out: str | Path) -> dict:
     """Render and write every series of one case; return its table rows and truth (plain data)."""
-    from preprocess.synth.dicom_writer import write_series
+    from vol3d.synth.dicom_writer import write_series
 
     out = Path(out)
     rng = np.random.default_rng([plan.seed, 2, plan.index])
@@ -878,8 +878,8 @@ def generate(out: str | Path, cfg: SynthConfig, progress: Callable[[int], None] 
 
 def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: list[dict]) -> dict:
     """boxes.json, vocab.json, reports.csv, ehr_codes.csv and truth.json (rows in case order: deterministic)."""
-    from preprocess.synth.phantom import LABELS
-    from preprocess.synth.reports import vocabulary
+    from vol3d.synth.phantom import LABELS
+    from vol3d.synth.reports import vocabulary
 
     boxes = [b for r in results for b in r["boxes"]]
     (out / "boxes.json").write_text(json.dumps(boxes, indent=1) + "\n")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from preprocess.geometry import apply_affine, box_corners
-from preprocess.synth.reports import FINDINGS
+from vol3d.synth.reports import FINDINGS
 
 #: Organ label values of ``labels/<key>.nii.gz`` (index = value), see docs/formats.md section 1.
 LABELS: tuple[str, ...] = (
@@ -149,7 +149,7 @@ class Quadric:
 class Finding:
     """One finding placed in the phantom.
 
-    ``kind`` is a key of ``preprocess.synth.reports.FINDINGS``; ``tissue`` the organ tissue
+    ``kind`` is a key of ``vol3d.synth.reports.FINDINGS``; ``tissue`` the organ tissue
     it lies in (its voxels are the shape intersected with that organ); ``value`` its
     intensity (HU for CT). Splenomegaly has no shape of its own: its voxels are the spleen.
     """
@@ -379,7 +379,7 @@ def intensity_slice(
 # ----------------------------------------------------------------------------- findings
 
 #: Plausible diameter ranges (mm) and intensities of each lesion type: (d_lo, d_hi, CT HU, MR).
-#: The organ tissues a lesion may lie in are ``preprocess.synth.reports.FINDINGS[kind]["organs"]``.
+#: The organ tissues a lesion may lie in are ``vol3d.synth.reports.FINDINGS[kind]["organs"]``.
 LESION_TYPES: dict[str, tuple[float, float, tuple[float, float], tuple[float, float]]] = {
     "liver_lesion": (8.0, 40.0, (0.0, 20.0), (150.0, 250.0)),
     "lung_nodule": (5.0, 25.0, (30.0, 60.0), (400.0, 500.0)),

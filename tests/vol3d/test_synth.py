@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 from preprocess.geometry import LPS_TO_RAS, boxes_voxel_to_world, mask_to_box
-from preprocess.synth import FINDINGS, LABEL_VALUE, NOISE_CODES, SynthConfig, generate
-from preprocess.synth.reports import finding_sizes
 from vol3d.cli import main
+from vol3d.synth import FINDINGS, LABEL_VALUE, NOISE_CODES, SynthConfig, generate
+from vol3d.synth.reports import finding_sizes
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_export_root_is_preprocessable_without_exclude_flags(tmp_path):
     """The export's .vol3dignore keeps its ground truth (labels, lesions, tables) out of the scan."""
     from preprocess.ingest import scan
     from preprocess.ingest.config import IngestConfig
-    from preprocess.synth import SynthConfig, generate
+    from vol3d.synth import SynthConfig, generate
 
     out = tmp_path / "export"
     out.mkdir()

@@ -5,9 +5,9 @@ phantom with findings, plus organ/lesion masks, finding boxes, reports, EHR code
 and ``truth.json``; see docs/formats.md section 1 and docs/synth.md.
 """
 
-from preprocess.synth.export import PRESETS, SynthConfig, generate, plan_cases, write_case
-from preprocess.synth.phantom import LABEL_VALUE, LABELS
-from preprocess.synth.reports import FINDINGS, NOISE_CODES
+from vol3d.synth.export import PRESETS, SynthConfig, generate, plan_cases, write_case
+from vol3d.synth.phantom import LABEL_VALUE, LABELS
+from vol3d.synth.reports import FINDINGS, NOISE_CODES
 
 __all__ = [
     "FINDINGS",
