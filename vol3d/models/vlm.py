@@ -85,10 +85,12 @@ class PerceivedValues:
     "yes", an absent one still makes it "no"). When it is a digit, the answer becomes the count.
     Later tokens are the LM's. An HF ``LogitsProcessor``."""
 
-    def __init__(self, counts: Sequence[int | None], yes_allowed: Sequence[bool], yes_id: int, no_id: int,
-                 digit_ids: Sequence[int]) -> None:
+    def __init__(self, counts: Sequence[int | None], yes_allowed: Sequence[bool],
+                 yes_no: Sequence[tuple[int, int]], digit_ids: Sequence[int]) -> None:
         self.counts, self.yes_allowed = list(counts), list(yes_allowed)
-        self.yes_id, self.no_id, self.digit_ids = int(yes_id), int(no_id), [int(d) for d in digit_ids]
+        # (yes, no) token pairs of one spelling ("yes"/"no", "Yes"/"No", with a leading space ...)
+        self.pair = {int(t): (int(y), int(n)) for y, n in yes_no for t in (y, n)}
+        self.digit_ids = [int(d) for d in digit_ids]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] != 0:  # generation from embeddings: the first step has no token yet
@@ -98,8 +100,9 @@ class PerceivedValues:
             if count is None:
                 continue
             want = None
-            if top[b] in (self.yes_id, self.no_id):
-                want = self.no_id if count == 0 else self.yes_id if self.yes_allowed[b] else None
+            if top[b] in self.pair:
+                yes, no = self.pair[top[b]]
+                want = no if count == 0 else yes if self.yes_allowed[b] else None
             elif top[b] in self.digit_ids and count < len(self.digit_ids):
                 want = self.digit_ids[count]
             if want is not None:
@@ -694,7 +697,7 @@ class Vol3DModel(nn.Module):
 
     def _perceived_values(self, prompts: list[str], perceived: list[Any]) -> PerceivedValues | None:
         """:class:`PerceivedValues` for these prompts and their volumes' regions (None when the tokenizer
-        has no single first token for "yes", "no" and the digits)."""
+        has no first token that tells "yes" from "no", or no distinct first token per digit)."""
         import re
 
         from vol3d.tasks.findings import finding_named
@@ -703,8 +706,10 @@ class Vol3DModel(nn.Module):
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return int(ids[0]) if ids else None
 
-        yes, no, digits = first("yes"), first("no"), [first(str(d)) for d in range(10)]
-        if yes is None or no is None or yes == no or None in digits or len(set(digits)) != 10:
+        pairs = [(first(y), first(n)) for y, n in (("yes", "no"), ("Yes", "No"), (" yes", " no"), (" Yes", " No"))]
+        yes_no = list(dict.fromkeys((y, n) for y, n in pairs if y is not None and n is not None and y != n))
+        digits = [first(str(d)) for d in range(10)]
+        if not yes_no or None in digits or len(set(digits)) != 10:
             return None
         vocab = self.vocab
         counts: list[int | None] = []
@@ -717,7 +722,7 @@ class Vol3DModel(nn.Module):
             else:
                 counts.append(int(per.conditions.get(name, 0.0) >= 0.5))
         yes_allowed = [re.search(r"\d", p.split("<vol>")[-1]) is None for p in prompts]
-        return PerceivedValues(counts, yes_allowed, yes, no, digits)  # type: ignore[arg-type]
+        return PerceivedValues(counts, yes_allowed, yes_no, digits)  # type: ignore[arg-type]
 
     def _generated_boxes(self, enc: dict[str, Any], embeds: torch.Tensor, attention_mask: torch.Tensor,
                          input_ids: torch.Tensor, ids: torch.Tensor,

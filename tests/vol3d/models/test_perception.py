@@ -187,14 +187,16 @@ def test_perceived_values_set_the_first_token_of_closed_answers():
     from vol3d.models.vlm import PerceivedValues
 
     yes, no, digits = 7, 8, list(range(20, 30))
-    values = PerceivedValues([0, 2, 3, None, 1], [True, True, True, True, False], yes, no, digits)
-    scores = torch.zeros(5, 40)
-    scores[0, yes] = scores[1, no] = scores[2, 21] = scores[3, yes] = scores[4, no] = 5.0  # what the LM would say
-    out = values(torch.zeros(5, 0, dtype=torch.long), scores.clone()).argmax(-1).tolist()
+    values = PerceivedValues([0, 2, 3, None, 1, 0], [True, True, True, True, False, True], [(yes, no), (17, 18)],
+                             digits)
+    scores = torch.zeros(6, 40)
+    scores[0, yes] = scores[1, no] = scores[2, 21] = scores[3, yes] = scores[4, no] = scores[5, 17] = 5.0  # the LM's
+    out = values(torch.zeros(6, 0, dtype=torch.long), scores.clone()).argmax(-1).tolist()
     # a finding seen 0 times: "no"; seen twice: "yes"; three times: "3"; no finding named: the LM's
-    # own answer; a question with a number ("larger than 20 mm?"): a present finding keeps the LM's "no"
-    assert out == [no, yes, digits[3], yes, no]
-    later = values(torch.zeros(5, 1, dtype=torch.long), scores.clone())
+    # own answer; a question with a number ("larger than 20 mm?"): a present finding keeps the LM's "no";
+    # "Yes" spelled otherwise: "No" in the same spelling
+    assert out == [no, yes, digits[3], yes, no, 18]
+    later = values(torch.zeros(6, 1, dtype=torch.long), scores.clone())
     assert torch.equal(later, scores)  # only the first answer token
 
     from vol3d.tasks.findings import as_vocab, finding_named
