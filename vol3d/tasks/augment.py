@@ -9,7 +9,7 @@ augments the same way for the same ``rng`` state. Boxes follow the image:
   label inside the box, else the dominant label inside it, else the whole box),
   resampled with the same nearest-neighbour transform as the label map; the new
   box encloses what is left. When the moved box touches the volume's edge, its
-  ``box_visible`` fraction is scaled by the voxels kept over the voxels expected
+  ``boxes_visible`` fraction is scaled by the voxels kept over the voxels expected
   (count before x scale^3); a box pushed out entirely is removed. ``boxes_world``, when
   present, is recomputed from the new voxel boxes and the case's ``affine``. Tasks then exclude
   boxes below :data:`vol3d.tasks.samples.MIN_VISIBLE` and say so in the answer.
@@ -26,7 +26,7 @@ import numpy as np
 
 from preprocess.errors import ConfigError
 from preprocess.geometry import as_boxes, boxes_voxel_to_world, mask_to_box
-from vol3d.tasks.samples import _rng, box_field, box_key
+from vol3d.tasks.samples import BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE, _rng
 
 
 @dataclasses.dataclass
@@ -149,7 +149,7 @@ def augment(
     case: Mapping[str, Any], rng: np.random.Generator | int | None, cfg: AugmentConfig | None = None
 ) -> dict[str, Any]:
     """A new case with ``image`` ``(C, X, Y, Z)``, ``label`` ``(X, Y, Z)`` and ``boxes_vox`` ``(N, 6)``
-    transformed together; ``box_visible`` records how much of each box is still inside."""
+    transformed together; ``boxes_visible`` records how much of each box is still inside."""
     import torch
     import torchio as tio
 
@@ -167,13 +167,12 @@ def augment(
         _to_numpy(boxes_in) if boxes_in is not None else np.zeros((0, 6))
     ).copy()  # never mutate the input
     visible = (
-        np.asarray(_to_numpy(box_field(case, "box_visible", np.ones(len(boxes)))), dtype=float)
+        np.asarray(_to_numpy(case[BOXES_VISIBLE]) if case.get(BOXES_VISIBLE) is not None else np.ones(len(boxes)),
+                   dtype=float)
         .reshape(-1)
         .copy()
     )
-    finding_key, organ_key, visible_key = (
-        box_key(case, k) for k in ("box_finding", "box_organ", "box_visible")
-    )
+    finding_key, organ_key, visible_key = BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE
     keep = np.ones(len(boxes), dtype=bool)
 
     # Draw every parameter first (fixed order), so the rng stream does not depend on the data.

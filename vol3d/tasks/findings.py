@@ -1,7 +1,7 @@
 """Finding vocabularies: what a finding is called, where it lives, and how reports mention it.
 
 A vocabulary is a plain ``dict[str, FindingSpec]`` keyed by the finding name used in
-the cache's ``box_finding`` strings (e.g. ``"liver_lesion"``). The same vocabulary
+the cache's ``box_findings`` strings (e.g. ``"liver_lesion"``). The same vocabulary
 drives the instruction templates (:mod:`vol3d.tasks.samples`) and the rule-based
 report finding extractor (:func:`vol3d.eval.metrics.extract_findings`), so training
 questions and evaluation read findings the same way.

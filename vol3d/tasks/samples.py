@@ -4,8 +4,8 @@ A case is the dict a :class:`vol3d.data.cache.CacheDataset` yields:
 
 - ``image`` ``(C, X, Y, Z)``: the model-input volume (its shape defines the text-box frame),
 - ``boxes_vox`` ``(N, 6)``: continuous voxel boxes in that frame (``preprocess.geometry``),
-- ``box_finding`` / ``box_organ`` ``(N,)`` strings, optional ``box_visible`` ``(N,)`` fraction
-  (or the plural spellings ``box_findings``, ``box_organs``, ``boxes_visible``),
+- ``box_findings`` / ``box_organs`` ``(N,)`` strings, optional ``boxes_visible`` ``(N,)`` fraction
+  visible (one spelling everywhere: :data:`BOX_FINDINGS`, :data:`BOX_ORGANS`, :data:`BOXES_VISIBLE`),
 - ``report`` (findings + impression), ``codes`` (ICD-10 strings), optional ``spacing`` (mm),
   ``modality``, ``id``.
 
@@ -134,7 +134,7 @@ class FindingTruth:
     """Boxes of one finding type in one case."""
 
     boxes: np.ndarray  # (n, 6) visible boxes in model-input voxels, sorted by (x0, y0, z0)
-    organs: list[str]  # box_organ of each visible box
+    organs: list[str]  # box_organs entry of each visible box
     n_partial: int  # boxes that exist but are mostly outside the volume (0 < visible < MIN_VISIBLE)
 
     @property
@@ -146,35 +146,28 @@ class FindingTruth:
         return self.n_partial > 0
 
 
-#: Other spellings of the per-box keys (``CacheDataset`` items use the plural forms).
-KEY_ALIASES = {"box_finding": "box_findings", "box_organ": "box_organs", "box_visible": "boxes_visible"}
+#: Per-box keys of a case (what :class:`vol3d.data.cache.CacheDataset` items hold): finding names,
+#: organ (label) names and the visible fraction of each of ``boxes_vox``.
+BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE = "box_findings", "box_organs", "boxes_visible"
 
 
-def box_key(case: Mapping[str, Any], key: str) -> str:
-    """The name under which ``case`` stores ``key`` (``"box_finding"`` or its alias ``"box_findings"``)."""
-    alias = KEY_ALIASES.get(key)
-    return alias if key not in case and alias is not None and alias in case else key
-
-
-def box_field(case: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """``case[key]`` under either spelling, or ``default``."""
-    value = case.get(box_key(case, key))
+def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
 def has_boxes(case: Mapping[str, Any]) -> bool:
     """Whether the case carries box annotations (possibly zero boxes: a negative case)."""
-    return box_field(case, "box_finding") is not None and case.get("boxes_vox") is not None
+    return case.get(BOX_FINDINGS) is not None and case.get("boxes_vox") is not None
 
 
 def finding_truth(case: Mapping[str, Any], vocab: FindingVocab | None = None) -> dict[str, FindingTruth]:
     """Per finding of ``vocab``: the case's visible boxes (sorted by x0) and partial count."""
     vocab = as_vocab(vocab)
     boxes = as_boxes(np.asarray(case["boxes_vox"]))
-    findings = [str(f) for f in box_field(case, "box_finding")]
+    findings = [str(f) for f in case[BOX_FINDINGS]]
     if len(findings) != len(boxes):
         raise InputError(
-            f"case {case.get('id', '?')}: {len(boxes)} boxes but {len(findings)} box_finding entries"
+            f"case {case.get('id', '?')}: {len(boxes)} boxes but {len(findings)} {BOX_FINDINGS} entries"
         )
     unknown = sorted(set(findings) - set(vocab))
     if unknown:
@@ -182,8 +175,8 @@ def finding_truth(case: Mapping[str, Any], vocab: FindingVocab | None = None) ->
             f"case {case.get('id', '?')}: findings {unknown} are not in the finding vocabulary "
             f"({sorted(vocab)}); add them (see docs/tasks_and_metrics.md)"
         )
-    organs = [str(o) for o in box_field(case, "box_organ", [])] or [vocab[f].organ for f in findings]
-    visible = np.asarray(box_field(case, "box_visible", np.ones(len(boxes))), dtype=float).reshape(-1)
+    organs = [str(o) for o in case.get(BOX_ORGANS) or []] or [vocab[f].organ for f in findings]
+    visible = np.asarray(_or(case.get(BOXES_VISIBLE), np.ones(len(boxes))), dtype=float).reshape(-1)
     out = {}
     for name in vocab:
         sel = [i for i, f in enumerate(findings) if f == name]

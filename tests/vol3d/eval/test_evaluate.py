@@ -38,8 +38,8 @@ def make_cases(n=8):
                 "id": f"c{i}",
                 "image": np.full((1, *SHAPE), float(i + 1), np.float32),
                 "boxes_vox": np.array(boxes).reshape(-1, 6),
-                "box_finding": kinds,
-                "box_organ": [k.split("_")[0] if k != "splenomegaly" else "spleen" for k in kinds],
+                "box_findings": kinds,
+                "box_organs": [k.split("_")[0] if k != "splenomegaly" else "spleen" for k in kinds],
                 "spacing": (2.0, 2.0, 3.0),
                 "report": " ".join(REPORTS[k] for k in kinds) or NEGATIVE,
                 "codes": ["K76.89"] if "liver_lesion" in kinds else ["I10"],
@@ -198,7 +198,7 @@ def test_balanced_presence_sets_a_question_only_model_at_one_half():
     asked = [(ci, q, f) for ci, qs in presence.items() for q, f in qs]
     for qtype in ("presence", "count"):
         for kind in KINDS:
-            answers = [kind in cases[ci]["box_finding"] for ci, q, f in asked if f == kind and q == qtype]
+            answers = [kind in cases[ci]["box_findings"] for ci, q, f in asked if f == kind and q == qtype]
             assert answers.count(True) == answers.count(False) > 0 or (qtype, kind) == ("count", "splenomegaly")
     # no count question about a condition; the other closed questions still come, none unbalanced
     assert not [a for a in asked if a[1:] == ("count", "splenomegaly")]

@@ -28,8 +28,8 @@ def make_case():
         "image": image,
         "label": label,
         "boxes_vox": boxes,
-        "box_finding": ["liver_lesion", "splenomegaly", "kidney_cyst"],
-        "box_organ": ["liver", "spleen", "kidney_left"],
+        "box_findings": ["liver_lesion", "splenomegaly", "kidney_cyst"],
+        "box_organs": ["liver", "spleen", "kidney_left"],
         "report": "Simple cyst in the left kidney.",
     }
 
@@ -48,13 +48,13 @@ def test_flip_moves_boxes_exactly_where_the_flipped_masks_are(axes):
     # image and label stay aligned: the flipped image is the flipped label scaled
     flipped = np.flip(case["label"], axis=axes)
     np.testing.assert_allclose(out["image"][0], flipped / 10.0, atol=1e-6)
-    np.testing.assert_array_equal(out["box_visible"], [1, 1, 1])
+    np.testing.assert_array_equal(out["boxes_visible"], [1, 1, 1])
 
 
 def test_left_right_flip_swaps_laterality_in_labels_boxes_and_report():
     cfg = AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0, lr_swap_labels=(3, 4), **NO_INTENSITY)
     out = augment(make_case(), 0, cfg)
-    assert out["box_organ"][2] == "kidney_right"
+    assert out["box_organs"][2] == "kidney_right"
     assert out["report"] == "Simple cyst in the right kidney."
     assert (out["label"] == 3).sum() == (make_case()["label"] == 4).sum()
 
@@ -87,7 +87,7 @@ def test_random_affine_boxes_enclose_the_moved_lesion_and_organ(seed):
     # box masks and the label map go through the same nearest-neighbour resampling
     np.testing.assert_array_equal(out["boxes_vox"][0], mask_to_box(lab == 9))
     np.testing.assert_array_equal(out["boxes_vox"][1], mask_to_box(lab == 2))
-    assert (out["box_visible"] == 1).all()  # nothing left the volume
+    assert (out["boxes_visible"] == 1).all()  # nothing left the volume
 
 
 def test_boxes_pushed_out_are_clipped_with_visibility_or_removed():
@@ -104,12 +104,12 @@ def test_boxes_pushed_out_are_clipped_with_visibility_or_removed():
         out = augment(case, seed, cfg)
         after = (out["label"] == 9).sum()
         if after == 0:
-            assert "liver_lesion" not in out["box_finding"]  # gone entirely: removed, never a stale box
+            assert "liver_lesion" not in out["box_findings"]  # gone entirely: removed, never a stale box
             continue
-        assert out["box_finding"][0] == "liver_lesion"
-        np.testing.assert_allclose(out["box_visible"][0], after / (label == 9).sum(), atol=1e-6)
+        assert out["box_findings"][0] == "liver_lesion"
+        np.testing.assert_allclose(out["boxes_visible"][0], after / (label == 9).sum(), atol=1e-6)
         np.testing.assert_array_equal(out["boxes_vox"][0], mask_to_box(out["label"] == 9))
-        reduced += out["box_visible"][0] < 1
+        reduced += out["boxes_visible"][0] < 1
     assert reduced > 0
 
 
@@ -120,7 +120,7 @@ def test_augment_never_mutates_its_input():
     fresh = make_case()
     for key in ("image", "label", "boxes_vox"):
         np.testing.assert_array_equal(case[key], fresh[key])
-    assert case["box_organ"] == fresh["box_organ"] and case["report"] == fresh["report"]
+    assert case["box_organs"] == fresh["box_organs"] and case["report"] == fresh["report"]
 
 
 def test_augment_is_deterministic_and_intensity_leaves_geometry_alone():
@@ -133,7 +133,7 @@ def test_augment_is_deterministic_and_intensity_leaves_geometry_alone():
 
 
 def test_cache_dataset_items_tensors_and_plural_keys():
-    """CacheDataset items hold tensors and spell the per-box keys in the plural."""
+    """CacheDataset items hold tensors."""
     torch = pytest.importorskip("torch")
     case = make_case()
     item = {
@@ -141,8 +141,8 @@ def test_cache_dataset_items_tensors_and_plural_keys():
         "label": torch.from_numpy(case["label"].astype(np.int64)),
         "boxes_vox": torch.from_numpy(case["boxes_vox"].astype(np.float32)),
         "boxes_visible": torch.ones(3),
-        "box_findings": case["box_finding"],
-        "box_organs": case["box_organ"],
+        "box_findings": case["box_findings"],
+        "box_organs": case["box_organs"],
         "spacing": torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
         "affine": torch.from_numpy(np.diag([2.0, 2.0, 3.0, 1.0])),
         "boxes_world": torch.zeros(3, 6),
@@ -150,7 +150,7 @@ def test_cache_dataset_items_tensors_and_plural_keys():
     out = augment(item, 0, AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0.0, lr_swap_labels=(3, 4)))
     assert isinstance(out["image"], torch.Tensor) and isinstance(out["boxes_vox"], torch.Tensor)
     assert out["image"].shape == (1, *SHAPE)
-    assert out["box_organs"][2] == "kidney_right" and "box_organ" not in out
+    assert out["box_organs"][2] == "kidney_right"
     np.testing.assert_array_equal(out["boxes_vox"][2].numpy(), mask_to_box(out["label"].numpy() == 4))
     np.testing.assert_array_equal(out["boxes_visible"].numpy(), [1, 1, 1])
     # world boxes follow the moved content

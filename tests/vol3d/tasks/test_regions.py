@@ -47,8 +47,8 @@ def make_case(with_label: bool = True) -> dict:
                       [1.5, 14.5, 1.5, 7.5, 18.5, 7.5]], float)
     case = {"id": "c_x", "image": np.zeros((1, *SHAPE), np.float32), "label": label if with_label else None,
             "has_label": with_label, "boxes_vox": boxes,
-            "box_finding": ["liver_lesion", "liver_lesion", "kidney_cyst", "splenomegaly"],
-            "box_organ": ["liver", "liver", "kidney_left", "spleen"], "box_visible": [1.0, 1.0, 0.1, 1.0],
+            "box_findings": ["liver_lesion", "liver_lesion", "kidney_cyst", "splenomegaly"],
+            "box_organs": ["liver", "liver", "kidney_left", "spleen"], "boxes_visible": [1.0, 1.0, 0.1, 1.0],
             "spacing": (2.0, 2.0, 4.0)}
     return case
 
@@ -146,7 +146,7 @@ def test_box_only_cases_get_an_inscribed_ellipsoid_whose_box_is_the_box():
 
 def test_unknown_findings_and_label_values_are_named():
     case = make_case()
-    case["box_finding"] = ["liver_lesion", "liver_lesion", "kidney_cyst", "adrenal_mass"]
+    case["box_findings"] = ["liver_lesion", "liver_lesion", "kidney_cyst", "adrenal_mass"]
     with pytest.raises(InputError, match="adrenal_mass"):
         perceived_from_case(case, VOCAB, LABELS)
     case = make_case()

@@ -39,8 +39,8 @@ def make_case(**over):
                 [30.5, 20.5, 10.5, 35.5, 27.5, 17.5],  # kidney cyst
             ]
         ),
-        "box_finding": ["liver_lesion", "liver_lesion", "kidney_cyst"],
-        "box_organ": ["liver", "liver", "kidney_left"],
+        "box_findings": ["liver_lesion", "liver_lesion", "kidney_cyst"],
+        "box_organs": ["liver", "liver", "kidney_left"],
         "spacing": (1.0, 1.0, 2.0),
         "report": "Two liver lesions. Simple cyst in the left kidney. No splenomegaly.",
         "codes": ["K76.89", "n28.1"],
@@ -82,7 +82,7 @@ def test_grounding_boxes_sorted_by_x0_and_round_trip():
 
 def test_token_box_format_writes_one_box_token_per_instance():
     """For a grounding head: the same questions and refusals, each box a bare <box> in x0 order."""
-    case = make_case(box_visible=np.array([1.0, 1.0, 0.2]))
+    case = make_case(boxes_visible=np.array([1.0, 1.0, 0.2]))
     seen = set()
     for seed in range(60):
         text = sample_one(case, "ground", seed)
@@ -110,7 +110,7 @@ def test_grounding_refusal_and_partly_visible_boxes():
     else:
         pytest.fail("no lung nodule grounding sample drawn")
     # the cyst was mostly cropped away: never boxed, and the answer says why
-    case = make_case(box_visible=np.array([1.0, 0.3, 0.2]))
+    case = make_case(boxes_visible=np.array([1.0, 0.3, 0.2]))
     truth = finding_truth(case)
     assert truth["liver_lesion"].n == 1 and truth["liver_lesion"].n_partial == 1
     for seed in range(60):
@@ -128,7 +128,7 @@ def test_closed_answers_match_ground_truth_and_yes_no_is_balanced():
     for seed in range(400):
         s = sample_one(case, "vqa_closed", seed)
         q, f = s.extras["qtype"], s.extras["finding"]
-        n = case["box_finding"].count(f)
+        n = case["box_findings"].count(f)
         if q == "presence":
             assert s.answer == ("yes" if n else "no")
             answers[s.answer] += 1
@@ -153,7 +153,7 @@ def test_presence_is_balanced_per_finding_over_the_dataset_with_prevalence():
     from vol3d.tasks.samples import prevalence
 
     with_lesion = make_case()
-    normal = make_case(boxes_vox=np.zeros((0, 6)), box_finding=[], box_organ=[])
+    normal = make_case(boxes_vox=np.zeros((0, 6)), box_findings=[], box_organs=[])
     cases = [with_lesion] * 2 + [normal] * 8  # liver lesions and kidney cysts in 20% of the cases
     prev = prevalence(cases)
     assert prev["liver_lesion"] == pytest.approx(0.2) and prev["splenomegaly"] == 0.0
@@ -174,7 +174,7 @@ def test_presence_is_balanced_per_finding_over_the_dataset_with_prevalence():
 
 
 def test_closed_questions_avoid_partly_visible_findings():
-    case = make_case(box_visible=np.array([1.0, 1.0, 0.2]))
+    case = make_case(boxes_visible=np.array([1.0, 1.0, 0.2]))
     for seed in range(200):
         assert sample_one(case, "vqa_closed", seed).extras["finding"] != "kidney_cyst"
 
@@ -223,17 +223,11 @@ def test_task_mix_weights_and_validation():
         sample_one(bare, "ground", 0)
 
 
-def test_cache_dataset_spelling_gives_the_same_samples():
+def test_cache_dataset_items_with_tensors_give_the_same_samples():
     torch = pytest.importorskip("torch")
-    case = make_case(box_visible=np.array([1.0, 0.3, 1.0]))
-    item = {k: v for k, v in case.items() if k not in ("box_finding", "box_organ", "box_visible")}
-    item.update(
-        box_findings=case["box_finding"],
-        box_organs=case["box_organ"],
-        boxes_visible=torch.tensor([1.0, 0.3, 1.0]),
-        boxes_vox=torch.from_numpy(case["boxes_vox"]),
-        spacing=torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64),
-    )
+    case = make_case(boxes_visible=np.array([1.0, 0.3, 1.0]))
+    item = dict(case, boxes_visible=torch.tensor([1.0, 0.3, 1.0]), boxes_vox=torch.from_numpy(case["boxes_vox"]),
+                spacing=torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
     for task in ("vqa_closed", "vqa_open", "ground"):
         for seed in range(20):
             a, b = sample_one(case, task, seed), sample_one(item, task, seed)
@@ -241,7 +235,7 @@ def test_cache_dataset_spelling_gives_the_same_samples():
 
 
 def test_unknown_finding_is_a_clear_error():
-    case = make_case(box_finding=["liver_lesion", "liver_lesion", "adrenal_nodule"])
+    case = make_case(box_findings=["liver_lesion", "liver_lesion", "adrenal_nodule"])
     with pytest.raises(InputError, match="adrenal_nodule.*vocabulary"):
         sample_one(case, "ground", 0)
 
@@ -258,8 +252,8 @@ def test_custom_vocabulary_from_plain_dicts_and_files(tmp_path):
     vocab = as_vocab(plain)
     case = make_case(
         boxes_vox=np.array([[2.5, 2.5, 2.5, 6.5, 6.5, 6.5]]),
-        box_finding=["adrenal_nodule"],
-        box_organ=["adrenal_left"],
+        box_findings=["adrenal_nodule"],
+        box_organs=["adrenal_left"],
     )
     s = sample_one(case, "ground", 0, vocab=vocab)
     assert "adrenal nodule" in s.prompt and len(parse_boxes(s.answer)) == 1
@@ -304,7 +298,7 @@ def test_code_vocab_counts_min_count_and_json_round_trip(tmp_path):
 
 
 def test_corpus_covers_every_sampled_text():
-    cases = [make_case(), make_case(id="c2", modality="MR", box_visible=np.array([1.0, 0.3, 1.0]))]
+    cases = [make_case(), make_case(id="c2", modality="MR", boxes_visible=np.array([1.0, 0.3, 1.0]))]
     corpus = set(corpus_texts(cases))
 
     def tokens(text):
