@@ -160,28 +160,25 @@ class Explorer:
         for name in names:
             spec = self.vocab[name]
             out.append(f"Where is the {spec.text}?")
-            out.append(f"Is there a {spec.text}?")
             if spec.countable:
-                out.append(f"How many {spec.text}s are there?")
+                article = "an" if spec.text[:1].lower() in "aeiou" else "a"
+                out += [f"Is there {article} {spec.text}?", f"How many {spec.plural_text} are there?"]
+            else:
+                out.append(f"Is there {spec.text}?")
         return ["Write the report.", *out]
-
-    def _finding_asked(self, question: str) -> str | None:
-        """The vocabulary finding a question names (longest phrase first), if any."""
-        q = question.lower()
-        hits = [(len(spec.text), name) for name, spec in self.vocab.items() if spec.text.lower() in q]
-        return max(hits)[1] if hits else None
 
     # ------------------------------------------------------------------ asking
 
     def ask(self, question: str, case: str | None = None, locate: bool = False) -> ExplorerView:
         """Answer ``question`` about ``case`` (default: the first held-out case); the view is kept in
         :attr:`last`."""
+        from vol3d.tasks.findings import finding_named
         from vol3d.viz import show_box_slices
 
         index = self._index(case)
         case_id = str(self.cases.rows[index]["id"])
         answer = self.pipe.ask(f"{self.cache}::{case_id}", question, max_new_tokens=self.max_new_tokens, locate=locate)
-        finding = self._finding_asked(question)
+        finding = finding_named(question, self.vocab)  # the finding whose true boxes are drawn
         self._findings_of(index)
         truth = self._scan[index][finding].boxes if finding else np.zeros((0, 6))
         pred = answer.model_boxes
