@@ -93,7 +93,8 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
             raise InputError(f"{src} has no model/ directory; is it a finished or checkpointed vol3d run?")
         model = Vol3DModel.from_pretrained(src / "model")
         model.train()
-        return model, dataclasses.replace(cfg, model=model.config)
+        out = dataclasses.replace(cfg, model=model.config)
+        return model, out if resume else dataclasses.replace(out, loss=grounding_loss_for(model.config, cfg.loss))
     mcfg = resolve_vocabulary(cfg.model, cfg.data)
     # texts, boxes and codes only, read once: a big cache must not be read into memory for this
     cases = [train.item_without_pixels(i) for i in range(len(train))]
@@ -177,6 +178,23 @@ def write_run_config(cfg: RunConfig, is_main: bool) -> None:
     if is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, Path(cfg.run_dir) / CONFIG_NAME)
+
+
+def grounding_loss_for(model: Any, loss: Any) -> Any:
+    """``loss`` with its grounding terms for the model being fine-tuned: a perception model grounds each
+    ``<box>`` by pointing at a region (``loss.pointer``), a model with a grounding head by regressing
+    a box (``loss.box_*``). A fine-tuning preset written for one (``configs/finetune/ground.yaml``
+    weights the box terms) then trains the other's: its largest box weight becomes the pointer's."""
+    box = max(loss.box_centre, loss.box_l1, loss.box_giou)
+    if model.perception and not model.box_head and box > 0:
+        log.info("the model grounds through its perception: loss.box_* (%.3g) trains the region pointer", box)
+        return dataclasses.replace(loss, pointer=max(loss.pointer, box), box_centre=0.0, box_l1=0.0, box_giou=0.0)
+    if model.box_head and not model.perception and loss.pointer > 0:
+        log.info("the model grounds through its box head: loss.pointer (%.3g) trains the box terms", loss.pointer)
+        w = loss.pointer
+        return dataclasses.replace(loss, pointer=0.0, box_centre=max(loss.box_centre, w), box_l1=max(loss.box_l1, w),
+                                   box_giou=max(loss.box_giou, w))
+    return loss
 
 
 def check_heads(cfg: TrainConfig) -> None:

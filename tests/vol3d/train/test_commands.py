@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_end_to_end_on_a_synthetic_cache(tmp_path):
     assert _vol3d("synth", str(src), "--cases", "6", "--size", "small").returncode == 0
     pre = _vol3d("preprocess", str(src / "dicom"), "--out", str(cache), "--config", str(ROOT / "configs/preprocess/tiny.yaml"),
                  "--reports", str(src / "reports.csv"), "--codes", str(src / "ehr_codes.csv"),
-                 "--labels", str(src / "labels"), "--boxes", str(src / "boxes.json"),
+                 "--labels", str(src / "labels"), "--boxes", str(src / "boxes.json"), "--vocab", str(src / "vocab.json"),
                  env={"VOL3D_ID_KEY": "0123456789abcdef" * 4})
     assert pre.returncode in (0, 3), pre.stderr
     common = ["--data.cache-dir", str(cache), "--data.val-split", "train", "--data.num-workers", "0", "--no-progress",
@@ -91,7 +92,8 @@ def test_end_to_end_on_a_synthetic_cache(tmp_path):
 
     for r in (run, ft):
         model = Vol3DModel.from_pretrained(r / "model")
-        assert model.config.box_head and model.config.ehr_codes  # heads and the code vocabulary travel with it
+        assert model.config.perception and model.config.ehr_codes  # heads and the code vocabulary travel with it
+        assert sorted(model.vocab) == sorted(json.loads((src / "vocab.json").read_text())["findings"])
         # ... and so does the preprocessing, so a run dir alone prepares new images like the training ones
         from preprocess.config import read_config
 

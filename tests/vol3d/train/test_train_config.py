@@ -81,3 +81,19 @@ def test_single_task_mix():
     w = cfg.task_mix().weights()
     assert w["vqa_closed"] > 0 and w["report"] == w["ground"] == w["ehr"] == 0
     assert TrainConfig().task_mix() == TrainConfig().data.tasks
+
+
+def test_a_grounding_preset_trains_whichever_grounding_the_model_has():
+    """configs/finetune/ground.yaml weights the box head's terms; a perception model points at regions."""
+    from types import SimpleNamespace
+
+    from vol3d.train.config import LossConfig
+    from vol3d.train.run import grounding_loss_for
+
+    preset = LossConfig(lm=1.0, ehr=0.0, box_centre=1.0, box_l1=0.5, box_giou=1.0)
+    perceiving = grounding_loss_for(SimpleNamespace(perception=True, box_head=False), preset)
+    assert (perceiving.pointer, perceiving.box_centre, perceiving.box_l1, perceiving.box_giou) == (1.0, 0, 0, 0)
+    assert grounding_loss_for(SimpleNamespace(perception=False, box_head=True), preset) == preset
+    pointing = LossConfig(lm=1.0, pointer=2.0)
+    boxed = grounding_loss_for(SimpleNamespace(perception=False, box_head=True), pointing)
+    assert (boxed.pointer, boxed.box_centre, boxed.box_l1, boxed.box_giou) == (0.0, 2.0, 2.0, 2.0)
