@@ -206,7 +206,8 @@ def test_ask_and_eval_on_a_trained_tiny_run(data, tmp_path, capsys):
     run = tmp_path / "trained"
     assert main(["train", "--config", str(ROOT / "configs/train/tiny_cpu.yaml"), "--run-dir", str(run),
                  "--data.cache-dir", str(data["cache"]), "--data.val-split", "", "--data.num-workers", "0",
-                 "--max-steps", "3", "--no-progress", "--ckpt-every", "3", "--data.batch-size", "2"]) == 0
+                 "--max-steps", "3", "--no-progress", "--ckpt-every", "3", "--data.batch-size", "2",
+                 "--data.vocab", str(data["src"] / "vocab.json")]) == 0
     capsys.readouterr()
     for vol in (_series(data, "axial", "nifti")["path"], _series(data, "axial")["path"]):
         assert main(["ask", str(run), str(vol), "Where is the liver lesion?", "--json", "--max-new-tokens", "8"]) == 0
