@@ -343,3 +343,32 @@ def test_a_deflated_file_that_inflates_to_gigabytes_is_refused_before_parsing(tm
     assert by["bomb"].status == "failed" and by["bomb"].reason == reasons.ARCHIVE_LIMIT
     assert "inflates to more than" in by["bomb"].detail and "x.dcm" in by["bomb"].detail
     assert by["deflated"].status == "ok" and len(by["deflated"].source) == NZ
+
+
+def test_the_deflate_bomb_row_names_no_patient_folder(tmp_path, caplog):
+    """Its detail names the file; a hospital folder named after the patient reaches the crosswalk
+    beside the cache only, never the manifest, the cache's files or the log."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from preprocess.sanitise import crosswalk_path, read_crosswalk
+
+    root = tmp_path / "export"
+    _series(root / "good")
+    bomb = pydicom.dcmread(next((root / "good").iterdir()))
+    bomb.SeriesInstanceUID = generate_uid()
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb.add(DataElement(0x00091010, "OB", bytes(40 << 20)))
+    folder = root / "DOE_JANE_MRN-99887766"
+    folder.mkdir()
+    bomb.save_as(folder / "DOE_JANE_0001.dcm", enforce_file_format=True)
+    out = tmp_path / "cache"
+    with caplog.at_level("DEBUG"):
+        run_preprocess(root, out, _small_config(), opts=RunOptions(workers=1, progress=False))
+    rows = read_manifest(out / "manifest.jsonl")
+    assert any(r.reason == reasons.ARCHIVE_LIMIT for r in rows) and any(r.status == "ok" for r in rows)
+    for secret in ("DOE", "JANE", "99887766"):
+        assert secret not in caplog.text
+        for p in out.rglob("*"):
+            assert secret not in p.name and (not p.is_file() or secret.encode() not in p.read_bytes()), p
+    links = read_crosswalk(crosswalk_path(out))
+    assert any("DOE_JANE_MRN-99887766/DOE_JANE_0001.dcm" in src for r in links.values() for src in r["source"])
