@@ -130,6 +130,12 @@ def load_codes(path: str | Path) -> dict[str, list[str]]:
 VOCAB_NAME = "vocab.json"
 
 
+def cache_vocabulary(cache_dir: str | Path) -> dict[str, Any]:
+    """A cache's ``vocab.json`` (what ``vol3d preprocess --vocab`` copied from the export), ``{}`` without one."""
+    path = Path(cache_dir) / VOCAB_NAME
+    return load_vocabulary(path) if path.is_file() else {}
+
+
 def load_vocabulary(path: str | Path) -> dict[str, Any]:
     """A vocabulary file (JSON or YAML): what the export's findings, label values and codes are called.
 

@@ -70,13 +70,12 @@ def world(tmp_path_factory) -> dict[str, Path]:
     src, cache, run = root / "src", root / "cache", root / "run"
     generate(src, SynthConfig(cases=6, seed=0, size="small", workers=1))
     foreign_export(src)
-    import os
-
-    os.environ.setdefault("VOL3D_ID_KEY", "0123456789abcdef" * 4)
-    assert main(["preprocess", str(src), "--out", str(cache), "--config", "tiny", "--reports",
-                 str(src / "reports.csv"), "--codes", str(src / "ehr_codes.csv"), "--labels", str(src / "labels"),
-                 "--boxes", str(src / "boxes.json"), "--vocab", str(src / "vocab.json"), "--no-progress",
-                 "--ingest.exclude", "labels/*", "lesions/*", "--split-fractions", "0.5", "0.0", "0.5"]) in (0, 3)
+    with pytest.MonkeyPatch.context() as env:  # the id key for this run only
+        env.setenv("VOL3D_ID_KEY", "0123456789abcdef" * 4)
+        assert main(["preprocess", str(src), "--out", str(cache), "--config", "tiny", "--reports",
+                     str(src / "reports.csv"), "--codes", str(src / "ehr_codes.csv"), "--labels", str(src / "labels"),
+                     "--boxes", str(src / "boxes.json"), "--vocab", str(src / "vocab.json"), "--no-progress",
+                     "--ingest.exclude", "labels/*", "lesions/*", "--split-fractions", "0.5", "0.0", "0.5"]) in (0, 3)
     assert main(["train", "--config", "tiny_cpu", "--run-dir", str(run), "--data.cache-dir", str(cache),
                  "--max-steps", "2", "--data.val-split", "", "--data.num-workers", "0", "--no-progress",
                  "--no-tensorboard", "--val-every", "0"]) == 0

@@ -491,39 +491,18 @@ def question_for(finding: str) -> str:
     return QUESTION.format(text=DEFAULT_VOCAB[finding].text)
 
 
-def match_order(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n``
-    (:func:`vol3d.eval.metrics.match_pairs`); unmatched true boxes follow. Then box ``n`` shares
-    its colour in :func:`vol3d.viz.show_box_slices`."""
-    from preprocess.geometry import as_boxes
-    from vol3d.eval.metrics import match_pairs
-
-    true = as_boxes(true)
-    _, cols, _ = match_pairs(pred, true)  # ordered by predicted box
-    order = [int(c) for c in cols]
-    return true[order + [i for i in range(len(true)) if i not in order]]
-
-
 def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = None,
                   center: Sequence[float] | None = None) -> Any:
-    """:func:`vol3d.viz.show_box_slices` of an :class:`~vol3d.inference.Answer`: predicted boxes (solid)
-    and true boxes ``(N, 6)`` in model-input voxels (dashed), slices through ``center`` (default the first box)."""
+    """:func:`vol3d.viz.answer_slices` of an :class:`~vol3d.inference.Answer` with the question and answer
+    as title: predicted boxes (solid) and true boxes ``(N, 6)`` in model-input voxels (dashed)."""
     from vol3d.tasks import DEFAULT_VOCAB
-    from vol3d.viz import show_box_slices
+    from vol3d.viz import answer_slices
 
-    pred = answer.model_boxes
-    truth = match_order(pred, truth) if truth is not None else None
     name = DEFAULT_VOCAB[finding].text if finding in DEFAULT_VOCAB else (finding or "finding")
-    n = max(len(pred), 0 if truth is None else len(truth))
-    labels = [f"{name} {i + 1}" for i in range(n)]
     title = f"Q: {answer.question}   A: {answer.text if len(answer.text) < 90 else answer.text[:87] + '...'}"
-    if not len(pred):
+    if not len(answer.model_boxes):
         title += "\n(no box in the answer: the true box is shown alone)"
-    # show the channel with the most contrast: the soft-tissue window when the preset has one
-    vol = np.asarray(answer.volume, dtype=np.float32)
-    channel = int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
-    return show_box_slices(answer.volume, pred, truth, spacing=answer.input.spacing, center=center,
-                           labels=labels, title=title, affine=answer.affine, channel=channel)
+    return answer_slices(answer, truth, name, center=center, title=title)
 
 
 def describe_answer(answer: Any, truth: np.ndarray) -> list[str]:

@@ -118,12 +118,10 @@ class Explorer:
         """The findings to ask about: the model's vocabulary (perception models), else the cache's
         ``vocab.json``, else the synthetic default."""
         if self._vocab is None:
-            from preprocess.sidecars import VOCAB_NAME, load_vocabulary
+            from preprocess.sidecars import cache_vocabulary
             from vol3d.tasks.findings import as_vocab
 
-            found = getattr(self.pipe.model, "vocab", None) or None
-            if found is None and (self.cache / VOCAB_NAME).is_file():
-                found = load_vocabulary(self.cache / VOCAB_NAME).get("findings") or None
+            found = getattr(self.pipe.model, "vocab", None) or cache_vocabulary(self.cache).get("findings") or None
             self._vocab = as_vocab(found)
         return self._vocab
 
@@ -139,12 +137,16 @@ class Explorer:
                 return i
         raise InputError(f"case {case!r} is not an ok case of {self.cache}; pick one of explorer.case_ids()")
 
-    def _findings_of(self, index: int) -> list[str]:
+    def _truth(self, index: int) -> dict[str, Any]:
+        """The case's true boxes per finding (read once, without the voxels)."""
         from vol3d.tasks import finding_truth
 
         if index not in self._scan:
             self._scan[index] = finding_truth(self.cases.item_without_pixels(index), self.vocab)
-        return [name for name, t in self._scan[index].items() if t.n > 0]
+        return self._scan[index]
+
+    def _findings_of(self, index: int) -> list[str]:
+        return [name for name, t in self._truth(index).items() if t.n > 0]
 
     def case_label(self, case: str | None = None) -> str:
         """``"<id> (test split: liver lesion, kidney cyst)"``: what the dropdown shows."""
@@ -173,23 +175,15 @@ class Explorer:
         """Answer ``question`` about ``case`` (default: the first held-out case); the view is kept in
         :attr:`last`."""
         from vol3d.tasks.findings import finding_named
-        from vol3d.viz import show_box_slices
+        from vol3d.viz import answer_slices, match_order
 
         index = self._index(case)
         case_id = str(self.cases.rows[index]["id"])
         answer = self.pipe.ask(f"{self.cache}::{case_id}", question, max_new_tokens=self.max_new_tokens, locate=locate)
         finding = finding_named(question, self.vocab)  # the finding whose true boxes are drawn
-        self._findings_of(index)
-        truth = self._scan[index][finding].boxes if finding else np.zeros((0, 6))
-        pred = answer.model_boxes
-        truth = _matched(pred, truth)
-        vol = np.asarray(answer.volume, dtype=np.float32)
-        channel = int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
-        text = self.vocab[finding].text if finding else "box"
-        n = max(len(pred), len(truth))
-        figure = show_box_slices(vol, pred, truth, spacing=answer.input.spacing, channel=channel,
-                                 labels=[f"{text} {i + 1}" for i in range(n)], affine=answer.affine)
-        self.last = ExplorerView(case_id, answer, finding, truth, figure)
+        truth = self._truth(index)[finding].boxes if finding else np.zeros((0, 6))
+        figure = answer_slices(answer, truth, self.vocab[finding].text if finding else "box")
+        self.last = ExplorerView(case_id, answer, finding, match_order(answer.model_boxes, truth), figure)
         return self.last
 
     # ------------------------------------------------------------------ the widget
@@ -231,19 +225,6 @@ class Explorer:
         cases.observe(new_case, names="value")
         run()
         return w.VBox([cases, w.HBox([q, locate, button]), status, text, image])
-
-
-def _matched(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n`` (shared colour)."""
-    from preprocess.geometry import as_boxes
-    from vol3d.eval.metrics import match_pairs
-
-    truth = as_boxes(truth)
-    if not len(pred) or not len(truth):
-        return truth
-    _, cols, _ = match_pairs(pred, truth)
-    order = [int(c) for c in cols]
-    return truth[order + [i for i in range(len(truth)) if i not in order]]
 
 
 def explore(run: Any, cache: str | os.PathLike | None = None, question: str | None = None,

@@ -348,6 +348,34 @@ def show_box_slices(
     return fig
 
 
+def match_order(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """True boxes reordered so that true box ``n`` is the one matched to predicted box ``n``
+    (:func:`vol3d.eval.metrics.match_pairs`); unmatched true boxes follow. Then box ``n`` shares
+    its colour in :func:`show_box_slices`."""
+    from vol3d.eval.metrics import match_pairs
+
+    true = as_boxes(true)
+    _, cols, _ = match_pairs(pred, true)  # ordered by predicted box
+    order = [int(c) for c in cols]
+    return true[order + [i for i in range(len(true)) if i not in order]]
+
+
+def answer_slices(answer: Any, truth: np.ndarray | None, name: str = "finding",
+                  center: Sequence[float] | None = None, title: str | None = None) -> Figure:
+    """:func:`show_box_slices` of an :class:`~vol3d.inference.Answer`: its boxes (solid) and the true boxes
+    ``(N, 6)`` in model-input voxels (dashed, box ``n`` matched to answer box ``n``), labelled
+    ``"<name> n"``, on the channel with the most contrast (the soft-tissue window when the preset has one),
+    slices through ``center`` (default the first box), boxes in world mm below."""
+    pred = answer.model_boxes
+    truth = match_order(pred, truth) if truth is not None else None
+    n = max(len(pred), 0 if truth is None else len(truth))
+    vol = np.asarray(answer.volume, dtype=np.float32)
+    channel = int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
+    return show_box_slices(vol, pred, truth, spacing=answer.input.spacing, center=center,
+                           labels=[f"{name} {i + 1}" for i in range(n)], title=title, affine=answer.affine,
+                           channel=channel)
+
+
 def slice_grid(
     volume: np.ndarray,
     boxes_pred: np.ndarray | None,
@@ -497,13 +525,11 @@ def label_names(cache_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
     ``vol3d preprocess --vocab`` copied from the export) when it has them, else the synthetic
     phantom's (``vol3d.synth.LABELS``, what ``vol3d synth`` exports)."""
     if cache_dir is not None:
-        from preprocess.sidecars import VOCAB_NAME, load_vocabulary
+        from preprocess.sidecars import cache_vocabulary
 
-        path = Path(cache_dir) / VOCAB_NAME
-        if path.is_file():
-            labels = load_vocabulary(path).get("labels") or []
-            if labels:
-                return tuple(str(n) for n in labels)
+        labels = cache_vocabulary(cache_dir).get("labels") or []
+        if labels:
+            return tuple(str(n) for n in labels)
     from vol3d.synth import LABELS
 
     return tuple(LABELS)

@@ -419,7 +419,7 @@ def _parse_header(f: FoundFile, magic: bool, known_dicom: bool) -> Header | Cand
                             f"deflated DICOM file {f.rel} ({size} bytes) inflates to more than {limit} bytes "
                             f"(over {MAX_INFLATE_RATIO} times its size: a decompression bomb?); it was not read. "
                             "Re-export it uncompressed or with another transfer syntax.")
-    with open(f.path, "rb") as fp:
+        fp.seek(0)
         ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
         meta = getattr(ds, "file_meta", None)
         ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""

@@ -13,7 +13,7 @@ import pytest
 
 from preprocess.errors import InputError
 from preprocess.geometry import as_boxes, box_iou, boxes_voxel_to_world
-from vol3d import demo
+from vol3d import demo, viz
 
 # 2 training steps, 8-token answers, one question per task: the pipeline end to end, not its quality.
 TINY = {"cases": 8, "steps": 2, "samples_per_case": 1, "max_new_tokens": 8, "progress": False,
@@ -152,7 +152,7 @@ def test_a_drawn_answer_box_lands_on_the_true_box(demo_runs):
     gids = {p.get_gid() for ax in fig.axes for p in ax.patches}
     assert {"pred-0", "true-0"} <= gids
     pred = np.stack([b.model_vox for b in boxes])
-    assert np.diag(box_iou(pred, demo.match_order(pred, truth))).min() > 0.9  # 0..999 text rounding only
+    assert np.diag(box_iou(pred, viz.match_order(pred, truth))).min() > 0.9  # 0..999 text rounding only
 
 
 def test_interrupted_training_resumes_to_the_same_weights(demo_runs, tmp_path, monkeypatch):
@@ -235,9 +235,9 @@ def test_separation_needs_the_intervals_apart():
 def test_match_order_pairs_true_boxes_with_their_predictions():
     true = np.array([[0, 0, 0, 4, 4, 4], [10, 10, 10, 14, 14, 14], [20, 20, 20, 22, 22, 22]], float)
     pred = np.array([[10, 10, 10, 14, 14, 15], [0, 0, 0, 4, 4, 5]], float)
-    ordered = demo.match_order(pred, true)
+    ordered = viz.match_order(pred, true)
     np.testing.assert_array_equal(ordered, true[[1, 0, 2]])
-    assert len(demo.match_order(np.zeros((0, 6)), true)) == 3
+    assert len(viz.match_order(np.zeros((0, 6)), true)) == 3
 
 
 def test_pick_case_prefers_a_liver_lesion_then_other_findings():

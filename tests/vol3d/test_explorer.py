@@ -93,6 +93,11 @@ def test_explore_without_widgets_displays_the_snapshot(world, monkeypatch):
 
 
 def test_explore_finds_the_runs_training_cache(world, tmp_path):
-    run = Path(world["run"])
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
     with pytest.raises(InputError, match="config.yaml"):
-        Explorer(run, None, device="cpu")  # a saved model without a training config names no cache
+        Explorer(run, None, device="cpu")  # a saved model without a training config names no cache: say so
+    (run / "config.yaml").write_text(f"data:\n  cache_dir: {world['cache']}\n")
+    assert Explorer(run, None, device="cpu").cache == Path(world["cache"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -695,13 +696,10 @@ class Vol3DModel(nn.Module):
             texts = [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
         return (texts, perceived) if return_perceived else texts
 
-    def _perceived_values(self, prompts: list[str], perceived: list[Any]) -> PerceivedValues | None:
-        """:class:`PerceivedValues` for these prompts and their volumes' regions (None when the tokenizer
-        has no first token that tells "yes" from "no", or no distinct first token per digit)."""
-        import re
-
-        from vol3d.tasks.findings import finding_named
-
+    @functools.cached_property
+    def _closed_answer_tokens(self) -> tuple[list[tuple[int, int]], list[int]] | None:
+        """First tokens of "yes"/"no" (each spelling that tells them apart) and of the digits 0-9;
+        None when the tokenizer has no such pair or no distinct first token per digit."""
         def first(text: str) -> int | None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return int(ids[0]) if ids else None
@@ -711,6 +709,19 @@ class Vol3DModel(nn.Module):
         digits = [first(str(d)) for d in range(10)]
         if not yes_no or None in digits or len(set(digits)) != 10:
             return None
+        return yes_no, digits  # type: ignore[return-value]
+
+    def _perceived_values(self, prompts: list[str], perceived: list[Any]) -> PerceivedValues | None:
+        """:class:`PerceivedValues` for these prompts and their volumes' regions (None without
+        :attr:`_closed_answer_tokens`)."""
+        import re
+
+        from vol3d.tasks.findings import finding_named
+
+        tokens = self._closed_answer_tokens
+        if tokens is None:
+            return None
+        yes_no, digits = tokens
         vocab = self.vocab
         counts: list[int | None] = []
         for prompt, per in zip(prompts, perceived, strict=True):

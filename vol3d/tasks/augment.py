@@ -26,7 +26,7 @@ import numpy as np
 
 from preprocess.errors import ConfigError
 from preprocess.geometry import as_boxes, boxes_voxel_to_world, mask_to_box
-from vol3d.tasks.samples import BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE, _rng
+from vol3d.tasks.samples import BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE, _rng, visible_fractions
 
 
 @dataclasses.dataclass
@@ -166,13 +166,7 @@ def augment(
     boxes = as_boxes(
         _to_numpy(boxes_in) if boxes_in is not None else np.zeros((0, 6))
     ).copy()  # never mutate the input
-    visible = (
-        np.asarray(_to_numpy(case[BOXES_VISIBLE]) if case.get(BOXES_VISIBLE) is not None else np.ones(len(boxes)),
-                   dtype=float)
-        .reshape(-1)
-        .copy()
-    )
-    finding_key, organ_key, visible_key = BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE
+    visible = visible_fractions(case, len(boxes)).copy()
     keep = np.ones(len(boxes), dtype=bool)
 
     # Draw every parameter first (fixed order), so the rng stream does not depend on the data.
@@ -207,8 +201,8 @@ def augment(
                 for a, b in zip(pairs[::2], pairs[1::2], strict=True):
                     lab[subject["label"].data == a], lab[subject["label"].data == b] = b, a
                 subject["label"].set_data(lab)
-            if out.get(organ_key) is not None:
-                out[organ_key] = [swap_laterality(str(o)) for o in out[organ_key]]
+            if out.get(BOX_ORGANS) is not None:
+                out[BOX_ORGANS] = [swap_laterality(str(o)) for o in out[BOX_ORGANS]]
             if out.get("report"):
                 out["report"] = swap_laterality(str(out["report"]))
 
@@ -255,14 +249,14 @@ def augment(
     if "boxes_vox" in case:
         as_torch = hasattr(boxes_in, "detach")
         out["boxes_vox"] = _like(boxes[keep].astype(np.float32), as_torch)
-        out[visible_key] = _like(visible[keep].astype(np.float32), as_torch)
+        out[BOXES_VISIBLE] = _like(visible[keep].astype(np.float32), as_torch)
         if "boxes_world" in out:  # the content moved: world boxes follow, or go if there is no affine
             if case.get("affine") is not None:
                 world = boxes_voxel_to_world(boxes[keep], np.asarray(_to_numpy(case["affine"]), dtype=float))
                 out["boxes_world"] = _like(world.astype(np.float32), as_torch)
             else:
                 del out["boxes_world"]
-        for key in (finding_key, organ_key):
+        for key in (BOX_FINDINGS, BOX_ORGANS):
             if key in out and out[key] is not None:
                 out[key] = [v for v, k in zip(out[key], keep, strict=True) if k]
     out["augment"] = {

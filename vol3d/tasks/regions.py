@@ -189,16 +189,14 @@ class DenseTargets:
 
 
 def _case_boxes(case: Mapping[str, Any]) -> tuple[np.ndarray, list[str], list[str], np.ndarray] | None:
-    from vol3d.tasks.samples import BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE, has_boxes
+    from vol3d.tasks.samples import BOX_FINDINGS, BOX_ORGANS, has_boxes, visible_fractions
 
     if not has_boxes(case):
         return None
     boxes = as_boxes(np.asarray(case["boxes_vox"], dtype=np.float64))
     findings = [str(f) for f in case[BOX_FINDINGS]]
     organs = [str(o) for o in case.get(BOX_ORGANS) or []] or [""] * len(findings)
-    visible = case.get(BOXES_VISIBLE)
-    visible = np.asarray(np.ones(len(boxes)) if visible is None else visible, dtype=float).reshape(-1)
-    return boxes, findings, organs, visible
+    return boxes, findings, organs, visible_fractions(case, len(boxes))
 
 
 def _ellipsoid(box: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -151,8 +151,10 @@ class FindingTruth:
 BOX_FINDINGS, BOX_ORGANS, BOXES_VISIBLE = "box_findings", "box_organs", "boxes_visible"
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def visible_fractions(case: Mapping[str, Any], n: int) -> np.ndarray:
+    """``(n,)`` float: how much of each of the case's ``n`` boxes lies in the volume (1 when unsaid)."""
+    value = case.get(BOXES_VISIBLE)
+    return np.ones(n) if value is None else np.asarray(value, dtype=float).reshape(-1)
 
 
 def has_boxes(case: Mapping[str, Any]) -> bool:
@@ -176,7 +178,7 @@ def finding_truth(case: Mapping[str, Any], vocab: FindingVocab | None = None) ->
             f"({sorted(vocab)}); add them (see docs/tasks_and_metrics.md)"
         )
     organs = [str(o) for o in case.get(BOX_ORGANS) or []] or [vocab[f].organ for f in findings]
-    visible = np.asarray(_or(case.get(BOXES_VISIBLE), np.ones(len(boxes))), dtype=float).reshape(-1)
+    visible = visible_fractions(case, len(boxes))
     out = {}
     for name in vocab:
         sel = [i for i, f in enumerate(findings) if f == name]
