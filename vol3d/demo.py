@@ -315,10 +315,24 @@ HEADLINE: tuple[tuple[str, str, str, str], ...] = (
      "ranking of the patients' ICD-10 codes of findings an image shows, averaged over those codes (0.5 = chance)"),
     ("ehr.macro_auroc", "EHR macro AUROC, all codes", "",
      "the same over every code, hypertension and depression included (no image predicts those)"),
+    ("measure.mae_mm", "measurement MAE (mm)", "<= blind / 2",
+     "lesion diameters, organ lengths and distances between lesions, read from the perceived regions, mean "
+     "absolute error in mm (lower is better; image-blind: the training split's median of each question)"),
+    ("measure.lesions_ge10mm.within10", "lesions >= 10 mm within 10%", ">= 0.7",
+     "diameters of findings of at least 10 mm measured within 10% of the true size"),
+    ("measure.mae_ml", "volume MAE (mL)", "", "finding and organ volumes (lower is better)"),
+    ("chain.conclusion_acc_present", "chain conclusion, finding present", ">= 0.9",
+     "'Is there X?' chains (organ -> finding -> measurement -> conclusion) whose conclusion is right where X is "
+     "present"),
+    ("chain.conclusion_acc", "chain conclusion, all", "", "the same over present and absent findings"),
+    ("chain.finding_iou", "chain finding box IoU", "",
+     "IoU of the chain's largest-finding box with the true one, where the finding is present"),
 )
 #: Tasks whose model interval must lie above the image-blind one (the model reads the image).
 SEPARATION = ("ground.acc_iou50", "report.findings.micro_f1", "vqa_closed.by_type.presence.exact_match",
-              "vqa_closed.by_type.count.exact_match", "ehr.imaging_macro_auroc")
+              "vqa_closed.by_type.count.exact_match", "ehr.imaging_macro_auroc", "chain.conclusion_acc_present")
+#: Error metrics whose model interval must lie *below* the image-blind one.
+SEPARATION_BELOW = ("measure.mae_mm",)
 
 
 def interval(results: Mapping[str, Any], key: str) -> tuple[float, float]:
@@ -334,9 +348,11 @@ def interval(results: Mapping[str, Any], key: str) -> tuple[float, float]:
 
 
 def separation(evaluation: Mapping[str, Any]) -> dict[str, bool]:
-    """Per :data:`SEPARATION` task: does the model's interval lie above the image-blind model's?"""
+    """Per :data:`SEPARATION` metric: does the model's interval lie above the image-blind model's (below it for
+    the errors of :data:`SEPARATION_BELOW`)?"""
     model, blind = evaluation.get("model", {}), evaluation.get("image_blind", {})
-    return {key: interval(model, key)[0] > interval(blind, key)[1] for key in SEPARATION}
+    return ({key: interval(model, key)[0] > interval(blind, key)[1] for key in SEPARATION}
+            | {key: interval(model, key)[1] < interval(blind, key)[0] for key in SEPARATION_BELOW})
 
 
 def metric(results: Mapping[str, Any], key: str) -> float:
@@ -415,12 +431,13 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
     for name, blind in (("model", False), ("image_blind", True)):
         if blind and not baseline:
             continue
+        priors = pipe.measure_priors(cases.cache_dir) if blind else None
         t0 = time.perf_counter()
         items = tqdm(cases, desc=f"{label} ({name.replace('_', '-')})", unit="case", disable=not progress)
         out[name] = evaluate(pipe.model, items, tasks, vocab=pipe.vocab, code_vocab=codes,
                              samples_per_case=samples_per_case, max_new_tokens=max_new_tokens, seed=seed,
                              image_blind=blind, keep_predictions=True, locate_prefix=pipe.locate_prefix,
-                             presence=presence)
+                             presence=presence, priors=priors)
         out[name]["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

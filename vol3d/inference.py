@@ -137,6 +137,34 @@ class AnswerBox:
 
 
 @dataclasses.dataclass
+class AnswerStep:
+    """One step of an answer's reasoning chain (:class:`vol3d.tasks.reasoning.Step`), its box in every frame."""
+
+    kind: str  # "organ", "finding", "measure", "expert" or "conclusion"
+    text: str
+    box: AnswerBox | None
+    value: float | None
+    unit: str
+    name: str  # the organ label or finding it is about
+    call: dict[str, Any] | None = None  # an expert step: what was asked of which model
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "text": self.text, "name": self.name,
+               "value": None if self.value is None else round(float(self.value), 3), "unit": self.unit,
+               "box": None if self.box is None else self.box.to_dict()}
+        if self.call is not None:
+            out["call"] = self.call
+        return out
+
+    def __str__(self) -> str:
+        where = ""
+        if self.box is not None:
+            lo, hi = self.box.world_mm[:3], self.box.world_mm[3:]
+            where = f"  [box RAS+ mm ({lo[0]:.0f}, {lo[1]:.0f}, {lo[2]:.0f})-({hi[0]:.0f}, {hi[1]:.0f}, {hi[2]:.0f})]"
+        return f"{self.kind:<10} {self.text}{where}"
+
+
+@dataclasses.dataclass
 class Answer:
     """The model's answer to one question, its boxes in every frame, and the prepared input."""
 
@@ -147,6 +175,7 @@ class Answer:
     input: ModelInput
     findings: str = ""  # the findings digest the model read before the question (perception models)
     warnings: list[str] = dataclasses.field(default_factory=list)  # why the volume is out of domain
+    steps: list[AnswerStep] = dataclasses.field(default_factory=list)  # the reasoning chain (perception models)
 
     @property
     def volume(self) -> np.ndarray:
@@ -171,6 +200,7 @@ class Answer:
             "boxes": [b.to_dict() for b in self.boxes],
             "unparsed_boxes": int(self.unparsed_boxes),
             "findings": self.findings,
+            "steps": [st.to_dict() for st in self.steps],
             "warnings": list(self.warnings),
             "input": self.input.geometry_dict(),
         }
@@ -180,6 +210,8 @@ class Answer:
         if self.findings:
             lines.append(f"perceived: {self.findings}")
         lines += [f"Q: {self.question}", f"A: {self.text}"]
+        if self.steps:
+            lines += ["", "steps:"] + [f"  {i}. {st}" for i, st in enumerate(self.steps, start=1)]
         if self.boxes:
             lines += ["", format_boxes(self.boxes)]
         if self.unparsed_boxes:
@@ -219,14 +251,21 @@ def boxes_from_text(text: str, inp: ModelInput) -> tuple[list[AnswerBox], int]:
     if not ints:
         return [], unparsed
     norm = np.stack(ints)  # (N, 6)
-    model_vox = geometry.denormalise_boxes(norm, inp.input_shape)
+    return boxes_in_frames(geometry.denormalise_boxes(norm, inp.input_shape), inp, norm), unparsed
+
+
+def boxes_in_frames(model_vox: np.ndarray, inp: ModelInput, norm: np.ndarray | None = None) -> list[AnswerBox]:
+    """Model-input voxel boxes ``(N, 6)`` in every frame of ``inp`` (``norm``: their 0..999 integers,
+    computed when not given)."""
+    model_vox = geometry.as_boxes(model_vox)
+    if not len(model_vox):
+        return []
+    norm = geometry.normalise_boxes(model_vox, inp.input_shape) if norm is None else norm
     cached_vox = geometry.transform_boxes(model_vox, inp.model_to_cached())
     world = geometry.boxes_voxel_to_world(model_vox, inp.affine)
     orig = geometry.transform_boxes(cached_vox, inp.cached_to_orig)
-    boxes = [
-        AnswerBox([int(v) for v in norm[i]], model_vox[i], cached_vox[i], world[i], orig[i]) for i in range(len(norm))
-    ]
-    return boxes, unparsed
+    return [AnswerBox([int(v) for v in norm[i]], model_vox[i], cached_vox[i], world[i], orig[i])
+            for i in range(len(norm))]
 
 
 # ----------------------------------------------------------------------------- preprocessing config
@@ -379,10 +418,13 @@ class Vol3DPipeline:
 
     @property
     def default_tasks(self) -> list[str]:
-        """Tasks evaluated by default: :data:`vol3d.eval.TEXT_TASKS`, plus ``ehr`` when the model has an EHR head."""
+        """Tasks evaluated by default: :data:`vol3d.eval.TEXT_TASKS`, plus ``ehr`` when the model has an EHR
+        head, plus ``measure`` and ``chain`` when it has perception."""
         from vol3d.eval.evaluate import TEXT_TASKS
+        from vol3d.eval.reasoning import PERCEPTION_TASKS
 
-        return [*TEXT_TASKS, *(["ehr"] if self.code_vocab is not None else [])]
+        return [*TEXT_TASKS, *(["ehr"] if self.code_vocab is not None else []),
+                *(PERCEPTION_TASKS if self.perceives else ())]
 
     # -- preparing volumes
     def prepare(self, volume: Any, series: int | None = None) -> ModelInput:
@@ -496,6 +538,13 @@ class Vol3DPipeline:
         A volume unlike the training data (:mod:`vol3d.domain`: modality, intensity flags and
         statistics, the organs found) gets ``Answer.warnings``; with ``out_of_domain="refuse"``
         (the default) its answer gives no box and says why, with ``"answer"`` it is kept as is.
+
+        With a perception model, a measurement question ("What is the diameter of the largest liver
+        lesion?", "What is the craniocaudal length of the spleen?", "How far apart are the two largest
+        kidney cysts?"; :func:`vol3d.tasks.reasoning.parse_question`) is answered from the perceived
+        regions, in mm or mL; and an answer about a finding, organ or measurement lists its reasoning
+        chain in ``Answer.steps`` (organ -> finding -> measurement -> conclusion with its threshold,
+        each box in every frame).
         """
         if locate and self.locate_prefix is None:
             raise ConfigError(f"locate=True needs a vol3d.models.Vol3DModel, not a {type(self.model).__name__} "
@@ -505,27 +554,54 @@ class Vol3DPipeline:
         inp = self.prepare(volume, series=series)
         if locate:
             generate_kwargs["answer_prefix"] = self.locate_prefix
-        perceived = None
-        if self.perceives:
+        perceived = chain = None
+        query = self.measurement(question) if not locate else None
+        if query is not None:  # a number read from the perception, not written by the LM
+            perceived = self.model.perceive(self._tensor(inp), spacing=inp.spacing)[0]
+            chain = self.reason(question, perceived, inp)
+            text = chain.answer
+        elif self.perceives:
             generate_kwargs.update(spacing=inp.spacing, return_perceived=True)
             texts, found = self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
                                                **generate_kwargs)
             text, perceived = str(texts[0]), found[0]
+            chain = self.reason(question, perceived, inp)
         else:
             text = str(self.model.generate(self._tensor(inp), [question], max_new_tokens=max_new_tokens,
                                            **generate_kwargs)[0])
         warnings = self.check_domain(inp, perceived)
         boxes, unparsed = boxes_from_text(text, inp)
-        if warnings and boxes and out_of_domain == "refuse":
-            text = ("This volume does not look like the data this model was trained on, so no box is given ("
-                    + "; ".join(warnings) + ").")
-            boxes, unparsed = [], 0
+        refused = bool(warnings) and out_of_domain == "refuse" and (bool(boxes) or query is not None)
+        if refused:
+            text = ("This volume does not look like the data this model was trained on, so no "
+                    + ("measurement" if query is not None else "box") + " is given (" + "; ".join(warnings) + ").")
+            boxes, unparsed, chain = [], 0, None
         findings = ""
         if perceived is not None:
             from vol3d.tasks.regions import digest_text
 
             findings = digest_text(perceived, self.model.vocab).replace("<reg> ", "").replace(" <org>", "")
-        return Answer(question, text, boxes, unparsed, inp, findings, warnings)
+        steps = [] if chain is None else [
+            AnswerStep(st.kind, st.text, None if st.box is None else boxes_in_frames(st.box[None], inp)[0],
+                       st.value, st.unit, st.name) for st in chain.steps]
+        return Answer(question, text, boxes, unparsed, inp, findings, warnings, steps)
+
+    def measurement(self, question: str) -> Any:
+        """The measurement a question asks for (:func:`vol3d.tasks.reasoning.parse_question`), None when it
+        asks for none or the model has no perception to measure with."""
+        from vol3d.tasks.reasoning import parse_question
+
+        if not self.perceives:
+            return None
+        labels = self.model.labels
+        return parse_question(question, self.model.vocab, list(labels.organs[1:]) if labels is not None else [])
+
+    def reason(self, question: str, perceived: Any, inp: ModelInput) -> Any:
+        """The reasoning chain of a question about ``perceived`` (:func:`vol3d.tasks.reasoning.reason`),
+        None when the question names no finding, organ or measurement."""
+        from vol3d.tasks.reasoning import reason
+
+        return reason(question, perceived, self.model.vocab, self.model.labels, inp.spacing)
 
     @property
     def perceives(self) -> bool:
@@ -578,6 +654,19 @@ class Vol3DPipeline:
         scan = getattr(cases, "item_without_pixels", cases.__getitem__)
         return balanced_presence((scan(i) for i in range(n)), self.vocab, seed)
 
+    def measure_priors(self, cache_dir: str | Path, split: str = "train", limit: int = 200) -> dict[str, float] | None:
+        """The image-blind answers of the ``measure`` and ``chain`` tasks from the first ``limit`` cases of
+        a cache split (:func:`vol3d.eval.reasoning.measure_priors`); None without perception or cases."""
+        from vol3d.data.cache import CacheDataset
+        from vol3d.eval.reasoning import measure_priors
+
+        if not self.perceives:
+            return None
+        ds = CacheDataset(cache_dir, split=split, mode="volume", input_size=self.input_shape)
+        if len(ds) == 0:
+            return None
+        return measure_priors((ds[i] for i in range(min(limit, len(ds)))), self.model.vocab, self.model.labels)
+
     def evaluate(self, cache_dir: str | Path, split: str | None = "test", tasks: Sequence[str] | None = None,
                  limit: int | None = None, image_blind: bool = False, *, samples_per_case: int = 2,
                  max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0,
@@ -603,7 +692,11 @@ class Vol3DPipeline:
                              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + " (choose with --split)")
         n = len(ds) if limit is None else min(int(limit), len(ds))
         same = self._check_cache_params(Path(cache_dir))
+        from vol3d.eval.reasoning import PERCEPTION_TASKS
+
+        priors = self.measure_priors(cache_dir) if image_blind and set(tasks) & set(PERCEPTION_TASKS) else None
         results = evaluate(self.model, (ds[i] for i in range(n)), tasks, vocab=self.vocab, code_vocab=vocab,
+                           priors=priors,
                            image_blind=image_blind, samples_per_case=samples_per_case,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                            keep_predictions=keep_predictions, locate_prefix=self.locate_prefix,

@@ -229,6 +229,10 @@ def test_separation_needs_the_intervals_apart():
     sep = demo.separation({"model": model, "image_blind": blind})
     assert sep["ground.acc_iou50"] is True and sep["report.findings.micro_f1"] is False
     assert sep["ehr.imaging_macro_auroc"] is False  # no interval: not shown to be apart
+    # an error must lie below the blind one's
+    low = {"measure": {"mae_mm": 3.0, "mae_mm_ci": [2.5, 3.5]}}
+    assert demo.separation({"model": low, "image_blind": {"measure": {"mae_mm_ci": [9.0, 11.0]}}})["measure.mae_mm"]
+    assert not demo.separation({"model": low, "image_blind": {"measure": {"mae_mm_ci": [3.0, 4.0]}}})["measure.mae_mm"]
     assert "model above image-blind" in demo.headline_table({"model": model, "image_blind": blind}, explain=False)
 
 

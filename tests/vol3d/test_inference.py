@@ -389,3 +389,75 @@ def test_an_out_of_domain_volume_gets_warnings_and_no_box(data, oracle_pipe):
         assert kept.to_dict()["warnings"] == kept.warnings
     finally:
         oracle.domain = None
+
+
+# ----------------------------------------------------------------------------- measurements and chains
+
+
+class PerceivingOracle(Oracle):
+    """An oracle with perception: it perceives the ground truth of the cached case it is told about."""
+
+    def __init__(self, data) -> None:
+        from preprocess.sidecars import VOCAB_NAME, load_vocabulary
+        from vol3d.tasks.findings import as_vocab
+        from vol3d.tasks.regions import LabelSpec
+
+        super().__init__()
+        meta = load_vocabulary(data["src"] / VOCAB_NAME)  # the export's: findings, label names, criteria
+        self.vocab = as_vocab(meta["findings"])
+        self.labels = LabelSpec(tuple(meta["labels"]), tuple(meta["finding_labels"]))
+        self.perception, self.item = object(), None
+
+    def perceive(self, volume, spacing=None):
+        from vol3d.tasks.regions import perceived_from_case
+
+        return [perceived_from_case(self.item, self.vocab, self.labels)[0]]
+
+    def generate(self, volume, prompts, max_new_tokens=64, return_perceived=False, spacing=None, **kwargs):
+        texts = super().generate(volume, prompts, max_new_tokens)
+        return (texts, self.perceive(volume) * len(prompts)) if return_perceived else texts
+
+
+def test_measurements_and_chain_steps_are_in_the_patients_millimetres(data):
+    """Asked about an original DICOM/NIfTI series, a measurement comes from the perceived regions and
+    agrees with the export's truth in world mm (boxes.json); the chain's boxes map to every frame."""
+    from vol3d.data.cache import CacheDataset
+
+    oracle = PerceivingOracle(data)
+    pipe = Vol3DPipeline(oracle, data["cfg"])
+    ds = CacheDataset(data["cache"], mode="volume", input_size=INPUT)
+    index = {r["id"]: i for i, r in enumerate(ds.rows)}
+    truth_boxes = json.loads((data["src"] / "boxes.json").read_text())
+    kinds_seen: set[str] = set()
+    for s in volume_series(data):
+        oracle.item = item = ds[index[s["row"]["id"]]]
+        truths = [b for b in truth_boxes if b["key"] == s["series"]["key"]]
+        step = np.tile(np.asarray(item["spacing"], float), 2) + 1e-3  # one cached voxel
+        whole = [b for k, b in enumerate(truths) if b["finding"] != "splenomegaly" and item["boxes_visible"][k] > 0.999]
+        if whole and s["series"]["plane"] != "oblique":  # (an oblique series' cached box encloses the rotated one)
+            name = whole[0]["finding"]
+            big = max((b for b in whole if b["finding"] == name), key=lambda b: np.prod(b["size_mm"]))
+            text = oracle.vocab[name].text
+            ans = pipe.ask(s["path"], f"What is the diameter of the largest {text}?", series=s["index"])
+            assert not any("diameter" in q for _, qs in oracle.seen for q in qs)  # not asked of the LM
+            assert ans.text.startswith(f"The largest {text} measures {round(max(big['size_mm'][:2]))} mm")
+            found = [st for st in ans.steps if st.kind == "finding"]
+            assert np.all(np.abs(found[0].box.world_mm - big["box_world_ras_mm"]) <= step)
+            assert [st.kind for st in ans.steps][-2:] == ["measure", "conclusion"]
+            kinds_seen.add("finding")
+        spleen = [b for b in truths if b["finding"] == "splenomegaly"]
+        if spleen:
+            ans = pipe.ask(s["path"], "Is there splenomegaly?", series=s["index"])
+            measured = next(st for st in ans.steps if st.kind == "measure")
+            if "at least" in measured.text:  # the spleen runs past the tiny preset's 32 slices: a lower bound
+                assert measured.box.normalised[5] == 999 or measured.box.normalised[2] == 0
+                assert measured.value <= spleen[0]["size_mm"][2] + step[2]
+            else:
+                assert abs(measured.value - spleen[0]["size_mm"][2]) <= step[2]  # the label map's extent
+            assert "> 120 mm -> splenomegaly: yes" in ans.steps[-1].text  # the vocabulary's criterion, stated
+            d = json.loads(json.dumps(ans.to_dict(), allow_nan=False))
+            assert [st["kind"] for st in d["steps"]] == ["organ", "measure", "conclusion"]
+            assert set(d["steps"][0]["box"]) >= {"world_mm", "orig_vox", "model_vox"} and d["steps"][-1]["box"] is None
+            assert "steps:" in str(ans) and "box RAS+ mm" in str(ans)
+            kinds_seen.add("spleen")
+    assert kinds_seen == {"finding", "spleen"}

@@ -18,17 +18,21 @@ example: vol3d eval runs/tiny --cache cache/tiny --split test --limit 50"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vol3d.tasks.samples import TASKS  # torch-free
+    from vol3d.tasks.reasoning import PERCEPTION_TASKS  # torch-free
+    from vol3d.tasks.samples import TASKS
 
     parser.add_argument("run", type=Path, metavar="RUN", help="run directory of `vol3d train` / `vol3d finetune`")
     parser.add_argument("--cache", type=Path, required=True, metavar="CACHE", help="cache made by `vol3d preprocess`")
     parser.add_argument("--split", default="test", help="manifest split to evaluate (default test; 'all' = every case)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
-                        help="tasks to score (default: the text tasks, plus ehr when the run has an EHR head)")
+    parser.add_argument("--tasks", nargs="+", choices=[*TASKS, *PERCEPTION_TASKS], default=None,
+                        help="tasks to score (default: the text tasks, plus ehr when the run has an EHR head, "
+                             "plus measure and chain when it has perception)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON",
                         help="results file (default RUN/eval.json, or RUN/eval_blind.json with --blind)")
-    parser.add_argument("--blind", action="store_true", help="image-blind baseline: every volume zeroed")
+    parser.add_argument("--blind", action="store_true",
+                        help="image-blind baseline: every volume zeroed (measure and chain: the training "
+                             "split's median answers)")
     parser.add_argument("--samples-per-case", type=int, default=2, help="VQA/grounding questions per case (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")

@@ -41,6 +41,7 @@ from vol3d.eval.metrics import (
     token_f1,
     vqa_metrics,
 )
+from vol3d.eval.reasoning import PERCEPTION_TASKS, case_items, score_chain, score_measure
 from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, balanced_sample, sample_one
@@ -84,9 +85,9 @@ def _device(model: Any) -> Any:
 
 
 def _check_tasks(tasks: Sequence[str]) -> None:
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(TASKS) - set(PERCEPTION_TASKS))
     if unknown:
-        raise ConfigError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        raise ConfigError(f"unknown task(s) {unknown}; choose from {[*TASKS, *PERCEPTION_TASKS]}")
 
 
 def _case_items(
@@ -163,6 +164,7 @@ def evaluate(
     locate_prefix: str | None = None,
     presence: Mapping[int, Sequence[tuple[str, str]]] | None = None,
     bootstrap: int = BOOTSTRAP_REPS,
+    priors: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Generate answers for evaluation samples of ``tasks`` on ``cases`` and compute their metrics.
 
@@ -172,7 +174,8 @@ def evaluate(
     Args:
         model: object with ``generate`` (and ``__call__`` returning ``ehr_logits`` for ``ehr``).
         cases: case dicts (see :mod:`vol3d.tasks.samples`).
-        tasks: subset of ``report, vqa_closed, vqa_open, ground, ehr``.
+        tasks: subset of ``report, vqa_closed, vqa_open, ground, ehr`` and, for a model with
+            perception (``perceive`` and ``labels``), ``measure, chain`` (:mod:`vol3d.eval.reasoning`).
         vocab: finding vocabulary (default: the synthetic one), for questions and report F1.
         code_vocab: EHR code order of the model's ``ehr_logits``; default ``model.code_vocab``.
         processor: turns prompts into ``input_ids``/``attention_mask`` for the EHR forward pass;
@@ -188,6 +191,9 @@ def evaluate(
             (:func:`vol3d.tasks.samples.balanced_presence`, balanced per finding); None draws them
             like the other closed questions.
         bootstrap: resamples of the confidence intervals (0: none).
+        priors: the image-blind answers of ``measure``/``chain``
+            (:func:`vol3d.eval.reasoning.measure_priors` of the training split), used when
+            ``image_blind``; without them the model perceives the zeroed volume.
 
     Returns:
         ``{task: metrics, ..., "meta": {...}}`` (plus ``"predictions"``); see ``docs/tasks_and_metrics.md``.
@@ -205,6 +211,13 @@ def evaluate(
     processor = processor or getattr(model, "processor", None)
     device = _device(model)
     takes_spacing = "spacing" in inspect.signature(model.generate).parameters
+    perceiving = [t for t in tasks if t in PERCEPTION_TASKS]
+    labels = getattr(model, "labels", None)
+    if perceiving and (not hasattr(model, "perceive") or getattr(model, "perception", True) is None):
+        raise ConfigError(f"tasks {perceiving} read the model's perception; this model has none (train with "
+                          "model.perception: true) or drop them from the tasks")
+    measured: list[Any] = []
+    chained: list[Any] = []
     done: dict[str, list[tuple[EvalItem, Any]]] = {t: [] for t in tasks}  # (item, prediction)
     located: list[tuple[EvalItem, str]] = []  # grounding answers forced to start with a box
     n_cases = 0
@@ -235,6 +248,13 @@ def evaluate(
                     out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
                                          max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
                     located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
+            if perceiving:
+                pred = None
+                if not (image_blind and priors is not None):
+                    pred = model.perceive(vol[None], **gen_kw)[0]
+                m_items, c_items = case_items(ci, case, pred, vocab, labels, priors)
+                measured += m_items
+                chained += c_items
             for it in items:
                 if it.sample.task == "ehr":
                             done["ehr"].append(
@@ -244,6 +264,12 @@ def evaluate(
     results: dict[str, Any] = {}
     for task in tasks:
         pairs = done[task]
+        if task == "measure":
+            results[task] = score_measure(measured, bootstrap, seed)
+            continue
+        if task == "chain":
+            results[task] = score_chain(chained, bootstrap, seed)
+            continue
         if not pairs:
             results[task] = {"n": 0}
         elif task == "ehr":

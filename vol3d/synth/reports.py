@@ -72,7 +72,7 @@ VOCAB_FINDINGS: dict[str, dict] = {
                     "code": "N28.1"},
     "splenomegaly": {"text": "splenomegaly", "organ": "spleen", "nouns": ["enlarged", "enlargement"],
                      "organ_words": ["spleen", "splenic"], "phrases": ["splenomegaly"], "countable": False,
-                     "code": "R16.1"},
+                     "code": "R16.1", "criterion": "craniocaudal > 120 mm"},
 }
 
 

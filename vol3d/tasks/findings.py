@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,41 @@ from typing import Any
 import yaml
 
 from preprocess.errors import ConfigError, InputError
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A threshold a finding is called by, e.g. ``craniocaudal > 120 mm`` (splenomegaly) or
+    ``diameter >= 6 mm`` (a lung nodule worth reporting)."""
+
+    measure: str  # "diameter" (long axial extent), "craniocaudal" or "volume"
+    op: str  # ">", ">=", "<", "<="
+    value: float
+    unit: str  # "mm" or "mL"
+
+    def holds(self, x: float) -> bool:
+        return bool(_OPS[self.op](x, self.value))
+
+    def __str__(self) -> str:
+        return f"{self.measure} {self.op} {self.value:g} {self.unit}"
+
+
+def parse_criterion(text: str, where: str = "criterion") -> Criterion | None:
+    """``"craniocaudal > 120 mm"`` -> :class:`Criterion`; ``""`` -> None."""
+    if not text or not text.strip():
+        return None
+    m = re.fullmatch(r"\s*(diameter|craniocaudal|volume)\s*(>=|<=|>|<)\s*([0-9]+(?:\.[0-9]+)?)\s*(mm|ml|mL)\s*",
+                     text)
+    if m is None:
+        raise ConfigError(f"{where}: {text!r} is not a criterion; write '<diameter|craniocaudal|volume> "
+                          "<op> <number> <mm|mL>', e.g. 'craniocaudal > 120 mm'")
+    measure, op, value, unit = m.groups()
+    unit = "mL" if unit.lower() == "ml" else "mm"
+    if (measure == "volume") != (unit == "mL"):
+        raise ConfigError(f"{where}: {text!r}: a volume is in mL, a diameter or length in mm")
+    return Criterion(measure, op, float(value), unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +78,9 @@ class FindingSpec:
     countable: bool = True  # False for conditions ("splenomegaly"): no count/size questions
     plural: str = ""  # plural of ``text``; empty means ``text + "s"``
     code: str = ""  # ICD-10 code that usually accompanies the finding (documentation only)
+    # threshold the finding is called by, e.g. "craniocaudal > 120 mm" (splenomegaly, on its organ) or
+    # "diameter >= 6 mm"; reasoning chains state it (:func:`parse_criterion`); "" none
+    criterion: str = ""
 
     def __post_init__(self) -> None:
         if not self.text or not self.organ:
@@ -50,6 +90,7 @@ class FindingSpec:
                 f"finding {self.text!r}: give 'phrases', or both 'nouns' and 'organ_words', "
                 "so reports can be searched for it"
             )
+        parse_criterion(self.criterion, where=f"finding {self.text!r}")
 
     @property
     def plural_text(self) -> str:
@@ -125,7 +166,6 @@ def coarse_organ(organ: str) -> str:
 def finding_named(question: str, vocab: Mapping[str, FindingSpec]) -> str | None:
     """The one vocabulary finding a question names (its text, plural or phrases, as whole words), or
     None when it names none or several ("Is there a liver lesion?" -> ``"liver_lesion"``)."""
-    import re
 
     q = " " + re.sub(r"[^a-z0-9]+", " ", question.lower()) + " "
     named = {name for name, spec in vocab.items()

@@ -116,6 +116,7 @@ class Region:
     organ: str = ""  # organ a finding lies in (a label name, "" unknown); an organ: itself
     score: float = 1.0  # detection confidence (1 for ground truth)
     organ_class: int = 0  # organ regions: their class in LabelSpec.organs
+    at_edge: bool = False  # it reaches the border of the volume: its extent is a lower bound
 
     def describe(self) -> str:
         return f"{self.name} {size_text(self.size_mm)}" + (f" in the {organ_text(self.organ)}" if self.organ else "")
@@ -160,6 +161,11 @@ def _box_of(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([idx.min(0) - 0.5, idx.max(0) + 0.5]).astype(np.float64)
 
 
+def touches_border(box: np.ndarray, shape: Sequence[int]) -> bool:
+    """Whether a voxel box ``(6,)`` reaches the border of a volume of ``shape`` (what lies beyond is unseen)."""
+    return bool((box[:3] <= -0.5 + 1e-6).any() or (box[3:] >= np.asarray(shape, float) - 0.5 - 1e-6).any())
+
+
 def _organ_regions(organ_map: np.ndarray, labels: LabelSpec, spacing: np.ndarray,
                    scores: np.ndarray | None = None) -> list[Region]:
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -170,7 +176,7 @@ def _organ_regions(organ_map: np.ndarray, labels: LabelSpec, spacing: np.ndarray
             continue
         box = _box_of(organ_map == k)
         out.append(Region("organ", name, box, (box[3:] - box[:3]) * spacing, counts[k] * voxel_ml, name,
-                          float(scores[k]) if scores is not None else 1.0, k))
+                          float(scores[k]) if scores is not None else 1.0, k, touches_border(box, organ_map.shape)))
     return out
 
 
@@ -273,7 +279,8 @@ def perceived_from_case(case: Mapping[str, Any], vocab: Mapping[str, Any] | None
                 mask = _ellipsoid(box, shape)
             spec: FindingSpec = vocab[name]
             findings.append(Region("finding", name, box.copy(), (box[3:] - box[:3]) * spacing,
-                                   float(mask.sum()) * voxel_ml, box_organs[j] or spec.organ))
+                                   float(mask.sum()) * voxel_ml, box_organs[j] or spec.organ,
+                                   at_edge=bool(visible[j] < 0.999) or touches_border(box, shape)))
             masks.append(mask)
     ordered = _order(findings, vocab)
     masks = [masks[findings.index(r)] for r in ordered]
@@ -368,7 +375,8 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
             classes[0] = 0
             where = labels.organs[int(np.argmax(classes))] if classes.any() else ""
         cands.append((score * float(types[t]), k, Region("finding", countable[t], box, (box[3:] - box[:3]) * spacing,
-                                                         float(local.sum()) * voxel_ml, where, score)))
+                                                         float(local.sum()) * voxel_ml, where, score,
+                                                         at_edge=touches_border(box, finding_prob.shape))))
     cands.sort(key=lambda c: -c[0])
     kept = cands[:max_findings]
     findings = _order([r for _, _, r in kept], vocab)
@@ -516,7 +524,7 @@ def matching_regions(perceived: Perceived, boxes_vox: np.ndarray, min_iou: float
 
 
 __all__ = [
-    "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text", "matching_regions", "pack_regions", "perceived_summary", "summary_dim",
+    "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text", "matching_regions", "pack_regions", "perceived_summary", "summary_dim", "touches_border",
     "organ_text", "perceived_from_case", "perceived_from_maps", "region_feature_dim", "region_features",
     "size_text", "size_triple",
 ]

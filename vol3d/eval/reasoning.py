@@ -1,0 +1,226 @@
+"""Scores of measurement answers and reasoning chains (:mod:`vol3d.tasks.reasoning`).
+
+Both are read from the model's perception of a volume and compared with the same functions run on
+the case's ground truth (:func:`vol3d.tasks.regions.perceived_from_case`), so every step is scored
+against its true counterpart:
+
+- ``measure``: every question of :func:`~vol3d.tasks.reasoning.truth_queries` (diameter and volume
+  of the largest instance of each present finding, the distance of the two largest, each measured
+  organ's craniocaudal length and volume). A finding the model does not find counts as measured 0
+  (its whole size is the error). ``mae_mm`` pools the questions in mm, ``mae_ml`` those in mL;
+  ``within10`` is the share within 10% of the true value; ``lesions_ge10mm`` the diameters of
+  findings of at least 10 mm.
+- ``chain``: one "Is there X?" chain per finding per case: the organ step's box IoU with the true
+  organ, the largest finding's box IoU (present findings), the measurement step's error, and
+  whether the conclusion is right (all cases, present ones, absent ones).
+
+The image-blind answer to a measurement is the training split's median of that question (the best
+answer without the image under absolute error, :func:`measure_priors`); its chain has no boxes,
+that median as measurement, and the training split's majority answer as conclusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vol3d.eval.metrics import bootstrap_ci
+from vol3d.tasks.findings import as_vocab
+from vol3d.tasks.reasoning import PERCEPTION_TASKS, Chain, Query, measure, reason, truth_queries
+from vol3d.tasks.regions import LabelSpec, Perceived, perceived_from_case
+
+#: Relative error counted as a correct measurement (MedVision's tolerance).
+TOLERANCE = 0.10
+
+
+def query_key(q: Query) -> str:
+    """``"diameter:liver_lesion"``, ``"length:spleen"``: one question across cases."""
+    return f"{q.kind}:{q.finding or q.organ}"
+
+
+def presence_question(spec_text: str) -> str:
+    return f"Is there {spec_text}?"
+
+
+@dataclasses.dataclass
+class MeasureItem:
+    case_index: int
+    query: Query
+    truth: float
+    pred: float  # 0 when the model found nothing to measure
+
+
+@dataclasses.dataclass
+class ChainItem:
+    case_index: int
+    finding: str
+    present: bool  # the truth
+    called: bool  # the chain's conclusion
+    organ_iou: float | None  # mean box IoU of the true chain's organ steps (None: it has none)
+    finding_iou: float | None  # the largest instance's box IoU (present countable findings)
+    measure_truth: float | None
+    measure_pred: float | None
+
+
+def measure_priors(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None,
+                   labels: LabelSpec | None) -> dict[str, float]:
+    """Training-split answers without the image: the median of each :func:`query_key`; per finding,
+    ``present:<finding>`` its prevalence and ``chain:<finding>`` the median of its chain's measurement
+    where it is present."""
+    vocab = as_vocab(vocab)
+    values: dict[str, list[float]] = {}
+    present: dict[str, list[float]] = {n: [] for n in vocab}
+    for case in cases:
+        truth, _ = perceived_from_case(case, vocab, labels)
+        spacing = np.asarray(case.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
+        for q in truth_queries(truth, vocab, labels):
+            m = measure(q, truth, vocab, spacing)
+            if m.value is not None:
+                values.setdefault(query_key(q), []).append(float(m.value))
+        for name, spec in vocab.items():
+            chain = reason(presence_question(spec.text), truth, vocab, labels, spacing)
+            if chain is not None and chain.present is not None:
+                present[name].append(float(chain.present))
+                steps = _steps(chain, "measure")
+                if chain.present and steps and steps[0].value is not None:
+                    values.setdefault(f"chain:{name}", []).append(float(steps[0].value))
+    out = {k: float(np.median(v)) for k, v in values.items()}
+    out.update({f"present:{n}": float(np.mean(v)) for n, v in present.items() if v})
+    return out
+
+
+def _iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    from preprocess.geometry import box_iou
+
+    if a is None or b is None:
+        return 0.0
+    return float(box_iou(np.asarray(a, float)[None], np.asarray(b, float)[None])[0, 0])
+
+
+def _steps(chain: Chain | None, kind: str) -> list[Any]:
+    return [s for s in chain.steps if s.kind == kind] if chain is not None else []
+
+
+def case_items(ci: int, case: Mapping[str, Any], pred: Perceived | None, vocab: Mapping[str, Any] | None,
+               labels: LabelSpec | None, priors: Mapping[str, float] | None,
+               ) -> tuple[list[MeasureItem], list[ChainItem]]:
+    """The measurement and chain items of one case; ``pred`` None: image-blind (``priors``' answers)."""
+    vocab = as_vocab(vocab)
+    priors = priors or {}
+    truth, _ = perceived_from_case(case, vocab, labels)
+    spacing = np.asarray(case.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
+    measures = []
+    for q in truth_queries(truth, vocab, labels):
+        t = measure(q, truth, vocab, spacing).value
+        if t is None:
+            continue
+        p = measure(q, pred, vocab, spacing).value if pred is not None else priors.get(query_key(q))
+        measures.append(MeasureItem(ci, q, float(t), float(p) if p is not None else 0.0))
+    chains = []
+    for name, spec in vocab.items():
+        question = presence_question(spec.text)
+        true_chain = reason(question, truth, vocab, labels, spacing)
+        if true_chain is None or true_chain.present is None:
+            continue
+        t_measure = _steps(true_chain, "measure")
+        if pred is None:
+            called = priors.get(f"present:{name}", 0.0) > 0.5
+            chains.append(ChainItem(ci, name, true_chain.present, called, 0.0 if _steps(true_chain, "organ") else None,
+                                    0.0 if spec.countable and true_chain.present else None,
+                                    t_measure[0].value if t_measure else None, priors.get(f"chain:{name}")))
+            continue
+        chain = reason(question, pred, vocab, labels, spacing)
+        assert chain is not None and chain.present is not None
+        mine = {s.name: s.box for s in _steps(chain, "organ")}
+        organ_steps = _steps(true_chain, "organ")
+        organ_iou = float(np.mean([_iou(s.box, mine.get(s.name)) for s in organ_steps])) if organ_steps else None
+        finding_iou = None
+        if spec.countable and true_chain.present:
+            t_find, p_find = _steps(true_chain, "finding"), [s for s in _steps(chain, "finding") if s.box is not None]
+            finding_iou = _iou(t_find[0].box, p_find[0].box if p_find else None)
+        p_measure = _steps(chain, "measure")
+        chains.append(ChainItem(ci, name, true_chain.present, chain.present, organ_iou, finding_iou,
+                                t_measure[0].value if t_measure else None,
+                                p_measure[0].value if p_measure else (0.0 if t_measure else None)))
+    return measures, chains
+
+
+def _mae(items: Sequence[MeasureItem]) -> float:
+    return float(np.mean([abs(it.pred - it.truth) for it in items])) if items else math.nan
+
+
+def _within(items: Sequence[MeasureItem]) -> float:
+    return float(np.mean([abs(it.pred - it.truth) <= TOLERANCE * abs(it.truth) for it in items])) if items else math.nan
+
+
+def _groups(items: Sequence[Any]) -> list[list[Any]]:
+    by: dict[int, list[Any]] = {}
+    for it in items:
+        by.setdefault(it.case_index, []).append(it)
+    return list(by.values())
+
+
+def score_measure(items: Sequence[MeasureItem], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The ``measure`` section (see the module docstring)."""
+    mm = [it for it in items if it.query.unit == "mm"]
+    ml = [it for it in items if it.query.unit == "mL"]
+    big = [it for it in mm if it.query.kind == "diameter" and it.truth >= 10.0]
+    out: dict[str, Any] = {"n": len(items), "mae_mm": _mae(mm), "within10_mm": _within(mm), "mae_ml": _mae(ml),
+                           "within10_ml": _within(ml),
+                           "lesions_ge10mm": {"n": len(big), "mae_mm": _mae(big), "within10": _within(big)},
+                           "by_type": {}}
+    kinds: dict[str, list[MeasureItem]] = {}
+    for it in items:
+        target = "finding" if it.query.finding else "organ"
+        kinds.setdefault(f"{it.query.kind}_{target}", []).append(it)
+    for k, its in sorted(kinds.items()):
+        out["by_type"][k] = {"n": len(its), "unit": its[0].query.unit, "mae": _mae(its), "within10": _within(its)}
+    if bootstrap and items:
+        stat = lambda its: _mae([i for i in its if i.query.unit == "mm"])  # noqa: E731
+        out["mae_mm_ci"] = bootstrap_ci(_groups(items), stat, bootstrap, seed)
+        big_stat = lambda its: _within([i for i in its if i in big])  # noqa: E731
+        out["lesions_ge10mm"]["within10_ci"] = bootstrap_ci(_groups(big), big_stat, bootstrap, seed)
+    return out
+
+
+def score_chain(items: Sequence[ChainItem], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The ``chain`` section (see the module docstring)."""
+    def acc(its: Sequence[ChainItem]) -> float:
+        return float(np.mean([it.called == it.present for it in its])) if its else math.nan
+
+    def mean(vals: Sequence[float | None]) -> float:
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else math.nan
+
+    present = [it for it in items if it.present]
+    measured = [it for it in items if it.measure_truth is not None and it.measure_pred is not None and it.present]
+    out: dict[str, Any] = {
+        "n": len(items),
+        "conclusion_acc": acc(items),
+        "conclusion_acc_present": acc(present),
+        "conclusion_acc_absent": acc([it for it in items if not it.present]),
+        "organ_iou": mean([it.organ_iou for it in items]),
+        "finding_iou": mean([it.finding_iou for it in items]),
+        "finding_acc_iou50": mean([None if it.finding_iou is None else float(it.finding_iou >= 0.5) for it in items]),
+        "measure_mae": mean([abs(it.measure_pred - it.measure_truth) for it in measured]),  # type: ignore[operator]
+        "by_finding": {},
+    }
+    for name in dict.fromkeys(it.finding for it in items):
+        its = [it for it in items if it.finding == name]
+        out["by_finding"][name] = {
+            "n": len(its), "n_present": sum(it.present for it in its), "conclusion_acc": acc(its),
+            "conclusion_acc_present": acc([it for it in its if it.present]),
+            "finding_iou": mean([it.finding_iou for it in its]),
+            "measure_mae": mean([abs(it.measure_pred - it.measure_truth) for it in its  # type: ignore[operator]
+                                 if it.measure_truth is not None and it.measure_pred is not None and it.present])}
+    if bootstrap and present:
+        out["conclusion_acc_present_ci"] = bootstrap_ci(_groups(present), acc, bootstrap, seed)
+    return out
+
+
+__all__ = ["PERCEPTION_TASKS", "TOLERANCE", "ChainItem", "MeasureItem", "case_items", "measure_priors",
+           "presence_question", "query_key", "score_chain", "score_measure"]

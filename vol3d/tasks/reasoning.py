@@ -1,0 +1,398 @@
+"""Measurements and reasoning chains read from what the perception sees (numpy, torch-free).
+
+A measurement question ("What is the diameter of the largest liver lesion?", "What is the
+craniocaudal length of the spleen?", "How far apart are the two largest kidney cysts?") is
+parsed into a :class:`Query` and answered from a :class:`~vol3d.tasks.regions.Perceived`: the
+regions' boxes give sizes and positions in millimetres, their voxels give volumes in mL. The same
+functions read the ground truth of a cached case (:func:`truth_queries`, for evaluation) and the
+model's perception (:func:`measure`), so a measurement error is the perception's error only.
+
+A :class:`Chain` lists the steps behind an answer, each one checkable on its own (3DReasonKnee's
+box -> reasoning -> graded conclusion; VILA-M3's expert numbers)::
+
+    organ       spleen                      box, 1 020 mL
+    measure     craniocaudal length 168 mm
+    conclusion  168 mm > 120 mm -> splenomegaly: yes
+
+A finding's step gives its box and size; the conclusion names the threshold it used: the finding's
+``criterion`` in the vocabulary (``"craniocaudal > 120 mm"``) when it has one, otherwise the
+detection itself (at least one instance found) or, for a condition, its classifier probability.
+
+Sizes follow :func:`vol3d.tasks.regions.size_triple`: the *diameter* of a finding is its long
+axial extent, an organ's *length* its craniocaudal extent, a *distance* is between box centres.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vol3d.tasks.findings import (
+    Criterion,
+    FindingSpec,
+    as_vocab,
+    coarse_organ,
+    finding_named,
+    organ_in,
+    parse_criterion,
+)
+from vol3d.tasks.regions import LabelSpec, Perceived, Region, organ_text, size_text, size_triple
+
+#: Evaluation tasks scored from the perception rather than from generated text (vol3d.eval.reasoning).
+PERCEPTION_TASKS = ("measure", "chain")
+
+#: What a measurement query asks, with its unit.
+QUERY_UNITS = {"diameter": "mm", "length": "mm", "distance": "mm", "volume": "mL"}
+
+#: The question each query kind is asked with in evaluation (``{what}``: "largest liver lesion",
+#: "spleen"; ``{plural}``: "liver lesions").
+QUESTION_TEMPLATES = {
+    "diameter": "What is the diameter of the {what}?",
+    "volume": "What is the volume of the {what}?",
+    "length": "What is the craniocaudal length of the {what}?",
+    "distance": "How far apart are the two largest {plural}?",
+}
+
+_YES_NO = {"is", "are", "does", "do", "did", "was", "were", "has", "have", "can", "could", "should", "will"}
+
+_KIND_WORDS = (  # first match wins: "how far" before "how large", "length" before "size"
+    ("distance", ("how far", "distance", "apart")),
+    ("volume", ("volume", "how many ml", "how many millilitres", "how many milliliters", " ml ")),
+    ("length", ("craniocaudal", "length", "how long", "span")),
+    ("diameter", ("diameter", "how large", "how big", "size", "measure", "across")),
+)
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """What a measurement question asks: ``kind`` (a :data:`QUERY_UNITS` key) of a ``finding``
+    (vocabulary key; its largest instance, or its two largest for a distance) or an ``organ``
+    (label name)."""
+
+    kind: str
+    finding: str | None = None
+    organ: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return QUERY_UNITS[self.kind]
+
+    def question(self, vocab: Mapping[str, Any] | None) -> str:
+        """The evaluation question (:data:`QUESTION_TEMPLATES`)."""
+        if self.finding is not None:
+            spec = as_vocab(vocab)[self.finding]
+            return QUESTION_TEMPLATES[self.kind].format(what=f"largest {spec.text}", plural=spec.plural_text)
+        return QUESTION_TEMPLATES[self.kind].format(what=organ_text(self.organ or ""), plural="")
+
+
+def _words(text: str) -> str:
+    """Lower-case words of ``text`` between spaces, special tokens (``<vol>``) dropped."""
+    return " " + re.sub(r"[^a-z0-9]+", " ", re.sub(r"<[a-z_/]+>", " ", text.lower())).strip() + " "
+
+
+def organ_named(question: str, organs: Sequence[str]) -> str | None:
+    """The organ label a question names ("the left kidney" -> ``"kidney_left"``): the label whose words
+    all occur in the question, the most specific one; None when none does or two equally specific ones do
+    ("the kidney" with two kidney labels)."""
+    q = _words(question)
+    hits = []
+    for name in organs:
+        forms = {organ_text(name), name.replace("_", " ")}
+        for form in forms:
+            if all(f" {w} " in q for w in form.lower().split()):
+                hits.append((len(form.split()), name))
+                break
+    if not hits:
+        return None
+    best = max(n for n, _ in hits)
+    top = [name for n, name in hits if n == best]
+    return top[0] if len(top) == 1 else None
+
+
+def parse_question(question: str, vocab: Mapping[str, Any] | None, organs: Sequence[str] = ()) -> Query | None:
+    """The measurement a question asks for, or None when it asks for none.
+
+    The kind comes from its words ("how far"/"distance", "volume"/"mL", "length"/"craniocaudal",
+    "diameter"/"how large"/"size"); the target is the one vocabulary finding it names, else the one
+    organ label it names (``organs``: label names, background excluded). A condition finding
+    (splenomegaly) is measured on its organ."""
+    vocab = as_vocab(vocab)
+    q = _words(question)
+    if q.split()[:1] and q.split()[0] in _YES_NO or not any(f" {w} " in q for w in ("what", "how", "measure", "give")):
+        return None  # "Is the largest lesion larger than 20 mm?" is a yes/no question; "Describe ..." is open
+    kind = next((k for k, words in _KIND_WORDS if any(f" {w.strip()} " in q for w in words)), None)
+    if kind is None:
+        return None
+    finding = finding_named(question, vocab)
+    if finding is not None and not vocab[finding].countable:
+        finding, organ = None, _organ_label(vocab[finding].organ, organs)
+        return Query("length" if kind == "diameter" else kind, organ=organ) if organ and kind != "distance" else None
+    if finding is not None:
+        return Query(kind, finding=finding)
+    organ = organ_named(question, organs)
+    if organ is None or kind == "distance":
+        return None
+    return Query("length" if kind == "diameter" else kind, organ=organ)
+
+
+def _organ_label(organ: str, organs: Sequence[str]) -> str | None:
+    """The label of a vocabulary organ (``"spleen"`` -> ``"spleen"``; ``"kidney"`` -> the first kidney label)."""
+    return next((o for o in organs if coarse_organ(o) == coarse_organ(organ) or organ_in(o, [organ]) == organ), None)
+
+
+def measured_organs(vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> list[str]:
+    """Organ labels whose size is asked about: those a vocabulary finding lives in or is a state of."""
+    if labels is None:
+        return []
+    wanted = {coarse_organ(s.organ) for s in as_vocab(vocab).values()}
+    return [o for o in labels.organs[1:] if coarse_organ(organ_in(o, wanted)) in wanted]
+
+
+def truth_queries(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> list[Query]:
+    """Every measurement question a case's ground truth answers: diameter and volume of the largest
+    instance of each present countable finding, the distance of its two largest when there are two,
+    and the length and volume of each :func:`measured_organs` organ the label map holds."""
+    vocab = as_vocab(vocab)
+    out: list[Query] = []
+    for name, spec in vocab.items():
+        n = perceived.count(name) if spec.countable else 0
+        if n:
+            out += [Query("diameter", finding=name), Query("volume", finding=name)]
+        if n >= 2:
+            out.append(Query("distance", finding=name))
+    have = {r.name for r in perceived.organs}
+    for organ in measured_organs(vocab, labels):
+        if organ in have:
+            out += [Query("length", organ=organ), Query("volume", organ=organ)]
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclasses.dataclass
+class Measurement:
+    """A query's value (None: nothing to measure, e.g. no such finding found) and the regions it read."""
+
+    query: Query
+    value: float | None
+    regions: list[Region]
+    text: str  # the answer sentence
+
+
+def _instances(perceived: Perceived, finding: str) -> list[Region]:
+    """A finding's instances, largest (box volume) first."""
+    return sorted((r for r in perceived.findings if r.name == finding), key=lambda r: -float(np.prod(r.size_mm)))
+
+
+def centre_mm(region: Region, spacing: Sequence[float]) -> np.ndarray:
+    """Centre of a region's box in mm of the model-input frame ``(3,)``."""
+    return (region.box[:3] + region.box[3:]) / 2 * np.asarray(spacing, dtype=np.float64)
+
+
+def measure(query: Query, perceived: Perceived, vocab: Mapping[str, Any] | None,
+            spacing: Sequence[float]) -> Measurement:
+    """Answer ``query`` from ``perceived`` (``spacing``: mm per model-input voxel, for distances)."""
+    vocab = as_vocab(vocab)
+    if query.finding is not None:
+        spec = vocab[query.finding]
+        found = _instances(perceived, query.finding)
+        if not found:
+            return Measurement(query, None, [], f"No {spec.text} is seen, so there is nothing to measure.")
+        big = found[0]
+        if query.kind == "distance":
+            if len(found) < 2:
+                return Measurement(query, None, found[:1], f"Only one {spec.text} is seen.")
+            d = float(np.linalg.norm(centre_mm(found[0], spacing) - centre_mm(found[1], spacing)))
+            return Measurement(query, d, found[:2], f"The two largest {spec.plural_text} are {d:.0f} mm apart "
+                                                    "(centre to centre).")
+        least, edge = _lower_bound(big)
+        if query.kind == "volume":
+            return Measurement(query, big.volume_ml, [big],
+                               f"The largest {spec.text} has a volume of {least}{_ml(big.volume_ml)} mL{edge}.")
+        if query.kind == "length":
+            v = float(size_triple(big.size_mm)[2])
+            return Measurement(query, v, [big], f"The largest {spec.text} is {least}{v:.0f} mm craniocaudally{edge}.")
+        v = float(size_triple(big.size_mm)[0])
+        return Measurement(query, v, [big], f"The largest {spec.text} measures {least}{v:.0f} mm "
+                                            f"({size_text(big.size_mm)}){edge}.")
+    organ = next((r for r in perceived.organs if r.name == query.organ), None)
+    name = organ_text(query.organ or "")
+    if organ is None:
+        return Measurement(query, None, [], f"The {name} is not seen in this volume.")
+    least, edge = _lower_bound(organ)
+    if query.kind == "volume":
+        return Measurement(query, organ.volume_ml, [organ],
+                           f"The {name} has a volume of {least}{_ml(organ.volume_ml)} mL{edge}.")
+    v = float(size_triple(organ.size_mm)[2])
+    return Measurement(query, v, [organ], f"The {name} measures {least}{v:.0f} mm craniocaudally{edge}.")
+
+
+def _ml(v: float) -> str:
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+#: What a measurement of a region that reaches the border of the volume says of itself.
+EDGE_NOTE = " (it reaches the edge of the volume)"
+
+
+def _lower_bound(region: Region) -> tuple[str, str]:
+    """``("at least ", EDGE_NOTE)`` for a region cut by the border of the volume, else empty strings."""
+    return ("at least ", EDGE_NOTE) if region.at_edge else ("", "")
+
+
+def criterion_value(criterion: Criterion, region: Region) -> float:
+    """The value of ``region`` a criterion compares (mm or mL)."""
+    if criterion.measure == "volume":
+        return float(region.volume_ml)
+    t = size_triple(region.size_mm)
+    return float(t[2] if criterion.measure == "craniocaudal" else t[0])
+
+
+# ----------------------------------------------------------------------------- chains
+
+
+@dataclasses.dataclass
+class Step:
+    """One checkable step of a chain."""
+
+    kind: str  # "organ", "finding", "measure", "expert" or "conclusion"
+    text: str
+    box: np.ndarray | None = None  # (6,) model-input voxels, where the step has a place
+    value: float | None = None  # a number, where the step has one
+    unit: str = ""
+    name: str = ""  # the organ label or finding the step is about
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, "name": self.name,
+                "value": None if self.value is None else round(float(self.value), 3), "unit": self.unit}
+
+
+@dataclasses.dataclass
+class Chain:
+    """The steps behind an answer and its conclusion (``present``: whether the finding is called)."""
+
+    finding: str | None
+    steps: list[Step]
+    present: bool | None
+    answer: str
+
+    @property
+    def conclusion(self) -> Step | None:
+        return next((s for s in reversed(self.steps) if s.kind == "conclusion"), None)
+
+
+def _organ_step(perceived: Perceived, organ: str | None) -> Step | None:
+    region = next((r for r in perceived.organs if r.name == organ), None) if organ else None
+    if region is None:
+        return None
+    return Step("organ", f"{organ_text(region.name)}: {size_text(region.size_mm)}, {_ml(region.volume_ml)} mL"
+                         + _lower_bound(region)[1], region.box.copy(), region.volume_ml, "mL", region.name)
+
+
+def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None,
+           spacing: Sequence[float], condition_threshold: float = 0.5) -> Chain | None:
+    """The chain of steps for a question about one vocabulary finding or one measurement, or None
+    when the question names neither.
+
+    Countable finding: organ -> each instance found (box, size) -> the largest one's measurement ->
+    conclusion (present when one is found, and its measurement passes the finding's criterion if it
+    has one). Condition: organ -> the organ's measurement -> conclusion by the criterion (or, without
+    one, by the condition's probability). A measurement question adds its :func:`measure` step.
+    """
+    vocab = as_vocab(vocab)
+    organs = list(labels.organs[1:]) if labels is not None else []
+    query = parse_question(question, vocab, organs)
+    finding = (query.finding if query is not None else None) or finding_named(question, vocab)
+    if finding is None:
+        if query is None:
+            return None
+        steps = [s for s in [_organ_step(perceived, query.organ)] if s is not None]
+        return Chain(None, steps, None, _add_measurement(steps, measure(query, perceived, vocab, spacing)))
+    spec: FindingSpec = vocab[finding]
+    criterion = parse_criterion(spec.criterion, where=f"finding {finding!r}")
+    organ_label = _organ_label(spec.organ, organs)
+    steps: list[Step] = []
+    if spec.countable:
+        found = _instances(perceived, finding)
+        homes = list(dict.fromkeys(r.organ for r in found if r.organ)) or [organ_label]
+        steps += [s for s in (_organ_step(perceived, o) for o in homes) if s is not None]
+        if not found:
+            steps.append(Step("finding", f"no {spec.text} found", name=finding, value=0.0))
+        for i, r in enumerate(found, start=1):
+            where = f" in the {organ_text(r.organ)}" if r.organ else ""
+            steps.append(Step("finding", f"{spec.text} {i} of {len(found)}: {size_text(r.size_mm)}{where} "
+                                         f"(score {r.score:.2f}){_lower_bound(r)[1]}", r.box.copy(),
+                              float(size_triple(r.size_mm)[0]), "mm", finding))
+        value = criterion_value(criterion, found[0]) if found and criterion else (
+            float(size_triple(found[0].size_mm)[0]) if found else None)
+        if found:
+            what, unit = (criterion.measure, criterion.unit) if criterion else ("diameter", "mm")
+            least, edge = _lower_bound(found[0])
+            steps.append(Step("measure", f"largest {spec.text}: {what} {least}{value:.0f} {unit}{edge}",
+                              found[0].box.copy(), value, unit, finding))
+        if not found:
+            present, why = False, f"no {spec.text} detected"
+        elif criterion is not None:
+            present = criterion.holds(value)
+            why = _verdict(criterion, value, present, found[0])
+        else:
+            present, why = True, f"{len(found)} detected"
+    else:
+        organ_step = _organ_step(perceived, organ_label)
+        if organ_step is not None:
+            steps.append(organ_step)
+        organ = next((r for r in perceived.organs if r.name == organ_label), None)
+        p = float(perceived.conditions.get(finding, 0.0))
+        if criterion is not None and organ is not None:
+            value = criterion_value(criterion, organ)
+            least, edge = _lower_bound(organ)
+            steps.append(Step("measure", f"{organ_text(organ.name)} {criterion.measure} {least}{value:.0f} "
+                                         f"{criterion.unit}{edge}", organ.box.copy(), value, criterion.unit, organ.name))
+            present = criterion.holds(value)
+            why = _verdict(criterion, value, present, organ)
+            if finding in perceived.conditions and (p >= condition_threshold) != present:
+                why += f"; the classifier {p:.2f} disagrees"
+        else:
+            present = p >= condition_threshold
+            why = f"probability {p:.2f} {'>=' if present else '<'} {condition_threshold:g}"
+    steps.append(Step("conclusion", f"{why} -> {spec.text}: {'yes' if present else 'no'}",
+                      value=float(present), name=finding))
+    answer = f"{spec.text.capitalize()}: {'yes' if present else 'no'} ({why})."
+    if query is not None:
+        answer = _add_measurement(steps, measure(query, perceived, vocab, spacing))
+    return Chain(finding, steps, present, answer)
+
+
+def _add_measurement(steps: list[Step], m: Measurement) -> str:
+    """Put a measurement's step before the conclusion (unless a step already has its value); its answer."""
+    if m.value is not None and not any(s.kind == "measure" and s.value == m.value for s in steps):
+        q = m.query
+        box = m.regions[0].box.copy() if q.kind != "distance" and m.regions else None
+        at = len(steps) - 1 if steps and steps[-1].kind == "conclusion" else len(steps)
+        steps.insert(at, Step("measure", m.text.rstrip("."), box, m.value, q.unit, q.finding or q.organ or ""))
+    return m.text
+
+
+def _verdict(criterion: Criterion, value: float, holds: bool, region: Region) -> str:
+    """``"168 mm > 120 mm"`` / ``"100 mm <= 120 mm"``, saying when the value is only a lower bound that
+    does not settle it (a region cut by the border that does not pass a ``>`` threshold)."""
+    op = criterion.op if holds else {">": "<=", ">=": "<", "<": ">=", "<=": ">"}[criterion.op]
+    text = f"{value:.0f} {criterion.unit} {op} {criterion.value:g} {criterion.unit}"
+    if region.at_edge and (holds != (criterion.op in (">", ">="))):
+        text += " (a lower bound: it reaches the edge of the volume)"
+    return text
+
+
+__all__ = [
+    "PERCEPTION_TASKS", "QUERY_UNITS", "QUESTION_TEMPLATES", "Chain", "Measurement", "Query", "Step", "centre_mm",
+    "criterion_value", "measure", "measured_organs", "organ_named", "parse_question", "reason",
+    "truth_queries",
+]
