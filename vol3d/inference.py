@@ -397,11 +397,13 @@ class Vol3DPipeline:
     """
 
     def __init__(self, model: Any, preprocess: PreprocessConfig, run_dir: str | Path | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", expert: Any = None) -> None:
         self.model = model
         self.preprocess = preprocess
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = device
+        #: a :class:`vol3d.seg.expert.SegExpert` the measurement questions of volumes and lengths consult
+        self.expert = expert
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -581,10 +583,35 @@ class Vol3DPipeline:
             from vol3d.tasks.regions import digest_text
 
             findings = digest_text(perceived, self.model.vocab).replace("<reg> ", "").replace(" <org>", "")
+        if query is not None and chain is not None and self.expert is not None and not refused:
+            text = self._consult_expert(query, chain, volume, series, inp)
         steps = [] if chain is None else [
             AnswerStep(st.kind, st.text, None if st.box is None else boxes_in_frames(st.box[None], inp)[0],
-                       st.value, st.unit, st.name) for st in chain.steps]
+                       st.value, st.unit, st.name, st.call) for st in chain.steps]
         return Answer(question, text, boxes, unparsed, inp, findings, warnings, steps)
+
+    def _consult_expert(self, query: Any, chain: Any, volume: Any, series: int | None, inp: ModelInput) -> str:
+        """Ask the segmentation expert for the query's number; its step goes before the conclusion (or last)
+        and, when it has a number, the answer gives it beside the perception's."""
+        from vol3d.seg.expert import describe
+        from vol3d.tasks.reasoning import Step
+
+        measured = [st for st in chain.steps if st.kind == "measure" and st.unit == query.unit]
+        finding_box = None
+        if query.finding is not None and measured and measured[-1].box is not None:
+            finding_box = geometry.boxes_voxel_to_world(measured[-1].box[None], inp.affine)[0]
+        labels = self.model.labels
+        reading = self.expert.read(query, volume, series, finding_box, labels.finding_labels if labels else ())
+        if reading is None:
+            return chain.answer
+        at = len(chain.steps) - 1 if chain.steps and chain.steps[-1].kind == "conclusion" else len(chain.steps)
+        chain.steps.insert(at, Step("expert", reading.text, None, reading.value, reading.unit,
+                                    query.finding or query.organ or "", reading.call))
+        if reading.value is None:
+            return f"{chain.answer} ({reading.text}.)"
+        own = f"; the model's perception reads {measured[-1].value:.0f} {query.unit}" if measured else ""
+        return (f"{describe(query, self.model.vocab).capitalize()}: {reading.value:.0f} {reading.unit}, measured by "
+                f"the segmentation expert {self.expert.name}{own}.")
 
     def measurement(self, question: str) -> Any:
         """The measurement a question asks for (:func:`vol3d.tasks.reasoning.parse_question`), None when it
@@ -712,7 +739,8 @@ class Vol3DPipeline:
 
 
 def load(run_dir: str | Path, device: str | None = None,
-         preprocess_config: str | Path | PreprocessConfig | None = None) -> Vol3DPipeline:
+         preprocess_config: str | Path | PreprocessConfig | None = None,
+         expert: str | Path | None = None) -> Vol3DPipeline:
     """Load ``RUN/model`` for inference, with the preprocessing of its training data.
 
     Args:
@@ -720,6 +748,8 @@ def load(run_dir: str | Path, device: str | None = None,
         device: ``cpu``, ``cuda``, ``cuda:N``; None picks a GPU when there is one.
         preprocess_config: overrides the run's own record: a :class:`PreprocessConfig`, a YAML
             preset, a ``preprocess.json`` or a cache's ``params.json``/directory.
+        expert: a ``vol3d finetune --task seg`` run that measurement questions about volumes and
+            organ lengths consult (:mod:`vol3d.seg.expert`).
     """
     from vol3d.models import Vol3DModel
 
@@ -743,7 +773,12 @@ def load(run_dir: str | Path, device: str | None = None,
         pcfg = find_preprocess_config(run_dir)
     dev = resolve_device(device)
     model = Vol3DModel.from_pretrained(model_dir, device=dev)
-    return Vol3DPipeline(model, pcfg, run_dir=run_dir, device=dev)
+    consult = None
+    if expert is not None:
+        from vol3d.seg.expert import SegExpert
+
+        consult = SegExpert.from_run(expert, device=dev)
+    return Vol3DPipeline(model, pcfg, run_dir=run_dir, device=dev, expert=consult)
 
 
 def write_json(data: Any, path: str | Path) -> Path:

@@ -461,3 +461,63 @@ def test_measurements_and_chain_steps_are_in_the_patients_millimetres(data):
             assert "steps:" in str(ans) and "box RAS+ mm" in str(ans)
             kinds_seen.add("spleen")
     assert kinds_seen == {"finding", "spleen"}
+
+
+class CachedLabels:
+    """A segmentation "model" that answers with the cached label map of the volume it is given (one-hot
+    logits), so what an expert test checks is the call, the reading and the geometry, not learning."""
+
+    def __init__(self, ds, n_classes: int) -> None:
+        import torch
+
+        self.n, self.cases = n_classes, [(ds[i]["image"], ds[i]["label"].long()) for i in range(len(ds))]
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def parameters(self):
+        return iter([self.anchor])
+
+    def __call__(self, x):
+        import torch
+
+        out = []
+        for vol in x:
+            label = next(lab for img, lab in self.cases if img.shape == vol.shape and torch.equal(img, vol))
+            out.append(torch.nn.functional.one_hot(label, self.n).permute(3, 0, 1, 2).float() * 10)
+        return torch.stack(out)
+
+
+def test_a_segmentation_expert_measures_volumes_and_its_call_is_a_step(data):
+    from vol3d.data.cache import CacheDataset
+    from vol3d.seg.config import InferConfig
+    from vol3d.seg.expert import SegExpert
+    from vol3d.seg.predict import Predictor
+
+    oracle = PerceivingOracle(data)
+    ds = CacheDataset(data["cache"], split=None, mode="volume")
+    names = list(oracle.labels.names)
+    expert = SegExpert(Predictor(CachedLabels(ds, len(names)), names, INPUT, data["cfg"], InferConfig(overlap=0.0)),
+                       "seg_run")
+    pipe = Vol3DPipeline(oracle, data["cfg"], expert=expert)
+    k = next(i for i in range(len(ds)) if "liver_lesion" in list(ds[i]["box_findings"]))
+    oracle.item = item = ds[k]
+    ref = f"{data['cache']}::{item['id']}"
+    voxel_ml = float(np.prod(item["spacing"].numpy())) / 1000
+    ans = pipe.ask(ref, "What is the volume of the liver?")
+    step = next(st for st in ans.steps if st.kind == "expert")
+    liver = names.index("liver")
+    assert step.value == pytest.approx(float((item["label"] == liver).sum()) * voxel_ml)
+    assert step.call["model"] == "segmentation" and step.call["run"] == "seg_run" and step.call["class"] == "liver"
+    assert "measured by the segmentation expert seg_run" in ans.text and f"{step.value:.0f} mL" in ans.text
+    d = json.loads(json.dumps(ans.to_dict(), allow_nan=False))
+    assert next(st for st in d["steps"] if st["kind"] == "expert")["call"]["result"] == pytest.approx(step.value, abs=1e-3)
+    # a finding's volume: the expert's lesion component under the box the perception found
+    ans = pipe.ask(ref, "What is the volume of the largest liver lesion?")
+    step = next(st for st in ans.steps if st.kind == "expert")
+    own = next(st for st in ans.steps if st.kind == "measure" and st.unit == "mL")
+    assert step.call["overlap_iou"] > 0.5 and step.value == pytest.approx(own.value, rel=1e-6)  # both read the truth
+    # a diameter is not the expert's to answer; a cache prepared otherwise is refused with the fix
+    assert all(st.kind != "expert" for st in pipe.ask(ref, "What is the diameter of the largest liver lesion?").steps)
+    other = dataclasses.replace(data["cfg"], target_spacing=(3.0, 3.0, 3.0))
+    pipe.expert = SegExpert(Predictor(expert.predictor.model, names, INPUT, other, InferConfig()), "seg_run")
+    with pytest.raises(InputError, match="give the original file or DICOM folder"):
+        pipe.ask(ref, "What is the volume of the liver?")

@@ -19,6 +19,8 @@ examples:
   vol3d ask runs/tiny scan.nii.gz "Where is the liver lesion?"
   vol3d ask runs/tiny export/ST0001/SE02 "Write the findings for this CT." --json
   vol3d ask runs/tiny cache/tiny::c_3f9a... "Is there a lung nodule?" --ehr
+  vol3d ask runs/tiny scan.nii.gz "What is the diameter of the largest liver lesion?" --json
+  vol3d ask runs/tiny scan.nii.gz "What is the volume of the spleen?" --expert runs/seg
 
 Python: vol3d.load(RUN).ask(volume, question) (docs/inference.md)."""
 
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that it is there (for a finding you know is present)")
     parser.add_argument("--ehr", action="store_true", help="also give the EHR-code probabilities (runs with an EHR head)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy, the default)")
+    parser.add_argument("--expert", type=Path, default=None, metavar="SEG_RUN",
+                        help="a `vol3d finetune --task seg` run that volume and organ-length questions consult; its "
+                             "call and result are a step of the answer")
     parser.add_argument("--out-of-domain", choices=("refuse", "answer"), default="refuse",
                         help="a volume unlike the training data gets a warning; refuse (default): its answer "
                              "gives no box; answer: keep the model's answer anyway")
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    pipe = load(args.run, device=args.device, preprocess_config=args.preprocess_config)
+    pipe = load(args.run, device=args.device, preprocess_config=args.preprocess_config, expert=args.expert)
     inp = pipe.prepare(args.volume, series=args.series)
     gen = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
     answer = pipe.ask(inp, args.question, max_new_tokens=args.max_new_tokens, locate=args.locate,

@@ -269,10 +269,7 @@ class Step:
     value: float | None = None  # a number, where the step has one
     unit: str = ""
     name: str = ""  # the organ label or finding the step is about
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "text": self.text, "name": self.name,
-                "value": None if self.value is None else round(float(self.value), 3), "unit": self.unit}
+    call: dict[str, Any] | None = None  # an expert step: which model was asked what, and its result
 
 
 @dataclasses.dataclass
