@@ -25,6 +25,10 @@ _UNHASHED = frozenset({"workers", "id_key"})
 #: Ingest fields that bound resources only: a case either fails on them or is written the same.
 _UNHASHED_INGEST = frozenset({"max_archive_bytes", "max_archive_ratio", "max_archive_members",
                               "max_archive_depth", "max_voxels"})
+#: Fields added after caches existed, with their default: hashed only when set otherwise, so a cache
+#: made before the field existed keeps its hash (and is not prepared again).
+_HASHED_WHEN_SET = {"mr_normalisation": "percentile", "mr_zscore_clip": 5.0, "mr_bias_correction": False}
+_HASHED_WHEN_SET_INGEST = {"parrec_scaling": "dv"}
 
 
 @dataclasses.dataclass
@@ -37,6 +41,14 @@ class PreprocessConfig:
     ct_windows: list[tuple[float, float]] = dataclasses.field(default_factory=lambda: [(-1000.0, 1000.0)])
     # MR: intensity percentiles (lo, hi) of the foreground mapped to 0 and 1, clipped (robust to outliers).
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    # MR intensity normalisation per volume and channel: "percentile" (mr_percentiles -> 0..1) or "zscore"
+    # (nnU-Net's: foreground mean and standard deviation; mean -/+ mr_zscore_clip SD -> 0..1, clipped).
+    mr_normalisation: Literal["percentile", "zscore"] = "percentile"
+    # Standard deviations either side of the mean kept by "zscore" (0.5 is the mean, each SD 0.5 / clip).
+    mr_zscore_clip: float = 5.0
+    # MR: remove the coil's smooth intensity bias first (SimpleITK N4 on the resampled volume, fitted on a
+    # 2x shrunk copy inside the foreground): the same tissue then has one intensity across the field.
+    mr_bias_correction: bool = False
     # Crop to the body (threshold, largest connected component) plus margin; the crop box is recorded.
     crop_foreground: bool = True
     # Margin (mm) kept around the body when cropping.
@@ -79,6 +91,10 @@ class PreprocessConfig:
         lo, hi = self.mr_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"mr_percentiles must satisfy 0 <= lo < hi <= 100, got {self.mr_percentiles}")
+        if self.mr_normalisation not in ("percentile", "zscore"):
+            raise ConfigError(f"mr_normalisation must be 'percentile' or 'zscore', got {self.mr_normalisation!r}")
+        if not self.mr_zscore_clip > 0:
+            raise ConfigError(f"mr_zscore_clip must be > 0 standard deviations, got {self.mr_zscore_clip}")
         if self.crop_margin_mm < 0:
             raise ConfigError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
         if not 0 <= self.mr_foreground_fraction < 1:
@@ -99,8 +115,10 @@ class PreprocessConfig:
 
     def hashed_fields(self) -> dict[str, Any]:
         """The fields that change what is written for a case, as plain JSON data."""
-        data = {k: v for k, v in to_dict(self).items() if k not in _UNHASHED}
-        data["ingest"] = {k: v for k, v in data["ingest"].items() if k not in _UNHASHED_INGEST}
+        data = {k: v for k, v in to_dict(self).items()
+                if k not in _UNHASHED and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
+        data["ingest"] = {k: v for k, v in data["ingest"].items() if k not in _UNHASHED_INGEST
+                          and not (k in _HASHED_WHEN_SET_INGEST and v == _HASHED_WHEN_SET_INGEST[k])}
         return data
 
     def params_hash(self) -> str:

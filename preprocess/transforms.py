@@ -301,6 +301,42 @@ def _ct_not_hu(sample: np.ndarray) -> bool:
 
 
 
+def mr_window(values: np.ndarray, cfg: PreprocessConfig) -> tuple[float, float]:
+    """The ``(lo, hi)`` raw intensities an MR channel maps to 0 and 1, from its foreground ``values``:
+    the ``mr_percentiles``, or (``mr_normalisation: zscore``) mean -/+ ``mr_zscore_clip`` SD."""
+    step = max(1, values.size // 1_000_000)  # statistics of a regular subsample: the same to ~0.1%
+    sample = np.asarray(values[::step], dtype=np.float64)
+    if cfg.mr_normalisation == "zscore":
+        mean, sd = float(sample.mean()), float(sample.std())
+        lo, hi = mean - cfg.mr_zscore_clip * sd, mean + cfg.mr_zscore_clip * sd
+    else:
+        lo, hi = (float(v) for v in np.percentile(sample, cfg.mr_percentiles))
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+def n4_corrected(volume: np.ndarray, foreground: np.ndarray, spacing: Sequence[float],
+                 shrink: int = 2, iterations: int = 50) -> np.ndarray:
+    """``volume (X, Y, Z)`` divided by the smooth multiplicative bias SimpleITK's N4 finds inside
+    ``foreground`` (fitted on a copy shrunk ``shrink`` times, applied at full resolution). Intensities
+    must be positive: the volume is shifted to a minimum of 1 first and back after."""
+    import SimpleITK as sitk
+
+    vol = np.asarray(volume, dtype=np.float32)
+    if not foreground.any():
+        return vol
+    shift = 1.0 - float(vol.min())
+    image = sitk.GetImageFromArray(np.ascontiguousarray((vol + shift).T))  # SimpleITK arrays are (z, y, x)
+    image.SetSpacing([float(s) for s in spacing])
+    mask = sitk.GetImageFromArray(np.ascontiguousarray(foreground.T.astype(np.uint8)))
+    mask.CopyInformation(image)
+    small, small_mask = (sitk.Shrink(x, [shrink] * 3) if min(vol.shape) >= 4 * shrink else x for x in (image, mask))
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([iterations] * 3)
+    n4.Execute(small, small_mask)
+    log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).T
+    return ((vol + shift) / np.exp(log_bias) - shift).astype(np.float32)
+
+
 def _scale(raw: np.ndarray, lo: float, hi: float, out: np.ndarray) -> None:
     """``clip((raw - lo) / (hi - lo), 0, 1)`` into the float16 ``out`` (same shape)."""
     tmp = raw - np.float32(lo)
@@ -447,10 +483,10 @@ def prepare(
     else:
         windows, sources = [], list(range(raw.shape[0]))
         for c in sources:
-            vals = raw[c][fg_in] if fg_in.any() else raw[c].ravel()
-            step = max(1, vals.size // 1_000_000)  # percentiles of a regular subsample: same to ~0.1%
-            lo, hi = np.percentile(vals[::step], cfg.mr_percentiles)
-            windows.append((float(lo), float(hi) if hi > lo else float(lo) + 1.0))
+            if cfg.mr_bias_correction:
+                raw[c] = n4_corrected(raw[c], fg_in, geometry.spacing_from_affine(orig_affine @ g.orig_from_can)
+                                      * g.scale)
+            windows.append(mr_window(raw[c][fg_in] if fg_in.any() else raw[c].ravel(), cfg))
     img = np.zeros((len(windows),) + out_shape, dtype=np.float16)
     for ch, (c, (lo, hi)) in enumerate(zip(sources, windows, strict=True)):
         _scale(raw[c], lo, hi, img[(ch,) + place[1:]])

@@ -24,7 +24,7 @@ from preprocess.ingest.discover import (
     file_row,
     not_medical_row,
 )
-from preprocess.ingest.volumes import claim_companions, load_volume, volume_candidates
+from preprocess.ingest.volumes import NIBABEL_KINDS, claim_companions, load_volume, volume_candidates
 from preprocess.types import Candidate, Image, SeriesError
 
 __all__ = ["IngestConfig", "scan", "load", "content_hash"]
@@ -128,7 +128,7 @@ def load(c: Candidate, cfg: IngestConfig) -> Image:
         if c.kind == "dicom":
             with quiet_pydicom():
                 return load_dicom(c)
-        if c.kind in ("nifti", "nrrd", "mha"):
+        if c.kind in (*NIBABEL_KINDS, "nrrd", "mha"):
             return load_volume(c)
     except SeriesError:
         raise

@@ -37,6 +37,9 @@ class IngestConfig:
     max_archive_depth: int = 3
     # Largest volume (voxels) a header may announce; bigger ones fail before any allocation.
     max_voxels: int = 1 << 30
+    # Philips PAR/REC intensities: "dv" the values the scanner console displays (nibabel's default), "fp"
+    # the floating-point values (comparable across scans, e.g. for quantitative maps).
+    parrec_scaling: Literal["dv", "fp"] = "dv"
 
     def __post_init__(self) -> None:
         if self.min_slices < 1:
@@ -50,5 +53,7 @@ class IngestConfig:
                 raise ConfigError(f"ingest.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_archive_ratio <= 1 or self.max_archive_depth < 0:
             raise ConfigError("ingest.max_archive_ratio must be > 1 and ingest.max_archive_depth >= 0")
+        if self.parrec_scaling not in ("dv", "fp"):
+            raise ConfigError(f"ingest.parrec_scaling must be 'dv' or 'fp', got {self.parrec_scaling!r}")
         self.modalities = tuple(m.upper() for m in self.modalities)
         self.exclude = tuple(self.exclude)

@@ -23,7 +23,8 @@ from preprocess import reasons
 from preprocess.ingest.config import IngestConfig
 from preprocess.types import Candidate, Identity
 
-# Extensions of volume files read without DICOM, and the kind they map to (longest first).
+# Extensions of volume files read without DICOM, and the kind they map to (longest first). The
+# nibabel kinds (NIBABEL_KINDS in volumes.py) name the header; its data file is a companion.
 VOLUME_EXTENSIONS: tuple[tuple[str, str], ...] = (
     (".nii.gz", "nifti"),
     (".nii", "nifti"),
@@ -31,6 +32,21 @@ VOLUME_EXTENSIONS: tuple[tuple[str, str], ...] = (
     (".nhdr", "nrrd"),
     (".mha", "mha"),
     (".mhd", "mha"),
+    (".mgz", "mgh"),  # FreeSurfer
+    (".mgh", "mgh"),
+    (".mnc", "minc"),  # MINC 1 (NetCDF) and MINC 2 (HDF5)
+    (".par", "parrec"),  # Philips PAR header, data in .REC
+    (".head", "afni"),  # AFNI HEAD, data in .BRIK(.gz)
+    (".hdr", "analyze"),  # Analyze 7.5 / NIfTI pair header, data in .img
+)
+# Neuroimaging files that are not image volumes, recognised so their row says what they are
+# (longest suffix first; matched before VOLUME_EXTENSIONS, since CIFTI files end in .nii).
+NOT_VOLUMES: tuple[tuple[str, str], ...] = tuple(
+    [(f".{k}.nii", "CIFTI-2 grayordinate data (values on the cortical surface and subcortical voxels)")
+     for k in ("dconn", "dtseries", "dscalar", "dlabel", "dpconn", "pconn", "ptseries", "pscalar", "pdconn",
+               "dfan", "fiberTEMP")]
+    + [(".trk", "a TrackVis tractogram (streamlines)"), (".tck", "an MRtrix tractogram (streamlines)"),
+       (".trx", "a TRX tractogram (streamlines)"), (".gii", "a GIFTI surface or surface data")]
 )
 # Extensions that are certainly not DICOM: reported as NOT_MEDICAL_FILE without opening them.
 TEXT_OR_OFFICE = frozenset(
@@ -93,8 +109,14 @@ class Inventory:
     by_path: dict[Path, FoundFile] = dataclasses.field(default_factory=dict)
 
 
+def not_volume(name: str) -> str | None:
+    """What a neuroimaging file that is not an image volume is (:data:`NOT_VOLUMES`), or None."""
+    low = name.lower()
+    return next((what for ext, what in NOT_VOLUMES if low.endswith(ext.lower())), None)
+
+
 def volume_kind(name: str) -> tuple[str, str] | None:
-    """``(kind, stem)`` of a NIfTI/NRRD/MHA file name, or None."""
+    """``(kind, stem)`` of a volume file name (:data:`VOLUME_EXTENSIONS`), or None."""
     low = name.lower()
     for ext, kind in VOLUME_EXTENSIONS:
         if low.endswith(ext):
@@ -118,9 +140,8 @@ def file_row(f: FoundFile, status: str, reason: str, detail: str) -> Candidate:
 
 def not_medical_row(f: FoundFile) -> Candidate:
     """The NOT_MEDICAL_FILE row of a file that is none of the formats ingest reads."""
-    return file_row(
-        f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM, NIfTI, NRRD or MHA file."
-    )
+    return file_row(f, "skipped", reasons.NOT_MEDICAL_FILE, f"{f.rel} is not a DICOM file nor a volume format vol3d "
+                    "reads (NIfTI, NRRD, MHA/MHD, MGH/MGZ, MINC, PAR/REC, AFNI, Analyze).")
 
 
 def _is_ignored(rel: str, name: str, exclude: tuple[str, ...]) -> bool:
@@ -318,7 +339,8 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
     if not src.exists():
         from preprocess.errors import InputError
 
-        raise InputError(f"input {src} does not exist; pass a folder, zip, NIfTI, NRRD or MHA file.")
+        raise InputError(f"input {src} does not exist; pass a folder, zip, or a DICOM, NIfTI, NRRD, MHA, MGH/MGZ, "
+                         "MINC, PAR/REC, AFNI or Analyze file.")
     exclude = tuple(exclude) + read_ignore_file(src)
     inv = Inventory()
     staging = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vol3d-ingest-"))
@@ -340,6 +362,9 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
                     queue.append((target, f.rel + "!/", None, depth + 1))
             elif low == "dicomdir":
                 inv.dicomdirs.append(f)
+            elif not_volume(name) is not None:
+                inv.rows.append(file_row(f, "skipped", reasons.NOT_IMAGE,
+                                         f"{f.rel} is {not_volume(name)}, not an image volume."))
             elif kind is not None:
                 inv.volumes.append((f, kind[0]))
             elif low.endswith(".dcm") or low.endswith(".dicom") or low.endswith(".ima"):

@@ -1,4 +1,5 @@
-"""NIfTI (nibabel), NRRD and MHA/MHD (SimpleITK) files: header scan, 4D policy, loading.
+"""Volume files: NIfTI, MGH/MGZ, MINC 1/2, Philips PAR/REC, AFNI BRIK/HEAD and Analyze/NIfTI pairs
+(nibabel), NRRD and MHA/MHD (SimpleITK): header scan, 4D policy, loading.
 
 Arrays keep the file's own axis order as ``(X, Y, Z)``: nibabel's array as stored, and
 SimpleITK's ``(z, y, x)`` array transposed. Affines are RAS+: a NIfTI's sform (else its
@@ -27,6 +28,13 @@ FLAG_SFORM_QFORM_DISAGREE = "SFORM_QFORM_DISAGREE"
 #: sform and qform disagree when a corner voxel lands this many voxels apart.
 _FORM_TOL_VOXEL = 0.1
 
+#: Kinds read with ``nibabel.load`` (the NIfTI branch's reading, without its sform/qform checks).
+NIBABEL_KINDS = ("nifti", "mgh", "minc", "parrec", "afni", "analyze")
+#: Data file endings of the two-file formats (header kind -> endings, tried in order next to the header).
+DATA_FILES = {"parrec": (".rec",), "afni": (".brik", ".brik.gz"), "analyze": (".img", ".img.gz")}
+#: Modality a format implies (PAR/REC is only ever written by Philips MR scanners).
+FORMAT_MODALITY = {"parrec": "MR"}
+
 _DATAFILE_RE = {
     ".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
     ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I),
@@ -41,13 +49,21 @@ def claim_companions(inv: Inventory) -> dict[str, tuple[FoundFile | None, list[F
     header names (``ElementDataFile`` / ``data file``).
     """
     by_rel = {f.rel: f for f in inv.other}
+    by_lower = {f.rel.lower(): f for f in inv.other}
     claimed: set[str] = set()
     out: dict[str, tuple[FoundFile | None, list[FoundFile]]] = {}
-    for f, _kind in inv.volumes:
+    for f, kind in inv.volumes:
         folder = f.rel.rsplit("/", 1)[0] + "/" if "/" in f.rel else ""
         stem = volume_kind(f.rel.rsplit("/", 1)[-1])[1]
         sidecar = by_rel.get(f"{folder}{stem}.json")
         data: list[FoundFile] = []
+        for ending in DATA_FILES.get(kind, ()):  # case as the scanner wrote it: x.PAR with x.REC
+            d = by_lower.get(f"{folder}{stem}{ending}".lower())
+            if d is not None:
+                data.append(d)
+                break
+        if kind == "analyze" and f"{folder}{stem}.mat".lower() in by_lower:  # SPM's affine of an Analyze pair
+            data.append(by_lower[f"{folder}{stem}.mat".lower()])
         regex = next((r for ext, r in _DATAFILE_RE.items() if f.rel.lower().endswith(ext)), None)
         if regex is not None:
             try:
@@ -91,16 +107,34 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
     return ident, get("Modality").upper(), ""
 
 
-def _header(path: Path, kind: str) -> tuple[tuple[int, ...], int, bool]:
-    """``(shape, components, oriented)`` from the header only; shape in ``(X, Y, Z[, T])`` order.
-    ``oriented`` is False for a NIfTI with ``sform_code == qform_code == 0``."""
-    if kind == "nifti":
-        import nibabel as nib
+def _nibabel_load(path: Path, kind: str, parrec_scaling: str = "dv"):
+    import nibabel as nib
 
-        img = nib.load(path)
+    if kind == "parrec":  # a truncated REC is damage, not a smaller scan: nibabel refuses it by default
+        return nib.load(path, scaling=parrec_scaling)
+    return nib.load(path)
+
+
+def _oriented(img, path: Path) -> bool:
+    """False for an image whose header does not say where the patient lies: a NIfTI (or NIfTI pair) with
+    ``sform_code == qform_code == 0``, or an Analyze 7.5 header without the SPM ``.mat`` beside it that
+    holds its affine (nibabel would guess the axes)."""
+    import nibabel as nib
+
+    if isinstance(img, nib.Nifti1Pair | nib.Nifti2Pair):  # NIfTI files and pairs alike
         hdr = img.header
-        oriented = int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0
-        return tuple(int(v) for v in img.shape), 1, oriented
+        return int(hdr["sform_code"]) > 0 or int(hdr["qform_code"]) > 0
+    if isinstance(img, nib.AnalyzeImage):
+        return path.with_suffix(".mat").is_file()
+    return True
+
+
+def _header(path: Path, kind: str, parrec_scaling: str = "dv") -> tuple[tuple[int, ...], int, bool]:
+    """``(shape, components, oriented)`` from the header only; shape in ``(X, Y, Z[, T])`` order
+    (:func:`_oriented` for the nibabel formats)."""
+    if kind in NIBABEL_KINDS:
+        img = _nibabel_load(path, kind, parrec_scaling)
+        return tuple(int(v) for v in img.shape), 1, _oriented(img, path)
     import SimpleITK as sitk
 
     r = sitk.ImageFileReader()
@@ -126,7 +160,9 @@ def volume_candidates(
     """Rows for one volume file: one ok row, or skipped/failed rows, or one per 4D volume (``split``)."""
     stem = volume_kind(f.rel.rsplit("/", 1)[-1])[1]
     identity, modality, note = _sidecar(sidecar)
+    modality = modality or FORMAT_MODALITY.get(kind, "")
     files = sorted([f] + data, key=lambda x: x.rel)
+    scaling = {"parrec_scaling": cfg.parrec_scaling} if kind == "parrec" else {}
 
     def row(
         status: str = "ok", reason: str = "", detail: str = "", key: str = stem, extra: dict | None = None
@@ -142,12 +178,19 @@ def volume_candidates(
             detail=detail or note,
             label=f"{modality or '??'} " + "x".join(str(v) for v in shape[:3]) if shape else "",
             source_files=[x.path for x in files],
-            extra={"file": files.index(f), **(extra or {})},
+            extra={"file": files.index(f), **scaling, **(extra or {})},
         )
 
     shape: tuple[int, ...] = ()
+    if kind in DATA_FILES and not any(x.rel.lower().endswith(DATA_FILES[kind]) for x in data):
+        upper = f.rel.rsplit(".", 1)[-1].isupper()  # x.PAR goes with x.REC
+        # the format's own extension in the header's case, a compression suffix as is (x.BRIK.gz)
+        want = " or ".join(stem + ("." + e.split(".")[1].upper() + e[len(e.split(".")[1]) + 1:] if upper else e)
+                           for e in DATA_FILES[kind])
+        return [row("failed", reasons.UNREADABLE, f"{f.rel} is a header whose data file ({want}) is not next to it; "
+                    "copy the data file beside the header.")]
     try:
-        shape, comps, oriented = _header(f.path, kind)
+        shape, comps, oriented = _header(f.path, kind, cfg.parrec_scaling)
     except Exception as exc:  # nibabel/SimpleITK raise many types for a corrupt header
         return [
             row(
@@ -157,11 +200,14 @@ def volume_candidates(
             )
         ]
     if not oriented:
+        why = ("is an Analyze 7.5 image, a format without orientation (and no SPM .mat beside it)"
+               if kind == "analyze" and not _is_nifti_pair(f.path)
+               else "has no orientation (sform_code and qform_code are both 0)")
         return [
             row(
                 "failed",
                 reasons.NO_ORIENTATION,
-                f"{f.rel} has no orientation (sform_code and qform_code are both 0), so where the patient "
+                f"{f.rel} {why}, so where the patient "
                 "lies in it is unknown; re-export it with its orientation (e.g. dcm2niix from the DICOM), "
                 "or set the sform with nibabel if you know the true affine.",
             )
@@ -203,21 +249,30 @@ def volume_candidates(
     return [row(key=f"{stem}#{t}", extra={"volume": t}) for t in range(n)]
 
 
+def _is_nifti_pair(path: Path) -> bool:
+    """A ``.hdr`` that is a NIfTI pair header (magic ``ni1``/``ni2``) rather than Analyze 7.5."""
+    try:
+        head = path.read_bytes()[:544]
+    except OSError:
+        return False
+    return head[344:347] == b"ni1" or head[4:7] == b"ni2"
+
+
 def load_volume(c: Candidate) -> Image:
-    """Pixels of a NIfTI/NRRD/MHA candidate as float32 ``(X, Y, Z)`` with its RAS+ affine."""
+    """Pixels of a volume-file candidate as float32 ``(X, Y, Z)`` with its RAS+ affine."""
     path = c.source_files[c.extra.get("file", 0)]
     t = c.extra.get("volume")
     flags: list[str] = []
     try:
-        if c.kind == "nifti":
+        if c.kind in NIBABEL_KINDS:
             import nibabel as nib
 
-            img = nib.load(path)
+            img = _nibabel_load(path, c.kind, c.extra.get("parrec_scaling", "dv"))
             proxy = img.dataobj
             # Proxy slicing reads (and scales) only the requested volume.
             arr = np.asarray(proxy[..., t] if t is not None else proxy, dtype=np.float32)
-            affine = np.asarray(img.affine, float)  # the sform when set (checked at scan: one of them is)
-            if _forms_disagree(img.header, arr.shape[:3]):
+            affine = np.asarray(img.affine, float)  # NIfTI: the sform when set (checked at scan: one of them is)
+            if isinstance(img, nib.Nifti1Pair | nib.Nifti2Pair) and _forms_disagree(img.header, arr.shape[:3]):
                 flags.append(FLAG_SFORM_QFORM_DISAGREE)
         else:
             import SimpleITK as sitk

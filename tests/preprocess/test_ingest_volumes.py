@@ -230,3 +230,30 @@ def test_itk_files_use_geometry_affine_from_itk(tmp_path):
     (c,) = scan(tmp_path / "v.nrrd", IngestConfig())
     loaded = load(c, IngestConfig())
     _assert_world_matches_simpleitk(tmp_path / "v.nrrd", loaded, [(0, 0, 0), (11, 9, 8), (3, 4, 5)])
+
+
+def test_the_mr_brain_preset_on_the_mni152_template(nibabel_test_data):
+    """The shipped MR brain preset (N4, z-score) on a real T1 brain (coarsened to 3 mm to stay fast):
+    a RAS+ grid whose world positions are the template's, the head's mean intensity at 0.5."""
+    import dataclasses
+
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import load_yaml
+    from preprocess.transforms import prepare
+    from vol3d.presets import preset_path
+
+    path = _real_niftis(nibabel_test_data)["mni"]
+    cfg = dataclasses.replace(load_yaml(PreprocessConfig, preset_path("mr_brain")),
+                              target_spacing=(3.0, 3.0, 3.0))
+    assert cfg.mr_bias_correction and cfg.mr_normalisation == "zscore"
+    (c,) = scan(path, cfg.ingest)
+    p = prepare(load(c, cfg.ingest), cfg)
+    assert p.modality == "MR" and "CT_NOT_HU" not in p.flags  # the preset's default modality, no HU check
+    assert np.all(np.diag(p.affine)[:3] > 0) and np.allclose(p.spacing, 3.0)
+    head = p.image[0][p.foreground].astype(np.float32)
+    assert head.mean() == pytest.approx(0.5, abs=0.03) and p.image.min() >= 0 and p.image.max() <= 1
+    # the cached grid's centre is where the template says it is (world mm)
+    centre = (np.array(p.image.shape[1:]) - 1) / 2
+    orig_index = apply_affine(p.cached_to_orig, centre)
+    np.testing.assert_allclose(apply_affine(p.affine, centre), apply_affine(nib.load(path).affine, orig_index),
+                               atol=1e-6)

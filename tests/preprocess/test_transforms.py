@@ -294,3 +294,43 @@ def test_oblique_boxes_from_instance_maps_are_tight_and_world_boxes_are_flagged(
     row = {"box_world_ras_mm": world.tolist(), "instance": 1}
     straight = cached_boxes([{k: v for k, v in row.items() if k != "instance"}], p)
     assert straight.flags == [] and g.box_iou(straight.vox, cached_boxes([row], p, lab).vox)[0, 0] > 0.85
+
+
+def test_mr_zscore_normalisation_maps_the_foreground_mean_to_one_half():
+    rng = np.random.default_rng(0)
+    arr = np.full((40, 40, 30), 2.0, np.float32)  # background
+    arr[8:32, 8:32, 6:24] = rng.normal(300.0, 40.0, (24, 24, 18))  # tissue, arbitrary MR units
+    cfg = PreprocessConfig(target_spacing=None, crop_foreground=False, mr_normalisation="zscore", mr_zscore_clip=4.0)
+    p = prepare(Image(arr, np.eye(4), "MR"), cfg)
+    (lo, hi), = p.windows
+    fg = arr[8:32, 8:32, 6:24]
+    assert lo == pytest.approx(fg.mean() - 4 * fg.std(), rel=0.02) and hi == pytest.approx(fg.mean() + 4 * fg.std(), rel=0.02)
+    cached = p.image[0].astype(np.float32)[8:32, 8:32, 6:24]
+    assert cached.mean() == pytest.approx(0.5, abs=0.01) and cached.std() == pytest.approx(1 / 8, rel=0.05)
+    with pytest.raises(Exception, match="mr_normalisation"):
+        PreprocessConfig(mr_normalisation="minmax")
+    # a default-valued new field leaves the parameters' hash of older caches alone; a set one changes it
+    assert PreprocessConfig().params_hash() == PreprocessConfig(mr_bias_correction=False).params_hash()
+    assert PreprocessConfig().params_hash() != cfg.params_hash()
+
+
+def test_n4_bias_correction_evens_out_one_tissue_under_a_coil_bias():
+    from preprocess.transforms import n4_corrected
+
+    x, y, z = np.meshgrid(np.arange(48), np.arange(48), np.arange(32), indexing="ij")
+    body = ((x - 24) ** 2 / 20**2 + (y - 24) ** 2 / 20**2 + (z - 16) ** 2 / 13**2) <= 1
+    bias = 0.65 + 0.7 * (x / 47.0)  # a smooth left-right gain, 0.65 .. 1.35
+    noise = np.random.default_rng(1).normal(0, 3, body.shape)
+    arr = np.where(body, 200.0 * bias + noise, 5.0).astype(np.float32)
+    inner = ndimage.binary_erosion(body, iterations=2)
+    # on the raw intensities: one tissue, one intensity again (coefficient of variation 0.12 -> noise's 0.015)
+    fixed = n4_corrected(arr, body, (2.0, 2.0, 3.0))
+    assert arr[inner].std() / arr[inner].mean() > 0.1 and fixed[inner].std() / fixed[inner].mean() < 0.03
+    # through prepare: the cached intensity no longer follows the coil's gradient (left-right)
+    plain = PreprocessConfig(target_spacing=None, crop_foreground=False)
+    n4 = PreprocessConfig(target_spacing=None, crop_foreground=False, mr_bias_correction=True)
+    corr = {}
+    for name, cfg in (("plain", plain), ("n4", n4)):
+        cached = prepare(Image(arr, np.diag([2.0, 2.0, 3.0, 1.0]), "MR"), cfg).image[0].astype(np.float32)
+        corr[name] = np.corrcoef(cached[inner], x[inner])[0, 1]
+    assert corr["plain"] > 0.95 and abs(corr["n4"]) < 0.3
