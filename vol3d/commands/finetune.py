@@ -1,4 +1,4 @@
-"""`vol3d finetune`: fine-tune a run for one task (report, vqa, ground, ehr, seg)"""
+"""`vol3d finetune`: fine-tune a run for one task (report, vqa, ground, ehr, grpo, seg)"""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 
 from preprocess.errors import ConfigError
 
-HELP = "fine-tune a run for one task (report, vqa, ground, ehr, seg)"
+HELP = "fine-tune a run for one task (report, vqa, ground, ehr, grpo, seg)"
 DESCRIPTION = """Fine-tune from a run dir (--init RUN) on one task with the same training loop as
-`vol3d train`: --task report | vqa | ground | ehr (presets in configs/finetune/), or
+`vol3d train`: --task report | vqa | ground | ehr (presets in configs/finetune/), --task grpo
+(reinforcement with verifiable rewards: sampled answers scored against the reference; vol3d.train.rl), or
 --task seg, which adds a segmentation decoder over the encoder's intermediate
 features (vol3d.seg). The model architecture, and the cache when --data.cache-dir
 is not given, come from the --init run. Every TrainConfig field is a flag, as in
 `vol3d train`; Ctrl-C saves a checkpoint, continue with --resume OUT."""
 
-FINETUNE_TASKS = ("report", "vqa", "ground", "ehr", "seg")
+FINETUNE_TASKS = ("report", "vqa", "ground", "ehr", "grpo", "seg")
 
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:

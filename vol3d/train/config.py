@@ -23,7 +23,7 @@ from vol3d.tasks import AugmentConfig, TaskMix
 
 #: What a run optimises. ``pretrain`` samples the text tasks by ``data.tasks`` weights;
 #: the others fine-tune on a single task (``seg`` is provided by ``vol3d.seg``).
-Task = Literal["pretrain", "report", "vqa", "ground", "ehr", "seg"]
+Task = Literal["pretrain", "report", "vqa", "ground", "ehr", "grpo", "seg"]
 
 #: The task mix of each single-task fine-tune (the weights of ``vol3d.tasks.TaskMix``).
 FINETUNE_MIX: dict[str, dict[str, float]] = {
@@ -139,6 +139,26 @@ class LossConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement fine-tuning with verifiable rewards (``task: grpo``; vol3d.train.rl)."""
+
+    tasks: tuple[str, ...] = _f(("report",), "Tasks whose answers are sampled and rewarded: report (finding F1 vs the reference) and/or vqa_closed (exact match).")
+    group_size: int = _f(4, "Answers sampled per prompt; each one's advantage is its reward against its group's.")
+    temperature: float = _f(1.0, "Sampling temperature of the answers.")
+    max_new_tokens: int = _f(160, "Longest sampled answer in tokens.")
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        bad = sorted(set(self.tasks) - {"report", "vqa_closed"})
+        if bad or not self.tasks:
+            raise ConfigError(f"rl.tasks must be some of report, vqa_closed (rewards checkable against the "
+                              f"reference), got {list(self.tasks)}")
+        if self.group_size < 2:
+            raise ConfigError(f"rl.group_size must be >= 2 (an advantage compares answers), got {self.group_size}")
+        _positive("rl", temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+
+
+@dataclass
 class RunConfig:
     """The fields and checks of every training run, whatever it trains (what :func:`vol3d.train.loop.fit` reads).
 
@@ -185,11 +205,16 @@ class TrainConfig(RunConfig):
     model: Vol3DConfig = field(default_factory=_default_model, metadata={"help": "The model architecture (encoder, reducer, language model, heads); see vol3d.models."})
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "Reinforcement fine-tuning (task grpo)."})
 
     def task_mix(self) -> TaskMix:
-        """Task mix actually sampled: ``data.tasks`` for ``pretrain``, else the one task's mix."""
+        """Task mix actually sampled: ``data.tasks`` for ``pretrain``, ``rl.tasks`` for ``grpo``, else the
+        one task's mix."""
         if self.task == "pretrain":
             return self.data.tasks
+        if self.task == "grpo":
+            return TaskMix(**{t: float(t in self.rl.tasks) for t in ("report", "vqa_closed", "vqa_open", "ground",
+                                                                     "ehr")})
         if self.task not in FINETUNE_MIX:
             raise ConfigError(f"task {self.task!r} has no text-task mix (it is trained by its own module)")
         return TaskMix(**FINETUNE_MIX[self.task], samples_per_case=self.data.tasks.samples_per_case)

@@ -247,6 +247,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
         from vol3d.tasks.augment import for_labels
 
         augment = for_labels(augment, model.config.label_names, model.config.finding_labels)
+    if cfg.task == "grpo":
+        from vol3d.train.rl import GRPOObjective
+
+        objective: Any = GRPOObjective(model.processor, cfg.task_mix(), cfg.rl, model.vocab or None, cfg.data.max_length)
+        log.info("reinforcement fine-tuning %s (GRPO, %s, %d answers per prompt): %d train cases", run_dir,
+                 "+".join(cfg.rl.tasks), cfg.rl.group_size, len(train_ds))
+        return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
     objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, augment,
                              cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
                              perception=perception, prevalence=prevalence,
