@@ -68,6 +68,10 @@ class Vol3DConfig:
                                               "answer about the one finding a question names agrees with the "
                                               "perceived regions (the LM picks the kind of answer, the regions its "
                                               "value, as boxes come from the region a <box> points at)")
+    reports_from_perception: bool = _f(True, "perception models: a generated report keeps the sentences that agree "
+                                       "with the perceived regions, drops those asserting a finding not found or "
+                                       "denying one found, and gets a sentence for each found finding it leaves "
+                                       "out (vol3d.tasks.reports)")
     organ_keep_fraction: float = _f(0.2, "predicted organ maps keep, per organ, its largest connected component and "
                                     "those at least this fraction of it (nnU-Net's post-processing; stray voxels "
                                     "elsewhere would stretch the organ's box); 0 keeps every voxel")

@@ -608,6 +608,7 @@ class Vol3DModel(nn.Module):
         spacing: Any = None,
         return_perceived: bool = False,
         no_repeat_ngram: int = 4,
+        raw: bool = False,
         **generate_kwargs: Any,
     ) -> Any:
         """Answer each prompt about its volume; greedy unless ``do_sample=True`` etc. is passed.
@@ -624,7 +625,9 @@ class Vol3DModel(nn.Module):
         With perception, each prompt is preceded by its volume's findings digest (the perception's
         regions, ``spacing`` mm per voxel as in :meth:`perceive`); a batch of one volume repeated
         (``volume.expand(B, ...)``) is perceived once. ``return_perceived=True`` returns
-        ``(answers, perceived)``, one :class:`~vol3d.tasks.regions.Perceived` per prompt.
+        ``(answers, perceived)``, one :class:`~vol3d.tasks.regions.Perceived` per prompt. The answers
+        then agree with the regions (``closed_answers_from_perception``, ``reports_from_perception``);
+        ``raw=True`` returns the language model's own tokens instead (what reinforcement samples).
         """
         was_training = self.training
         self.eval()
@@ -661,7 +664,7 @@ class Vol3DModel(nn.Module):
             extra: list[Any] = []
             if no_repeat_ngram:
                 extra.append(NoRepeatNGram(no_repeat_ngram, [self.box_token_id]))
-            if contexts is not None and self.config.closed_answers_from_perception and not answer_prefix:
+            if contexts is not None and self.config.closed_answers_from_perception and not answer_prefix and not raw:
                 texts = [prompts] * len(perceived) if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
                 values = self._perceived_values(texts, perceived)
                 if values is not None:
@@ -694,6 +697,12 @@ class Vol3DModel(nn.Module):
             texts = self.processor.batch_decode(ids)
         else:
             texts = [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
+        if perceived and self.config.reports_from_perception and not raw and not isinstance(prompts, torch.Tensor):
+            from vol3d.tasks.reports import is_report_request, reconcile_report
+
+            asked = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts)
+            texts = [reconcile_report(t, p, self.vocab) if is_report_request(q) else t
+                     for t, p, q in zip(texts, perceived, asked, strict=True)]
         return (texts, perceived) if return_perceived else texts
 
     @functools.cached_property

@@ -206,6 +206,14 @@ class TrainConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "Reinforcement fine-tuning (task grpo)."})
+    freeze: tuple[str, ...] = _f((), "Parts of the model this run keeps fixed: encoder (weights and batch-norm statistics; with perception, the regions every answer reads), lm. A fine-tune takes the architecture from --init and this from its own config.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.freeze = tuple(self.freeze)
+        bad = sorted(set(self.freeze) - {"encoder", "lm"})
+        if bad:
+            raise ConfigError(f"freeze: {bad} is not a part of the model; choose from encoder, lm")
 
     def task_mix(self) -> TaskMix:
         """Task mix actually sampled: ``data.tasks`` for ``pretrain``, ``rl.tasks`` for ``grpo``, else the

@@ -100,9 +100,11 @@ class GRPOObjective:
         for b, s in enumerate(batch["samples"]):
             vol = batch["volume"][b : b + 1].expand(g, *batch["volume"].shape[1:])
             kw = {"spacing": batch["spacing"][b].cpu().numpy()} if getattr(model, "perception", None) is not None else {}
+            # raw: the policy's own tokens (not valued or reconciled by the perception), whose log-probability
+            # the update raises or lowers
             out.append([str(t) for t in model.generate(vol, [s.prompt] * g, max_new_tokens=self.rl.max_new_tokens,
                                                        do_sample=True, temperature=self.rl.temperature, top_k=0,
-                                                       **kw)])
+                                                       raw=True, **kw)])
         return out
 
     def policy_loss(self, model: nn.Module, batch: dict[str, Any], answers: list[list[str]],
@@ -146,7 +148,7 @@ class GRPOObjective:
         return loss, logs
 
     def validate(self, model: nn.Module, items: Any) -> dict[str, float]:
-        """Mean reward of the greedy answers on ``items`` (the same prompt per item every time)."""
+        """Mean reward of the policy's own greedy answers on ``items`` (the same prompt per item every time)."""
         rngs = [np.random.default_rng([0, i]) for i in range(len(items))]
         rewards = []
         for i in range(len(items)):
@@ -154,7 +156,8 @@ class GRPOObjective:
             s = batch["samples"][0]
             kw = {"spacing": batch["spacing"][0].numpy()} if getattr(model, "perception", None) is not None else {}
             dev = next(model.parameters()).device
-            answer = model.generate(batch["volume"].to(dev), [s.prompt], max_new_tokens=self.rl.max_new_tokens, **kw)[0]
+            answer = model.generate(batch["volume"].to(dev), [s.prompt], max_new_tokens=self.rl.max_new_tokens,
+                                    raw=True, **kw)[0]
             rewards.append(reward(s.task, str(answer), s, self.vocab))
         return {"reward": float(np.mean(rewards)) if rewards else float("nan")}
 

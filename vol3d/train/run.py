@@ -92,10 +92,15 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         if not (src / "model").is_dir():
             raise InputError(f"{src} has no model/ directory; is it a finished or checkpointed vol3d run?")
         model = Vol3DModel.from_pretrained(src / "model")
+        if not resume and cfg.freeze:  # the init run's architecture; what this run keeps fixed is this run's
+            model.config = dataclasses.replace(model.config, **{f"freeze_{part}": True for part in cfg.freeze})
+            model._apply_training_options()
         model.train()
         out = dataclasses.replace(cfg, model=model.config)
         return model, out if resume else dataclasses.replace(out, loss=grounding_loss_for(model.config, cfg.loss))
     mcfg = resolve_vocabulary(cfg.model, cfg.data)
+    if cfg.freeze:
+        mcfg = dataclasses.replace(mcfg, **{f"freeze_{part}": True for part in cfg.freeze})
     # texts, boxes and codes only, read once: a big cache must not be read into memory for this
     cases = [train.item_without_pixels(i) for i in range(len(train))]
     if cfg.loss.ehr > 0 and not mcfg.ehr_codes:

@@ -239,3 +239,24 @@ def test_generated_yes_no_and_counts_agree_with_the_digest(model):
     finally:
         model.config.closed_answers_from_perception = True
     assert [a.strip() for a in plain] == [first("yes"), "5", first("yes")]
+
+
+def test_a_generated_report_asserts_exactly_what_was_perceived(model):
+    """Whatever the LM writes, the report it returns names the findings its perception found and no
+    others (vol3d.tasks.reports); raw=True returns the LM's own text untouched."""
+    from vol3d.tasks.mentions import extract_findings
+    from vol3d.tasks.reports import perceived_present
+
+    for seed in (3, 4):
+        case = make_case(seed)
+        volume = case["image"][None]
+        (report,), (found,) = model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12,
+                                             return_perceived=True)
+        said = {k for k, v in extract_findings(report, model.vocab).items() if v}
+        assert said == perceived_present(found, model.vocab)
+        raw = model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12, raw=True)[0]
+        model.config.reports_from_perception = False
+        try:
+            assert model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12)[0] == raw
+        finally:
+            model.config.reports_from_perception = True

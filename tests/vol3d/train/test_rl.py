@@ -3,6 +3,8 @@ better-rewarded answer more likely; sampling reads the model's own digest."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from vol3d.tasks.regions import digest_text
 from vol3d.tasks.samples import sample_one
 from vol3d.train.config import RLConfig, TrainConfig
 from vol3d.train.rl import GRPOObjective, group_advantages, reward, sequence_logprobs
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +113,25 @@ def test_rl_config_checks():
     with pytest.raises(ConfigError, match="group_size"):
         RLConfig(group_size=1)
     assert TrainConfig(task="grpo", rl=RLConfig(tasks=("report", "vqa_closed"))).task_mix().vqa_closed == 1.0
+    with pytest.raises(ConfigError, match="choose from encoder, lm"):
+        TrainConfig(freeze=("decoder",))
+
+
+def test_a_finetune_keeps_the_init_architecture_and_switches_on_its_own_freezing(model, tmp_path):
+    """configs/finetune/{grpo,report}.yaml freeze the encoder: trained on text alone it drifted, and the
+    perception that reads it with it (docs/benchmarks/quality.md, round 6)."""
+    import dataclasses
+
+    from preprocess.config_io import load_yaml
+    from vol3d.train.run import build_model
+
+    model.save_pretrained(tmp_path / "init" / "model")
+    for preset in ("grpo", "report"):
+        cfg = load_yaml(TrainConfig, ROOT / "configs" / "finetune" / f"{preset}.yaml")
+        cfg = dataclasses.replace(cfg, init=str(tmp_path / "init"), run_dir=str(tmp_path / preset))
+        tuned, out = build_model(cfg, None, resume=False)
+        assert out.model.freeze_encoder and out.model.perception  # the init's architecture, this run's freezing
+        assert not any(p.requires_grad for p in tuned.encoder.parameters())
+        assert any(p.requires_grad for p in tuned.lm.parameters())
+        tuned.train()
+        assert not tuned.encoder.training  # batch-norm statistics stay too

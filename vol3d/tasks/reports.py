@@ -1,0 +1,85 @@
+"""A generated report made to agree with what the perception found (numpy-free text work).
+
+The language model writes the report after reading the findings digest; measured on the benchmark
+(docs/benchmarks/quality.md, round 6), its reports agreed with the digest on 0.74 of the finding
+slots while the digest agreed with the reference on 0.87: the prose was the weak link. As closed
+answers take their value from the regions and a ``<box>`` takes the box of the region it points
+at, :func:`reconcile_report` keeps the model's sentences that agree with the perception, drops the
+ones that assert a finding it did not find or deny one it found, and adds a sentence, built from
+the regions (count, size, organ), for each perceived finding the report leaves out. Region-guided
+report generation (RGRG, Reg2RG) writes from detected regions in the same spirit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from vol3d.tasks.findings import as_vocab
+from vol3d.tasks.mentions import finding_mentions
+from vol3d.tasks.regions import Perceived, organ_text, size_triple
+
+_REQUEST = re.compile(r"\b(?:report|findings|impression)\b", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?;])(\s+)")
+_IMPRESSION = re.compile(r"^\s*impression\b", re.I | re.M)
+# a section header ("IMPRESSION:", "Findings:"), not an organ's label ("Liver: unremarkable.")
+_HEADER = re.compile(r"^\s*((?:findings|impression|conclusions?|summary|assessment)\s*:)", re.I)
+
+
+def is_report_request(prompt: str) -> bool:
+    """Whether a prompt asks for a report ("Write the findings ...", "... Write the report.")."""
+    return bool(_REQUEST.search(prompt))
+
+
+def perceived_present(perceived: Perceived, vocab: Mapping[str, Any] | None, threshold: float = 0.5) -> set[str]:
+    """The findings the perception calls present: countable ones with a region, conditions at ``threshold``."""
+    return {r.name for r in perceived.findings} | {c for c, p in perceived.conditions.items() if p >= threshold}
+
+
+def finding_sentence(name: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str:
+    """One report sentence for a perceived finding, from its regions: count, largest size, organ."""
+    spec = as_vocab(vocab)[name]
+    found = sorted((r for r in perceived.findings if r.name == name), key=lambda r: -float(sum(r.size_mm)))
+    if not found:
+        return f"{spec.text[:1].upper()}{spec.text[1:]} is present."
+    long, short, _ = size_triple(found[0].size_mm)
+    where = f" in the {organ_text(found[0].organ)}" if found[0].organ else ""
+    if len(found) == 1:
+        return f"There is a {spec.text} measuring {long} x {short} mm{where}."
+    return f"There are {len(found)} {spec.plural_text}, the largest measuring {long} x {short} mm{where}."
+
+
+def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
+                     threshold: float = 0.5) -> str:
+    """``report`` with the sentences that contradict the perception dropped and a sentence added for each
+    perceived finding it does not assert (before the impression when there is one)."""
+    vocab = as_vocab(vocab)
+    present = perceived_present(perceived, vocab, threshold)
+    parts = _SENTENCE_END.split(report.strip())  # sentence, whitespace, sentence, ...
+    kept: list[str] = []
+    for i in range(0, len(parts), 2):
+        sentence, gap = parts[i], parts[i + 1] if i + 1 < len(parts) else ""
+        said = finding_mentions(sentence, vocab)
+        if any(asserted != (name in present) for name, asserted in said.items()):
+            header = _HEADER.match(sentence)  # "IMPRESSION: Simple renal cyst." keeps its section
+            if header is not None:
+                kept += [header.group(1), " "]
+            continue
+        kept += [sentence, gap]
+    text = "".join(kept).strip()
+    asserted = {n for n, a in finding_mentions(text, vocab).items() if a}
+    missing = [finding_sentence(n, perceived, vocab) for n in vocab if n in present and n not in asserted]
+    m = _IMPRESSION.search(text)
+    if m is not None and not _HEADER.sub("", text[m.start():]).strip():  # an impression left empty
+        names = [vocab[n].text for n in vocab if n in present]
+        text = text + " " + ("; ".join(names).capitalize() + "." if names else "No significant findings.")
+    if not missing:
+        return text
+    added = " ".join(missing)
+    if m is not None:
+        return f"{text[: m.start()].rstrip()} {added}\n{text[m.start():].lstrip()}".strip()
+    return f"{text} {added}".strip()
+
+
+__all__ = ["finding_sentence", "is_report_request", "perceived_present", "reconcile_report"]
