@@ -9,8 +9,10 @@ two arms continue for the same wall-clock budget each, in one process, one after
   model's own digest, rewarded by their finding F1 against the reference (vol3d.train.rl).
 
 The base run and both arms are then scored on the held-out split: report finding F1 (micro, with its
-bootstrap interval), ROUGE-L and closed VQA, with the same questions (seed) for all three. Both arms
-keep the learning rate of their preset without decay (the clock, not a step count, ends them).
+bootstrap interval) of the LM's own reports and of the reports reconciled with the perception
+(vol3d.tasks.reports), ROUGE-L and closed VQA, with the same questions (seed) for all three. Both arms
+keep the learning rate of their preset without decay (the clock, not a step count, ends them) and
+the encoder frozen (their presets' ``freeze: [encoder]``).
 
     python scripts/bench_rl.py --out /tmp/bq6 --budget-min 8
 
@@ -83,8 +85,13 @@ def score(run: Path, cache: Path, seed: int) -> dict:
     _, split = held_out(cache, pipe.input_shape)
     res = pipe.evaluate(cache, split=split, tasks=["report", "vqa_closed"], seed=seed, samples_per_case=1)
     f = res["report"]["findings"]
-    return {"report_f1": f["micro_f1"], "report_f1_ci": f.get("micro_f1_ci"), "rougeL": res["report"]["rougeL"],
-            "closed_vqa": res["vqa_closed"]["exact_match"], "n_cases": res["meta"]["n_cases"], "split": split}
+    out = {"report_f1": f["micro_f1"], "report_f1_ci": f.get("micro_f1_ci"), "rougeL": res["report"]["rougeL"],
+           "closed_vqa": res["vqa_closed"]["exact_match"], "n_cases": res["meta"]["n_cases"], "split": split}
+    if getattr(pipe.model.config, "reports_from_perception", False):  # the LM's own reports, before reconciling
+        pipe.model.config.reports_from_perception = False
+        raw = pipe.evaluate(cache, split=split, tasks=["report"], seed=seed, samples_per_case=1)["report"]
+        out.update(raw_report_f1=raw["findings"]["micro_f1"], raw_report_f1_ci=raw["findings"].get("micro_f1_ci"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     info["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     (out / "rl.json").write_text(json.dumps({"bench": info, "results": results}, indent=2))
     lines = [f"command: {info['command']}", f"load average {info['load_avg_start']} at start, {info['load_avg_end']} at end",
-             "", "| arm | steps | report finding F1 (micro) [95% CI] | ROUGE-L | closed VQA |", "|---|---|---|---|---|"]
+             "", "| arm | steps | LM's own reports: finding F1 [95% CI] | reconciled reports: finding F1 [95% CI] "
+             "| ROUGE-L | closed VQA |", "|---|---|---|---|---|---|"]
+    nan2 = [float("nan")] * 2
     for arm, r in results.items():
-        ci = r.get("report_f1_ci") or [float("nan")] * 2
-        lines.append(f"| {arm} | {r['steps']} | {r['report_f1']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r['rougeL']:.3f} "
-                     f"| {r['closed_vqa']:.3f} |")
+        ci, raw_ci = r.get("report_f1_ci") or nan2, r.get("raw_report_f1_ci") or nan2
+        raw = r.get("raw_report_f1", float("nan"))
+        lines.append(f"| {arm} | {r['steps']} | {raw:.3f} [{raw_ci[0]:.2f}, {raw_ci[1]:.2f}] | {r['report_f1']:.3f} "
+                     f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r['rougeL']:.3f} | {r['closed_vqa']:.3f} |")
     (out / "rl.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
