@@ -129,6 +129,12 @@ def test_explore_grounded_answers_draws_the_boxes_of_a_held_out_case(kernel_dir,
     assert _mime_count(nb, "image/png") >= 1
     assert _mime_count(nb, "text/html") >= 3  # one highlighted answer per question
     assert "true box 1: RAS mm x" in out  # world millimetres and size of the true box
+    # the reasoning chain beside the true one (the demo's model has perception), and measurements beside
+    # the truth read by the same function
+    table = out.split("Q: Is there", 1)[1]
+    assert re.search(r"^step\s+model\s+truth\s+iou\s+error$", table, re.M)
+    assert re.search(r"^\d+\. organ\s+\S.*\S", table, re.M) and re.search(r"^\d+\. conclusion\s", table, re.M)
+    assert re.search(r"craniocaudal length of the .*\?\nA: .*\n   truth: \d+\.\d mm", out)
     assert _mime_count(nb, "application/vnd.jupyter.widget-view+json") >= 1  # the live slider
     # a static rendering cannot run the slider: it shows the static grid of the same slices
     from nbconvert import HTMLExporter

@@ -59,6 +59,10 @@ class ExplorerView:
         if a.findings:
             parts.append(f'<div style="color:#555"><b>perceived:</b> {html.escape(a.findings)}</div>')
         parts.append(f"<b>Q:</b> {html.escape(a.question)}<br><b>A:</b> {highlight_boxes_in_text(a.text)._repr_html_()}")
+        if a.steps:
+            rows = "".join(f"<tr><td>{i}</td><td>{html.escape(st.kind)}</td><td>{html.escape(st.text)}</td></tr>"
+                           for i, st in enumerate(a.steps, start=1))
+            parts.append(f"<b>steps</b><table style='font-size:12px'>{rows}</table>")
         if a.boxes:
             parts.append(f"<pre style='font-size:11px'>{html.escape(format_boxes(a.boxes))}</pre>")
         elif self.finding and len(self.truth):
@@ -155,7 +159,8 @@ class Explorer:
         return f"{self.cases.rows[i]['id']} ({self.cases.rows[i].get('split')}: {', '.join(found) or 'no finding'})"
 
     def questions(self, case: str | None = None) -> list[str]:
-        """Suggested questions: about the case's findings first, then every finding of the vocabulary."""
+        """Suggested questions: about the case's findings first, then every finding of the vocabulary (where,
+        whether, how many, how large)."""
         first = self._findings_of(self._index(case))
         names = first + [n for n in self.vocab if n not in first]
         out = []
@@ -164,7 +169,8 @@ class Explorer:
             out.append(f"Where is the {spec.text}?")
             if spec.countable:
                 article = "an" if spec.text[:1].lower() in "aeiou" else "a"
-                out += [f"Is there {article} {spec.text}?", f"How many {spec.plural_text} are there?"]
+                out += [f"Is there {article} {spec.text}?", f"How many {spec.plural_text} are there?",
+                        f"What is the diameter of the largest {spec.text}?"]
             else:
                 out.append(f"Is there {spec.text}?")
         return ["Write the report.", *out]

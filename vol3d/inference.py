@@ -681,7 +681,7 @@ class Vol3DPipeline:
         scan = getattr(cases, "item_without_pixels", cases.__getitem__)
         return balanced_presence((scan(i) for i in range(n)), self.vocab, seed)
 
-    def measure_priors(self, cache_dir: str | Path, split: str = "train", limit: int = 200) -> dict[str, float] | None:
+    def measure_priors(self, cache_dir: str | Path, split: str = "train", limit: int = 100) -> dict[str, float] | None:
         """The image-blind answers of the ``measure`` and ``chain`` tasks from the first ``limit`` cases of
         a cache split (:func:`vol3d.eval.reasoning.measure_priors`); None without perception or cases."""
         from vol3d.data.cache import CacheDataset

@@ -370,10 +370,54 @@ def answer_slices(answer: Any, truth: np.ndarray | None, name: str = "finding",
     truth = match_order(pred, truth) if truth is not None else None
     n = max(len(pred), 0 if truth is None else len(truth))
     vol = np.asarray(answer.volume, dtype=np.float32)
-    channel = int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
     return show_box_slices(vol, pred, truth, spacing=answer.input.spacing, center=center,
                            labels=[f"{name} {i + 1}" for i in range(n)], title=title, affine=answer.affine,
-                           channel=channel)
+                           channel=_contrast_channel(vol))
+
+
+def _contrast_channel(vol: np.ndarray) -> int:
+    """The channel of ``(C, X, Y, Z)`` with the most contrast (the soft-tissue window when the preset has one)."""
+    return int(np.argmax(vol.reshape(vol.shape[0], -1).std(axis=1))) if vol.ndim == 4 else 0
+
+
+def chain_rows(answer: Any, truth: Any = None) -> list[dict[str, Any]]:
+    """The steps of an answer's chain beside the true chain's (:func:`vol3d.tasks.reasoning.reason` on
+    the case's ground truth): one row per model step with ``step``, ``model``, ``truth`` (the matching
+    true step: same kind and organ/finding, in order), ``iou`` (their boxes, model-input voxels) and
+    ``error`` (their values)."""
+    from preprocess.geometry import box_iou
+
+    pool = list(truth.steps) if truth is not None else []
+    rows = []
+    for i, st in enumerate(answer.steps, start=1):
+        match = next((t for t in pool if t.kind == st.kind and (t.name == st.name or st.kind == "conclusion")), None)
+        if match is not None:
+            pool.remove(match)
+        iou = error = None
+        if match is not None and st.box is not None and match.box is not None:
+            iou = float(box_iou(st.box.model_vox[None], np.asarray(match.box, float)[None])[0, 0])
+        if match is not None and st.value is not None and match.value is not None and st.kind != "conclusion":
+            error = float(st.value) - float(match.value)
+        rows.append({"step": f"{i}. {st.kind}", "model": st.text, "truth": match.text if match is not None else "",
+                     "iou": iou, "error": error})
+    return rows
+
+
+def chain_table(answer: Any, truth: Any = None) -> str:
+    """:func:`chain_rows` as a text table (IoU of the boxes, error of the values)."""
+    rows = [{**r, "iou": "" if r["iou"] is None else f"{r['iou']:.2f}",
+             "error": "" if r["error"] is None else f"{r['error']:+.1f}"} for r in chain_rows(answer, truth)]
+    return format_table(rows, ["step", "model", "truth", "iou", "error"])
+
+
+def step_slices(answer: Any, step: Any, truth_box: np.ndarray | None = None) -> Figure:
+    """Three slices through one chain step's box (solid; ``truth_box`` dashed, model-input voxels), titled
+    with the step."""
+    box = step.box.model_vox[None] if step.box is not None else np.zeros((0, 6))
+    true = None if truth_box is None else as_boxes(truth_box)
+    vol = np.asarray(answer.volume, dtype=np.float32)
+    return show_box_slices(vol, box, true, spacing=answer.input.spacing, labels=[step.name or step.kind],
+                           title=f"{step.kind}: {step.text}", affine=answer.affine, channel=_contrast_channel(vol))
 
 
 def slice_grid(

@@ -261,3 +261,24 @@ def test_label_names_come_from_the_caches_vocabulary(tmp_path):
     vocab = {"findings": {"nodule": {"text": "nodule", "organ": "lung"}}, "labels": ["background", "caudate"]}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     assert viz.label_names(tmp_path) == ("background", "caudate")
+
+
+def test_chain_rows_pair_each_step_with_its_true_one():
+    from types import SimpleNamespace as NS
+
+    def step(kind, name, box=None, value=None, text="", answer=False):
+        box = None if box is None else (NS(model_vox=np.asarray(box, float)) if answer else np.asarray(box, float))
+        return NS(kind=kind, name=name, box=box, value=value, text=text)
+
+    truth = NS(steps=[step("organ", "liver", [0, 0, 0, 10, 10, 10], 900.0), step("finding", "liver_lesion",
+                      [2, 2, 2, 4, 4, 4], 20.0), step("conclusion", "liver_lesion", None, 1.0, "1 detected")])
+    answer = NS(steps=[step("organ", "liver", [0, 0, 0, 10, 10, 5], 850.0, answer=True),
+                       step("finding", "liver_lesion", [2, 2, 2, 4, 4, 4], 24.0, answer=True),
+                       step("finding", "liver_lesion", [6, 6, 6, 8, 8, 8], 10.0, answer=True),
+                       step("conclusion", "liver_lesion", None, 1.0, "2 detected", answer=True)])
+    rows = viz.chain_rows(answer, truth)
+    assert [r["iou"] for r in rows[:3]] == [0.5, 1.0, None]  # the second lesion has no true counterpart
+    assert rows[0]["error"] == -50.0 and rows[1]["error"] == 4.0 and rows[3]["error"] is None
+    assert rows[3]["truth"] == "1 detected"
+    table = viz.chain_table(answer, truth)
+    assert table.splitlines()[0].split() == ["step", "model", "truth", "iou", "error"] and "+4.0" in table
