@@ -601,7 +601,12 @@ class Vol3DPipeline:
         if query.finding is not None and measured and measured[-1].box is not None:
             finding_box = geometry.boxes_voxel_to_world(measured[-1].box[None], inp.affine)[0]
         labels = self.model.labels
-        reading = self.expert.read(query, volume, series, finding_box, labels.finding_labels if labels else ())
+        # the expert prepares the volume its own way: from what was given, or from where a prepared input came from
+        source = inp.source if isinstance(volume, ModelInput) else volume
+        if source == "<Image>":
+            raise ConfigError("the expert reads the volume itself: pass the file, folder, cache entry or Image to ask, "
+                              "not a ModelInput prepared from an Image")
+        reading = self.expert.read(query, source, series, finding_box, labels.finding_labels if labels else ())
         if reading is None:
             return chain.answer
         at = len(chain.steps) - 1 if chain.steps and chain.steps[-1].kind == "conclusion" else len(chain.steps)

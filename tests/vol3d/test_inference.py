@@ -510,6 +510,9 @@ def test_a_segmentation_expert_measures_volumes_and_its_call_is_a_step(data):
     assert "measured by the segmentation expert seg_run" in ans.text and f"{step.value:.0f} mL" in ans.text
     d = json.loads(json.dumps(ans.to_dict(), allow_nan=False))
     assert next(st for st in d["steps"] if st["kind"] == "expert")["call"]["result"] == pytest.approx(step.value, abs=1e-3)
+    # an input prepared once and asked again: the expert reads the volume it came from
+    again = pipe.ask(pipe.prepare(ref), "What is the volume of the liver?")
+    assert next(st for st in again.steps if st.kind == "expert").value == step.value
     # a finding's volume: the expert's lesion component under the box the perception found
     ans = pipe.ask(ref, "What is the volume of the largest liver lesion?")
     step = next(st for st in ans.steps if st.kind == "expert")

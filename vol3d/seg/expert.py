@@ -12,6 +12,7 @@ of the answer (``kind: "expert"``, with ``call``), beside the perception's own r
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,15 @@ class SegExpert:
     def segment(self, volume: Any, series: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Label map ``(X, Y, Z)`` uint8 on the expert's own prepared grid, and that grid's affine ``(4, 4)``.
 
-        ``volume``: a NIfTI/NRRD/MHA file or DICOM series folder (prepared with the expert's preprocessing),
-        or ``CACHE_DIR::CASE_ID`` of a cache made with the expert's preprocessing."""
+        ``volume``: a NIfTI/NRRD/MHA file or DICOM series folder or a loaded ``preprocess.types.Image``
+        (prepared with the expert's preprocessing), or ``CACHE_DIR::CASE_ID`` of a cache made with the
+        expert's preprocessing."""
         from preprocess.transforms import prepare
+        from preprocess.types import Image
         from vol3d.inference import parse_cache_ref, read_image
         from vol3d.seg.inference import segment
 
-        key = f"{volume}#{series}"
+        key = f"{volume}#{series}" if isinstance(volume, (str, os.PathLike, tuple)) else f"id{id(volume)}"
         if self._last is not None and self._last[0] == key:
             return self._last[1], self._last[2]
         cfg = self.predictor.preprocess
@@ -66,7 +69,7 @@ class SegExpert:
         if ref is not None:
             image, affine = self._cached(*ref)
         else:
-            prepared = prepare(read_image(volume, cfg, series), cfg)
+            prepared = prepare(volume if isinstance(volume, Image) else read_image(volume, cfg, series), cfg)
             image, affine = prepared.image, prepared.affine
         labels = segment(self.predictor.model, image, self.predictor.roi_size, self.predictor.infer)
         self._last = (key, labels, np.asarray(affine, float))

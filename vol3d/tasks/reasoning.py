@@ -187,8 +187,8 @@ class Measurement:
     text: str  # the answer sentence
 
 
-def _instances(perceived: Perceived, finding: str) -> list[Region]:
-    """A finding's instances, largest (box volume) first."""
+def instances(perceived: Perceived, finding: str) -> list[Region]:
+    """A finding's instances, largest (box volume) first: "the largest" of every answer and report."""
     return sorted((r for r in perceived.findings if r.name == finding), key=lambda r: -float(np.prod(r.size_mm)))
 
 
@@ -203,7 +203,7 @@ def measure(query: Query, perceived: Perceived, vocab: Mapping[str, Any] | None,
     vocab = as_vocab(vocab)
     if query.finding is not None:
         spec = vocab[query.finding]
-        found = _instances(perceived, query.finding)
+        found = instances(perceived, query.finding)
         if not found:
             return Measurement(query, None, [], f"No {spec.text} is seen, so there is nothing to measure.")
         big = found[0]
@@ -318,7 +318,7 @@ def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
     organ_label = _organ_label(spec.organ, organs)
     steps: list[Step] = []
     if spec.countable:
-        found = _instances(perceived, finding)
+        found = instances(perceived, finding)
         homes = list(dict.fromkeys(r.organ for r in found if r.organ)) or [organ_label]
         steps += [s for s in (_organ_step(perceived, o) for o in homes) if s is not None]
         if not found:
@@ -390,6 +390,6 @@ def _verdict(criterion: Criterion, value: float, holds: bool, region: Region) ->
 
 __all__ = [
     "PERCEPTION_TASKS", "QUERY_UNITS", "QUESTION_TEMPLATES", "Chain", "Measurement", "Query", "Step", "centre_mm",
-    "criterion_value", "measure", "measured_organs", "organ_named", "parse_question", "reason",
+    "criterion_value", "instances", "measure", "measured_organs", "organ_named", "parse_question", "reason",
     "truth_queries",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.mentions import finding_mentions
+from vol3d.tasks.reasoning import instances
 from vol3d.tasks.regions import Perceived, organ_text, size_triple
 
 _REQUEST = re.compile(r"\b(?:report|findings|impression)\b", re.I)
@@ -40,7 +41,7 @@ def perceived_present(perceived: Perceived, vocab: Mapping[str, Any] | None, thr
 def finding_sentence(name: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str:
     """One report sentence for a perceived finding, from its regions: count, largest size, organ."""
     spec = as_vocab(vocab)[name]
-    found = sorted((r for r in perceived.findings if r.name == name), key=lambda r: -float(sum(r.size_mm)))
+    found = instances(perceived, name)
     if not found:
         return f"{spec.text[:1].upper()}{spec.text[1:]} is present."
     long, short, _ = size_triple(found[0].size_mm)
