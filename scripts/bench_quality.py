@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -105,30 +104,13 @@ def seconds_per_step(opts: demo.DemoOptions, paths: demo.DemoPaths, steps: int =
 
 
 def train_within(opts: demo.DemoOptions, paths: demo.DemoPaths, seconds: float) -> tuple[int, bool]:
-    """Train ``opts.steps`` steps or until ``seconds`` pass (Ctrl-C semantics: the last step is saved).
-
-    Returns the step reached and whether the budget stopped training.
-    """
-    from vol3d.train.loop import TrainingInterrupted
-    from vol3d.train.run import train
+    """Train ``opts.steps`` steps or until ``seconds`` pass (the last step is saved): the step reached and
+    whether the budget stopped training."""
+    from vol3d.train.run import train_within as train_for
 
     if paths.run.exists():
         shutil.rmtree(paths.run)
-    cfg = demo.train_config(opts, paths)
-
-    def stop(signum, frame):  # the loop turns KeyboardInterrupt into a checkpoint + TrainingInterrupted
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
-    try:
-        result = train(cfg)
-        return result.step, False
-    except TrainingInterrupted as exc:
-        return exc.step, True
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return train_for(demo.train_config(opts, paths), seconds)
 
 
 def closed_by_type(results: dict) -> str:

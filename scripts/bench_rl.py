@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -49,8 +48,7 @@ def run_arm(arm: str, out: Path, seconds: float) -> dict:
     """Fine-tune ``out/run`` with the arm's preset until ``seconds`` pass; the step reached."""
     from preprocess.config_io import load_yaml
     from vol3d.train.config import TrainConfig
-    from vol3d.train.loop import TrainingInterrupted
-    from vol3d.train.run import train
+    from vol3d.train.run import train_within
 
     preset = ROOT / "configs" / "finetune" / ("report.yaml" if arm == "sft" else "grpo.yaml")
     cfg = load_yaml(TrainConfig, preset)
@@ -61,19 +59,8 @@ def run_arm(arm: str, out: Path, seconds: float) -> dict:
                               optim=dataclasses.replace(cfg.optim, min_lr_ratio=1.0),
                               data=dataclasses.replace(cfg.data, cache_dir=str(out / "cache"), num_workers=0))
 
-    def stop(signum, frame):  # the loop turns KeyboardInterrupt into a checkpoint + TrainingInterrupted
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
     t0 = time.perf_counter()
-    try:
-        step = train(cfg).step
-    except TrainingInterrupted as exc:
-        step = exc.step
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    step, _ = train_within(cfg, seconds)
     return {"run": str(run), "steps": step, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -217,6 +217,28 @@ def check_heads(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} > 0 but the model has no such head; set {fix} or the weight to 0")
 
 
+def train_within(cfg: TrainConfig, seconds: float) -> tuple[int, bool]:
+    """:func:`train` until ``cfg.max_steps`` or until ``seconds`` of wall clock pass, whichever is first
+    (then as after Ctrl-C: the last step is checkpointed and the model saved). Returns the step reached
+    and whether the clock stopped it. Main thread only (SIGALRM)."""
+    import signal
+
+    from vol3d.train.loop import TrainingInterrupted
+
+    def stop(signum: int, frame: Any) -> None:  # the loop turns KeyboardInterrupt into a checkpoint
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        return train(cfg).step, False
+    except TrainingInterrupted as exc:
+        return exc.step, True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
     """Run (or resume) training as configured; returns the final step and metrics."""
     from vol3d.tasks import CodeVocab

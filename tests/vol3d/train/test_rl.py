@@ -135,3 +135,24 @@ def test_a_finetune_keeps_the_init_architecture_and_switches_on_its_own_freezing
         assert any(p.requires_grad for p in tuned.lm.parameters())
         tuned.train()
         assert not tuned.encoder.training  # batch-norm statistics stay too
+
+
+def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from vol3d.train import run as run_module
+    from vol3d.train.loop import TrainingInterrupted
+
+    def slow(cfg):  # a training that would go on: the loop turns Ctrl-C into a checkpoint at step 7
+        try:
+            time.sleep(30)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(tmp_path, 7) from None
+        return SimpleNamespace(step=100)
+
+    monkeypatch.setattr(run_module, "train", slow)
+    t0 = time.perf_counter()
+    assert run_module.train_within(TrainConfig(), 1.0) == (7, True) and time.perf_counter() - t0 < 10
+    monkeypatch.setattr(run_module, "train", lambda cfg: SimpleNamespace(step=3))
+    assert run_module.train_within(TrainConfig(), 5.0) == (3, False)
