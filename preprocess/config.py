@@ -28,7 +28,7 @@ _UNHASHED_INGEST = frozenset({"max_archive_bytes", "max_archive_ratio", "max_arc
 #: Fields added after caches existed, with their default: hashed only when set otherwise, so a cache
 #: made before the field existed keeps its hash (and is not prepared again).
 _HASHED_WHEN_SET = {"mr_normalisation": "percentile", "mr_zscore_clip": 5.0, "mr_bias_correction": False}
-_HASHED_WHEN_SET_INGEST = {"parrec_scaling": "dv"}
+_HASHED_WHEN_SET_INGEST: dict[str, Any] = {"parrec_scaling": "dv", "series_include": []}
 
 
 @dataclasses.dataclass

@@ -37,6 +37,10 @@ class IngestConfig:
     max_archive_depth: int = 3
     # Largest volume (voxels) a header may announce; bigger ones fail before any allocation.
     max_voxels: int = 1 << 30
+    # Keep only the DICOM series whose SeriesDescription, ProtocolName or SequenceName matches one of these
+    # case-insensitive glob patterns (e.g. ["*t1*", "*flair*"] for a T1/FLAIR cohort); others are skipped
+    # NOT_SELECTED. Empty: every series.
+    series_include: tuple[str, ...] = ()
     # Philips PAR/REC intensities: "dv" the values the scanner console displays (nibabel's default), "fp"
     # the floating-point values (comparable across scans, e.g. for quantitative maps).
     parrec_scaling: Literal["dv", "fp"] = "dv"
@@ -56,4 +60,5 @@ class IngestConfig:
         if self.parrec_scaling not in ("dv", "fp"):
             raise ConfigError(f"ingest.parrec_scaling must be 'dv' or 'fp', got {self.parrec_scaling!r}")
         self.modalities = tuple(m.upper() for m in self.modalities)
+        self.series_include = tuple(str(p) for p in self.series_include)
         self.exclude = tuple(self.exclude)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import os
 import struct
@@ -42,7 +43,7 @@ HEADER_TAGS = [
     "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
     "RescaleIntercept", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "InstanceNumber",
     "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
-    "PatientName", "PatientBirthDate", "StudyDate",
+    "PatientName", "PatientBirthDate", "StudyDate", "SeriesDescription", "ProtocolName", "SequenceName",
     "DiffusionBValue", "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "AcquisitionNumber",
     0x0019100C,  # Siemens private b-value (older DWI exports)
 ]  # fmt: skip
@@ -195,6 +196,9 @@ class Header:
     thickness: float | None
     slices: list[Slice] = dataclasses.field(default_factory=list)
     volume_values: dict[str, str] = dataclasses.field(default_factory=dict)  # VOLUME_TAGS label -> value
+    # SeriesDescription, ProtocolName, SequenceName: matched by ingest.series_include, never written out
+    # (descriptions can hold identifiers)
+    names: tuple[str, ...] = ()
 
     @property
     def is_localizer(self) -> bool:
@@ -459,6 +463,7 @@ def _parse_header(f: FoundFile, magic: bool, known_dicom: bool) -> Header | Cand
         multiframe_problem="",
         thickness=_float(ds.get("SpacingBetweenSlices"), None) or _float(ds.get("SliceThickness"), None),
         volume_values=_volume_values(ds),
+        names=tuple(str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName")),
     )
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         frames, h.multiframe_problem = _frames(ds, n_frames)
@@ -609,6 +614,11 @@ def _classify_bundle(hs: list[Header], cfg: IngestConfig) -> list[Candidate]:
         ]
     if first.is_localizer:
         return [_skip(hs, reasons.LOCALIZER, f"{where} is a localizer (ImageType LOCALIZER); not a volume.")]
+    if cfg.series_include and not any(fnmatch.fnmatch(name.lower(), pattern.lower())
+                                      for name in first.names if name for pattern in cfg.series_include):
+        return [_skip(hs, reasons.NOT_SELECTED,
+                      f"{where}: its series description, protocol and sequence name match none of "
+                      f"ingest.series_include {list(cfg.series_include)}; to include it, add a pattern that does.")]
     if cfg.skip_derived and first.is_derived:
         return [
             _skip(

@@ -461,3 +461,18 @@ def test_copies_at_the_same_positions_without_a_volume_tag_still_fail(tmp_path):
     _write(tmp_path / "s", _volume(seed=2), study=study, series_uid=uid, file_prefix="B_")
     c = _only(scan(tmp_path, CFG), "failed")
     assert c.reason == reasons.DUPLICATE_SLICES
+
+
+def test_series_are_selected_by_description_protocol_or_sequence(tmp_path):
+    """An MR study of T1, T2 and FLAIR series: ingest.series_include keeps the ones a cohort wants; the
+    others are skipped NOT_SELECTED, and the row does not repeat the description (it may hold identifiers)."""
+    study = _study()
+    for k, desc in enumerate(("T1 MPRAGE SAG", "t2_tse_tra", "FLAIR AX DOE")):
+        _write(tmp_path / f"SE{k}", _volume(k), study=study, series_description=desc, modality="MR",
+               series_number=k + 1)
+    rows = {c.source[0].split("/")[0]: c for c in scan(tmp_path, IngestConfig(series_include=("*t1*", "*flair*")))
+            if c.kind == "dicom"}
+    assert {k: (c.status, c.reason) for k, c in rows.items()} == {
+        "SE0": ("ok", ""), "SE1": ("skipped", reasons.NOT_SELECTED), "SE2": ("ok", "")}
+    assert "t2_tse" not in rows["SE1"].detail and "series_include ['*t1*', '*flair*']" in rows["SE1"].detail
+    assert all(c.status == "ok" for c in scan(tmp_path, CFG) if c.kind == "dicom")  # no patterns: every series
