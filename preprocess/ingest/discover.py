@@ -362,9 +362,8 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
                     queue.append((target, f.rel + "!/", None, depth + 1))
             elif low == "dicomdir":
                 inv.dicomdirs.append(f)
-            elif not_volume(name) is not None:
-                inv.rows.append(file_row(f, "skipped", reasons.NOT_IMAGE,
-                                         f"{f.rel} is {not_volume(name)}, not an image volume."))
+            elif (what := not_volume(name)) is not None:
+                inv.rows.append(file_row(f, "skipped", reasons.NOT_IMAGE, f"{f.rel} is {what}, not an image volume."))
             elif kind is not None:
                 inv.volumes.append((f, kind[0]))
             elif low.endswith(".dcm") or low.endswith(".dicom") or low.endswith(".ima"):

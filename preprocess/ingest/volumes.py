@@ -252,10 +252,11 @@ def volume_candidates(
 def _is_nifti_pair(path: Path) -> bool:
     """A ``.hdr`` that is a NIfTI pair header (magic ``ni1``/``ni2``) rather than Analyze 7.5."""
     try:
-        head = path.read_bytes()[:544]
+        with open(path, "rb") as fh:
+            head = fh.read(348)
     except OSError:
         return False
-    return head[344:347] == b"ni1" or head[4:7] == b"ni2"
+    return head[344:347] == b"ni1" or head[4:7] == b"ni2"  # NIfTI-1 magic at 344, NIfTI-2 at 4
 
 
 def load_volume(c: Candidate) -> Image:

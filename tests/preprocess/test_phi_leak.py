@@ -175,6 +175,32 @@ def test_failure_details_and_logs_hold_no_identifier_or_path(broken_run):
     assert b"failed: LABEL_MISMATCH the label map joined to h_" in proc.stderr  # the log did report it
 
 
+def test_series_left_out_by_their_description_leave_no_identifier(run, tmp_path):
+    """ingest.series_include reads SeriesDescription/ProtocolName/SequenceName (which can hold a name, as
+    the synthetic descriptions do: they are among its identifiers); the NOT_SELECTED rows, the manifest,
+    the cache's files and names and the log never repeat them."""
+    truth, out, _ = run
+    export, cache = out.parent / "export", tmp_path / "selected"
+    descriptions = {d for c in truth["cases"] for d in c["phi"]["SeriesDescriptions"]}
+    assert descriptions and descriptions <= set(truth["phi_strings"])
+    cmd = [sys.executable, "-m", "vol3d.cli", "-v", "preprocess", str(export / "dicom"), "--out", str(cache),
+           "--preset", "tiny", "--workers", "1", "--no-progress", "--ingest.series-include", "*no such sequence*"]
+    env = {**os.environ, "VOL3D_ID_KEY": "fedcba9876543210" * 4}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    selected_out = [r for r in rows if r["reason"] == "NOT_SELECTED"]
+    assert proc.returncode == 0 and selected_out and not [r for r in rows if r["status"] == "ok"], proc.stderr[-2000:]
+    needles = _needles(truth)
+    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
+    for p in cache.rglob("*"):
+        rel = p.relative_to(cache).as_posix()
+        haystacks.append((f"file name {rel}", rel.encode()))
+        if p.is_file():
+            haystacks.append((rel, p.read_bytes()))
+    leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
+    assert not leaks, f"identifiers found: {leaks[:10]}"
+
+
 def test_absolute_paths_with_spaces_are_removed_whole():
     """Hospital folders are named 'DOE JOHN': the path pattern must not stop at the space."""
     from preprocess.sanitise import Sanitiser

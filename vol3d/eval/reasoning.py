@@ -182,8 +182,7 @@ def score_measure(items: Sequence[MeasureItem], bootstrap: int = 1000, seed: int
     if bootstrap and items:
         stat = lambda its: _mae([i for i in its if i.query.unit == "mm"])  # noqa: E731
         out["mae_mm_ci"] = bootstrap_ci(_groups(items), stat, bootstrap, seed)
-        big_stat = lambda its: _within([i for i in its if i in big])  # noqa: E731
-        out["lesions_ge10mm"]["within10_ci"] = bootstrap_ci(_groups(big), big_stat, bootstrap, seed)
+        out["lesions_ge10mm"]["within10_ci"] = bootstrap_ci(_groups(big), _within, bootstrap, seed)
     return out
 
 

@@ -700,8 +700,8 @@ class Vol3DModel(nn.Module):
         if perceived and self.config.reports_from_perception and not raw and not isinstance(prompts, torch.Tensor):
             from vol3d.tasks.reports import is_report_request, reconcile_report
 
-            asked = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts)
-            texts = [reconcile_report(t, p, self.vocab) if is_report_request(q) else t
+            asked, vocab = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts), self.vocab
+            texts = [reconcile_report(t, p, vocab) if is_report_request(q) else t
                      for t, p, q in zip(texts, perceived, asked, strict=True)]
         return (texts, perceived) if return_perceived else texts
 

@@ -241,11 +241,22 @@ def test_generated_yes_no_and_counts_agree_with_the_digest(model):
     assert [a.strip() for a in plain] == [first("yes"), "5", first("yes")]
 
 
-def test_a_generated_report_asserts_exactly_what_was_perceived(model):
+def test_a_generated_report_asserts_exactly_what_was_perceived(model, monkeypatch):
     """Whatever the LM writes, the report it returns names the findings its perception found and no
     others (vol3d.tasks.reports); raw=True returns the LM's own text untouched."""
+    from vol3d.tasks import reports
     from vol3d.tasks.mentions import extract_findings
     from vol3d.tasks.reports import perceived_present
+
+    # only report requests are reconciled, with the regions of their own volume
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(reports, "reconcile_report", lambda t, p, v: seen.append((t, len(p.findings))) or "RECONCILED")
+    volume = make_case(3)["image"][None].expand(2, -1, -1, -1, -1)
+    out, found = model.generate(volume, ["Write the findings for this CT.", "Is there a liver lesion?"],
+                                max_new_tokens=4, return_perceived=True)
+    assert out[0] == "RECONCILED" and out[1] != "RECONCILED" and seen == [(seen[0][0], len(found[0].findings))]
+    assert model.generate(volume[:1], ["Write the findings for this CT."], max_new_tokens=4, raw=True)[0] != "RECONCILED"
+    monkeypatch.undo()
 
     for seed in (3, 4):
         case = make_case(seed)
