@@ -1,4 +1,4 @@
-"""`vol3d synth`: write a synthetic hospital export (DICOM/NIfTI CT with reports, EHR codes, masks, boxes)"""
+"""`vol3d synth`: write a synthetic hospital export (DICOM/NIfTI CT or MR with reports, EHR codes, masks, boxes)"""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = "write a synthetic hospital export (DICOM/NIfTI CT with reports, EHR codes, masks, boxes)"
-DESCRIPTION = """Write a deterministic synthetic hospital export: CT DICOM series (with scouts,
-feet-first and non-axial acquisitions), some NIfTI cases, organ/lesion masks, finding
-boxes in world mm, radiology reports by AccessionNumber and ICD-10 codes by PatientID.
-The layout is described in docs/formats.md (section 1) and docs/synth.md.
+HELP = "write a synthetic hospital export (DICOM/NIfTI CT or MR with reports, EHR codes, masks, boxes)"
+DESCRIPTION = """Write a deterministic synthetic hospital export: CT DICOM series of a chest/abdomen
+(with scouts, feet-first and non-axial acquisitions) or, with --modality mr, brain MR studies
+(T1, T2 and FLAIR with MR tags, per-series scale and coil bias), some NIfTI cases, organ/lesion
+masks, finding boxes in world mm, radiology reports by AccessionNumber and ICD-10 codes by
+PatientID. The layout is described in docs/formats.md (section 1) and docs/synth.md.
 
-example: vol3d synth /tmp/export --cases 20 --seed 0 --size small"""
+example: vol3d synth /tmp/export --cases 20 --seed 0 --size small
+         vol3d synth /tmp/export_mr --cases 20 --modality mr --size small"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

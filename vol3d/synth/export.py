@@ -22,10 +22,13 @@ import numpy as np
 from preprocess.errors import ConfigError
 from preprocess.geometry import affine_from_dicom, box_corners, boxes_voxel_to_world, mask_to_box
 from preprocess.ingest.discover import IGNORE_FILE
+from vol3d.synth import brain
 from vol3d.synth import phantom as ph
-from vol3d.synth.reports import FINDINGS, finding_sizes, patient_codes, write_report
+from vol3d.synth import reports as abdomen_reports
+from vol3d.synth.reports import finding_sizes, patient_codes
 
 Modality = Literal["ct", "mr"]
+AnatomyName = Literal["abdomen", "brain"]
 
 
 @dataclasses.dataclass
@@ -36,8 +39,10 @@ class SynthConfig:
     seed: int = 0
     # "realistic": 384-512 matrix, 0.6-0.9 mm pixels, 1-5 mm slices; "small": ~64-96 voxels at 4-6 mm.
     size: Literal["small", "realistic"] = "realistic"
-    # Image modality: CT (HU) or MR (T1-like arbitrary units).
+    # Image modality: CT (HU) or MR (arbitrary units, T1/T2/FLAIR of the head; T1 of the abdomen).
     modality: Modality = "ct"
+    # Anatomy: "abdomen" (chest/abdomen) or "brain" (head); null: abdomen for CT, brain for MR.
+    anatomy: AnatomyName | None = None
     # Fraction of cases exported as NIfTI (with a JSON sidecar) instead of DICOM.
     nifti_fraction: float = 0.2
     # Worker processes; 0 means one per CPU core (at most 8).
@@ -52,6 +57,10 @@ class SynthConfig:
             raise ConfigError(f"synth.size must be 'small' or 'realistic', got {self.size!r}")
         if self.modality not in ("ct", "mr"):
             raise ConfigError(f"synth.modality must be 'ct' or 'mr', got {self.modality!r}")
+        if self.anatomy is None:
+            self.anatomy = "brain" if self.modality == "mr" else "abdomen"
+        if self.anatomy not in ANATOMIES:
+            raise ConfigError(f"synth.anatomy must be one of {sorted(ANATOMIES)}, got {self.anatomy!r}")
         if self.workers < 0:
             raise ConfigError(f"synth.workers must be >= 0, got {self.workers}")
 
@@ -71,6 +80,9 @@ class SizePreset:
     blur_sigma: float  # in-plane partial-volume blur (voxels)
     scout_spacing: float  # scout pixel size (mm)
     nifti_ext: str  # ".nii" at realistic size: gzip of a noisy 100 MB volume costs seconds
+    # MR head: slice spacing (mm) and in-plane matrices of the 2D T2 and FLAIR series (the T1 uses the above)
+    sequence_steps: tuple[float, ...] = ()
+    sequence_matrices: tuple[int, ...] = ()
 
 
 PRESETS: dict[str, SizePreset] = {
@@ -102,6 +114,88 @@ PRESETS: dict[str, SizePreset] = {
     ),
 }
 
+#: Size presets of the head: a 3D T1 (near-isotropic) plus thick-slice 2D T2 and FLAIR.
+BRAIN_PRESETS: dict[str, SizePreset] = {
+    "realistic": SizePreset(
+        matrices=(256, 256, 240),
+        pixel_spacing=(0.9, 1.0),
+        slice_steps=(1.0, 1.0, 1.2),
+        coronal_steps=(1.0, 1.2),
+        max_slices=224,
+        min_lesion_mm=5.0,
+        recon_step=0.0,
+        noise_sd=12.0,
+        blur_sigma=0.6,
+        scout_spacing=1.0,
+        nifti_ext=".nii",
+        sequence_steps=(3.0, 4.0, 5.0),
+        sequence_matrices=(384, 448, 512),
+    ),
+    "small": SizePreset(
+        matrices=(64, 72, 80),
+        pixel_spacing=(2.6, 3.6),
+        slice_steps=(3.0, 3.5, 4.0),
+        coronal_steps=(3.0, 4.0),
+        max_slices=72,
+        min_lesion_mm=9.0,
+        recon_step=0.0,
+        noise_sd=8.0,
+        blur_sigma=0.5,
+        scout_spacing=3.0,
+        nifti_ext=".nii.gz",
+        sequence_steps=(5.0, 6.0),
+        sequence_matrices=(64, 72, 80),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnatomyKind:
+    """What differs between the synthetic anatomies: tables, patient model, sizes, reports, wording."""
+
+    atlas: ph.Atlas
+    sample: Callable[[np.random.Generator, Sequence[str]], ph.Anatomy]
+    write_report: Callable[[Sequence[dict], np.random.Generator], tuple[str, str]]
+    presets: dict[str, SizePreset]
+    planes: dict[str, float]  # share of studies acquired in each plane of the primary series
+    study_descriptions: dict[str, tuple[str, ...]]  # by modality
+    body_part: str
+
+
+def _sample_abdomen(rng: np.random.Generator, kinds: Sequence[str]) -> ph.Anatomy:
+    return ph.sample_anatomy(rng, spleen_scale=rng.uniform(1.45, 1.7) if "splenomegaly" in kinds else 1.0)
+
+
+ANATOMIES: dict[str, AnatomyKind] = {
+    "abdomen": AnatomyKind(
+        ph.ABDOMEN, _sample_abdomen, abdomen_reports.write_report, PRESETS,
+        {"axial": 0.5, "axial_ffs": 0.2, "coronal": 0.15, "oblique": 0.15},
+        {"CT": ("CT CHEST ABDOMEN W CONTRAST", "CT ABD/PELVIS WITH IV CONTRAST", "CT TORSO PORTAL VENOUS"),
+         "MR": ("MR ABDOMEN W/WO CONTRAST", "MRI LIVER PROTOCOL")},
+        "ABDOMEN",
+    ),
+    "brain": AnatomyKind(
+        brain.ATLAS, brain.sample_anatomy, brain.write_report, BRAIN_PRESETS,
+        {"axial": 0.45, "sagittal": 0.25, "coronal": 0.1, "oblique": 0.2},
+        {"CT": ("CT HEAD WITHOUT CONTRAST", "CT BRAIN"),
+         "MR": ("MRI BRAIN W/WO CONTRAST", "MR HEAD WITHOUT CONTRAST", "MRI BRAIN PROTOCOL")},
+        "HEAD",
+    ),
+}  # fmt: skip
+
+#: MR sequences of a head study and the DICOM tags a scanner writes for each (TR/TE/TI in ms).
+MR_SEQUENCES: dict[str, dict[str, object]] = {
+    "T1": {"ScanningSequence": ["GR", "IR"], "SequenceVariant": ["SP", "MP"], "ScanOptions": "IR",
+           "MRAcquisitionType": "3D", "SequenceName": "*tfl3d1_16ns", "RepetitionTime": "2300",
+           "EchoTime": "2.98", "InversionTime": "900", "FlipAngle": "9", "EchoTrainLength": 1},
+    "T2": {"ScanningSequence": "SE", "SequenceVariant": ["SK", "SP"], "ScanOptions": "",
+           "MRAcquisitionType": "2D", "SequenceName": "*tse2d1_15", "RepetitionTime": "5000",
+           "EchoTime": "95", "FlipAngle": "150", "EchoTrainLength": 15},
+    "FLAIR": {"ScanningSequence": ["SE", "IR"], "SequenceVariant": ["SK", "SP", "MP"], "ScanOptions": "IR",
+              "MRAcquisitionType": "2D", "SequenceName": "*tir2d1_21", "RepetitionTime": "9000",
+              "EchoTime": "85", "InversionTime": "2500", "FlipAngle": "150", "EchoTrainLength": 21},
+}  # fmt: skip
+
 _FIRST = (
     "JANE",
     "JOHN",
@@ -128,8 +222,6 @@ _LAST = (
     "LINDQVIST",
     "TANAKA",
 )
-_STUDY_DESC = ("CT CHEST ABDOMEN W CONTRAST", "CT ABD/PELVIS WITH IV CONTRAST", "CT TORSO PORTAL VENOUS")
-_MR_STUDY_DESC = ("MR ABDOMEN W/WO CONTRAST", "MRI LIVER PROTOCOL")
 
 
 # ----------------------------------------------------------------------------- acquisitions
@@ -216,13 +308,21 @@ def fit_grid(
 
 
 def plan_primary(
-    rng: np.random.Generator, anatomy: ph.Anatomy, preset: SizePreset, plane: str
+    rng: np.random.Generator,
+    anatomy: ph.Anatomy,
+    preset: SizePreset,
+    plane: str,
+    step: float | None = None,
+    matrices: Sequence[int] = (),
 ) -> Acquisition:
-    """Draw the main volume's grid: covers the body and ``anatomy.z_cover``, up to the lungs if slices allow."""
+    """Draw a volume's grid: covers the body and ``anatomy.z_cover``, up to the lungs (or the vertex)
+    if slices allow. ``step`` and ``matrices`` replace the preset's (the head's 2D T2/FLAIR series)."""
     body_lo, body_hi = anatomy.body.world_bounds()
     margin = 12.0
     z_lo = anatomy.z_cover[0]
-    if plane == "coronal":
+    if step is not None:
+        step = float(step)
+    elif plane in ("coronal", "sagittal"):
         step = float(rng.choice(preset.coronal_steps))
     else:
         step = float(rng.choice(preset.slice_steps))
@@ -232,10 +332,14 @@ def plan_primary(
     lo = np.array([body_lo[0] - margin, body_lo[1] - margin, z_lo])
     hi = np.array([body_hi[0] + margin, body_hi[1] + margin, z_hi])
     corners = _ras_box_corners_lps(lo, hi)
-    n = int(rng.choice(preset.matrices))
-    need = (hi[0] - lo[0]) / n
+    n = int(rng.choice(matrices or preset.matrices))
+    need = (hi[1] - lo[1] if plane == "sagittal" else hi[0] - lo[0]) / n
     p_lo, p_hi = preset.pixel_spacing
+    if matrices:  # a finer in-plane matrix than the preset's pixel range assumes
+        p_lo, p_hi = p_lo * preset.matrices[0] / max(matrices), p_hi
     ps = float(np.round(np.clip(rng.uniform(need, need + 0.1 * p_lo), p_lo, p_hi), 3))
+    if plane == "sagittal":  # rows run anterior -> posterior, columns head -> feet; slices right -> left
+        return fit_grid(plane, (0, 1, 0), (0, 0, -1), (ps, ps, step), corners, (n, None, None))
     if plane == "coronal":
         return fit_grid(plane, (1, 0, 0), (0, 0, -1), (ps, ps, step), corners, (n, None, None))
     if plane == "oblique":
@@ -274,7 +378,7 @@ def plan_scout(anatomy: ph.Anatomy, spacing: float) -> tuple[Acquisition, Acquis
 class SeriesPlan:
     """One series (or NIfTI file) of a study, and what a correct ingest does with it."""
 
-    role: str  # volume | second_recon | localizer
+    role: str  # volume | second_recon | sequence (another MR sequence of the study) | localizer
     acq: Acquisition
     uid: str
     number: int
@@ -284,6 +388,9 @@ class SeriesPlan:
     prefix: str  # file name prefix
     extension: str
     descending: bool  # InstanceNumber decreases along the stacking order
+    contrast: str = "CT"  # "CT", or the MR sequence ("T1", "T2", "FLAIR")
+    gain: float = 1.0  # MR: the series' arbitrary intensity scale
+    bias: tuple[float, ...] = ()  # MR: coil bias field coefficients (see _bias_field); () none
 
 
 @dataclasses.dataclass
@@ -355,12 +462,17 @@ def _patient(rng: np.random.Generator, number: int) -> dict[str, str]:
 def _findings(
     rng: np.random.Generator, anatomy: ph.Anatomy, kinds: Sequence[str], min_mm: float
 ) -> list[ph.Finding]:
+    atlas = anatomy.atlas
     out: list[ph.Finding] = []
     for kind in kinds:
-        if kind == "splenomegaly":
-            out.append(ph.Finding("splenomegaly", "spleen", None))
+        spec = atlas.findings[kind]
+        if not atlas.vocab_findings[kind].get("countable", True):  # a condition: the organ itself
+            out.append(ph.Finding(kind, spec["organs"][0], None))
             continue
-        count = {"kidney_cyst": int(rng.choice([1, 1, 2]))}.get(kind, int(rng.choice([1, 1, 1, 2, 3])))
+        if atlas is ph.ABDOMEN:  # the draws of earlier versions, so a seed writes the same abdomen data
+            count = {"kidney_cyst": int(rng.choice([1, 1, 2]))}.get(kind, int(rng.choice([1, 1, 1, 2, 3])))
+        else:
+            count = int(rng.choice(spec["counts"]))
         for _ in range(count):
             f = ph.sample_lesion(rng, anatomy, kind, min_mm, avoid=out)
             if f is not None:
@@ -372,10 +484,12 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
     """Draw every case (cheap: no pixels). Variants are spread so that few cases show them all."""
     rng = np.random.default_rng([cfg.seed, 0])
     n = cfg.cases
-    preset = PRESETS[cfg.size]
+    kind = ANATOMIES[cfg.anatomy or "abdomen"]
+    atlas = kind.atlas
+    preset = kind.presets[cfg.size]
     modality = cfg.modality.upper()
     nifti = _spread(rng, n, cfg.nifti_fraction)
-    planes = _categorical(rng, n, {"axial": 0.5, "axial_ffs": 0.2, "coronal": 0.15, "oblique": 0.15})
+    planes = _categorical(rng, n, kind.planes)
     normal = _spread(rng, n, 0.35)
     follow = _spread(rng, n, 0.15)
     follow[0] = False
@@ -413,13 +527,10 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
             kinds: list[str] = []
             if not normal[i]:
                 n_kinds = int(crng.choice([1, 1, 1, 2, 2, 3]))
-                kinds = [
-                    str(k)
-                    for k in crng.choice(list(FINDINGS), n_kinds, replace=False, p=[0.35, 0.3, 0.2, 0.15])
-                ]
-            anatomy = ph.sample_anatomy(
-                crng, spleen_scale=crng.uniform(1.45, 1.7) if "splenomegaly" in kinds else 1.0
-            )
+                names = list(atlas.findings)
+                weights = [atlas.findings[k]["probability"] for k in names]
+                kinds = [str(k) for k in crng.choice(names, n_kinds, replace=False, p=weights)]
+            anatomy = kind.sample(crng, kinds)
             findings = _findings(crng, anatomy, kinds, preset.min_lesion_mm)
             patient = _patient(crng, int(mrns[i]))
             follow_up_of = None
@@ -431,21 +542,29 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
             "AccessionNumber": f"ACC{year}{acc0 + i:04d}",
             "StudyDate": f"{year}{int(crng.integers(1, 13)):02d}{int(crng.integers(1, 29)):02d}",
             "StudyTime": f"{int(crng.integers(7, 19)):02d}{int(crng.integers(0, 60)):02d}00",
-            "StudyDescription": str(crng.choice(_STUDY_DESC if modality == "CT" else _MR_STUDY_DESC)),
+            "StudyDescription": str(crng.choice(kind.study_descriptions[modality])),
             "StudyID": str(int(crng.integers(1000, 9999))),
             "ReferringPhysicianName": f"{crng.choice(_LAST)}^{crng.choice(_FIRST)}^^DR",
         }
         fmt = "nifti" if nifti[i] else "dicom"
         primary = plan_primary(crng, anatomy, preset, planes[i])
+        if modality == "MR" and atlas.name == "brain":
+            study["MagneticFieldStrength"] = str(crng.choice(["1.5", "3"]))
         ext = "" if flags["noext"][i] else ".dcm"
         study_dir = f"dicom/ST{i + 1:04d}"
         thk = primary.step
         kernel = "B30f" if crng.uniform() < 0.5 else "STANDARD"
-        desc = {"axial": f"AX {thk:g}mm {kernel}", "coronal": f"COR {thk:g}mm", "oblique": f"OBL {thk:g}mm"}[
+        desc = {"axial": f"AX {thk:g}mm {kernel}", "coronal": f"COR {thk:g}mm", "oblique": f"OBL {thk:g}mm",
+                "sagittal": f"SAG {thk:g}mm"}[
             primary.plane
         ]
-        if modality == "MR":
+        head_mr = modality == "MR" and atlas.name == "brain"
+        if head_mr:
+            desc = f"T1 MPRAGE {primary.plane.upper()[:3]}"
+        elif modality == "MR":
             desc = f"T1 VIBE {primary.plane.upper()} POST"
+        if atlas.name == "brain" and modality == "CT":
+            desc = f"HEAD {thk:g}mm {'H30s' if kernel == 'B30f' else 'STANDARD'}"
         number = 2 if flags["scout"][i] and not flags["shared"][i] else 1
 
         def series_dir(num: int, flat: bool = bool(flags["flat"][i]), root: str = study_dir) -> str:
@@ -464,8 +583,29 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
                 f"IM{number:02d}_" if flags["flat"][i] else "IM",
                 ext,
                 bool(flags["desc"][i]),
+                contrast="T1" if modality == "MR" else "CT",
+                **(_mr_intensity(crng) if head_mr else {}),
             )
         ]
+        if head_mr:  # 2D T2 and FLAIR of the same head, axial (or tilted with an oblique T1), thick slices
+            for contrast in ("T2", "FLAIR"):
+                num = series[-1].number + 1
+                acq = plan_primary(crng, anatomy, preset, "oblique" if primary.plane == "oblique" else "axial",
+                                   step=float(crng.choice(preset.sequence_steps)), matrices=preset.sequence_matrices)
+                series.append(SeriesPlan(
+                    "sequence",
+                    acq,
+                    _uid(cfg.seed, i, "series", contrast),
+                    num,
+                    f"{contrast} {'TSE' if contrast == 'T2' else 'TIRM'} {acq.plane.upper()[:3]}",
+                    acq.step,
+                    series_dir(num) if fmt == "dicom" else "nifti",
+                    f"IM{num:02d}_" if flags["flat"][i] else "IM",
+                    ext,
+                    bool(flags["desc"][i]),
+                    contrast=contrast,
+                    **_mr_intensity(crng),
+                ))  # fmt: skip
         if flags["recon"][i] and primary.step < preset.recon_step:
             recon = plan_recon(primary, preset.recon_step)
             num = number + 1
@@ -481,6 +621,7 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
                     f"IM{num:02d}_" if flags["flat"][i] else "IM",
                     ext,
                     bool(flags["desc"][i]),
+                    contrast=series[0].contrast,
                 )
             )
         if flags["scout"][i]:
@@ -498,6 +639,7 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
                     "SC",
                     ext,
                     False,
+                    contrast="CT" if modality == "CT" else "T1",
                 )
             )
         plans.append(
@@ -548,25 +690,50 @@ def _noise_slab(rng: np.random.Generator, nx: int, ny: int, sd: float, depth: in
     return np.asfortranarray(slab * np.float32(sd / max(float(slab.std()), 1e-6)))
 
 
+def _mr_intensity(rng: np.random.Generator) -> dict[str, object]:
+    """An MR series' arbitrary scale and coil bias: ``{"gain": g, "bias": (9 coefficients)}``.
+
+    Real MR intensities have no unit: each series is scaled by its receiver gain (here 0.4-2.5x),
+    and the coil's sensitivity makes one tissue brighter on one side (a smooth multiplicative field,
+    here exp of a quadratic in world mm / 100: about 0.75-1.35 across a head).
+    """
+    gain = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
+    coeffs = np.concatenate([rng.normal(0.0, 0.12, 3), rng.normal(0.0, 0.06, 6)])
+    return {"gain": round(gain, 4), "bias": tuple(round(float(c), 4) for c in coeffs)}
+
+
+def bias_field(coeffs: Sequence[float], points: np.ndarray, centre: Sequence[float]) -> np.ndarray:
+    """Multiplicative coil bias at world points ``(..., 3)``: ``exp(c . [x, y, z, x², y², z², xy, yz, xz])``
+    in units of 100 mm from ``centre``."""
+    x, y, z = np.moveaxis((np.asarray(points, np.float32) - np.asarray(centre, np.float32)) / 100.0, -1, 0)
+    terms = (x, y, z, x * x, y * y, z * z, x * y, y * z, x * z)
+    return np.exp(sum(np.float32(c) * t for c, t in zip(coeffs, terms, strict=True))).astype(np.float32)
+
+
 def _image(
     plan: CasePlan,
+    s: SeriesPlan,
     acq: Acquisition,
     rendered: tuple[np.ndarray, np.ndarray, dict],
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Final intensities float32 ``(X, Y, Z)`` (Fortran order): tissue means, lesions, blur, noise, range.
 
+    CT: Gaussian noise in HU. MR: the series' coil bias and gain, then Rician noise (the magnitude of
+    a complex signal with Gaussian noise in both parts, so air is not zero).
+
     Works slice by slice so every step runs on cache-sized arrays. Noise comes from one
     small slab of planes reused with random flips per slice: indistinguishable from fresh
     noise for our purposes, and far cheaper than a full-volume random field.
     """
     tissue, instances, windows = rendered
-    ct = plan.modality == "CT"
-    luts = ph.intensity_luts(plan.anatomy, plan.findings, plan.modality)
+    ct = s.contrast == "CT"
+    luts = ph.intensity_luts(plan.anatomy, plan.findings, s.contrast)
     nx, ny, nz = tissue.shape
-    slab = _noise_slab(rng, nx, ny, plan.preset.noise_sd * (1.0 if ct else 2.0))
+    slab = _noise_slab(rng, nx, ny, plan.preset.noise_sd * (1.0 if ct else 2.0 * s.gain))
     pick = rng.integers(0, slab.shape[2], nz)
     flip = rng.integers(0, 4, nz)
+    pick_imag = pick if ct else rng.integers(0, slab.shape[2], nz)  # (CT keeps the draws of earlier versions)
     lo, hi = (-1024.0, 3071.0) if ct else (0.0, 4095.0)
     outside = None
     if plan.padding_hu is not None and acq.plane == "axial":
@@ -574,6 +741,7 @@ def _image(
         i = np.arange(nx) - (nx - 1) / 2
         j = np.arange(ny) - (ny - 1) / 2
         outside = (i[:, None] ** 2 + j[None, :] ** 2) > (min(nx, ny) / 2) ** 2
+    ii, jj = np.meshgrid(np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32), indexing="ij")
     values = np.empty((nx, ny, nz), dtype=np.float32, order="F")
     for k in range(nz):
         plane = _blur_inplane(ph.intensity_slice(k, tissue, instances, windows, luts))
@@ -582,7 +750,16 @@ def _image(
             noise = noise[::-1]
         if flip[k] & 2:
             noise = noise[:, ::-1]
-        plane += noise
+        if ct:
+            plane += noise
+        else:
+            if s.bias:
+                world = np.stack([ii, jj, np.full_like(ii, k)], axis=-1) @ acq.affine[:3, :3].T.astype(np.float32)
+                world += acq.affine[:3, 3].astype(np.float32)
+                plane *= bias_field(s.bias, world, plan.anatomy.body.center)
+            plane *= np.float32(s.gain)
+            imag = slab[:, :, pick_imag[k]][::-1, ::-1]
+            plane = np.sqrt((plane + noise) ** 2 + imag**2)
         np.clip(plane, lo, hi, out=plane)
         if outside is not None:
             plane[outside] = plan.padding_hu
@@ -602,6 +779,11 @@ def _boxes(
         vox = box + np.array([s.start for s in win] * 2, dtype=float)
         out[k] = boxes_voxel_to_world(vox[None], affine)[0]
     return out
+
+
+def _voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel of a grid (mL)."""
+    return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
 
 
 def _liver_lobe(f: ph.Finding, anatomy: ph.Anatomy) -> str:
@@ -624,12 +806,20 @@ def _dicom_tags(plan: CasePlan, s: SeriesPlan) -> dict[str, object]:
         "ReferringPhysicianName": plan.study["ReferringPhysicianName"],
         "InstitutionName": "SYNTHETIC GENERAL HOSPITAL",
         "Manufacturer": "VOL3D SYNTH",
-        "BodyPartExamined": "CHEST" if s.role == "localizer" else "ABDOMEN",
+        "BodyPartExamined": "CHEST" if s.role == "localizer" and plan.anatomy.atlas.name == "abdomen"
+        else ANATOMIES[plan.anatomy.atlas.name].body_part,
     }
     if plan.modality == "CT":
         tags["ConvolutionKernel"] = s.description.split()[-1] if s.role != "localizer" else "T20f"
         if plan.padding_hu is not None and s.role != "localizer":
             tags["PixelPaddingValue"] = int(plan.padding_hu - plan.rescale[1])
+    elif plan.anatomy.atlas.name == "brain":
+        field = plan.study.get("MagneticFieldStrength", "1.5")
+        tags.update(MR_SEQUENCES["T1" if s.role == "localizer" else s.contrast])
+        tags.update(MagneticFieldStrength=field, ImagedNucleus="1H",
+                    ImagingFrequency="123.2" if field == "3" else "63.9")
+        if s.role == "localizer":
+            tags.update(MRAcquisitionType="2D", SequenceName="*fl2d1")
     else:
         tags.update(
             ScanningSequence="GR",
@@ -655,6 +845,8 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
     series_truth, boxes_rows = [], []
     findings_truth: list[dict] = []
     ct = plan.modality == "CT"
+    atlas = plan.anatomy.atlas
+    midline = plan.anatomy.body.center[0]
     for s in plan.series:
         acq = s.acq
         key = s.uid if plan.fmt == "dicom" else f"{plan.name}_s{s.number}"
@@ -662,14 +854,14 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
             proj_acq, _ = plan_scout(plan.anatomy, plan.preset.scout_spacing)
             proj = ph.render(plan.anatomy, plan.findings, proj_acq.affine, proj_acq.shape)
             # A projection radiograph: the mean along the antero-posterior rays.
-            proj_values = _image(plan, proj_acq, proj, rng)
+            proj_values = _image(plan, s, proj_acq, proj, rng)
             values = np.asfortranarray(proj_values.mean(axis=2, keepdims=True))
             labels = rendered = None
         else:
             rendered = ph.render(plan.anatomy, plan.findings, acq.affine, acq.shape)
-            labels = ph.label_map(*rendered[:2], plan.findings, rendered[2])
-            values = _image(plan, acq, rendered, rng)
-        if plan.fmt == "nifti":  # plan_cases gives NIfTI cases their volume only
+            labels = ph.label_map(*rendered[:2], plan.findings, rendered[2], atlas)
+            values = _image(plan, s, acq, rendered, rng)
+        if plan.fmt == "nifti":  # plan_cases gives NIfTI cases their volume(s) only, no scout
             stem = key
             ext = plan.preset.nifti_ext
             _write_nifti(
@@ -691,6 +883,14 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
                 "PatientPosition": acq.patient_position,
                 "ConversionSoftware": "vol3d synth",
             }
+            if not ct and atlas.name == "brain":  # as dcm2niix writes them: times in seconds
+                seq = MR_SEQUENCES[s.contrast]
+                sidecar |= {"MagneticFieldStrength": float(plan.study.get("MagneticFieldStrength", "1.5")),
+                            "MRAcquisitionType": seq["MRAcquisitionType"], "SequenceName": seq["SequenceName"],
+                            "EchoTime": float(str(seq["EchoTime"])) / 1000,
+                            "RepetitionTime": float(str(seq["RepetitionTime"])) / 1000}
+                if "InversionTime" in seq:
+                    sidecar["InversionTime"] = float(str(seq["InversionTime"])) / 1000
             (out / "nifti" / f"{stem}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
             files = [f"nifti/{stem}{ext}"]
         else:
@@ -738,6 +938,7 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
             "labels": None,
             "lesions": None,
             "shares_uid_with_volume": s.role == "localizer" and s.uid == plan.series[0].uid,
+            "contrast": s.contrast,
         }
         if labels is not None and rendered is not None:
             instances = rendered[1]
@@ -767,19 +968,24 @@ def write_case(plan: CasePlan, out: str | Path) -> dict:
                             "organ": f.tissue,
                             "box_world_ras_mm": box_mm,
                             "size_mm": size_mm,
-                            "report_sizes_mm": finding_sizes(f.kind, size),
+                            "report_sizes_mm": finding_sizes(
+                                f.kind, size, atlas.findings,
+                                volume_ml=float((instances == k).sum()) * _voxel_ml(acq.affine),
+                            ),
                             "center_world_ras_mm": None
                             if f.shape is None
                             else [round(v, 3) for v in f.shape.center],
                             "lobe": _liver_lobe(f, plan.anatomy) if f.kind == "liver_lesion" else None,
+                            "side": None if f.shape is None else "right" if f.shape.center[0] >= midline else "left",
                         }
                     )
         series_truth.append(entry)
     report_items = [
-        {"finding": f["finding"], "organ": f["organ"], "sizes": f["report_sizes_mm"], "lobe": f["lobe"]}
+        {"finding": f["finding"], "organ": f["organ"], "sizes": f["report_sizes_mm"], "lobe": f["lobe"],
+         "side": f["side"]}
         for f in findings_truth
     ]
-    text, impression = write_report(report_items, text_rng)
+    text, impression = ANATOMIES[atlas.name].write_report(report_items, text_rng)
     phi = {
         "PatientName": plan.patient["PatientName"],
         "PatientID": plan.patient["PatientID"],
@@ -878,12 +1084,13 @@ def generate(out: str | Path, cfg: SynthConfig, progress: Callable[[int], None] 
 
 def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: list[dict]) -> dict:
     """boxes.json, vocab.json, reports.csv, ehr_codes.csv and truth.json (rows in case order: deterministic)."""
-    from vol3d.synth.phantom import LABELS
     from vol3d.synth.reports import vocabulary
 
+    atlas = ANATOMIES[cfg.anatomy or "abdomen"].atlas
     boxes = [b for r in results for b in r["boxes"]]
     (out / "boxes.json").write_text(json.dumps(boxes, indent=1) + "\n")
-    (out / "vocab.json").write_text(json.dumps(vocabulary(LABELS), indent=1) + "\n")
+    vocab = vocabulary(atlas.labels, atlas.findings, atlas.vocab_findings)
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=1) + "\n")
     with open(out / "reports.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["AccessionNumber", "Findings", "Impression"])
@@ -901,7 +1108,7 @@ def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: l
         w.writerow(["PatientID", "Code", "Description"])
         for pid, kinds in by_patient.items():
             rng = np.random.default_rng([cfg.seed, 4, int(pid[3:])])
-            codes[pid] = patient_codes(kinds, rng)
+            codes[pid] = patient_codes(kinds, rng, atlas.findings)
             for code, desc in codes[pid]:
                 w.writerow([pid, code, desc])
     cases = []
@@ -916,10 +1123,11 @@ def _write_tables(out: Path, cfg: SynthConfig, plans: list[CasePlan], results: l
     truth = {
         "generator": "vol3d synth",
         "config": dataclasses.asdict(cfg) | {"workers": None},
-        "labels": list(ph.LABELS),
+        "labels": list(atlas.labels),
         "report_size_measure": {
             "lesions": "[long, short] = larger and smaller world-box extent along x and y (mm, rounded)",
             "splenomegaly": "[craniocaudal] = world-box extent along z of the spleen mask (mm, rounded)",
+            "hydrocephalus": "[volume] = voxels of the ventricles mask x voxel volume (mL, rounded)",
         },
         "label_note": "labels/ and lesions/ exist for every volume and second_recon series; none for localizers",
         "phi_strings": phi_strings,

@@ -1,11 +1,14 @@
-"""An analytic chest/abdomen phantom in world RAS+ millimetres, rendered on any voxel grid.
+"""Analytic phantoms (a chest/abdomen and, in :mod:`vol3d.synth.brain`, a head) in world RAS+
+millimetres, rendered on any voxel grid.
 
-The anatomy is a list of quadrics (ellipsoids and capped elliptic cylinders), each
-tagged with a tissue; later tissues override earlier ones. Findings are small
-ellipsoids inside their organ (or, for splenomegaly, an enlarged spleen). Because
-the phantom lives in world coordinates, rendering it at the voxel centres of any
-acquisition (axial head-first or feet-first, coronal, oblique) gives exact,
-mutually consistent label maps for every geometry.
+An anatomy is a list of quadrics (ellipsoids and capped elliptic cylinders), each
+tagged with a tissue of its :class:`Atlas`; later tissues override earlier ones. Findings
+are small ellipsoids inside their organ (or, for conditions such as splenomegaly, the
+enlarged organ itself). Because the phantom lives in world coordinates, rendering it at
+the voxel centres of any acquisition (axial head-first or feet-first, coronal, sagittal,
+oblique) gives exact, mutually consistent label maps for every geometry. Each tissue and
+finding has a mean intensity per *contrast*: ``"CT"`` (HU) and the MR sequences
+(``"T1"``, ``"T2"``, ``"FLAIR"``, arbitrary units 0..1000).
 
 Rendering is vectorised: a quadric's local coordinates are affine in the voxel
 index ``(i, j, k)``, so each is a broadcast sum of 1D ramps, and each shape is only
@@ -15,12 +18,12 @@ evaluated inside its voxel bounding box.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from preprocess.geometry import apply_affine, box_corners
-from vol3d.synth.reports import FINDINGS
+from vol3d.synth.reports import FINDINGS, VOCAB_FINDINGS
 
 #: Organ label values of ``labels/<key>.nii.gz`` (index = value), see docs/formats.md section 1.
 LABELS: tuple[str, ...] = (
@@ -44,32 +47,81 @@ _LONG_MM = 5000.0
 
 @dataclasses.dataclass(frozen=True)
 class Tissue:
-    """A tissue class: its organ label and mean intensity per modality."""
+    """A tissue class: its organ label and mean intensity per contrast (``{"CT": HU, "T1": ...}``)."""
 
     name: str
     label: int  # value in the organ label map (0: not labelled)
-    ct_hu: float  # portal-venous CT attenuation (HU)
-    mr: float  # T1-weighted post-contrast-like signal (arbitrary units, 0..1000)
+    means: Mapping[str, float]  # contrast -> mean intensity (HU for "CT", 0..1000 for MR sequences)
+
+    def mean(self, contrast: str) -> float:
+        return float(self.means[contrast])
 
 
-#: Tissue table; the index in this tuple is the value of the rendered tissue map.
+#: Tissue table; the index in this tuple is the value of the rendered tissue map. MR: T1-weighted
+#: post-contrast-like signal (the abdomen is exported with one MR sequence).
 TISSUES: tuple[Tissue, ...] = (
-    Tissue("air", 0, -1000.0, 0.0),
-    Tissue("fat", 0, -100.0, 850.0),
-    Tissue("soft_tissue", 0, 40.0, 300.0),
-    Tissue("lung_left", LABEL_VALUE["lung_left"], -850.0, 40.0),
-    Tissue("lung_right", LABEL_VALUE["lung_right"], -850.0, 40.0),
-    Tissue("heart", 0, 140.0, 450.0),
-    Tissue("liver", LABEL_VALUE["liver"], 105.0, 550.0),
-    Tissue("spleen", LABEL_VALUE["spleen"], 115.0, 450.0),
-    Tissue("kidney_left", LABEL_VALUE["kidney_left"], 160.0, 600.0),
-    Tissue("kidney_right", LABEL_VALUE["kidney_right"], 160.0, 600.0),
-    Tissue("spine", LABEL_VALUE["spine"], 380.0, 350.0),
-    Tissue("aorta", LABEL_VALUE["aorta"], 180.0, 700.0),
+    Tissue("air", 0, {"CT": -1000.0, "T1": 0.0}),
+    Tissue("fat", 0, {"CT": -100.0, "T1": 850.0}),
+    Tissue("soft_tissue", 0, {"CT": 40.0, "T1": 300.0}),
+    Tissue("lung_left", LABEL_VALUE["lung_left"], {"CT": -850.0, "T1": 40.0}),
+    Tissue("lung_right", LABEL_VALUE["lung_right"], {"CT": -850.0, "T1": 40.0}),
+    Tissue("heart", 0, {"CT": 140.0, "T1": 450.0}),
+    Tissue("liver", LABEL_VALUE["liver"], {"CT": 105.0, "T1": 550.0}),
+    Tissue("spleen", LABEL_VALUE["spleen"], {"CT": 115.0, "T1": 450.0}),
+    Tissue("kidney_left", LABEL_VALUE["kidney_left"], {"CT": 160.0, "T1": 600.0}),
+    Tissue("kidney_right", LABEL_VALUE["kidney_right"], {"CT": 160.0, "T1": 600.0}),
+    Tissue("spine", LABEL_VALUE["spine"], {"CT": 380.0, "T1": 350.0}),
+    Tissue("aorta", LABEL_VALUE["aorta"], {"CT": 180.0, "T1": 700.0}),
 )
 TISSUE_INDEX: dict[str, int] = {t.name: i for i, t in enumerate(TISSUES)}
-# Organs that findings and other organs may occupy: everything inside the fat layer.
-_INNER = TISSUE_INDEX["soft_tissue"]
+
+#: Plausible diameter ranges (mm) and intensity ranges per contrast of each lesion type of the abdomen.
+#: The organ tissues a lesion may lie in are ``vol3d.synth.reports.FINDINGS[kind]["organs"]``.
+LESION_TYPES: dict[str, tuple[float, float, Mapping[str, tuple[float, float]]]] = {
+    "liver_lesion": (8.0, 40.0, {"CT": (0.0, 20.0), "T1": (150.0, 250.0)}),
+    "lung_nodule": (5.0, 25.0, {"CT": (30.0, 60.0), "T1": (400.0, 500.0)}),
+    "kidney_cyst": (8.0, 35.0, {"CT": (0.0, 10.0), "T1": (80.0, 150.0)}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Atlas:
+    """One synthetic anatomy's tables: what :func:`render` paints and what reports and vocabularies say.
+
+    ``shell`` tissues (skin, fat, skull ...) are painted everywhere their shape is; every other tissue
+    only where an earlier tissue at or after ``inner`` is (organs stay inside the body wall or skull).
+    """
+
+    name: str
+    labels: tuple[str, ...]  # organ label map values (index = value); "lesion" marks finding voxels
+    tissues: tuple[Tissue, ...]
+    shell: frozenset[str]
+    inner: str
+    lesion_types: Mapping[str, tuple[float, float, Mapping[str, tuple[float, float]]]]
+    findings: Mapping[str, dict]  # report vocabulary: organs, code, measure ... per finding kind
+    vocab_findings: Mapping[str, dict]  # the export's vocab.json findings (vol3d.tasks.FindingSpec fields)
+    contrasts: tuple[str, ...]  # "CT" and the MR sequences this anatomy is exported with
+
+    @property
+    def tissue_index(self) -> dict[str, int]:
+        return {t.name: i for i, t in enumerate(self.tissues)}
+
+    @property
+    def lesion_label(self) -> int:
+        return self.labels.index("lesion")
+
+
+ABDOMEN = Atlas(
+    name="abdomen",
+    labels=LABELS,
+    tissues=TISSUES,
+    shell=frozenset({"fat", "soft_tissue"}),
+    inner="soft_tissue",
+    lesion_types=LESION_TYPES,
+    findings=FINDINGS,
+    vocab_findings=VOCAB_FINDINGS,
+    contrasts=("CT", "T1"),
+)
 
 
 def rotation(angles_deg: Sequence[float]) -> np.ndarray:
@@ -149,16 +201,15 @@ class Quadric:
 class Finding:
     """One finding placed in the phantom.
 
-    ``kind`` is a key of ``vol3d.synth.reports.FINDINGS``; ``tissue`` the organ tissue
-    it lies in (its voxels are the shape intersected with that organ); ``value`` its
-    intensity (HU for CT). Splenomegaly has no shape of its own: its voxels are the spleen.
+    ``kind`` is a key of its atlas's ``findings``; ``tissue`` the organ tissue it lies in (its
+    voxels are the shape intersected with that organ); ``means`` its intensity per contrast.
+    Conditions (splenomegaly, hydrocephalus) have no shape of their own: their voxels are the organ's.
     """
 
     kind: str
     tissue: str
     shape: Quadric | None
-    ct_hu: float = 0.0
-    mr: float = 0.0
+    means: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +217,11 @@ class Anatomy:
     """A patient: ordered ``(tissue name, shape)`` pairs plus landmarks used to plan scans."""
 
     parts: tuple[tuple[str, Quadric], ...]
-    body: Quadric  # outer skin surface (elliptic cylinder along z)
+    body: Quadric  # outer skin surface (elliptic cylinder along z, or the head's ellipsoid)
     z_cover: tuple[float, float]  # z range (mm) every acquisition must cover (all findings lie in it)
-    z_top: float  # lung apices (mm): acquisitions may extend up to here
-    intensity_jitter: tuple[float, ...] = ()  # per-tissue additive offset (HU), same length as TISSUES
+    z_top: float  # lung apices or vertex (mm): acquisitions may extend up to here
+    intensity_jitter: tuple[float, ...] = ()  # per-tissue additive offset (HU), same length as the tissues
+    atlas: Atlas = ABDOMEN
 
     def shape_of(self, tissue: str) -> Quadric:
         return next(q for name, q in self.parts if name == tissue)
@@ -298,13 +350,16 @@ def render(
         shape: ``(X, Y, Z)``.
 
     Returns:
-        ``tissue`` uint8 ``(X, Y, Z)`` (index into :data:`TISSUES`); ``instances`` uint8
+        ``tissue`` uint8 ``(X, Y, Z)`` (index into the atlas's tissues); ``instances`` uint8
         ``(X, Y, Z)`` (``k`` where finding ``k`` (1-based) is, 0 elsewhere), both
         Fortran-ordered so that each slice ``[:, :, k]`` is contiguous; and the voxel
         window that contains each finding present on the grid (``{k: window}``).
     """
     shape = tuple(int(s) for s in shape)
     inv = np.linalg.inv(affine)
+    atlas = anatomy.atlas
+    index = atlas.tissue_index
+    inner = index[atlas.inner]
     tissue = np.zeros(shape, dtype=np.uint8, order="F")
     for name, q in anatomy.parts:
         win = _voxel_window(q, inv, shape)
@@ -312,18 +367,25 @@ def render(
             continue
         inside = _inside(q, affine, win)
         view = tissue[win]
-        if name not in ("fat", "soft_tissue"):
-            inside = inside & (view >= _INNER)  # organs stay inside the body wall
-        np.copyto(view, np.uint8(TISSUE_INDEX[name]), where=inside)
+        if name not in atlas.shell:
+            inside = inside & (view >= inner)  # organs stay inside the body wall (or the skull)
+        np.copyto(view, np.uint8(index[name]), where=inside)
     instances = np.zeros(shape, dtype=np.uint8, order="F")
     windows: dict[int, Window] = {}
     for k, f in enumerate(findings, start=1):
-        organ = np.uint8(TISSUE_INDEX[f.tissue])
-        q = f.shape if f.shape is not None else anatomy.shape_of(f.tissue)
-        win = _voxel_window(q, inv, shape)
-        if win is None:
-            continue
-        inside = _inside(q, affine, win) & (tissue[win] == organ) & (instances[win] == 0)
+        organ = np.uint8(index[f.tissue])
+        if f.shape is not None:
+            win = _voxel_window(f.shape, inv, shape)
+            if win is None:
+                continue
+            inside = _inside(f.shape, affine, win) & (tissue[win] == organ) & (instances[win] == 0)
+        else:  # a condition is its whole organ, which may be several shapes (both lateral ventricles)
+            parts = [w for name, q in anatomy.parts if name == f.tissue
+                     if (w := _voxel_window(q, inv, shape)) is not None]
+            if not parts:
+                continue
+            win = tuple(slice(min(w[a].start for w in parts), max(w[a].stop for w in parts)) for a in range(3))
+            inside = (tissue[win] == organ) & (instances[win] == 0)
         if inside.any():
             np.copyto(instances[win], np.uint8(k), where=inside)
             windows[k] = win
@@ -331,30 +393,36 @@ def render(
 
 
 def label_map(
-    tissue: np.ndarray, instances: np.ndarray, findings: Sequence[Finding], windows: dict[int, Window]
+    tissue: np.ndarray,
+    instances: np.ndarray,
+    findings: Sequence[Finding],
+    windows: dict[int, Window],
+    atlas: Atlas = ABDOMEN,
 ) -> np.ndarray:
-    """Organ label map uint8 ``(X, Y, Z)`` (values of :data:`LABELS`); lesion voxels are ``lesion``."""
-    lut = np.array([t.label for t in TISSUES], dtype=np.uint8)
+    """Organ label map uint8 ``(X, Y, Z)`` (values of ``atlas.labels``); lesion voxels are ``lesion``."""
+    lut = np.array([t.label for t in atlas.tissues], dtype=np.uint8)
     labels = lut[tissue]  # fancy indexing keeps the Fortran layout (np.take would not)
     for k, win in windows.items():
-        if findings[k - 1].shape is not None:  # splenomegaly keeps the spleen label
-            np.copyto(labels[win], np.uint8(LESION_LABEL), where=instances[win] == k)
+        if findings[k - 1].shape is not None:  # conditions (splenomegaly) keep their organ's label
+            np.copyto(labels[win], np.uint8(atlas.lesion_label), where=instances[win] == k)
     return labels
 
 
 def intensity_luts(
-    anatomy: Anatomy, findings: Sequence[Finding], modality: str
+    anatomy: Anatomy, findings: Sequence[Finding], contrast: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean intensity per tissue ``(T,)`` and per finding instance ``(K + 1,)`` (NaN: keep the organ's).
 
-    CT values are HU, MR values arbitrary units; the anatomy's jitter varies contrast between patients.
+    ``contrast`` is ``"CT"`` (HU) or an MR sequence of the atlas (arbitrary units); the anatomy's
+    jitter varies contrast between patients.
     """
-    ct = modality == "CT"
-    jitter = np.asarray(anatomy.intensity_jitter or (0.0,) * len(TISSUES), np.float32) * (1.0 if ct else 4.0)
-    base = np.array([t.ct_hu if ct else t.mr for t in TISSUES], dtype=np.float32)
+    ct = contrast == "CT"
+    tissues = anatomy.atlas.tissues
+    jitter = np.asarray(anatomy.intensity_jitter or (0.0,) * len(tissues), np.float32) * (1.0 if ct else 4.0)
+    base = np.array([t.mean(contrast) for t in tissues], dtype=np.float32)
     base[1:] += jitter[1:]  # air stays air
     lesion = np.array(
-        [np.nan] + [(f.ct_hu if ct else f.mr) if f.shape is not None else np.nan for f in findings]
+        [np.nan] + [float(f.means[contrast]) if f.shape is not None else np.nan for f in findings]
     )
     return base, lesion.astype(np.float32)
 
@@ -378,24 +446,17 @@ def intensity_slice(
 
 # ----------------------------------------------------------------------------- findings
 
-#: Plausible diameter ranges (mm) and intensities of each lesion type: (d_lo, d_hi, CT HU, MR).
-#: The organ tissues a lesion may lie in are ``vol3d.synth.reports.FINDINGS[kind]["organs"]``.
-LESION_TYPES: dict[str, tuple[float, float, tuple[float, float], tuple[float, float]]] = {
-    "liver_lesion": (8.0, 40.0, (0.0, 20.0), (150.0, 250.0)),
-    "lung_nodule": (5.0, 25.0, (30.0, 60.0), (400.0, 500.0)),
-    "kidney_cyst": (8.0, 35.0, (0.0, 10.0), (80.0, 150.0)),
-}
-
-
 def tissue_at(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
     """Tissue index ``(...)`` of world points ``(..., 3)`` (same painting rules as :func:`render`)."""
     pts = np.asarray(points, float)
+    atlas = anatomy.atlas
+    index = atlas.tissue_index
     out = np.zeros(pts.shape[:-1], dtype=np.uint8)
     for name, q in anatomy.parts:
         inside = q.contains(pts)
-        if name not in ("fat", "soft_tissue"):
-            inside &= out >= _INNER
-        out[inside] = TISSUE_INDEX[name]
+        if name not in atlas.shell:
+            inside &= out >= index[atlas.inner]
+        out[inside] = index[name]
     return out
 
 
@@ -415,8 +476,9 @@ def sample_lesion(
     tries: int = 200,
 ) -> Finding | None:
     """Place one lesion of ``kind`` fully inside its organ and the covered z range, away from ``avoid``."""
-    organs = FINDINGS[kind]["organs"]
-    d_lo, d_hi, hu, mr = LESION_TYPES[kind]
+    atlas = anatomy.atlas
+    organs = atlas.findings[kind]["organs"]
+    d_lo, d_hi, ranges = atlas.lesion_types[kind]
     z_lo, z_hi = anatomy.z_cover
     for _ in range(tries):
         organ = organs[int(rng.integers(len(organs)))]
@@ -429,7 +491,7 @@ def sample_lesion(
         center = np.asarray(oq.center) + np.asarray(oq.rot) @ (np.asarray(oq.radii) * v * 0.85)
         if not (z_lo + r + 2 <= center[2] <= z_hi - r - 2):
             continue
-        if not (tissue_at(anatomy, _probe_points(center, r * 1.15)) == TISSUE_INDEX[organ]).all():
+        if not (tissue_at(anatomy, _probe_points(center, r * 1.15)) == atlas.tissue_index[organ]).all():
             continue
         if any(
             f.shape is not None
@@ -440,7 +502,7 @@ def sample_lesion(
         shape = Quadric.make(
             center, (r, r * rng.uniform(0.8, 1.0), r * rng.uniform(0.8, 1.0)), rng.uniform(0, 180, 3)
         )
-        return Finding(kind, organ, shape, float(rng.uniform(*hu)), float(rng.uniform(*mr)))
+        return Finding(kind, organ, shape, {c: float(rng.uniform(*span)) for c, span in ranges.items()})
     return None
 
 

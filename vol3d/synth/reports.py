@@ -13,7 +13,7 @@ the craniocaudal length (world-box extent along z).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -28,6 +28,8 @@ FINDINGS: dict[str, dict] = {
         "nouns": ("lesion", "mass", "hypodensity"),
         "organ_words": ("liver", "hepatic"),
         "measure": "axial",
+        "probability": 0.35,  # weight when an abnormal study draws its finding types
+        "counts": (1, 1, 1, 2, 3),  # instances per study, drawn uniformly from these
     },
     "lung_nodule": {
         "text": "lung nodule",
@@ -38,6 +40,8 @@ FINDINGS: dict[str, dict] = {
         "nouns": ("nodule",),
         "organ_words": ("lung", "pulmonary", "lobe"),
         "measure": "axial",
+        "probability": 0.3,  # weight when an abnormal study draws its finding types
+        "counts": (1, 1, 1, 2, 3),  # instances per study, drawn uniformly from these
     },
     "kidney_cyst": {
         "text": "kidney cyst",
@@ -48,6 +52,8 @@ FINDINGS: dict[str, dict] = {
         "nouns": ("cyst",),
         "organ_words": ("kidney", "renal"),
         "measure": "axial",
+        "probability": 0.2,  # weight when an abnormal study draws its finding types
+        "counts": (1, 1, 2),  # instances per study, drawn uniformly from these
     },
     "splenomegaly": {
         "text": "splenomegaly",
@@ -58,6 +64,8 @@ FINDINGS: dict[str, dict] = {
         "nouns": ("splenomegaly", "enlarged spleen"),
         "organ_words": ("spleen", "splenic"),
         "measure": "craniocaudal",
+        "probability": 0.15,  # weight when an abnormal study draws its finding types
+        "counts": (1,),  # instances per study, drawn uniformly from these
     },
 }
 
@@ -76,12 +84,16 @@ VOCAB_FINDINGS: dict[str, dict] = {
 }
 
 
-def vocabulary(labels: Sequence[str]) -> dict:
+def vocabulary(labels: Sequence[str], findings: Mapping[str, dict] | None = None,
+               vocab_findings: Mapping[str, dict] | None = None) -> dict:
     """The export's ``vocab.json`` (``vol3d preprocess --vocab``): findings, label names (by value) and
-    the label that marks finding voxels."""
-    assert set(VOCAB_FINDINGS) == set(FINDINGS), "every synthetic finding needs a vocabulary entry"
-    return {"findings": VOCAB_FINDINGS, "labels": list(labels), "finding_labels": ["lesion"],
-            "codes": {f["code"]: f["code_description"] for f in FINDINGS.values()} | dict(NOISE_CODES)}
+    the label that marks finding voxels. ``findings``/``vocab_findings`` default to the abdomen's."""
+    findings = FINDINGS if findings is None else findings
+    vocab_findings = VOCAB_FINDINGS if vocab_findings is None else vocab_findings
+    if set(vocab_findings) != set(findings):
+        raise ValueError("every synthetic finding needs a vocabulary entry")
+    return {"findings": dict(vocab_findings), "labels": list(labels), "finding_labels": ["lesion"],
+            "codes": {f["code"]: f["code_description"] for f in findings.values()} | dict(NOISE_CODES)}
 
 
 #: Unrelated chronic diagnoses added to patients' EHR codes as noise: code -> description.
@@ -97,26 +109,33 @@ NOISE_CODES: dict[str, str] = {
     "Z87.891": "Personal history of nicotine dependence",
 }
 
-_NUMBER_WORDS = {2: "Two", 3: "Three"}
+NUMBER_WORDS = {2: "Two", 3: "Three"}
 
 
-def finding_sizes(kind: str, size_mm: Sequence[float]) -> list[int]:
-    """Report sizes (integer mm) of a finding from its world-box extent ``(dx, dy, dz)``.
+def finding_sizes(kind: str, size_mm: Sequence[float], findings: Mapping[str, dict] | None = None,
+                  volume_ml: float | None = None) -> list[int]:
+    """Report sizes (integers) of a finding from its world-box extent ``(dx, dy, dz)``.
 
-    Lesions: ``[long, short]`` axial extent; splenomegaly: ``[craniocaudal]``.
+    Lesions: ``[long, short]`` axial extent (mm); splenomegaly: ``[craniocaudal]`` (mm); a finding
+    measured by volume (hydrocephalus): ``[volume_ml]`` (mL).
     """
     dx, dy, dz = (float(v) for v in size_mm)
-    if FINDINGS[kind]["measure"] == "craniocaudal":
+    measure = (FINDINGS if findings is None else findings)[kind]["measure"]
+    if measure == "craniocaudal":
         return [int(round(dz))]
+    if measure == "volume":
+        if volume_ml is None:
+            raise ValueError(f"{kind} is reported by volume: pass volume_ml")
+        return [int(round(volume_ml))]
     return [int(round(max(dx, dy))), int(round(min(dx, dy)))]
 
 
-def _dims(sizes: Sequence[int], rng: np.random.Generator) -> str:
+def dims(sizes: Sequence[int], rng: np.random.Generator) -> str:
     long_, short = sizes
     return str(rng.choice([f"{long_} x {short} mm", f"{long_} x {short} mm", f"up to {long_} x {short} mm"]))
 
 
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+def pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return str(options[int(rng.integers(len(options)))])
 
 
@@ -126,7 +145,7 @@ def _side(organ: str) -> str:
 
 def _liver(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
     if not items:
-        return _pick(
+        return pick(
             rng,
             [
                 "The liver is normal in size and attenuation. No focal hepatic lesion.",
@@ -138,17 +157,17 @@ def _liver(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]
     if len(items) == 1:
         it = items[0]
         parts.append(
-            _pick(
+            pick(
                 rng,
                 [
                     "There is a well-defined hypodense lesion in the {lobe} hepatic lobe measuring {d}.",
                     "A {d} hypoattenuating mass is seen in the {lobe} lobe of the liver.",
                     "Hypodensity in the {lobe} liver lobe, measuring {d}, likely a hemangioma.",
                 ],
-            ).format(lobe=it["lobe"], d=_dims(it["sizes"], rng))
+            ).format(lobe=it["lobe"], d=dims(it["sizes"], rng))
         )
         impressions.append(
-            _pick(
+            pick(
                 rng,
                 [
                     "{l} mm hypodense liver lesion, indeterminate.",
@@ -157,15 +176,15 @@ def _liver(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]
             ).format(l=it["sizes"][0])
         )
     else:
-        dims = " and ".join(f"{it['sizes'][0]} x {it['sizes'][1]} mm" for it in items)
+        listed = " and ".join(f"{it['sizes'][0]} x {it['sizes'][1]} mm" for it in items)
         parts.append(
-            _pick(
+            pick(
                 rng,
                 [
                     "{n} hypodense liver lesions are present, measuring {dims}.",
                     "{n} hypoattenuating hepatic lesions measuring {dims}.",
                 ],
-            ).format(n=_NUMBER_WORDS[len(items)], dims=dims)
+            ).format(n=NUMBER_WORDS[len(items)], dims=listed)
         )
         largest = max(it["sizes"][0] for it in items)
         impressions.append(f"Multiple hypodense liver lesions, the largest {largest} mm.")
@@ -178,13 +197,13 @@ def _lateral(
     """Report text of a finding in a paired organ (lungs, kidneys): one sentence and one
     impression per item, with its side; ``normal`` when there is none."""
     if not items:
-        return _pick(rng, normal), []
+        return pick(rng, normal), []
     parts, impressions = [], []
     for it in items:
         side = _side(it["organ"])
-        parts.append(_pick(rng, finding).format(s=side, d=_dims(it["sizes"], rng)))
+        parts.append(pick(rng, finding).format(s=side, d=dims(it["sizes"], rng)))
         impressions.append(
-            _pick(rng, impression).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
+            pick(rng, impression).format(l=it["sizes"][0], s=side, s_cap=side.capitalize())
         )
     return " ".join(parts), impressions
 
@@ -233,11 +252,11 @@ def _kidneys(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str
 
 def _spleen(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]]:
     if not items:
-        return _pick(
+        return pick(
             rng, ["The spleen is normal in size.", "Spleen: unremarkable.", "No splenomegaly; normal spleen."]
         ), []
     length = items[0]["sizes"][0]
-    text = _pick(
+    text = pick(
         rng,
         [
             "The spleen is enlarged, measuring {l} mm in craniocaudal length.",
@@ -246,7 +265,7 @@ def _spleen(items: list[dict], rng: np.random.Generator) -> tuple[str, list[str]
         ],
     ).format(l=length)
     return text, [
-        _pick(rng, ["Splenomegaly ({l} mm).", "Enlarged spleen, {l} mm craniocaudal."]).format(l=length)
+        pick(rng, ["Splenomegaly ({l} mm).", "Enlarged spleen, {l} mm craniocaudal."]).format(l=length)
     ]
 
 
@@ -277,7 +296,7 @@ def write_report(findings: Sequence[dict], rng: np.random.Generator) -> tuple[st
     text = " ".join([s for s, _ in sections] + others)
     impressions = [i for _, imp in sections for i in imp]
     if not impressions:
-        impression = _pick(
+        impression = pick(
             rng,
             [
                 "No acute abnormality.",
@@ -292,9 +311,11 @@ def write_report(findings: Sequence[dict], rng: np.random.Generator) -> tuple[st
     return text, impression
 
 
-def patient_codes(kinds: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
+def patient_codes(kinds: Sequence[str], rng: np.random.Generator,
+                  findings: Mapping[str, dict] | None = None) -> list[tuple[str, str]]:
     """ICD-10 ``(code, description)`` rows for a patient: one per finding type, plus 0-3 noise codes."""
-    rows = [(FINDINGS[k]["code"], FINDINGS[k]["code_description"]) for k in FINDINGS if k in set(kinds)]
+    findings = FINDINGS if findings is None else findings
+    rows = [(findings[k]["code"], findings[k]["code_description"]) for k in findings if k in set(kinds)]
     noise = rng.permutation(sorted(NOISE_CODES))[: int(rng.choice([0, 1, 1, 2, 2, 3]))]
     rows += [(str(c), NOISE_CODES[str(c)]) for c in sorted(noise)]
     return rows
