@@ -17,6 +17,8 @@ NOT_MEDICAL_FILE = "NOT_MEDICAL_FILE"  # a file that is neither DICOM nor a know
 EXTRA_VOLUME_4D = "EXTRA_VOLUME_4D"  # 4D input, volumes dropped by the 'first' policy
 NOT_REGULAR_FILE = "NOT_REGULAR_FILE"  # named pipe, socket, device, or a symlink out of the input / in a loop
 NOT_SELECTED = "NOT_SELECTED"  # a series whose description/protocol/sequence matches none of ingest.series_include
+MISSING_CHANNEL = "MISSING_CHANNEL"  # ingest.sequence_channels: the study lacks a series for one channel
+AMBIGUOUS_CHANNEL = "AMBIGUOUS_CHANNEL"  # ingest.sequence_channels: several series of a study match one channel
 
 # --- failed (exit code 3)
 UNREADABLE = "UNREADABLE"  # truncated / corrupt file, header cannot be parsed

@@ -315,10 +315,11 @@ def mr_window(values: np.ndarray, cfg: PreprocessConfig) -> tuple[float, float]:
 
 
 def n4_corrected(volume: np.ndarray, foreground: np.ndarray, spacing: Sequence[float],
-                 shrink: int = 2, iterations: int = 50) -> np.ndarray:
+                 shrink: int = 2, iterations: int = 50, convergence: float = 0.001) -> np.ndarray:
     """``volume (X, Y, Z)`` divided by the smooth multiplicative bias SimpleITK's N4 finds inside
-    ``foreground`` (fitted on a copy shrunk ``shrink`` times, applied at full resolution). Intensities
-    must be positive: the volume is shifted to a minimum of 1 first and back after."""
+    ``foreground`` (fitted on a copy shrunk ``shrink`` times, applied at full resolution; three fitting
+    levels of at most ``iterations``, each stopping at ``convergence``). Intensities must be positive:
+    the volume is shifted to a minimum of 1 first and back after."""
     import SimpleITK as sitk
 
     vol = np.asarray(volume, dtype=np.float32)
@@ -332,6 +333,7 @@ def n4_corrected(volume: np.ndarray, foreground: np.ndarray, spacing: Sequence[f
     small, small_mask = (sitk.Shrink(x, [shrink] * 3) if min(vol.shape) >= 4 * shrink else x for x in (image, mask))
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([iterations] * 3)
+    n4.SetConvergenceThreshold(float(convergence))
     n4.Execute(small, small_mask)
     log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).T
     return ((vol + shift) / np.exp(log_bias) - shift).astype(np.float32)
@@ -485,7 +487,7 @@ def prepare(
         for c in sources:
             if cfg.mr_bias_correction:
                 raw[c] = n4_corrected(raw[c], fg_in, geometry.spacing_from_affine(orig_affine @ g.orig_from_can)
-                                      * g.scale)
+                                      * g.scale, convergence=cfg.mr_bias_convergence)
             windows.append(mr_window(raw[c][fg_in] if fg_in.any() else raw[c].ravel(), cfg))
     img = np.zeros((len(windows),) + out_shape, dtype=np.float16)
     for ch, (c, (lo, hi)) in enumerate(zip(sources, windows, strict=True)):

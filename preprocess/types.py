@@ -81,3 +81,6 @@ class Candidate:
     label: str = ""  # short human description without PHI, e.g. "CT 512x512x180"
     source_files: list[Path] = dataclasses.field(default_factory=list, repr=False)  # absolute paths, read + hashed
     extra: dict = dataclasses.field(default_factory=dict, repr=False)  # ingest's own plain data (slice order ...)
+    # SeriesDescription, ProtocolName, SequenceName (DICOM or sidecar): matched by ingest.series_include and
+    # ingest.sequence_channels, never written (a description may name the patient)
+    names: tuple[str, ...] = dataclasses.field(default=(), repr=False)

@@ -9,11 +9,13 @@ Public API (torch-free; see docs/ingest.md for rules and reason codes)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import defaultdict
 from pathlib import Path
 
 from preprocess import reasons
+from preprocess.ingest import channels
 from preprocess.ingest.config import IngestConfig
 from preprocess.ingest.dicom import Header, dicom_candidates, load_dicom, quiet_pydicom, read_headers
 from preprocess.ingest.discover import (
@@ -96,6 +98,8 @@ def _scan(src: Path, cfg: IngestConfig, workdir: Path | None, progress: bool) ->
         elif res is not None:
             rows.append(res)
     rows.extend(dicom_candidates(headers, cfg))
+    if cfg.sequence_channels:
+        rows = channels.combine(rows, cfg.sequence_channels)
     _unique_keys(rows)
     rows.sort(key=lambda c: (c.source[0] if c.source else "", c.key))
     return rows
@@ -124,6 +128,11 @@ def load(c: Candidate, cfg: IngestConfig) -> Image:
     Needs only the picklable candidate (``source_files``, ``extra``), so it runs in worker
     processes. Raises :class:`SeriesError` (reason code + sentence) when the data cannot be used.
     """
+    if c.extra.get("channels"):  # a multi-sequence study (ingest.sequence_channels)
+        first = dataclasses.replace(c, extra={k: v for k, v in c.extra.items() if k != "channels"})
+        others = c.extra["channels"]
+        return channels.stack(load(first, cfg), [load(o, cfg) for o in others],
+                              names=[c.source[0], *(o.source[0] for o in others)])
     try:
         if c.kind == "dicom":
             with quiet_pydicom():

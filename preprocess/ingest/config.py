@@ -41,6 +41,13 @@ class IngestConfig:
     # case-insensitive glob patterns (e.g. ["*t1*", "*flair*"] for a T1/FLAIR cohort); others are skipped
     # NOT_SELECTED. Empty: every series.
     series_include: tuple[str, ...] = ()
+    # Combine the MR sequences of one study into the channels of one case: one case-insensitive glob per
+    # channel, in channel order (e.g. ["*t1*", "*t2*", "*flair*"]), matched like series_include; a series
+    # counts for the first pattern it matches. Each study gives one case, keyed by its first channel's
+    # series, with the other sequences resampled onto that series' grid (world coordinates). Studies
+    # without exactly one series per pattern are skipped MISSING_CHANNEL / AMBIGUOUS_CHANNEL; series that
+    # match no pattern NOT_SELECTED. Empty: every series is its own case.
+    sequence_channels: tuple[str, ...] = ()
     # Philips PAR/REC intensities: "dv" the values the scanner console displays (nibabel's default), "fp"
     # the floating-point values (comparable across scans, e.g. for quantitative maps).
     parrec_scaling: Literal["dv", "fp"] = "dv"
@@ -61,4 +68,7 @@ class IngestConfig:
             raise ConfigError(f"ingest.parrec_scaling must be 'dv' or 'fp', got {self.parrec_scaling!r}")
         self.modalities = tuple(m.upper() for m in self.modalities)
         self.series_include = tuple(str(p) for p in self.series_include)
+        self.sequence_channels = tuple(str(p) for p in self.sequence_channels)
+        if len(set(p.lower() for p in self.sequence_channels)) != len(self.sequence_channels):
+            raise ConfigError(f"ingest.sequence_channels has a pattern twice: {list(self.sequence_channels)}")
         self.exclude = tuple(self.exclude)

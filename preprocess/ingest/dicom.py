@@ -547,6 +547,7 @@ def _row(
         detail=detail,
         label=f"{first.modality or '??'} {first.cols}x{first.rows}x{n}",
         source_files=[h.file.path for h in hs],
+        names=first.names,
     )
 
 

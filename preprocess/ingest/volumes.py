@@ -81,10 +81,11 @@ def claim_companions(inv: Inventory) -> dict[str, tuple[FoundFile | None, list[F
     return out
 
 
-def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
-    """``(identity, modality, note)`` from a BIDS-style sidecar (note explains a bad sidecar)."""
+def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str, tuple[str, ...]]:
+    """``(identity, modality, note, names)`` from a BIDS-style sidecar (note explains a bad sidecar; names
+    are its SeriesDescription, ProtocolName and SequenceName)."""
     if sidecar is None:
-        return Identity(), "", ""
+        return Identity(), "", "", ()
     try:
         meta = json.loads(sidecar.path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
@@ -94,6 +95,7 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
             Identity(),
             "",
             f"Note: sidecar {sidecar.rel} cannot be parsed ({exc}); identity and modality left empty.",
+            (),
         )
 
     def get(k: str) -> str:
@@ -104,7 +106,8 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str]:
         get("PatientID"), get("StudyInstanceUID"), get("SeriesInstanceUID"), get("AccessionNumber"),
         get("PatientName"), get("PatientBirthDate"), get("StudyDate"),
     )
-    return ident, get("Modality").upper(), ""
+    return ident, get("Modality").upper(), "", tuple(get(k) for k in ("SeriesDescription", "ProtocolName",
+                                                                      "SequenceName"))
 
 
 def _nibabel_load(path: Path, kind: str, parrec_scaling: str = "dv"):
@@ -159,7 +162,7 @@ def volume_candidates(
 ) -> list[Candidate]:
     """Rows for one volume file: one ok row, or skipped/failed rows, or one per 4D volume (``split``)."""
     stem = volume_kind(f.rel.rsplit("/", 1)[-1])[1]
-    identity, modality, note = _sidecar(sidecar)
+    identity, modality, note, names = _sidecar(sidecar)
     modality = modality or FORMAT_MODALITY.get(kind, "")
     files = sorted([f] + data, key=lambda x: x.rel)
     scaling = {"parrec_scaling": cfg.parrec_scaling} if kind == "parrec" else {}
@@ -179,6 +182,7 @@ def volume_candidates(
             label=f"{modality or '??'} " + "x".join(str(v) for v in shape[:3]) if shape else "",
             source_files=[x.path for x in files],
             extra={"file": files.index(f), **scaling, **(extra or {})},
+            names=names,
         )
 
     shape: tuple[int, ...] = ()

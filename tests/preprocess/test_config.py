@@ -14,7 +14,7 @@ PRESETS = sorted((Path(__file__).parents[2] / "configs" / "preprocess").glob("*.
 
 def test_every_expected_preset_exists():
     names = {p.stem for p in PRESETS}
-    assert {"ct_abdomen", "ct_chest", "mr_brain", "mr_knee", "tiny"} <= names
+    assert {"ct_abdomen", "ct_chest", "mr_brain", "mr_knee", "tiny", "tiny_mr"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
