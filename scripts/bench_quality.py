@@ -3,6 +3,7 @@ evaluate it and the image-blind baseline (same model, zeroed volumes) on held-ou
 
     .venv/bin/python scripts/bench_quality.py                      # defaults: 320 cases, up to 2800 steps, 30 min
     .venv/bin/python scripts/bench_quality.py --steps 1500 --set optim.lr=3e-3 --set data.tasks.report=0.5
+    .venv/bin/python scripts/bench_quality.py --modality mr --out /tmp/vol3d_bench_quality_mr   # brain MR
 
 The export and cache in ``--out`` are reused between runs (same ``--cases``/``--seed``); the
 run directory is rebuilt unless ``--reuse-run``. Training stops at ``--steps`` or when its
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="synthetic studies (default 320: about 300 training series; with 150 the tiny LM "
                         "memorised the reports instead of learning to write them from the digest)")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    p.add_argument("--modality", choices=("ct", "mr"), default="ct",
+                   help="ct: chest/abdomen CT (tiny preset); mr: brain MR, T1/T2/FLAIR as three channels (tiny_mr)")
     p.add_argument("--steps", type=int, default=2800, help="training steps at most (default 2800)")
     p.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget of the whole run (default 30)")
     p.add_argument("--eval-reserve-min", type=float, default=4.0,
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     budget = args.budget_min * 60
     test = args.test_fraction
-    opts = demo.DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed,
+    opts = demo.DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed, modality=args.modality,
                             samples_per_case=args.samples_per_case, max_new_tokens=args.max_new_tokens,
                             progress=not args.no_progress, split_fractions=(1 - test - 0.05, 0.05, test),
                             train_overrides=overrides(args.set))
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.ensure_id_key()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = args.out / "bench_data.json"
-    data_key = {"cases": args.cases, "seed": args.seed, "split": list(opts.split_fractions)}
+    data_key = {"cases": args.cases, "seed": args.seed, "split": list(opts.split_fractions),
+                **({"modality": args.modality} if args.modality != "ct" else {})}  # CT folders made before stay valid
     if stamp.is_file() and json.loads(stamp.read_text()) != data_key:
         shutil.rmtree(paths.export, ignore_errors=True)
         shutil.rmtree(paths.cache, ignore_errors=True)

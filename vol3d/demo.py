@@ -41,15 +41,20 @@ from preprocess.errors import InputError
 
 #: Id key used when ``VOL3D_ID_KEY`` is unset. Public, so only for synthetic data.
 DEMO_ID_KEY = "passphrase:vol3d demo: a public key for synthetic data only"
-#: Preprocessing preset (``configs/preprocess/``) and training preset (``configs/train/``).
-PREPROCESS_PRESET = "tiny"
+#: Preprocessing preset (``configs/preprocess/``) per ``--modality`` and training preset (``configs/train/``).
+PREPROCESS_PRESETS = {"ct": "tiny", "mr": "tiny_mr"}
+PREPROCESS_PRESET = PREPROCESS_PRESETS["ct"]
 TRAIN_PRESET = "tiny_cpu"
 #: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
 QUESTION = "Where is the {text}?"
-#: The report request of step 5 (one of the training phrasings).
-REPORT_QUESTION = "Write the findings for this CT."
-#: Findings preferred for the question, in order (the first the held-out case has).
-PREFERRED_FINDINGS = ("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly")
+#: The report request of step 5 (one of the training phrasings; ``{modality}`` CT or MR).
+REPORT_QUESTION = "Write the findings for this {modality}."
+#: Findings preferred for the question per ``--modality``, in order (the first the held-out case has).
+PREFERRED = {"ct": ("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly"),
+             "mr": ("brain_tumour", "cerebellar_infarct", "white_matter_lesion", "hydrocephalus")}
+PREFERRED_FINDINGS = PREFERRED["ct"]
+#: What the synthetic export of each ``--modality`` holds (printed after step 1).
+WHAT = {"ct": "CT chest/abdomen studies", "mr": "MR brain studies (T1, T2 and FLAIR each)"}
 STATE_NAME = "demo.json"
 
 
@@ -61,6 +66,7 @@ class DemoOptions:
     cases: int = 96  # synthetic studies (about 80% train, 10% val, 10% test by patient; ~15 s to make)
     steps: int = 360  # optimizer steps of the tiny_cpu model (batch 4 x 4 questions; ~4 min on 2 idle cores)
     seed: int = 0  # seed of the synthetic data and of training
+    modality: str = "ct"  # "ct": chest/abdomen CT; "mr": brain MR, T1/T2/FLAIR as three channels
     fresh: bool = False  # delete a previous demo in ``out`` first
     baseline: bool = True  # also evaluate the image-blind baseline (doubles the evaluation time)
     samples_per_case: int = 2  # VQA/grounding questions per held-out case in the evaluation
@@ -77,12 +83,15 @@ class DemoOptions:
             raise InputError(f"--steps {self.steps}: give at least 1 training step")
         if self.samples_per_case < 1:
             raise InputError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
+        if self.modality not in PREPROCESS_PRESETS:
+            raise InputError(f"--modality {self.modality}: choose one of {sorted(PREPROCESS_PRESETS)}")
 
     def state(self) -> dict[str, Any]:
         """What the artefacts depend on (compared with ``OUT/demo.json`` on a rerun)."""
         return {"cases": self.cases, "seed": self.seed, "steps": self.steps,
                 "split_fractions": list(self.split_fractions),
-                "train_overrides": dict(sorted(self.train_overrides.items()))}
+                "train_overrides": dict(sorted(self.train_overrides.items())),
+                **({"modality": self.modality} if self.modality != "ct" else {})}  # CT demos made before stay valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,28 +210,25 @@ def step_synth(opts: DemoOptions, paths: DemoPaths) -> bool:
         _say(f"{export} is incomplete (an interrupted run); writing it again")
         shutil.rmtree(export)
     export.mkdir(parents=True)
-    cfg = SynthConfig(cases=opts.cases, seed=opts.seed, size="small")
+    cfg = SynthConfig(cases=opts.cases, seed=opts.seed, size="small", modality=opts.modality)  # type: ignore[arg-type]
     from tqdm.auto import tqdm
 
     with tqdm(total=cfg.cases, unit="case", desc="synth", disable=not opts.progress) as bar:
         truth = generate(export, cfg, progress=bar.update)
     cases = truth["cases"]
     n_find = sum(len(c["findings"]) for c in cases)
-    _say(f"wrote {len(cases)} synthetic CT studies ({n_find} findings; DICOM and NIfTI, with scouts, "
+    _say(f"wrote {len(cases)} synthetic {WHAT[opts.modality]} ({n_find} findings; DICOM and NIfTI, with scouts, "
          f"masks, boxes, reports and ICD-10 codes) to {export}")
     return False
 
 
 def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     """Preprocess the export into the cache (the runner reuses unchanged cases); True when all were reused."""
-    from preprocess.config import PreprocessConfig
-    from preprocess.config_io import load_yaml
     from preprocess.runner import RunOptions, run_preprocess
     from preprocess.sidecars import SideTables
-    from vol3d.presets import preset_path
 
     export = paths.export
-    cfg = load_yaml(PreprocessConfig, preset_path(PREPROCESS_PRESET, kind="preprocess"))
+    cfg = preprocess_config(opts)
     side = SideTables.load(reports=export / "reports.csv", codes=export / "ehr_codes.csv",
                            boxes=export / "boxes.json", labels=export / "labels", lesions=export / "lesions",
                            vocab=export / "vocab.json")
@@ -237,15 +243,33 @@ def step_preprocess(opts: DemoOptions, paths: DemoPaths) -> bool:
     return reused
 
 
+def preprocess_config(opts: DemoOptions) -> Any:
+    """The preprocessing preset of the demo's modality (``tiny`` or ``tiny_mr``)."""
+    from preprocess.config import PreprocessConfig
+    from preprocess.config_io import load_yaml
+    from vol3d.presets import preset_path
+
+    return load_yaml(PreprocessConfig, preset_path(PREPROCESS_PRESETS[opts.modality], kind="preprocess"))
+
+
+def cached_channels(cfg: Any) -> int:
+    """Channels of the volumes a preprocessing config writes: one per CT window; per MR sequence (one
+    without ``ingest.sequence_channels``)."""
+    if cfg.modality_default == "CT" and "CT" in cfg.ingest.modalities:
+        return len(cfg.ct_windows)
+    return max(1, len(cfg.ingest.sequence_channels))
+
+
 def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
-    """The ``tiny_cpu`` preset with the demo's run dir, cache, steps, seed and overrides."""
+    """The ``tiny_cpu`` preset with the demo's run dir, cache, steps, seed, channels and overrides."""
     from preprocess.config_io import load_yaml
     from vol3d.presets import preset_path
     from vol3d.train.config import TrainConfig
 
     # absolute: the run's config.yaml must find its cache from any working directory
     overrides = {"run_dir": str(paths.run), "data.cache_dir": str(paths.cache.resolve()), "max_steps": opts.steps,
-                 "seed": opts.seed, "progress": opts.progress, **opts.train_overrides}
+                 "seed": opts.seed, "progress": opts.progress,
+                 "model.in_chans": cached_channels(preprocess_config(opts)), **opts.train_overrides}
     return load_yaml(TrainConfig, preset_path(TRAIN_PRESET, kind="train"), overrides)
 
 
@@ -472,8 +496,9 @@ def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str,
 # ----------------------------------------------------------------------------- steps 5-6: ask and draw
 
 
-def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], str]:
-    """The first case (by id) with a visible box of ``finding`` (default: :data:`PREFERRED_FINDINGS` in order).
+def pick_case(cases: Any, finding: str | None = None, vocab: Any = None) -> tuple[dict[str, Any], str]:
+    """The first case (by id) with a visible box of ``finding`` (default: :data:`PREFERRED`'s findings
+    of the cache's vocabulary in order, then its other findings).
 
     Returns the CacheDataset item and the finding name; falls back to the first case and
     its first finding (then the answer should say there is none).
@@ -481,10 +506,11 @@ def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], s
     from vol3d.tasks import finding_truth
 
     order = sorted(range(len(cases)), key=lambda i: str(cases.rows[i]["id"]) if hasattr(cases, "rows") else i)
-    wanted = (finding,) if finding else PREFERRED_FINDINGS
     # boxes and findings only: a CacheDataset skips the voxels; only the chosen case is read whole
     scan = getattr(cases, "item_without_pixels", cases.__getitem__)
-    truths = [finding_truth(scan(i)) for i in order]
+    truths = [finding_truth(scan(i), vocab) for i in order]
+    known = [n for names in PREFERRED.values() for n in names if n in truths[0]]
+    wanted = (finding,) if finding else (*known, *(n for n in truths[0] if n not in known))
     for name in wanted:
         for i, truth in zip(order, truths, strict=True):
             if name in truth and truth[name].n > 0:
@@ -494,18 +520,19 @@ def pick_case(cases: Any, finding: str | None = None) -> tuple[dict[str, Any], s
     return cases[order[0]], wanted[0]
 
 
-def true_boxes(case: Mapping[str, Any], finding: str) -> np.ndarray:
+def true_boxes(case: Mapping[str, Any], finding: str, vocab: Any = None) -> np.ndarray:
     """The visible true boxes ``(N, 6)`` of ``finding`` in the case's model-input voxels."""
     from vol3d.tasks import finding_truth
 
-    return finding_truth(case)[finding].boxes
+    return finding_truth(case, vocab)[finding].boxes
 
 
-def question_for(finding: str) -> str:
-    """The grounding question about ``finding`` ("Where is the liver lesion?")."""
-    from vol3d.tasks import DEFAULT_VOCAB
+def question_for(finding: str, vocab: Any = None) -> str:
+    """The grounding question about ``finding`` ("Where is the liver lesion?"); ``vocab`` (a cache's finding
+    vocabulary) defaults to the synthetic abdomen's."""
+    from vol3d.tasks import as_vocab
 
-    return QUESTION.format(text=DEFAULT_VOCAB[finding].text)
+    return QUESTION.format(text=as_vocab(vocab)[finding].text)
 
 
 def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = None,
@@ -515,7 +542,7 @@ def answer_figure(answer: Any, truth: np.ndarray | None, finding: str | None = N
     from vol3d.tasks import DEFAULT_VOCAB
     from vol3d.viz import answer_slices
 
-    name = DEFAULT_VOCAB[finding].text if finding in DEFAULT_VOCAB else (finding or "finding")
+    name = DEFAULT_VOCAB[finding].text if finding in DEFAULT_VOCAB else (finding or "finding").replace("_", " ")
     title = f"Q: {answer.question}   A: {answer.text if len(answer.text) < 90 else answer.text[:87] + '...'}"
     if not len(answer.model_boxes):
         title += "\n(no box in the answer: the true box is shown alone)"
@@ -543,9 +570,9 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
     from vol3d.inference import CACHE_SEP, write_json
 
     ds, split = held_out(paths.cache, pipe.input_shape)
-    case, name = pick_case(ds, finding)
-    question = question_for(name)
-    truth = true_boxes(case, name)
+    case, name = pick_case(ds, finding, pipe.vocab)
+    question = question_for(name, pipe.vocab)
+    truth = true_boxes(case, name, pipe.vocab)
     _say(f"held-out case {case['id'][:14]}... ({split} split), which has "
          f"{len(truth)} {name.replace('_', ' ')} box(es) in its ground truth")
     inp = pipe.prepare(f"{paths.cache}{CACHE_SEP}{case['id']}")  # read once, asked several questions
@@ -563,8 +590,9 @@ def step_ask(paths: DemoPaths, pipe: Any, finding: str | None = None,
         _say("\n".join(describe_answer(answer, truth)))
     else:
         _say("  (no box in the answer)")
-    report = pipe.ask(inp, REPORT_QUESTION, max_new_tokens=max_new_tokens)
-    _say(f"Q: {REPORT_QUESTION}\nA: {report.text}\nreference report: {case.get('report', '')}")
+    request = REPORT_QUESTION.format(modality=case.get("modality") or "CT")
+    report = pipe.ask(inp, request, max_new_tokens=max_new_tokens)
+    _say(f"Q: {request}\nA: {report.text}\nreference report: {case.get('report', '')}")
     write_json({**answer.to_dict(), "finding": name, "split": split, "free_answer": free_text, "located": located,
                 "true_model_vox": truth, "true_world_mm": _world(truth, answer.affine), "report": report.text,
                 "reference_report": case.get("report", "")}, paths.answer_json)
@@ -653,7 +681,7 @@ def _summary(paths: DemoPaths, result: DemoResult) -> None:
         _say(f"  {name:<17} {path}\n  {'':<17} {what}")
     case = result.case["id"] if result.case else "CASE_ID"
     _say("next:\n"
-         f"  vol3d ask {paths.run} '{paths.cache}::{case}' \"Is there a kidney cyst?\"\n"
+         f"  vol3d ask {paths.run} '{paths.cache}::{case}' \"Is there a {(result.finding or 'lesion').replace('_', ' ')}?\"\n"
          f"  vol3d eval {paths.run} --cache {paths.cache}\n"
          "  jupyter lab notebooks/explore_grounded_answers.ipynb")
 

@@ -274,3 +274,21 @@ def test_default_demo_trains_and_evaluates_every_task(tmp_path):
         loss = [float(r["value"]) for r in csv.DictReader(fh) if r["name"] == "train/loss"]
     assert loss[-1] < 0.7 * loss[0]  # it learned something in 1000 steps
     # (whether it reads the images: see docs/benchmarks/quality.md, model vs image-blind)
+
+
+def test_the_mr_demo_runs_end_to_end_on_three_channel_brains(tmp_path):
+    """`vol3d demo --modality mr` at the tiny size: a head export, the tiny_mr preset's three channels, a model
+    that takes them, the evaluation and a question about a brain finding."""
+    result, text, _ = _run(demo.DemoOptions(out=tmp_path / "mr", modality="mr", **TINY))
+    assert "MR brain studies (T1, T2 and FLAIR each)" in text
+    params = json.loads((result.paths.cache / "params.json").read_text())
+    assert params["config"]["ingest"]["sequence_channels"] == ["t1*", "t2*", "flair*"]
+    assert demo.train_config(demo.DemoOptions(out=tmp_path / "mr", modality="mr", **TINY),
+                             result.paths).model.in_chans == 3
+    assert result.finding in demo.PREFERRED["mr"]
+    assert "Write the findings for this MR." in text
+    assert {"report", "vqa_closed", "ground"} <= set(result.eval["model"])
+    with pytest.raises(InputError, match="other parameters|--fresh"):  # a CT demo in an MR folder is refused
+        demo.run_demo(demo.DemoOptions(out=tmp_path / "mr", **TINY))
+    with pytest.raises(InputError, match="--modality"):
+        demo.DemoOptions(modality="pet")

@@ -13,11 +13,12 @@ about a held-out case and draw the answer's box next to the true box in OUT/answ
 A second run reuses what already exists (an interrupted run resumes, training from
 its last checkpoint); --fresh starts over. Guide: docs/demo.md.
 
-example: vol3d demo --out ./vol3d_demo"""
+example: vol3d demo --out ./vol3d_demo
+         vol3d demo --out ./vol3d_demo_mr --modality mr"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vol3d.demo import PREFERRED_FINDINGS, DemoOptions
+    from vol3d.demo import PREFERRED, PREPROCESS_PRESETS, DemoOptions
 
     d = DemoOptions()
     parser.add_argument("--out", type=Path, default=d.out, help=f"demo folder (default ./{d.out})")
@@ -27,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete a previous demo in --out and start over")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the image-blind baseline evaluation (halves the evaluation time)")
-    parser.add_argument("--finding", choices=PREFERRED_FINDINGS,
+    parser.add_argument("--modality", choices=sorted(PREPROCESS_PRESETS), default=d.modality,
+                        help="ct: chest/abdomen CT (default); mr: brain MR with T1, T2 and FLAIR as three channels")
+    parser.add_argument("--finding", choices=[n for names in PREFERRED.values() for n in names],
                         help="finding to ask about (default: the first of these a held-out case has)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -36,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     from vol3d.demo import DemoOptions, main_exit_code
 
     opts = DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed, fresh=args.fresh,
-                       baseline=not args.no_baseline, progress=not args.no_progress)
+                       baseline=not args.no_baseline, progress=not args.no_progress, modality=args.modality)
     return main_exit_code(opts, finding=args.finding)

@@ -88,6 +88,20 @@ def build_model(cfg: SegConfig, preprocess: dict[str, Any]) -> tuple[Any, SegCon
     return SegModel(cfg.model, encoder_state=state, preprocess=preprocess), cfg
 
 
+def classes_of_cache(cfg: SegConfig) -> SegConfig:
+    """``cfg`` with the cache's label names (its ``vocab.json`` ``labels``) as the classes when
+    ``model.class_names`` was left at the synthetic abdomen's default: a brain cache segments its own
+    labels, not the abdomen's."""
+    from preprocess.sidecars import cache_vocabulary
+    from vol3d.seg.config import DEFAULT_CLASSES
+
+    labels = [str(n) for n in cache_vocabulary(cfg.data.cache_dir).get("labels") or []]
+    if not labels or list(cfg.model.class_names) != DEFAULT_CLASSES or labels == DEFAULT_CLASSES:
+        return cfg
+    log.info("classes from the cache's vocab.json: %s", ", ".join(labels))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=labels))
+
+
 def finetune(cfg: SegConfig, resume: bool = False) -> Any:
     """Run (or resume) a segmentation fine-tune; returns the loop's :class:`~vol3d.train.loop.FitResult`."""
     from vol3d.seg.model import SegModel
@@ -108,6 +122,8 @@ def finetune(cfg: SegConfig, resume: bool = False) -> Any:
     ddp.barrier(info)
 
     preprocess = read_cache_preprocess(cfg.data.cache_dir)
+    if not resume:
+        cfg = classes_of_cache(cfg)
     train_ds, val_ds = build_datasets(cfg)
     if resume:  # weights come from the checkpoint; the architecture from config.yaml
         model = SegModel(cfg.model, preprocess=preprocess)
