@@ -139,3 +139,25 @@ def test_seg_presets_load_and_build(path):
         assert cfg.model.in_chans == len(tiny.ct_windows)
         x = torch.zeros(1, cfg.model.in_chans, *cfg.model.patch_size)
         assert model(x).shape == (1, len(cfg.model.class_names), *cfg.model.patch_size)
+
+
+def test_a_cache_with_other_labels_brings_its_own_classes(tmp_path):
+    """A brain cache (its vocab.json names grey matter, ventricles ...) is segmented into its own labels when
+    model.class_names is left at the synthetic abdomen's default; classes given explicitly are kept."""
+    import dataclasses
+    import json
+
+    from vol3d.seg.config import DEFAULT_CLASSES
+    from vol3d.seg.finetune import classes_of_cache
+    from vol3d.synth import brain
+
+    vocab = {"findings": {"brain_tumour": {"text": "brain tumour", "organ": "white matter"}},
+             "labels": list(brain.LABELS), "finding_labels": ["lesion"]}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    cfg = SegConfig(data=SegDataConfig(cache_dir=str(tmp_path)))
+    assert cfg.model.class_names == DEFAULT_CLASSES
+    assert classes_of_cache(cfg).model.class_names == list(brain.LABELS)
+    mine = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=["background", "tumour"]))
+    assert classes_of_cache(mine).model.class_names == ["background", "tumour"]
+    (tmp_path / "vocab.json").unlink()
+    assert classes_of_cache(cfg).model.class_names == DEFAULT_CLASSES  # no vocabulary: the default stays
