@@ -48,6 +48,7 @@ import numpy as np
 from preprocess import ids, reasons
 from preprocess.config import PreprocessConfig
 from preprocess.errors import EXIT_OK, EXIT_PARTIAL, InputError
+from preprocess.ingest.scan_index import index_path
 from preprocess.manifest import (
     MANIFEST_NAME,
     ManifestRow,
@@ -98,6 +99,12 @@ class RunOptions:
     on_case_written: Callable[[int], None] | None = None
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT
     progress: bool = True  # tqdm progress bar on stderr
+    # persistent index of the DICOM headers read (PHI: outside the cache, mode 0600); a rerun reads only
+    # files whose size or mtime changed. None: <out>.scan.sqlite beside the cache (see index_path)
+    scan_index: Path | None = None
+    use_scan_index: bool = True
+    scan_only: bool = False  # scan into the index and stop (the first step of a sharded run); no cache written
+    scan_processes: int = 0  # header-reading processes (0: one per core, at most 8, for thousands of files)
 
 
 @dataclasses.dataclass
@@ -560,10 +567,52 @@ def run_preprocess(
     if opts.redact_paths and walk.is_relative_to(out.resolve()):
         raise InputError(f"--crosswalk {walk} is inside the cache {out}; the crosswalk names patients' files "
                          "and must live outside the cache (the default is <CACHE>.crosswalk.jsonl beside it)")
+    index = Path(opts.scan_index or index_path(out)).resolve()
+    if opts.use_scan_index and index.is_relative_to(out.resolve()):
+        raise InputError(f"--scan-index {index} is inside the cache {out}; the index holds the headers' "
+                         "identifiers and must live outside the cache (the default is <CACHE>.scan.sqlite beside it)")
     key = ids.resolve_id_key(cfg.id_key)
+    if opts.scan_only:
+        return scan_only(src, out, cfg, side, opts, key, t0)
     params = make_params(cfg, key, fractions)
     with cache_lock(out):
         return _run_locked(src, out, cfg, side, opts, key, fractions, params, t0)
+
+
+def _open_index(out: Path, opts: RunOptions, key: bytes) -> Any:
+    """The run's scan index (None when disabled). A shard reads a shared index without writing it, so
+    the tasks of an array job do not queue on its lock."""
+    if not opts.use_scan_index:
+        return None
+    from preprocess.ingest.scan_index import ScanIndex
+
+    path = Path(opts.scan_index or index_path(out))
+    return ScanIndex(path, ids.source_hash_key(key), readonly=opts.shard is not None and path.is_file())
+
+
+def scan_only(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
+              t0: float) -> Summary:
+    """``vol3d preprocess SRC --out CACHE --scan-only``: read every header into the scan index (the
+    shards of an array job then read it instead of the export's headers); nothing is written to the cache."""
+    from preprocess import ingest
+
+    if not opts.use_scan_index:
+        raise InputError("--scan-only fills the scan index; it cannot run with --no-scan-index")
+    summary = Summary(out=Path(opts.scan_index or index_path(out)))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.scan-staging-", dir=summary.out.parent))
+    try:
+        with _open_index(out, dataclasses.replace(opts, shard=None), key) as index:
+            rows = ingest.scan(src, _scan_config(cfg, src, side), workdir=staging, progress=opts.progress,
+                               index=index, processes=opts.scan_processes)
+            summary.total_rows = len(index)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for c in rows:
+        summary.counts[c.status] += 1
+        if c.status != "ok":
+            summary.reasons[(c.status, c.reason)] += 1
+    summary.seconds = time.monotonic() - t0
+    return summary
 
 
 def _run_locked(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, opts: RunOptions, key: bytes,
@@ -587,7 +636,13 @@ def _run_scanned(src: Path, out: Path, cfg: PreprocessConfig, side: SideTables, 
     from preprocess import ingest
 
     params_hash = params["params_hash"]
-    candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress)
+    index = _open_index(out, opts, key)
+    try:
+        candidates = ingest.scan(src, _scan_config(cfg, src, side), workdir=workdir, progress=opts.progress,
+                                 index=index, processes=opts.scan_processes)
+    finally:
+        if index is not None:
+            index.close()
     _require_images(src, candidates, workdir)
     open_cache(out, params, opts.overwrite)
     if side.vocab is not None:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from preprocess import reasons
 from preprocess.ingest import channels
@@ -33,7 +34,8 @@ __all__ = ["IngestConfig", "scan", "load", "content_hash"]
 
 
 def scan(
-    src: Path, cfg: IngestConfig, workdir: Path | None = None, progress: bool = False
+    src: Path, cfg: IngestConfig, workdir: Path | None = None, progress: bool = False, index: Any = None,
+    processes: int = 0,
 ) -> list[Candidate]:
     """Every series/file under ``src`` as a :class:`Candidate` (ok, skipped or failed), without reading pixels.
 
@@ -42,15 +44,20 @@ def scan(
         workdir: staging folder where zips are unpacked (a temporary folder if None); candidates
             point into it, so keep it until they are loaded.
         progress: show a progress bar while reading DICOM headers.
+        index: a :class:`~preprocess.ingest.scan_index.ScanIndex`: headers of files unchanged since it
+            recorded them are taken from it, the others read and recorded.
+        processes: header-reading processes (0: one per CPU core, at most 8, once there are thousands
+            of files; 1: threads in this process).
     Returns:
         Candidates sorted by ``(source[0], key)``; ``source`` paths are relative to ``src``
         (``a.zip!/inner/file`` inside zips). Pixels are read only to compare duplicate slices.
     """
     with quiet_pydicom():  # its validation warnings quote tag values; the rows say what is wrong instead
-        return _scan(src, cfg, workdir, progress)
+        return _scan(src, cfg, workdir, progress, index, processes)
 
 
-def _scan(src: Path, cfg: IngestConfig, workdir: Path | None, progress: bool) -> list[Candidate]:
+def _scan(src: Path, cfg: IngestConfig, workdir: Path | None, progress: bool, index: Any = None,
+          processes: int = 0) -> list[Candidate]:
     inv = discover(Path(src), tuple(cfg.exclude), workdir, limits=cfg)
     rows: list[Candidate] = list(inv.rows)
 
@@ -91,8 +98,14 @@ def _scan(src: Path, cfg: IngestConfig, workdir: Path | None, progress: bool) ->
             rows.append(not_medical_row(f))
         else:
             to_read.append((f, f.path in referenced))
+    known = index.lookup(to_read) if index is not None else {}
+    todo = [item for item in to_read if item[0].rel not in known]
+    fresh = read_headers(todo, progress=progress, processes=processes)
+    if index is not None:
+        index.store(zip(todo, fresh, strict=True))
+    read = iter(fresh)
     headers: list[Header] = []
-    for res in read_headers(to_read, progress=progress):
+    for res in (known[f.rel] if f.rel in known else next(read) for f, _ in to_read):
         if isinstance(res, Header):
             headers.append(res)
         elif res is not None:
@@ -129,8 +142,10 @@ def load(c: Candidate, cfg: IngestConfig) -> Image:
     processes. Raises :class:`SeriesError` (reason code + sentence) when the data cannot be used.
     """
     if c.extra.get("channels"):  # a multi-sequence study (ingest.sequence_channels)
-        first = dataclasses.replace(c, extra={k: v for k, v in c.extra.items() if k != "channels"})
         others = c.extra["channels"]
+        n = len(c.source) - sum(len(o.source) for o in others)  # the first channel's files lead
+        first = dataclasses.replace(c, source=c.source[:n], source_files=c.source_files[:n],
+                                    extra={k: v for k, v in c.extra.items() if k != "channels"})
         return channels.stack(load(first, cfg), [load(o, cfg) for o in others],
                               names=[c.source[0], *(o.source[0] for o in others)])
     try:

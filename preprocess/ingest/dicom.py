@@ -503,13 +503,55 @@ def quiet_pydicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: Files below which headers are read by threads in this process (starting processes costs seconds).
+PROCESS_SCAN_MIN_FILES = 4000
+
+
 def read_headers(
-    files: list[tuple[FoundFile, bool]], progress: bool = False
+    files: list[tuple[FoundFile, bool]], progress: bool = False, processes: int = 0
 ) -> list[Header | Candidate | None]:
-    """:func:`read_header` over many files with a thread pool (I/O bound on network shares)."""
+    """:func:`read_header` over many files, in order.
+
+    Parsing headers is CPU-bound Python (pydicom holds the GIL), so thousands of files are spread
+    over ``processes`` worker processes (0: one per CPU core, at most 8), each reading its chunk with
+    a few threads (I/O overlap on network shares); memory grows with the number of files (one small
+    header each), not with their size. Fewer files, or ``processes`` 1, use threads here only.
+    """
+    n = processes or min(8, os.cpu_count() or 1)
+    if n <= 1 or len(files) < PROCESS_SCAN_MIN_FILES:
+        return _read_with_threads(files, progress)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(64, min(2000, len(files) // (8 * n)))
+    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    out: list[Header | Candidate | None] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="DICOM headers", unit="file")
+    # spawn: a forked child would inherit the parent's threads and locks (and torch, if loaded)
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+        for part in pool.map(_read_chunk, chunks):
+            out.extend(part)
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _read_chunk(files: list[tuple[FoundFile, bool]]) -> list[Header | Candidate | None]:
+    with quiet_pydicom():  # a worker process has its own pydicom settings
+        return _read_with_threads(files, False, workers=2)
+
+
+def _read_with_threads(files: list[tuple[FoundFile, bool]], progress: bool,
+                       workers: int = 0) -> list[Header | Candidate | None]:
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = min(8, 2 * (os.cpu_count() or 2))  # I/O overlap without 16 headers inflating at once
+    workers = workers or min(8, 2 * (os.cpu_count() or 2))  # I/O overlap without 16 headers inflating at once
     with ThreadPoolExecutor(max_workers=workers) as pool:  # callers run it under quiet_pydicom (scan)
         it: Iterable = pool.map(lambda a: read_header(*a), files)
         if progress:

@@ -10,7 +10,8 @@ from preprocess.errors import InputError
 HELP = "ingest DICOM/DICOMDIR/zip/NIfTI/NRRD/MHA into a chunked HDF5 cache + manifest"
 USAGE = """vol3d preprocess SRC --out CACHE [--config YAML | --preset NAME] [--workers N] [--shard i/N]
                         [--reports CSV] [--codes CSV] [--labels DIR] [--boxes JSON] [--lesions DIR]
-                        [--overwrite] [--keep-paths | --crosswalk FILE] [CONFIG FLAGS]
+                        [--overwrite] [--keep-paths | --crosswalk FILE] [--scan-index FILE | --no-scan-index]
+                        [--scan-only] [CONFIG FLAGS]
        vol3d preprocess merge CACHE_SHARD [CACHE_SHARD ...] --out CACHE [--overwrite]"""
 DESCRIPTION = """Scan a hospital export, split and validate series, convert to RAS+, rescale HU,
 resample to the preset spacing, and write one chunked HDF5 file per series plus
@@ -21,7 +22,10 @@ lesion instance maps are joined before identifiers are dropped; ids are keyed ha
 
 No input path reaches the cache: the manifest names files by keyed hashes, and the
 link back to the export (which QC needs, and which is PHI) goes to the crosswalk
-CACHE.crosswalk.jsonl beside the cache (mode 0600; --crosswalk moves it).
+CACHE.crosswalk.jsonl beside the cache (mode 0600; --crosswalk moves it). The headers
+read are indexed in CACHE.scan.sqlite beside it (PHI too, mode 0600; --scan-index moves it):
+a rerun reads only the files whose size or mtime changed. For an array job, build the
+index once with --scan-only, then run each --shard i/N with --scan-index on it.
 
 Resumable: run the same command again after an interruption (even kill -9); finished
 cases are kept, changed inputs or side data are redone. A cache made with other
@@ -35,7 +39,8 @@ failed (the rest was written), 2 bad arguments or input (nothing changed)."""
 
 #: Side-table and run options that make no sense for `merge`.
 _RUN_ONLY = ("config", "preset", "shard", "reports", "codes", "labels", "boxes", "lesions", "keep_paths",
-             "crosswalk", "rehash", "no_scrub_reports", "split_fractions")  # fmt: skip
+             "crosswalk", "rehash", "no_scrub_reports", "split_fractions", "scan_index", "no_scan_index",
+             "scan_only")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +94,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fractions of patients per split (default 0.8 0.1 0.1)",
     )
+    index = parser.add_mutually_exclusive_group()
+    index.add_argument("--scan-index", type=Path, metavar="FILE",
+                       help="index of the DICOM headers read (PHI; default CACHE.scan.sqlite beside the cache): "
+                       "a rerun reads only changed files; shards read it without writing")  # fmt: skip
+    index.add_argument("--no-scan-index", action="store_true", help="read every header, keep no index")
+    parser.add_argument("--scan-only", action="store_true",
+                        help="scan SRC into the scan index and stop (before `--shard i/N` runs that share it)")
+    parser.add_argument("--scan-processes", type=int, default=0, metavar="N",
+                        help="processes reading DICOM headers (default 0: one per CPU core, at most 8, once there "
+                        "are thousands of files; 1: threads only)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     fields = parser.add_argument_group(
         "config fields", "every PreprocessConfig field (docs/preprocess.md); a flag wins over --config/--preset"
@@ -135,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
         rehash=args.rehash,
         split_fractions=tuple(fractions),
         progress=not args.no_progress,
+        scan_index=args.scan_index,
+        use_scan_index=not args.no_scan_index,
+        scan_only=args.scan_only,
+        scan_processes=args.scan_processes,
     )
     side = SideTables.load(
         reports=args.reports, codes=args.codes, boxes=args.boxes, labels=args.labels, lesions=args.lesions,
@@ -142,5 +161,10 @@ def run(args: argparse.Namespace) -> int:
     )
     side.scrub_reports = not args.no_scrub_reports
     summary = run_preprocess(args.paths[0], args.out, cfg, side, opts)
+    if opts.scan_only:
+        print(f"scanned {sum(summary.counts.values())} series/files into {summary.out} ({summary.total_rows} "
+              f"headers, {summary.seconds:.1f} s): ok {summary.counts['ok']}, skipped {summary.counts['skipped']}, "
+              f"failed {summary.counts['failed']}")
+        return 0
     print(summary.table())
     return summary.exit_code
