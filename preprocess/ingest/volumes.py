@@ -110,6 +110,26 @@ def _sidecar(sidecar: FoundFile | None) -> tuple[Identity, str, str, tuple[str, 
                                                                       "SequenceName"))
 
 
+def _pixels_load(path: Path, kind: str, parrec_scaling: str = "dv"):
+    """The image whose pixels are read next: a gzipped single-file NIfTI is inflated whole by ISA-L
+    (``isal``, 3-4x faster than zlib for CT-sized files) and handed to nibabel as bytes; anything
+    else, or without ``isal``, as :func:`_nibabel_load` opens it."""
+    if kind == "nifti" and str(path).lower().endswith(".nii.gz"):
+        try:
+            from isal import igzip
+        except ImportError:  # optional: zlib through nibabel instead
+            igzip = None
+        if igzip is not None:
+            import nibabel as nib
+
+            data = igzip.decompress(Path(path).read_bytes())
+            sizeof_hdr = int.from_bytes(data[:4], "little")
+            if sizeof_hdr not in (348, 540):  # big-endian header
+                sizeof_hdr = int.from_bytes(data[:4], "big")
+            return (nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image).from_bytes(data)
+    return _nibabel_load(path, kind, parrec_scaling)
+
+
 def _nibabel_load(path: Path, kind: str, parrec_scaling: str = "dv"):
     import nibabel as nib
 
@@ -272,7 +292,7 @@ def load_volume(c: Candidate) -> Image:
         if c.kind in NIBABEL_KINDS:
             import nibabel as nib
 
-            img = _nibabel_load(path, c.kind, c.extra.get("parrec_scaling", "dv"))
+            img = _pixels_load(path, c.kind, c.extra.get("parrec_scaling", "dv"))
             proxy = img.dataobj
             # Proxy slicing reads (and scales) only the requested volume.
             arr = np.asarray(proxy[..., t] if t is not None else proxy, dtype=np.float32)
@@ -296,4 +316,6 @@ def load_volume(c: Candidate) -> Image:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise SeriesError(reasons.REJECTED_4D, f"{c.source[0]} has shape {arr.shape}; expected a 3D volume.")
-    return Image(array=np.ascontiguousarray(arr), affine=affine, modality=c.modality, flags=flags)
+    if not (arr.flags.f_contiguous or arr.flags.c_contiguous):  # NIfTI arrays come Fortran-ordered: kept
+        arr = np.ascontiguousarray(arr)  # (the resampler reads either order without a full-volume copy)
+    return Image(array=arr, affine=affine, modality=c.modality, flags=flags)
