@@ -13,6 +13,10 @@ PersistentDataset (same chain, cached, + RandSpatialCropd) and from the MONAI NI
 outputs (nibabel load + crop). Results go to stdout and, with ``--json``, a file.
 
     .venv/bin/python scripts/bench_preprocess.py --cases 6 --shape 512 512 200 --workers 2
+    .venv/bin/python scripts/bench_preprocess.py --format dicom --cases 4 --workers 1   # DICOM series
+
+``--format dicom`` writes the same volumes as DICOM series (one file per slice); MONAI reads each
+series folder with its ``PydicomReader``.
 """
 
 from __future__ import annotations
@@ -77,6 +81,29 @@ def make_volumes(folder: Path, n: int, shape: tuple[int, int, int], spacing: tup
     return paths
 
 
+def make_dicom(folder: Path, n: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+               seed: int) -> list[Path]:
+    """The volumes of :func:`make_volumes` as DICOM CT series, one folder each (rescale -1024, uint16)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vol3d.synth.dicom_writer import slice_positions, write_series
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        hu = np.clip(np.rint(phantom_hu(shape, spacing, rng)), -1024, 3071)
+        extent = np.array(shape) * np.array(spacing)
+        first = [-extent[0] / 2, -extent[1] / 2, -extent[2] / 2]
+        path = folder / f"case{i:03d}"
+        write_series(path, hu, orientation=[1, 0, 0, 0, 1, 0], pixel_spacing=[spacing[1], spacing[0]],
+                     positions_lps=slice_positions(first, [0, 0, spacing[2]], shape[2]),
+                     patient={"PatientID": f"P{i}"}, study={"StudyInstanceUID": f"1.2.826.0.1.3680043.99.{i}"},
+                     slice_thickness=spacing[2], uid_entropy=["bench-preprocess", str(i)])  # fmt: skip
+        paths.append(path)
+    return paths
+
+
 # ----------------------------------------------------------------------------- vol3d
 
 
@@ -95,14 +122,14 @@ def vol3d_config(patch: int):
     )
 
 
-def bench_vol3d(src: Path, cache: Path, workers: int, patch: int) -> float:
+def bench_vol3d(src: Path, cache: Path, workers: int, patch: int, expected: int) -> float:
     from preprocess.runner import RunOptions, run_preprocess
 
     os.environ.setdefault("VOL3D_ID_KEY", "b3e7c0de5eed1dea" * 4)
     t0 = time.perf_counter()
     summary = run_preprocess(src, cache, vol3d_config(patch), opts=RunOptions(workers=workers, progress=False))
     seconds = time.perf_counter() - t0
-    assert summary.counts["ok"] == len(list(src.glob("*.nii.gz"))), summary.table()
+    assert summary.counts["ok"] == expected, summary.table()
     return seconds
 
 
@@ -113,12 +140,12 @@ def _body(x):  # module level: picklable for DataLoader workers
     return x > (FG_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
 
 
-def monai_transforms(out_dir: Path | None):
+def monai_transforms(out_dir: Path | None, reader: str | None = None):
     from monai import transforms as mt
 
     margin = [int(round(MARGIN_MM / s)) for s in TARGET_SPACING]
     chain = [
-        mt.LoadImaged(keys="image", image_only=True),
+        mt.LoadImaged(keys="image", image_only=True, reader=reader),
         mt.EnsureChannelFirstd(keys="image"),
         mt.Orientationd(keys="image", axcodes="RAS"),
         mt.Spacingd(keys="image", pixdim=TARGET_SPACING, mode="bilinear"),
@@ -132,13 +159,13 @@ def monai_transforms(out_dir: Path | None):
     return chain
 
 
-def bench_monai(files: list[Path], out_dir: Path, workers: int) -> float:
+def bench_monai(files: list[Path], out_dir: Path, workers: int, reader: str | None = None) -> float:
     import torch
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose
 
     torch.set_num_threads(1)  # one thread per worker process, as vol3d's workers
-    ds = Dataset([{"image": str(f)} for f in files], Compose(monai_transforms(out_dir)))
+    ds = Dataset([{"image": str(f)} for f in files], Compose(monai_transforms(out_dir, reader)))
     loader = DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=lambda b: len(b))
     t0 = time.perf_counter()
     n = sum(loader)
@@ -172,14 +199,15 @@ def bench_h5(cache: Path, n: int, patch: int, seed: int) -> float:
     return n / seconds
 
 
-def bench_persistent(files: list[Path], cache_dir: Path, n: int, patch: int, seed: int) -> tuple[float, float]:
+def bench_persistent(files: list[Path], cache_dir: Path, n: int, patch: int, seed: int,
+                     reader: str | None = None) -> tuple[float, float]:
     """(patches/s once cached, seconds to build the cache)."""
     import torch
     from monai.data import PersistentDataset
     from monai.transforms import Compose, RandSpatialCropd
 
     torch.set_num_threads(1)
-    chain = Compose([*monai_transforms(None), RandSpatialCropd(keys="image", roi_size=(patch,) * 3, random_size=False)])
+    chain = Compose([*monai_transforms(None, reader), RandSpatialCropd(keys="image", roi_size=(patch,) * 3, random_size=False)])
     ds = PersistentDataset([{"image": str(f)} for f in files], chain, cache_dir=str(cache_dir))
     t0 = time.perf_counter()
     for i in range(len(ds)):
@@ -235,30 +263,40 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
+                    help="source format: gzipped NIfTI files (default) or DICOM series folders")
     args = ap.parse_args()
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pre_"))
     try:
-        src = tmp / "nifti"
+        src = tmp / args.format
         t0 = time.perf_counter()
-        files = sorted(src.glob("*.nii.gz")) if src.is_dir() else []
+        if args.format == "dicom":
+            files = sorted(p for p in src.glob("case*") if p.is_dir()) if src.is_dir() else []
+            make = make_dicom
+        else:
+            files = sorted(src.glob("*.nii.gz")) if src.is_dir() else []
+            make = make_volumes
         if len(files) != args.cases:
             shutil.rmtree(src, ignore_errors=True)
-            files = make_volumes(src, args.cases, tuple(args.shape), tuple(args.spacing), args.seed)
-        print(f"data: {args.cases} x {tuple(args.shape)} int16 NIfTI ({time.perf_counter() - t0:.1f} s to make)")
+            files = make(src, args.cases, tuple(args.shape), tuple(args.spacing), args.seed)
+        print(f"data: {args.cases} x {tuple(args.shape)} int16 {'DICOM series' if args.format == 'dicom' else 'NIfTI'} "
+              f"({time.perf_counter() - t0:.1f} s to make)")
         for d in ("cache", "monai_out", "persistent"):
             shutil.rmtree(tmp / d, ignore_errors=True)
 
-        t_monai = bench_monai(files, tmp / "monai_out", args.workers)
-        t_vol3d = bench_vol3d(src, tmp / "cache", args.workers, args.patch)
+        reader = "PydicomReader" if args.format == "dicom" else None
+        t_monai = bench_monai(files, tmp / "monai_out", args.workers, reader)
+        t_vol3d = bench_vol3d(src, tmp / "cache", args.workers, args.patch, len(files))
         monai_files = sorted((tmp / "monai_out").glob("*.nii.gz"))
         r_h5 = bench_h5(tmp / "cache", args.reads, args.patch, args.seed)
-        r_pd, pd_build = bench_persistent(files, tmp / "persistent", args.reads, args.patch, args.seed)
+        r_pd, pd_build = bench_persistent(files, tmp / "persistent", args.reads, args.patch, args.seed, reader)
         r_nii = bench_nifti(monai_files, args.reads, args.patch, args.seed)
 
         res = {
             "machine": machine(),
             "cases": args.cases,
+            "format": args.format,
             "shape": list(args.shape),
             "spacing": list(args.spacing),
             "workers": args.workers,

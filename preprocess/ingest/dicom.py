@@ -967,7 +967,9 @@ def load_dicom(c: Candidate) -> Image:
     for ts in ex["transfer_syntaxes"]:
         if not decoder_available(ts):
             raise SeriesError(reasons.NO_DECODER, f"{_where(c.source)}: {_decoder_fix(ts)}.")
-    out = np.empty((cols, rows, len(ex["slices"])), np.float32)
+    # Fortran order: each slice (X=cols, Y=rows) is one contiguous block, written in one pass (in C order
+    # every slice write strides through the whole volume); the resampler reads either order
+    out = np.empty((cols, rows, len(ex["slices"])), np.float32, order="F")
     last, pixels = -1, np.empty(0)  # one file's pixels in memory at a time
     for k, ((fi, frame), (slope, icpt)) in enumerate(zip(ex["slices"], ex["rescale"], strict=True)):
         if fi != last:
