@@ -77,6 +77,19 @@ def _h5_blobs(path: Path) -> list[tuple[str, bytes]]:
     return blobs
 
 
+def _haystacks(out: Path, proc) -> list[tuple[str, bytes]]:
+    """stdout, stderr, and every file name, file and decoded HDF5 blob under ``out``."""
+    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).as_posix()
+        haystacks.append((f"file name {rel}", rel.encode()))
+        if p.is_file():
+            haystacks.append((rel, p.read_bytes()))
+            if p.suffix == ".h5":
+                haystacks += _h5_blobs(p)
+    return haystacks
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from vol3d.synth.export import SynthConfig, generate
@@ -112,17 +125,8 @@ def test_no_identifier_in_any_output_byte_name_or_log(run):
     dicom_file = next(p for p in (export / "dicom").rglob("*") if p.is_file())
     for src in (dicom_file, export / "ehr_codes.csv"):
         assert any(n in src.read_bytes() for n in needles), src
-    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
-    files = [p for p in out.rglob("*")]
-    assert any(p.suffix == ".h5" for p in files) and (out / "fingerprint.json").is_file()
-    for p in files:
-        rel = p.relative_to(out).as_posix()
-        haystacks.append((f"file name {rel}", rel.encode()))
-        if p.is_file():
-            haystacks.append((rel, p.read_bytes()))
-            if p.suffix == ".h5":
-                haystacks += _h5_blobs(p)
-    leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
+    assert any(p.suffix == ".h5" for p in out.rglob("*")) and (out / "fingerprint.json").is_file()
+    leaks = sorted({(where, needles[n]) for where, blob in _haystacks(out, proc) for n in needles if n in blob})
     assert not leaks, f"identifiers found: {leaks[:10]}"
 
 
@@ -191,13 +195,39 @@ def test_series_left_out_by_their_description_leave_no_identifier(run, tmp_path)
     selected_out = [r for r in rows if r["reason"] == "NOT_SELECTED"]
     assert proc.returncode == 0 and selected_out and not [r for r in rows if r["status"] == "ok"], proc.stderr[-2000:]
     needles = _needles(truth)
-    haystacks: list[tuple[str, bytes]] = [("stdout", proc.stdout), ("stderr", proc.stderr)]
-    for p in cache.rglob("*"):
-        rel = p.relative_to(cache).as_posix()
-        haystacks.append((f"file name {rel}", rel.encode()))
-        if p.is_file():
-            haystacks.append((rel, p.read_bytes()))
-    leaks = sorted({(where, needles[n]) for where, blob in haystacks for n in needles if n in blob})
+    leaks = sorted({(where, needles[n]) for where, blob in _haystacks(cache, proc) for n in needles if n in blob})
+    assert not leaks, f"identifiers found: {leaks[:10]}"
+
+
+def test_brain_mr_sequences_as_channels_leave_no_identifier(tmp_path):
+    """The MR head export through tiny_mr (each study's T1, T2 and FLAIR combined by their descriptions,
+    which hold identifiers in the synthetic export; one study without its FLAIR, so MISSING_CHANNEL rows):
+    no identifier or description in the cache, its names or the log; the scan index lies outside."""
+    import shutil
+
+    from vol3d.synth.export import SynthConfig, generate
+
+    export, out = tmp_path / "export", tmp_path / "cache"
+    truth = generate(export, SynthConfig(cases=3, seed=8, size="small", modality="mr", nifti_fraction=0.0,
+                                         workers=1))
+    case = truth["cases"][1]
+    folders = {s["contrast"]: Path(s["files"][0]).parent for s in case["series"] if s["role"] != "localizer"}
+    assert folders["FLAIR"] != folders["T1"]
+    shutil.rmtree(export / folders["FLAIR"])
+    cmd = [sys.executable, "-m", "vol3d.cli", "-v", "preprocess", str(export), "--out", str(out),
+           "--preset", "tiny_mr", "--workers", "1", "--no-progress", "--reports", str(export / "reports.csv"),
+           "--codes", str(export / "ehr_codes.csv"), "--labels", str(export / "labels"),
+           "--boxes", str(export / "boxes.json"), "--ingest.exclude", "lesions/*"]  # fmt: skip
+    env = {**os.environ, "VOL3D_ID_KEY": "fedcba9876543210" * 4}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sum(r["status"] == "ok" for r in rows) == 2 and sum(r["reason"] == "MISSING_CHANNEL" for r in rows) == 2
+    assert (tmp_path / "cache.scan.sqlite").is_file()  # the header index is PHI: beside the cache, not in it
+    descriptions = {d for c in truth["cases"] for d in c["phi"]["SeriesDescriptions"]}
+    assert descriptions <= set(truth["phi_strings"])
+    needles = _needles(truth)
+    leaks = sorted({(where, needles[n]) for where, blob in _haystacks(out, proc) for n in needles if n in blob})
     assert not leaks, f"identifiers found: {leaks[:10]}"
 
 
