@@ -19,6 +19,7 @@ import numpy as np
 
 from preprocess.config import PreprocessConfig
 from preprocess.transforms import CachedBoxes, Prepared, cached_boxes
+from preprocess.types import Frames
 
 #: Bumped when the layout changes incompatibly (attribute ``format_version``).
 FORMAT_VERSION = 1
@@ -270,6 +271,19 @@ class CaseReader:
     def affine(self) -> np.ndarray:
         """``(4, 4)`` cached index -> RAS+ mm."""
         return np.asarray(self.attrs["affine"], dtype=float)
+
+    @property
+    def frames(self) -> Frames:
+        """The cached grid's geometry: to world mm and back to the original image's grid."""
+        a = self.attrs
+        missing = [k for k in ("cached_to_orig", "orig_affine", "orig_shape") if k not in a]
+        if missing:
+            from preprocess.errors import InputError
+
+            raise InputError(f"{self.path}: case {self.key} has no {', '.join(missing)} (docs/formats.md section 2); "
+                             "it was not written by vol3d preprocess: rebuild the cache with it")
+        return Frames(self.affine, np.asarray(a["cached_to_orig"], dtype=float),
+                      np.asarray(a["orig_affine"], dtype=float), tuple(int(n) for n in a["orig_shape"]))  # type: ignore[arg-type]
 
     @property
     def has_label(self) -> bool:

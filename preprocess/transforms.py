@@ -30,7 +30,7 @@ from scipy import ndimage, sparse
 from preprocess import geometry
 from preprocess.config import PreprocessConfig
 from preprocess.reasons import LABEL_MISMATCH, PROCESSING_ERROR, TOO_LARGE
-from preprocess.types import Image, SeriesError
+from preprocess.types import Frames, Image, SeriesError
 
 #: Flag of an acquisition whose axes are not the world axes (rotation kept in the affine).
 FLAG_OBLIQUE = "OBLIQUE"
@@ -91,6 +91,12 @@ class Prepared:
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape ``(X, Y, Z)`` of the cached arrays."""
         return tuple(int(n) for n in self.image.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def frames(self) -> Frames:
+        """The cached arrays' geometry: to world mm and back to the original grid."""
+        return Frames(np.asarray(self.affine, float), np.asarray(self.cached_to_orig, float),
+                      np.asarray(self.orig_affine, float), tuple(int(n) for n in self.orig_shape))  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- small geometry helpers

@@ -32,6 +32,62 @@ class Identity:
         return "Identity(<redacted>)"
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Frames:
+    """Where the voxels of an array are: the one geometry type that travels with the pixels, from
+    :class:`~preprocess.transforms.Prepared` through the cache (``CaseReader.frames``, the
+    ``frames`` of every CacheDataset item) to the model's input (``ModelInput.frames``).
+
+    ``affine`` maps the array's index to RAS+ mm, ``to_orig`` its index to the continuous index of
+    the original image (the scanner's grid, ``orig_shape`` voxels with ``orig_affine``). A crop,
+    patch or pad of the array moves its frames with :meth:`shifted`; boxes ``(x0, y0, z0, x1, y1,
+    z1)`` in its voxels map to world mm or to original voxels with :meth:`boxes_to_world` /
+    :meth:`boxes_to_orig`.
+    """
+
+    affine: np.ndarray  # (4, 4) array index -> RAS+ mm
+    to_orig: np.ndarray  # (4, 4) array index -> original continuous index
+    orig_affine: np.ndarray  # (4, 4) original index -> RAS+ mm
+    orig_shape: tuple[int, int, int]  # original (X, Y, Z)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frames):
+            return NotImplemented
+        return (tuple(self.orig_shape) == tuple(other.orig_shape)
+                and all(np.array_equal(a, b) for a, b in ((self.affine, other.affine), (self.to_orig, other.to_orig),
+                                                           (self.orig_affine, other.orig_affine))))
+
+    __hash__ = None  # type: ignore[assignment]  (arrays: not hashable)
+
+    def shifted(self, origin: np.ndarray | list[int] | tuple[int, ...]) -> Frames:
+        """The frames of the sub-array whose voxel 0 is voxel ``origin`` (3,) of this one (negative: padded)."""
+        t = np.eye(4)
+        t[:3, 3] = np.asarray(origin, dtype=float)
+        return dataclasses.replace(self, affine=self.affine @ t, to_orig=self.to_orig @ t)
+
+    def boxes_to_world(self, boxes: np.ndarray) -> np.ndarray:
+        """Axis-aligned RAS+ mm boxes ``(N, 6)`` enclosing voxel boxes ``(N, 6)`` of this array."""
+        from preprocess.geometry import boxes_voxel_to_world
+
+        return boxes_voxel_to_world(np.asarray(boxes, dtype=float).reshape(-1, 6), self.affine)
+
+    def boxes_to_orig(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes ``(N, 6)`` of this array in continuous voxels of the original image."""
+        from preprocess.geometry import transform_boxes
+
+        return transform_boxes(np.asarray(boxes, dtype=float).reshape(-1, 6), self.to_orig)
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain JSON data (matrices as nested lists)."""
+        return {"affine": np.asarray(self.affine).tolist(), "to_orig": np.asarray(self.to_orig).tolist(),
+                "orig_affine": np.asarray(self.orig_affine).tolist(), "orig_shape": [int(n) for n in self.orig_shape]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Frames:
+        return cls(np.asarray(d["affine"], dtype=float), np.asarray(d["to_orig"], dtype=float),
+                   np.asarray(d["orig_affine"], dtype=float), tuple(int(n) for n in d["orig_shape"]))  # type: ignore[arg-type]
+
+
 @dataclasses.dataclass
 class Image:
     """A loaded volume in its original grid.

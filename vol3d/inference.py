@@ -38,7 +38,7 @@ import numpy as np
 from preprocess import geometry
 from preprocess.config import PreprocessConfig, read_config
 from preprocess.errors import ConfigError, InputError
-from preprocess.types import Candidate, Image, SeriesError
+from preprocess.types import Candidate, Frames, Image, SeriesError
 from vol3d.rundir import PREPROCESS_NAME
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,38 @@ class ModelInput:
     """A volume prepared like the run's training data, with every matrix needed to map back.
 
     Frames: model input (``volume``) -> cached grid (``+ origin``) -> original grid
-    (``cached_to_orig``) -> RAS+ mm (``orig_affine``).
+    (``cached_to_orig``) -> RAS+ mm (``orig_affine``); :attr:`frames` holds them as one
+    :class:`preprocess.types.Frames`, as the cache's items do.
     """
 
     volume: np.ndarray  # float32 (C, X, Y, Z): what the model sees
     affine: np.ndarray  # (4, 4) model-input index -> RAS+ mm
     origin: np.ndarray  # (3,) int: cached index of model-input voxel 0 (negative where padded)
-    cache_affine: np.ndarray  # (4, 4) cached index -> RAS+ mm
+    cache_frames: Frames  # the cached grid's geometry (to world mm, back to the original grid)
     cache_shape: tuple[int, int, int]  # cached (X, Y, Z) before the model-input pad/crop
-    cached_to_orig: np.ndarray  # (4, 4) cached index -> original continuous index
-    orig_affine: np.ndarray  # (4, 4) original index -> RAS+ mm
-    orig_shape: tuple[int, int, int]  # original (X, Y, Z)
     modality: str
     flags: list[str]
     source: str  # what was read (the path as given, or CACHE::id); never an identifier
+
+    @property
+    def cache_affine(self) -> np.ndarray:
+        """``(4, 4)`` cached index -> RAS+ mm."""
+        return self.cache_frames.affine
+
+    @property
+    def cached_to_orig(self) -> np.ndarray:
+        """``(4, 4)`` cached index -> original continuous index."""
+        return self.cache_frames.to_orig
+
+    @property
+    def orig_affine(self) -> np.ndarray:
+        """``(4, 4)`` original index -> RAS+ mm."""
+        return self.cache_frames.orig_affine
+
+    @property
+    def orig_shape(self) -> tuple[int, int, int]:
+        """Original ``(X, Y, Z)``."""
+        return self.cache_frames.orig_shape
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -85,6 +103,12 @@ class ModelInput:
         from preprocess.transforms import translation
 
         return translation(self.origin)
+
+    @property
+    def frames(self) -> Frames:
+        """The model input's geometry (:class:`preprocess.types.Frames`): to world mm and back to the
+        original grid, as the cache's items carry it."""
+        return self.cache_frames.shifted(self.origin)
 
     def geometry_dict(self) -> dict[str, Any]:
         """The frames as plain JSON data (shapes, spacings, matrices)."""
@@ -262,8 +286,8 @@ def boxes_in_frames(model_vox: np.ndarray, inp: ModelInput, norm: np.ndarray | N
         return []
     norm = geometry.normalise_boxes(model_vox, inp.input_shape) if norm is None else norm
     cached_vox = geometry.transform_boxes(model_vox, inp.model_to_cached())
-    world = geometry.boxes_voxel_to_world(model_vox, inp.affine)
-    orig = geometry.transform_boxes(cached_vox, inp.cached_to_orig)
+    frames = inp.frames
+    world, orig = frames.boxes_to_world(model_vox), frames.boxes_to_orig(model_vox)
     return [AnswerBox([int(v) for v in norm[i]], model_vox[i], cached_vox[i], world[i], orig[i])
             for i in range(len(norm))]
 
@@ -463,9 +487,7 @@ class Vol3DPipeline:
         vol = read_window(p.image, origin, self.input_shape).astype(np.float32)
         return self._checked(ModelInput(
             volume=vol, affine=p.affine @ translation(origin), origin=np.asarray(origin, dtype=np.int64),
-            cache_affine=p.affine, cache_shape=p.shape, cached_to_orig=p.cached_to_orig,
-            orig_affine=p.orig_affine, orig_shape=tuple(p.orig_shape), modality=p.modality, flags=list(p.flags),
-            source=source,
+            cache_frames=p.frames, cache_shape=p.shape, modality=p.modality, flags=list(p.flags), source=source,
         ))
 
     def _from_cache(self, cache_dir: Path, case: str) -> ModelInput:
@@ -480,14 +502,11 @@ class Vol3DPipeline:
         s = ds[idx[0]]
         row = ds.rows[idx[0]]
         with CaseReader(Path(cache_dir) / row["h5"], row.get("key")) as r:
-            a = r.attrs
-            geo = {k: np.asarray(a[k], dtype=float) for k in ("affine", "cached_to_orig", "orig_affine")}
-            orig_shape = tuple(int(n) for n in a["orig_shape"])
-            flags = [str(f) for f in a.get("flags", [])]
+            frames = r.frames
+            flags = [str(f) for f in r.attrs.get("flags", [])]
         return self._checked(ModelInput(
             volume=s["image"].numpy(), affine=s["affine"].numpy(), origin=s["origin"].numpy(),
-            cache_affine=geo["affine"], cache_shape=tuple(int(n) for n in s["cache_shape"]),
-            cached_to_orig=geo["cached_to_orig"], orig_affine=geo["orig_affine"], orig_shape=orig_shape,
+            cache_frames=frames, cache_shape=tuple(int(n) for n in s["cache_shape"]),
             modality=s["modality"], flags=flags, source=f"{cache_dir}{CACHE_SEP}{case}",
         ))
 

@@ -804,7 +804,8 @@ def read_cached_case(cache_dir: str | os.PathLike, row: dict) -> dict:
     """Load an ok manifest row's case from its HDF5 file (docs/formats.md section 2).
 
     Returns ``image`` float32 ``(C, X, Y, Z)``, ``label`` uint8 ``(X, Y, Z)`` or None,
-    ``boxes_vox`` ``(N, 6)``, ``findings`` (list of str), ``affine`` ``(4, 4)``, ``spacing`` ``(3,)``.
+    ``boxes_vox`` ``(N, 6)``, ``findings`` (list of str), ``affine`` ``(4, 4)``, ``spacing`` ``(3,)`` and
+    ``frames`` (:class:`preprocess.types.Frames`: back to the original grid).
     """
     from preprocess.store import CaseReader
 
@@ -823,6 +824,7 @@ def read_cached_case(cache_dir: str | os.PathLike, row: dict) -> dict:
             "findings": list(boxes["finding"]),
             "affine": reader.affine,
             "spacing": np.asarray(reader.attrs["spacing"], dtype=float),
+            "frames": reader.frames,
         }
 
 

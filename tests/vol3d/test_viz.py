@@ -246,7 +246,11 @@ def test_read_cached_case_round_trip(tmp_path):
         g["boxes/organ"] = np.array([b"liver"])
         g.attrs["affine"] = affine
         g.attrs["spacing"] = np.array(SPACING)
+        g.attrs["orig_affine"] = affine
+        g.attrs["cached_to_orig"] = np.eye(4)
+        g.attrs["orig_shape"] = np.array(SHAPE)
     case = viz.read_cached_case(tmp_path, row)
+    assert case["frames"].orig_shape == tuple(SHAPE) and np.allclose(case["frames"].affine, affine)
     assert case["image"].shape == (1, *SHAPE) and case["label"].shape == SHAPE
     assert np.allclose(case["boxes_vox"], BOX) and case["findings"] == ["liver_lesion"]
     assert np.allclose(case["affine"], affine) and np.allclose(case["spacing"], SPACING)

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from preprocess import geometry, manifest
 from preprocess.errors import InputError
 from preprocess.store import CaseReader, grid_corners
-from preprocess.transforms import centred_window, translation
+from preprocess.transforms import centred_window
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,8 @@ class CacheDataset(Dataset):
         vox = geometry.as_boxes(boxes["vox"]) - np.tile(origin, 2)
         clipped, frac = geometry.clip_boxes(vox, size)
         visible = np.asarray(boxes["visible"], dtype=float) * frac
-        affine = r.affine @ translation(origin)
+        frames = r.frames.shifted(origin)
+        affine = frames.affine
         a = r.attrs
         findings, impression = a.get("report_findings", ""), a.get("report_impression", "")
         sample: dict[str, Any] = {
@@ -253,6 +254,7 @@ class CacheDataset(Dataset):
             "label": label_t,
             "has_label": label is not None,
             "affine": torch.from_numpy(affine),  # (4, 4) index of this array -> RAS+ mm
+            "frames": frames,  # this array's geometry, back to the original grid (preprocess.types.Frames)
             "origin": torch.from_numpy(
                 np.asarray(origin, dtype=np.int64)
             ),  # (3,) first voxel in the cached grid

@@ -60,7 +60,8 @@ def labels_to_original(logits: torch.Tensor, prepared: Prepared, resample: str =
     arrays; ``"labels"`` maps the cached argmax by nearest neighbour (fast). Original voxels
     outside the cached field of view (cropped away) are background.
     """
-    geom = (prepared.affine, prepared.cached_to_orig, prepared.orig_shape)
+    frames = prepared.frames
+    geom = (frames.affine, frames.to_orig, frames.orig_shape)
     if resample == "labels":
         return to_original(logits.argmax(0).numpy().astype(np.uint8), *geom, order=0)
     if resample != "probs":

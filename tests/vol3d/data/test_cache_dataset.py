@@ -177,3 +177,29 @@ def test_a_model_with_the_wrong_channel_count_is_refused_naming_the_flag(cache):
     check_channels(ds, channels)  # the cache's own count passes
     with pytest.raises(ConfigError, match=f"--model.in-chans {channels}"):
         check_channels(ds, channels + 1)
+
+
+def test_every_item_carries_its_frames_back_to_the_original_grid(cache):
+    """Patches, padded input windows and whole volumes each carry a preprocess.types.Frames: its affine is
+    the item's, and a voxel of the item lands on the same original voxel as the original affine says."""
+    from preprocess.types import Frames
+
+    for ds in (CacheDataset(cache), CacheDataset(cache, mode="patch", sampler="grid", patch_size=PATCH),
+               CacheDataset(cache, input_size=(48, 32, 20))):
+        for i in (0, len(ds) - 1):
+            s = ds[i]
+            f = s["frames"]
+            assert isinstance(f, Frames)
+            np.testing.assert_allclose(f.affine, s["affine"].numpy())
+            vox = np.array([[1.0, 2.0, 3.0], [5.0, 0.0, 7.0]])
+            orig = g.apply_affine(f.to_orig, vox)
+            np.testing.assert_allclose(g.apply_affine(f.orig_affine, orig), g.apply_affine(f.affine, vox), atol=1e-6)
+            boxes = s["boxes_vox"].numpy()
+            assert np.allclose(f.boxes_to_world(boxes), g.boxes_voxel_to_world(boxes, f.affine))
+            assert Frames.from_dict(json.loads(json.dumps(f.to_dict()))).orig_shape == f.orig_shape
+    batch = collate_cases([CacheDataset(cache)[i] for i in range(2)])
+    assert len(batch["frames"]) == 2 and isinstance(batch["frames"][0], Frames)
+    item = CacheDataset(cache)[0]
+    shifted = item["frames"].shifted((2, -3, 1))
+    np.testing.assert_allclose(g.apply_affine(shifted.affine, np.zeros(3)),
+                               g.apply_affine(item["frames"].affine, np.array([2.0, -3.0, 1.0])))
