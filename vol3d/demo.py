@@ -43,7 +43,6 @@ from preprocess.errors import InputError
 DEMO_ID_KEY = "passphrase:vol3d demo: a public key for synthetic data only"
 #: Preprocessing preset (``configs/preprocess/``) per ``--modality`` and training preset (``configs/train/``).
 PREPROCESS_PRESETS = {"ct": "tiny", "mr": "tiny_mr"}
-PREPROCESS_PRESET = PREPROCESS_PRESETS["ct"]
 TRAIN_PRESET = "tiny_cpu"
 #: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
 QUESTION = "Where is the {text}?"
@@ -52,7 +51,6 @@ REPORT_QUESTION = "Write the findings for this {modality}."
 #: Findings preferred for the question per ``--modality``, in order (the first the held-out case has).
 PREFERRED = {"ct": ("liver_lesion", "kidney_cyst", "lung_nodule", "splenomegaly"),
              "mr": ("brain_tumour", "cerebellar_infarct", "white_matter_lesion", "hydrocephalus")}
-PREFERRED_FINDINGS = PREFERRED["ct"]
 #: What the synthetic export of each ``--modality`` holds (printed after step 1).
 WHAT = {"ct": "CT chest/abdomen studies", "mr": "MR brain studies (T1, T2 and FLAIR each)"}
 STATE_NAME = "demo.json"

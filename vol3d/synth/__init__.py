@@ -1,8 +1,9 @@
 """Synthetic hospital exports with ground truth (``vol3d synth``).
 
-:func:`generate` writes DICOM/NIfTI CT (or MR) series of an analytic chest/abdomen
-phantom with findings, plus organ/lesion masks, finding boxes, reports, EHR codes
-and ``truth.json``; see docs/formats.md section 1 and docs/synth.md.
+:func:`generate` writes DICOM/NIfTI series of an analytic phantom with findings: a chest/abdomen
+for CT (:mod:`vol3d.synth.phantom`), a head with T1, T2 and FLAIR for MR (:mod:`vol3d.synth.brain`),
+plus organ/lesion masks, finding boxes, reports, EHR codes and ``truth.json``; see docs/formats.md
+section 1 and docs/synth.md.
 """
 
 from vol3d.synth.export import PRESETS, SynthConfig, generate, plan_cases, write_case
