@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vol3d.synth.phantom import Anatomy, Atlas, Quadric, Tissue
-from vol3d.synth.reports import NUMBER_WORDS, dims, pick
+from vol3d.synth.reports import NUMBER_WORDS, assemble_report, dims, pick
 
 #: Organ label values of the head's ``labels/<key>.nii.gz`` (index = value).
 LABELS: tuple[str, ...] = (
@@ -257,17 +257,8 @@ def write_report(findings: Sequence[dict], rng: np.random.Generator) -> tuple[st
         _ventricles(by_kind["hydrocephalus"], rng),
         _cerebellum(by_kind["cerebellar_infarct"], rng),
     ]
-    others = [str(s) for s in rng.permutation(list(_OTHER))[: int(rng.integers(1, 4))]]
-    text = " ".join([s for s, _ in sections] + others)
-    impressions = [i for _, imp in sections for i in imp]
-    if not impressions:
-        impression = pick(rng, ["No acute intracranial abnormality.", "Normal MRI of the brain.",
-                                "No significant intracranial findings."])  # fmt: skip
-    elif len(impressions) == 1:
-        impression = impressions[0]
-    else:
-        impression = " ".join(f"{n}. {s}" for n, s in enumerate(impressions, start=1))
-    return text, impression
+    return assemble_report(sections, _OTHER, ("No acute intracranial abnormality.", "Normal MRI of the brain.",
+                                              "No significant intracranial findings."), rng)
 
 
 __all__ = ["ATLAS", "FINDINGS", "LABELS", "LESION_TYPES", "TISSUES", "VOCAB_FINDINGS", "sample_anatomy",

@@ -292,18 +292,20 @@ def write_report(findings: Sequence[dict], rng: np.random.Generator) -> tuple[st
         _spleen(by_kind["splenomegaly"], rng),
         _kidneys(by_kind["kidney_cyst"], rng),
     ]
-    others = [str(s) for s in rng.permutation(list(_OTHER))[: int(rng.integers(1, 4))]]
-    text = " ".join([s for s, _ in sections] + others)
+    return assemble_report(sections, _OTHER, ("No acute abnormality.", "Unremarkable examination of the chest and "
+                                              "abdomen.", "No significant findings."), rng)
+
+
+def assemble_report(sections: Sequence[tuple[str, list[str]]], others: Sequence[str], normal: Sequence[str],
+                    rng: np.random.Generator) -> tuple[str, str]:
+    """``(findings text, impression)`` from per-organ ``(text, impressions)`` sections, one to three of the
+    ``others`` sentences, and one of the ``normal`` impressions when no section has one (numbered when
+    several do)."""
+    extra = [str(s) for s in rng.permutation(list(others))[: int(rng.integers(1, 4))]]
+    text = " ".join([s for s, _ in sections] + extra)
     impressions = [i for _, imp in sections for i in imp]
     if not impressions:
-        impression = pick(
-            rng,
-            [
-                "No acute abnormality.",
-                "Unremarkable examination of the chest and abdomen.",
-                "No significant findings.",
-            ],
-        )
+        impression = pick(rng, normal)
     elif len(impressions) == 1:
         impression = impressions[0]
     else:
