@@ -60,13 +60,17 @@ class ModelInput:
     """
 
     volume: np.ndarray  # float32 (C, X, Y, Z): what the model sees
-    affine: np.ndarray  # (4, 4) model-input index -> RAS+ mm
     origin: np.ndarray  # (3,) int: cached index of model-input voxel 0 (negative where padded)
     cache_frames: Frames  # the cached grid's geometry (to world mm, back to the original grid)
     cache_shape: tuple[int, int, int]  # cached (X, Y, Z) before the model-input pad/crop
     modality: str
     flags: list[str]
     source: str  # what was read (the path as given, or CACHE::id); never an identifier
+
+    @property
+    def affine(self) -> np.ndarray:
+        """``(4, 4)`` model-input index -> RAS+ mm."""
+        return self.frames.affine
 
     @property
     def cache_affine(self) -> np.ndarray:
@@ -476,7 +480,7 @@ class Vol3DPipeline:
 
     def _from_image(self, image: Image, source: str) -> ModelInput:
         from preprocess.store import read_window
-        from preprocess.transforms import centred_window, prepare, translation
+        from preprocess.transforms import centred_window, prepare
 
         try:
             p = prepare(image, self.preprocess)
@@ -486,7 +490,7 @@ class Vol3DPipeline:
         origin = centred_window(np.zeros(3), p.shape, self.input_shape)
         vol = read_window(p.image, origin, self.input_shape).astype(np.float32)
         return self._checked(ModelInput(
-            volume=vol, affine=p.affine @ translation(origin), origin=np.asarray(origin, dtype=np.int64),
+            volume=vol, origin=np.asarray(origin, dtype=np.int64),
             cache_frames=p.frames, cache_shape=p.shape, modality=p.modality, flags=list(p.flags), source=source,
         ))
 
@@ -505,7 +509,7 @@ class Vol3DPipeline:
             frames = r.frames
             flags = [str(f) for f in r.attrs.get("flags", [])]
         return self._checked(ModelInput(
-            volume=s["image"].numpy(), affine=s["affine"].numpy(), origin=s["origin"].numpy(),
+            volume=s["image"].numpy(), origin=s["origin"].numpy(),
             cache_frames=frames, cache_shape=tuple(int(n) for n in s["cache_shape"]),
             modality=s["modality"], flags=flags, source=f"{cache_dir}{CACHE_SEP}{case}",
         ))

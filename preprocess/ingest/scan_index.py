@@ -56,6 +56,7 @@ class ScanIndex:
                             "mtime_ns INTEGER, known INTEGER, version TEXT, sig BLOB, blob BLOB)")
             self.db.commit()
         self.hits = self.misses = 0
+        self._seen: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) as lookup saw it, for store
 
     def _sign(self, blob: bytes) -> bytes:
         return hmac.new(self.key, blob, hashlib.sha256).digest()
@@ -75,6 +76,7 @@ class ScanIndex:
             row = rows.get(f.rel)
             try:
                 st = os.stat(f.path)
+                self._seen[f.rel] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 row = None
             if row is None or (row[0], row[1], bool(row[2]), row[3]) != (st.st_size, st.st_mtime_ns, known,
@@ -90,17 +92,21 @@ class ScanIndex:
         return out
 
     def store(self, items: Iterable[tuple[tuple[FoundFile, bool], Any]]) -> None:
-        """Record what was read for each ``((file, known_dicom), header)``."""
+        """Record what was read for each ``((file, known_dicom), header)``, under the size and mtime
+        :meth:`lookup` saw before it was read (a file changed meanwhile is read again next time)."""
         if self.readonly:
             return
         rows = []
         for (f, known), result in items:
-            try:
-                st = os.stat(f.path)
-            except OSError:
-                continue
+            stat = self._seen.get(f.rel)
+            if stat is None:
+                try:
+                    st = os.stat(f.path)
+                except OSError:
+                    continue
+                stat = (st.st_size, st.st_mtime_ns)
             blob = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-            rows.append((f.rel, st.st_size, st.st_mtime_ns, int(known), self.version, self._sign(blob), blob))
+            rows.append((f.rel, *stat, int(known), self.version, self._sign(blob), blob))
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 

@@ -95,7 +95,7 @@ def test_bad_patterns_are_refused():
 
 
 def test_hash_is_unchanged_without_channels():
-    assert PreprocessConfig().params_hash() == PreprocessConfig(ingest=IngestConfig(sequence_channels=())).params_hash()
+    assert "sequence_channels" not in PreprocessConfig().hashed_fields()["ingest"]  # caches made before keep their hash
     assert PreprocessConfig().params_hash() != PreprocessConfig(
         ingest=IngestConfig(sequence_channels=PATTERNS)).params_hash()
 

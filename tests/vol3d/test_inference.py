@@ -272,10 +272,9 @@ def test_boxes_from_text_frames_are_consistent():
     origin = np.array([-3, 5, 2])
     from preprocess.types import Frames
 
-    inp = ModelInput(volume=np.zeros((1, 20, 10, 8), np.float32), affine=orig_affine @ c2o @ translation(origin),
-                     origin=origin, cache_frames=Frames(orig_affine @ c2o, c2o, orig_affine, (40, 30, 100)),
+    inp = ModelInput(volume=np.zeros((1, 20, 10, 8), np.float32), origin=origin, cache_frames=Frames(orig_affine @ c2o, c2o, orig_affine, (40, 30, 100)),
                      cache_shape=(17, 15, 10), modality="CT", flags=[], source="test")
-    np.testing.assert_allclose(inp.frames.affine, inp.affine)  # the input's frames: the cache's, shifted
+    np.testing.assert_allclose(inp.affine, orig_affine @ c2o @ translation(origin))  # the cache's frames, shifted
     boxes, bad = boxes_from_text("a <box>[0,0,0,999,999,999]</box> b <box>[5,5]</box> <box>[9,9,9,1,1,1]</box>", inp)
     assert bad == 2 and len(boxes) == 1
     b = boxes[0]

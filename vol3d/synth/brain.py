@@ -154,7 +154,7 @@ def sample_anatomy(rng: np.random.Generator, kinds: Sequence[str] = ()) -> Anato
         ("cerebellum", cerebellum),
         ("brainstem", brainstem),
     )
-    lo, hi = head.world_bounds()
+    _, hi = head.world_bounds()
     z_low = min(cerebellum.world_bounds()[0][2], brainstem.world_bounds()[0][2] + 20) - 6.0
     z_brain_top = cerebrum.world_bounds()[1][2] + 6.0
     jitter = tuple(float(v) for v in rng.normal(0.0, 4.0, len(TISSUES)))

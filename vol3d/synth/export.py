@@ -80,9 +80,11 @@ class SizePreset:
     blur_sigma: float  # in-plane partial-volume blur (voxels)
     scout_spacing: float  # scout pixel size (mm)
     nifti_ext: str  # ".nii" at realistic size: gzip of a noisy 100 MB volume costs seconds
-    # MR head: slice spacing (mm) and in-plane matrices of the 2D T2 and FLAIR series (the T1 uses the above)
+    # MR head: slice spacing (mm), in-plane matrices and pixel range (mm) of the 2D T2 and FLAIR series
+    # (the T1 uses the fields above)
     sequence_steps: tuple[float, ...] = ()
     sequence_matrices: tuple[int, ...] = ()
+    sequence_pixel_spacing: tuple[float, float] = (0.0, 0.0)
 
 
 PRESETS: dict[str, SizePreset] = {
@@ -130,6 +132,7 @@ BRAIN_PRESETS: dict[str, SizePreset] = {
         nifti_ext=".nii",
         sequence_steps=(3.0, 4.0, 5.0),
         sequence_matrices=(384, 448, 512),
+        sequence_pixel_spacing=(0.45, 1.0),
     ),
     "small": SizePreset(
         matrices=(64, 72, 80),
@@ -145,6 +148,7 @@ BRAIN_PRESETS: dict[str, SizePreset] = {
         nifti_ext=".nii.gz",
         sequence_steps=(5.0, 6.0),
         sequence_matrices=(64, 72, 80),
+        sequence_pixel_spacing=(2.08, 3.6),
     ),
 }
 
@@ -314,9 +318,11 @@ def plan_primary(
     plane: str,
     step: float | None = None,
     matrices: Sequence[int] = (),
+    pixel_spacing: Sequence[float] = (),
 ) -> Acquisition:
     """Draw a volume's grid: covers the body and ``anatomy.z_cover``, up to the lungs (or the vertex)
-    if slices allow. ``step`` and ``matrices`` replace the preset's (the head's 2D T2/FLAIR series)."""
+    if slices allow. ``step``, ``matrices`` and ``pixel_spacing`` (lo, hi mm) replace the preset's (the head's
+    2D T2/FLAIR series)."""
     body_lo, body_hi = anatomy.body.world_bounds()
     margin = 12.0
     z_lo = anatomy.z_cover[0]
@@ -334,9 +340,7 @@ def plan_primary(
     corners = _ras_box_corners_lps(lo, hi)
     n = int(rng.choice(matrices or preset.matrices))
     need = (hi[1] - lo[1] if plane == "sagittal" else hi[0] - lo[0]) / n
-    p_lo, p_hi = preset.pixel_spacing
-    if matrices:  # a finer in-plane matrix than the preset's pixel range assumes
-        p_lo, p_hi = p_lo * preset.matrices[0] / max(matrices), p_hi
+    p_lo, p_hi = pixel_spacing or preset.pixel_spacing
     ps = float(np.round(np.clip(rng.uniform(need, need + 0.1 * p_lo), p_lo, p_hi), 3))
     if plane == "sagittal":  # rows run anterior -> posterior, columns head -> feet; slices right -> left
         return fit_grid(plane, (0, 1, 0), (0, 0, -1), (ps, ps, step), corners, (n, None, None))
@@ -591,7 +595,8 @@ def plan_cases(cfg: SynthConfig) -> list[CasePlan]:
             for contrast in ("T2", "FLAIR"):
                 num = series[-1].number + 1
                 acq = plan_primary(crng, anatomy, preset, "oblique" if primary.plane == "oblique" else "axial",
-                                   step=float(crng.choice(preset.sequence_steps)), matrices=preset.sequence_matrices)
+                                   step=float(crng.choice(preset.sequence_steps)), matrices=preset.sequence_matrices,
+                                   pixel_spacing=preset.sequence_pixel_spacing)
                 series.append(SeriesPlan(
                     "sequence",
                     acq,
