@@ -330,7 +330,9 @@ def read_ignore_file(src: Path) -> tuple[str, ...]:
 def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
              limits: IngestConfig | None = None) -> Inventory:  # fmt: skip
     """Walk ``src`` (a folder, or a single file), unpacking zips (recursively, within the archive
-    limits of ``limits``) below ``workdir``, each into a folder of its own.
+    limits of ``limits``) below ``workdir``, each into a folder of its own (without ``workdir``: into a
+    temporary folder made for the first zip, which the caller removes once the candidates are loaded;
+    a tree without zips leaves nothing behind).
 
     Paths matching ``exclude`` or the patterns of ``src/.vol3dignore`` are not looked at.
     """
@@ -343,7 +345,7 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
                          "MINC, PAR/REC, AFNI or Analyze file.")
     exclude = tuple(exclude) + read_ignore_file(src)
     inv = Inventory()
-    staging = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vol3d-ingest-"))
+    staging = Path(workdir) if workdir is not None else None  # a temporary folder only once a zip needs one
     queue: list[tuple[Path, str, Path | None, int]] = [
         (src.parent, "", src, 0) if src.is_file() else (src, "", None, 0)
     ]
@@ -357,6 +359,8 @@ def discover(src: Path, exclude: tuple[str, ...], workdir: Path | None,
             low = name.lower()
             kind = volume_kind(name)
             if low.endswith(".zip"):
+                if staging is None:
+                    staging = Path(tempfile.mkdtemp(prefix="vol3d-ingest-"))
                 target = _extract_zip(f, staging, inv, limits, depth + 1)
                 if target is not None:
                     queue.append((target, f.rel + "!/", None, depth + 1))
