@@ -67,7 +67,11 @@ class Vol3DConfig:
     closed_answers_from_perception: bool = _f(True, "perception models: the first token of a yes/no or count "
                                               "answer about the one finding a question names agrees with the "
                                               "perceived regions (the LM picks the kind of answer, the regions its "
-                                              "value, as boxes come from the region a <box> points at)")
+                                              "value, as boxes come from the region a <box> points at); a \"how "
+                                              "many\" question about it is answered with the perceived count")
+    locations_from_perception: bool = _f(True, "perception models: a \"where is it?\" answer about the one finding "
+                                         "a question names gives the box of every region the perception found of "
+                                         "it, or says there is none (vol3d.tasks.reasoning.location_answer)")
     reports_from_perception: bool = _f(True, "perception models: a generated report keeps the sentences that agree "
                                        "with the perceived regions, drops those asserting a finding not found or "
                                        "denying one found, and gets a sentence for each found finding it leaves "

@@ -405,8 +405,8 @@ class Vol3DModel(nn.Module):
 
     def forward(
         self,
-        volume: torch.Tensor,
-        input_ids: torch.Tensor,
+        volume: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         texts: list[str] | None = None,
@@ -431,6 +431,8 @@ class Vol3DModel(nn.Module):
                 model perceives the volumes itself (inference).
             patches: ``(P, C, x, y, z)`` crops whose dense perception outputs are returned instead of
                 the whole volumes' (training: the decoder runs on lesion-centred patches only).
+                With ``volume`` and ``input_ids`` None, only those (``organ_logits``, ``finding_logits``):
+                the perception-only training stage.
 
         Returns a dict with ``loss`` (LM cross-entropy, when labels are given), ``logits
         (B, T, V)``, ``vol_pooled (B_vol, D)`` (and the heads on it: one row per volume), ``positions (B, M, 3)``, and when the heads
@@ -440,6 +442,13 @@ class Vol3DModel(nn.Module):
         :class:`GroundingHead`) and ``box_pred (Q, 6)``, the box each query answers
         (:meth:`GroundingHead.decode`: the best cell not repeating an earlier box of its answer).
         """
+        if volume is None or input_ids is None:
+            if self.perception is None or patches is None or volume is not None or input_ids is not None:
+                raise ConfigError("forward without a volume and text runs the perception on `patches` alone: pass "
+                                  "both volume and input_ids, or neither (then patches, with a perception model)")
+            with self._autocast(patches.device):
+                p = self.perception(patches, self.encoder.forward_intermediates(patches, self.perception.indices))
+            return {"organ_logits": p["organ_logits"], "finding_logits": p["finding_logits"]}
         want_boxes = box_index is not None
         if want_boxes and self.box_head is None and self.pointer is None:
             raise ConfigError("box_index needs a model built with box_head: true or perception: true")
@@ -572,7 +581,9 @@ class Vol3DModel(nn.Module):
         """Regions of each encoded volume, and their packed tensors (:func:`~vol3d.tasks.regions.pack_regions`).
 
         Organs and findings come from the dense maps; the conditions from the encoder features
-        pooled over the organs found (:meth:`Perception.read_regions`)."""
+        pooled over the organs found (:meth:`Perception.read_regions`), or from the vocabulary's
+        criterion on the organ found where there is one (:func:`~vol3d.tasks.reasoning.call_conditions`)."""
+        from vol3d.tasks.reasoning import call_conditions
         from vol3d.tasks.regions import clean_organ_map, pack_regions, perceived_from_maps
 
         assert self.perception is not None
@@ -592,7 +603,7 @@ class Vol3DModel(nn.Module):
         for b in range(len(organ_np)):
             per, fmap = perceived_from_maps(organ_np[b], finding_prob[b], type_prob[b], cond[b], spacings[b],
                                             self.vocab, self.labels, cfg.finding_threshold, cfg.max_findings)
-            perceived.append(per)
+            perceived.append(call_conditions(per, self.vocab, self.labels))
             maps.append(fmap)
         packed = pack_regions(perceived, maps, list(organ_np), organ_np.shape[1:], self.vocab, self.labels)
         return perceived, {k: torch.from_numpy(v).to(device) for k, v in packed.items()}
@@ -626,7 +637,8 @@ class Vol3DModel(nn.Module):
         regions, ``spacing`` mm per voxel as in :meth:`perceive`); a batch of one volume repeated
         (``volume.expand(B, ...)``) is perceived once. ``return_perceived=True`` returns
         ``(answers, perceived)``, one :class:`~vol3d.tasks.regions.Perceived` per prompt. The answers
-        then agree with the regions (``closed_answers_from_perception``, ``reports_from_perception``);
+        then agree with the regions (``closed_answers_from_perception``, ``locations_from_perception``,
+        ``reports_from_perception``);
         ``raw=True`` returns the language model's own tokens instead (what reinforcement samples).
         """
         was_training = self.training
@@ -697,6 +709,9 @@ class Vol3DModel(nn.Module):
             texts = self.processor.batch_decode(ids)
         else:
             texts = [self._decode_with_boxes(row, row_boxes) for row, row_boxes in zip(ids.tolist(), boxes, strict=True)]
+        if perceived and not raw and not isinstance(prompts, torch.Tensor):
+            texts = self._answers_from_regions(texts, perceived, prompts, tuple(int(v) for v in volume.shape[2:]),
+                                               bool(answer_prefix))
         if perceived and self.config.reports_from_perception and not raw and not isinstance(prompts, torch.Tensor):
             from vol3d.tasks.reports import is_report_request, reconcile_report
 
@@ -704,6 +719,23 @@ class Vol3DModel(nn.Module):
             texts = [reconcile_report(t, p, vocab) if is_report_request(q) else t
                      for t, p, q in zip(texts, perceived, asked, strict=True)]
         return (texts, perceived) if return_perceived else texts
+
+    def _answers_from_regions(self, texts: list[str], perceived: list[Any], prompts: list[str] | str,
+                              shape: tuple[int, ...], forced: bool) -> list[str]:
+        """"How many X?" (``closed_answers_from_perception``) and "where is X?" answers
+        (``locations_from_perception``) about a named finding, taken from the regions; others unchanged."""
+        from vol3d.tasks.reasoning import count_answer, location_answer
+
+        asked = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts)
+        out = []
+        for text, per, question in zip(texts, perceived, asked, strict=True):
+            new = None
+            if self.config.closed_answers_from_perception and not forced:
+                new = count_answer(question, per, self.vocab)
+            if new is None and self.config.locations_from_perception:
+                new = location_answer(question, text, per, self.vocab, shape, keep_refusal=forced)
+            out.append(text if new is None else new)
+        return out
 
     @functools.cached_property
     def _closed_answer_tokens(self) -> tuple[list[tuple[int, int]], list[int]] | None:

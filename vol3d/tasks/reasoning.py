@@ -192,6 +192,69 @@ def instances(perceived: Perceived, finding: str) -> list[Region]:
     return sorted((r for r in perceived.findings if r.name == finding), key=lambda r: -float(np.prod(r.size_mm)))
 
 
+#: Words of a question that asks *where* (English, as the task templates): "Where is the liver lesion?",
+#: "Locate the kidney cyst with a bounding box.", "Localise ...".
+_WHERE = re.compile(r"\b(where|locate|locali[sz]e|bounding box|box)\b", re.IGNORECASE)
+
+
+def asks_location(question: str) -> bool:
+    """Does the question ask where something is (see :data:`_WHERE`)?"""
+    return _WHERE.search(question.split("<vol>")[-1]) is not None
+
+
+#: Words of a question that asks *how many* (English, as the task templates): "How many liver lesions
+#: are there?", "What is the number of kidney cysts?", "Count the lung nodules in this scan."
+_HOW_MANY = re.compile(r"\b(how many|number of|count)\b", re.IGNORECASE)
+
+
+def count_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str | None:
+    """The perceived count of the one countable finding a "how many" question (:data:`_HOW_MANY`) names
+    (``"2"``), or None for another question: "how many" is answered by the regions, as "where" is
+    (:func:`location_answer`)."""
+    vocab = as_vocab(vocab)
+    name = finding_named(question, vocab)
+    if name is None or not vocab[name].countable or _HOW_MANY.search(question.split("<vol>")[-1]) is None:
+        return None
+    return str(perceived.count(name))
+
+
+def located_regions(perceived: Perceived, finding: str, vocab: Mapping[str, Any] | None,
+                    condition_threshold: float = 0.5) -> list[Region]:
+    """The regions a "where is it?" answer points at: a countable finding's instances (ordered by their
+    first corner, as the training answers list boxes); for a condition called present, the organ it
+    is a state of (both sides of a paired organ); none when the perception did not find it."""
+    spec = as_vocab(vocab)[finding]
+    if spec.countable:
+        return sorted(instances(perceived, finding), key=lambda r: tuple(float(v) for v in r.box[:3]))
+    if perceived.conditions.get(finding, 0.0) < condition_threshold:
+        return []
+    return [r for r in perceived.organs if coarse_organ(r.name) == coarse_organ(spec.organ)
+            or organ_in(r.name, [spec.organ]) == spec.organ]
+
+
+def location_answer(question: str, answer: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
+                    shape: Sequence[int], keep_refusal: bool = False) -> str | None:
+    """A "where is it?" answer that agrees with the perception, or None to keep ``answer``.
+
+    For a question naming one vocabulary finding whose answer locates it (the language model wrote a
+    ``<box>``, or the question asks where), the answer is one ``<box>[..]</box>`` per region of
+    :func:`located_regions` (0..999 of the model input of ``shape``), or "There is no X." when the
+    perception found none, so "whether", "where" and "how many" come from one list of regions.
+    ``keep_refusal``: when none was found, keep the model's own answer (a caller that forced a box).
+    """
+    from preprocess.geometry import format_box, normalise_boxes
+
+    vocab = as_vocab(vocab)
+    name = finding_named(question, vocab)
+    if name is None or ("<box>" not in answer and not asks_location(question)):
+        return None
+    regions = located_regions(perceived, name, vocab)
+    if not regions:
+        return None if keep_refusal else f"There is no {vocab[name].text}."
+    boxes = normalise_boxes(np.stack([r.box for r in regions]), shape)
+    return " ".join(format_box(b) for b in boxes)
+
+
 def centre_mm(region: Region, spacing: Sequence[float]) -> np.ndarray:
     """Centre of a region's box in mm of the model-input frame ``(3,)``."""
     return (region.box[:3] + region.box[3:]) / 2 * np.asarray(spacing, dtype=np.float64)
@@ -254,6 +317,31 @@ def criterion_value(criterion: Criterion, region: Region) -> float:
         return float(region.volume_ml)
     t = size_triple(region.size_mm)
     return float(t[2] if criterion.measure == "craniocaudal" else t[0])
+
+
+def call_conditions(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> Perceived:
+    """``perceived`` with each condition that has a vocabulary criterion (``"craniocaudal > 120 mm"``)
+    called by it on the perceived organ: probability 1.0 when it holds, 0.0 when it does not, the
+    classifier's where the organ was not found or a lower bound (cut by the border of the volume)
+    does not settle it. The criterion is what the export calls the condition by, so the presence
+    answer, the digest, the report and the chain's conclusion agree; the classifier's probabilities
+    stay in ``perceived.classifier``."""
+    vocab = as_vocab(vocab)
+    organs = list(labels.organs[1:]) if labels is not None else []
+    calls = dict(perceived.conditions)
+    for name in perceived.conditions:
+        spec = vocab.get(name)
+        criterion = parse_criterion(spec.criterion, where=f"finding {name!r}") if spec is not None else None
+        label = _organ_label(spec.organ, organs) if criterion is not None else None
+        organ = next((r for r in perceived.organs if r.name == label), None) if label else None
+        if criterion is None or organ is None:
+            continue
+        holds = criterion.holds(criterion_value(criterion, organ))
+        if holds or not organ.at_edge:
+            calls[name] = 1.0 if holds else 0.0
+    if calls == perceived.conditions:
+        return perceived
+    return dataclasses.replace(perceived, conditions=calls, classifier=dict(perceived.conditions))
 
 
 # ----------------------------------------------------------------------------- chains
@@ -347,7 +435,7 @@ def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
         if organ_step is not None:
             steps.append(organ_step)
         organ = next((r for r in perceived.organs if r.name == organ_label), None)
-        p = float(perceived.conditions.get(finding, 0.0))
+        p = float(perceived.classifier.get(finding, perceived.conditions.get(finding, 0.0)))
         if criterion is not None and organ is not None:
             value = criterion_value(criterion, organ)
             least, edge = _lower_bound(organ)
@@ -355,7 +443,7 @@ def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                                          f"{criterion.unit}{edge}", organ.box.copy(), value, criterion.unit, organ.name))
             present = criterion.holds(value)
             why = _verdict(criterion, value, present, organ)
-            if finding in perceived.conditions and (p >= condition_threshold) != present:
+            if (finding in perceived.classifier or finding in perceived.conditions) and (p >= condition_threshold) != present:
                 why += f"; the classifier {p:.2f} disagrees"
         else:
             present = p >= condition_threshold

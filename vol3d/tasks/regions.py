@@ -132,6 +132,9 @@ class Perceived:
     #: countable findings that exist but lie mostly outside the volume (ground truth only: the
     #: questions about them say so, and so does the digest)
     partial: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the condition classifier's own probabilities, where :func:`vol3d.tasks.reasoning.call_conditions`
+    #: replaced them in ``conditions`` by the vocabulary criterion's call
+    classifier: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def regions(self) -> list[Region]:

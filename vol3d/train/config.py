@@ -207,6 +207,7 @@ class TrainConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "Reinforcement fine-tuning (task grpo)."})
     freeze: tuple[str, ...] = _f((), "Parts of the model this run keeps fixed: encoder (weights and batch-norm statistics; with perception, the regions every answer reads), lm. A fine-tune takes the architecture from --init and this from its own config.")
+    perception_first: float = _f(0.0, "Perception models: share of max_steps at the start that trains the perception alone (organ and finding maps on the data.perception_patch crops; the language model is not run, so such a step costs about half), each stage with its own LR warmup and cosine; then every task. 0 = every task from the first step.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,6 +215,13 @@ class TrainConfig(RunConfig):
         bad = sorted(set(self.freeze) - {"encoder", "lm"})
         if bad:
             raise ConfigError(f"freeze: {bad} is not a part of the model; choose from encoder, lm")
+        if not 0.0 <= self.perception_first < 1.0:
+            raise ConfigError(f"perception_first must be in [0, 1) (a share of max_steps), got {self.perception_first}")
+
+    @property
+    def perception_steps(self) -> int:
+        """Optimizer steps of the perception-only stage (see ``perception_first``)."""
+        return int(round(self.perception_first * self.max_steps))
 
     def task_mix(self) -> TaskMix:
         """Task mix actually sampled: ``data.tasks`` for ``pretrain``, ``rl.tasks`` for ``grpo``, else the

@@ -95,8 +95,9 @@ class DataPlan:
 class _PlannedBatches(torch.utils.data.Dataset):
     """Map-style dataset whose element ``m`` is the whole batch of micro-step ``m``."""
 
-    def __init__(self, items: Sequence[Any], objective: Objective, plan: DataPlan):
-        self.items, self.objective, self.plan = items, objective, plan
+    def __init__(self, items: Sequence[Any], objective: Objective, plan: DataPlan, accum: int = 1):
+        self.items, self.objective, self.plan, self.accum = items, objective, plan, accum
+        self.staged = bool(getattr(objective, "stage_starts", ()))
 
     def __len__(self) -> int:  # only used by DataLoader's sanity checks
         return 2**62
@@ -109,6 +110,8 @@ class _PlannedBatches(torch.utils.data.Dataset):
         # seed; forking keeps the training process's own stream (dropout) untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.plan.torch_seed(micro_step))
+            if self.staged:  # a staged objective builds the batch of the stage this step is in
+                return self.objective.make_batch(items, rngs, step=micro_step // self.accum)  # type: ignore[call-arg]
             return self.objective.make_batch(items, rngs)
 
 
@@ -159,6 +162,20 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def staged_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[int] = ()):
+    """LR multiplier of a run in stages starting at ``starts`` (optimizer steps): each stage has its own
+    :func:`warmup_cosine` over its own steps, so a stage that brings new parts to train (e.g. the
+    language model after the perception) starts from a warmup instead of the tail of the previous cosine."""
+    bounds = [0, *sorted(int(s) for s in starts if 0 < int(s) < total), total]
+    parts = [(lo, warmup_cosine(warmup, hi - lo, min_ratio)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def factor(step: int) -> float:
+        lo, part = next((lo, f) for lo, f in reversed(parts) if step >= lo)
+        return part(step - lo)
 
     return factor
 
@@ -316,8 +333,9 @@ def fit(
     if sharded:  # before the optimizer is built: FSDP2 replaces the parameters by their shards
         ddp.shard(model, info)
     optimizer = build_optimizer(model, cfg)
+    stage_starts = tuple(getattr(objective, "stage_starts", ()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
+        optimizer, staged_schedule(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio, stage_starts)
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -334,12 +352,13 @@ def fit(
                         state.world_size, info.world_size)
         ckpt_io.restore_rng(rng)
         log.info("resumed from %s (step %d)", last, step)
-    ddp_model = ddp.wrap(model, info, cfg.ddp_find_unused)
+    # a stage that trains part of the model leaves the other parameters without gradients
+    ddp_model = ddp.wrap(model, info, cfg.ddp_find_unused or bool(stage_starts))
 
     accum = cfg.grad_accum
     plan = DataPlan(len(train_items), cfg.data.batch_size, info.world_size, info.rank, cfg.seed)
     loader = torch.utils.data.DataLoader(
-        _PlannedBatches(train_items, objective, plan),
+        _PlannedBatches(train_items, objective, plan, accum),
         batch_size=None,
         sampler=range(step * accum, cfg.max_steps * accum),
         num_workers=cfg.data.num_workers,

@@ -20,6 +20,11 @@ fine-tuning and (in ``vol3d.seg``) segmentation:
 ``validate(model, items) -> dict[str, float]``
     Metrics on held-out items (rank 0, ``model.eval()``, ``torch.no_grad()``, RNG
     isolated from training); written as ``val/<name>``.
+
+An objective may also train in stages: an attribute ``stage_starts`` (the optimizer
+steps at which the second, third ... stage begins, increasing) makes the loop pass
+``step=`` (the optimizer step the batch is for) to ``make_batch`` and restart the
+learning-rate warmup and cosine at each stage start (:func:`vol3d.train.loop.staged_schedule`).
 """
 
 from __future__ import annotations
@@ -183,12 +188,18 @@ class VLMObjective:
             so a 3-voxel nodule counts as much as a large lesion) with ``finding_probability``, else
             anywhere: nnU-Net's foreground oversampling. Several times more finding voxels per second
             of CPU than whole volumes (docs/benchmarks/quality.md). None: whole volumes.
+        perception_steps: with perception, the first optimizer steps train the dense perception alone
+            (organ, finding and finding-type maps on the crops; no text, no language model), a stage of
+            its own (:attr:`stage_starts`); the later steps train every task.
     """
 
     def __init__(self, processor: Any, mix: Any, weights: Any, code_vocab: Any = None, augment: Any = None,
                  max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False,
                  perception: tuple[Any, Any] | None = None, prevalence: dict[str, float] | None = None,
-                 patch_size: Any = None, patches_per_case: int = 2, finding_probability: float = 0.7) -> None:
+                 patch_size: Any = None, patches_per_case: int = 2, finding_probability: float = 0.7,
+                 perception_steps: int = 0) -> None:
+        if perception_steps and perception is None:
+            raise ValueError("perception_steps needs a perception model (perception=(vocab, labels))")
         self.processor = processor
         self.mix = mix
         self.weights = weights
@@ -202,16 +213,26 @@ class VLMObjective:
         self.patch_size = tuple(int(v) for v in patch_size) if patch_size else None
         self.patches_per_case = patches_per_case
         self.finding_probability = finding_probability
+        self.perception_steps = int(perception_steps)
         self.task_metric_cases = 0  # validate(): task metrics (vol3d.eval) on this many validation cases
         self._dice_ce = None
 
-    def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
+    @property
+    def stage_starts(self) -> tuple[int, ...]:
+        """The step at which every task joins the perception-only stage (none without that stage)."""
+        return (self.perception_steps,) if self.perception_steps > 0 else ()
+
+    def make_batch(self, items: list[dict[str, Any]], rngs: list[np.random.Generator],
+                   step: int | None = None) -> dict[str, Any]:
+        """The batch of optimizer step ``step`` (None: of the last stage, every task)."""
         from vol3d.models.processor import IGNORE_INDEX
         from vol3d.tasks import augment, build_samples
 
         cases = list(items)  # vol3d.tasks reads CacheDataset items as they are
         if self.augment is not None:
             cases = [augment(c, r, self.augment) for c, r in zip(cases, rngs, strict=True)]
+        if step is not None and step < self.perception_steps:
+            return self._perception_batch(cases, rngs)
         box_format = "token" if self.box_tokens or self.perception is not None else "text"
         vocab = self.perception[0] if self.perception is not None else None
         # mix.samples_per_case questions per case; the encoder sees each volume once
@@ -252,6 +273,35 @@ class VLMObjective:
             batch["texts"] = [str(c.get("report") or "") for c in cases]
         return batch
 
+    def _perception_batch(self, cases: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
+        """A batch of the perception-only stage: the crops and their dense targets, no text."""
+        from vol3d.tasks.regions import perceived_from_case
+
+        found = [perceived_from_case(c, *self.perception) for c in cases]  # type: ignore[misc]
+        volume = torch.stack([torch.as_tensor(np.asarray(c["image"]), dtype=torch.float32) for c in cases])
+        batch = {"volume": volume, **self._dense_targets([t for _, t in found], tuple(volume.shape[2:]))}
+        if self.patch_size is not None:
+            batch.update(self._patches(batch, found, rngs))
+        else:
+            batch["patches"] = volume
+        del batch["volume"]
+        batch["perception_only"] = True
+        return batch
+
+    def _dense_targets(self, targets: list[Any], shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """The organ and finding maps of each case (see :meth:`_perception_targets`)."""
+        zeros_long = np.zeros(shape, np.int64)
+        return {
+            "organ_target": torch.from_numpy(np.stack([t.organ if t.organ is not None else zeros_long
+                                                       for t in targets])),
+            "organ_mask": torch.tensor([t.organ is not None for t in targets]),
+            "finding_target": torch.from_numpy(np.stack([t.finding if t.finding is not None
+                                                         else np.zeros(shape, np.float32) for t in targets])),
+            "finding_type": torch.from_numpy(np.stack([t.finding_type if t.finding_type is not None
+                                                       else np.full(shape, -100, np.int64) for t in targets])),
+            "finding_mask": torch.tensor([t.finding is not None for t in targets]),
+        }
+
     def _perception_targets(self, found: list[Any], samples: list[Any], volume_index: Tensor, labels: Tensor,
                             shape: tuple[int, ...]) -> dict[str, Any]:
         """The regions of each case (what its digest lists), the perception heads' targets, and the
@@ -271,18 +321,10 @@ class VLMObjective:
         targets = [t for _, t in found]
         packed = pack_regions(perceived, [t.region_map for t in targets], [t.organ for t in targets], shape,
                               vocab, label_spec)
-        zeros_long = np.zeros(shape, np.int64)
         n_cond = sum(not spec.countable for spec in vocab.values())
         out: dict[str, Any] = {
             "regions": {k: torch.from_numpy(v) for k, v in packed.items()},
-            "organ_target": torch.from_numpy(np.stack([t.organ if t.organ is not None else zeros_long
-                                                       for t in targets])),
-            "organ_mask": torch.tensor([t.organ is not None for t in targets]),
-            "finding_target": torch.from_numpy(np.stack([t.finding if t.finding is not None
-                                                         else np.zeros(shape, np.float32) for t in targets])),
-            "finding_type": torch.from_numpy(np.stack([t.finding_type if t.finding_type is not None
-                                                       else np.full(shape, -100, np.int64) for t in targets])),
-            "finding_mask": torch.tensor([t.finding is not None for t in targets]),
+            **self._dense_targets(targets, shape),
             "condition_target": torch.from_numpy(np.stack([t.conditions if t.conditions is not None
                                                            else np.zeros(n_cond, np.float32) for t in targets])
                                                  .reshape(len(targets), n_cond)),
@@ -367,6 +409,11 @@ class VLMObjective:
         from vol3d.train.losses import clip_infonce, ehr_bce, lm_cross_entropy
 
         w = self.weights
+        if batch.get("perception_only"):
+            out = model(None, None, patches=batch["patches"])  # through the (DDP) wrapper: gradients sync
+            terms = self.dense_losses(out, batch)
+            total = sum(getattr(w, k) * v for k, v in terms.items())
+            return total, {k: v.detach() for k, v in terms.items()}
         out = model(batch["volume"], batch["input_ids"], batch["attention_mask"], texts=batch.get("texts"),
                     box_index=batch.get("box_index"), volume_index=batch.get("volume_index"),
                     regions=batch.get("regions"), patches=batch.get("patches"))
@@ -403,9 +450,32 @@ class VLMObjective:
         """
         import torch.nn.functional as F
 
+        terms = self.dense_losses(out, batch)
+        zero = out["organ_logits"].sum() * 0.0 + out["finding_logits"].sum() * 0.0 + out["condition_logits"].sum() * 0.0
+        m = batch["condition_mask"]
+        cond = out["condition_logits"]
+        terms["condition"] = (F.binary_cross_entropy_with_logits(cond[m], batch["condition_target"][m].float())
+                              if bool(m.any()) and cond.shape[1] else zero)
+        target = batch["pointer_target"].float()
+        if "pointer_logits" in out and len(target):
+            logp = torch.log_softmax(out["pointer_logits"].float(), dim=-1)
+            logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
+            terms["pointer"] = -((target / target.sum(-1, keepdim=True)) * logp).sum(-1).mean()
+            pick = out["pointer_pick"]
+            hit = target.gather(1, pick.clamp(min=0)[:, None])[:, 0] * (pick >= 0)
+            terms["pointer_acc"] = hit.mean().detach()
+        else:
+            terms["pointer"] = zero  # no <box> in this batch (under DDP: ddp_find_unused for the pointer)
+            terms["pointer_acc"] = zero.detach()
+        return terms
+
+    def dense_losses(self, out: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The ``organ``, ``finding`` and ``finding_type`` terms of :meth:`perception_losses` (the dense maps)."""
+        import torch.nn.functional as F
+
         w = self.weights
         organ_logits, finding_logits = out["organ_logits"], out["finding_logits"]
-        zero = organ_logits.sum() * 0.0 + finding_logits.sum() * 0.0 + out["condition_logits"].sum() * 0.0
+        zero = organ_logits.sum() * 0.0 + finding_logits.sum() * 0.0
         terms: dict[str, Tensor] = {}
         m = batch["organ_mask"]
         if bool(m.any()):
@@ -429,21 +499,6 @@ class VLMObjective:
                                      if bool(typed.any()) and finding_logits.shape[1] > 1 else zero)
         else:
             terms["finding"] = terms["finding_type"] = zero
-        m = batch["condition_mask"]
-        cond = out["condition_logits"]
-        terms["condition"] = (F.binary_cross_entropy_with_logits(cond[m], batch["condition_target"][m].float())
-                              if bool(m.any()) and cond.shape[1] else zero)
-        target = batch["pointer_target"].float()
-        if "pointer_logits" in out and len(target):
-            logp = torch.log_softmax(out["pointer_logits"].float(), dim=-1)
-            logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
-            terms["pointer"] = -((target / target.sum(-1, keepdim=True)) * logp).sum(-1).mean()
-            pick = out["pointer_pick"]
-            hit = target.gather(1, pick.clamp(min=0)[:, None])[:, 0] * (pick >= 0)
-            terms["pointer_acc"] = hit.mean().detach()
-        else:
-            terms["pointer"] = zero  # no <box> in this batch (under DDP: ddp_find_unused for the pointer)
-            terms["pointer_acc"] = zero.detach()
         return terms
 
     def validate(self, model: nn.Module, items: Any) -> dict[str, float]:

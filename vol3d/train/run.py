@@ -215,6 +215,11 @@ def check_heads(cfg: TrainConfig) -> None:
     for name, wanted, present, fix in need:
         if wanted and not present:
             raise ConfigError(f"{name} > 0 but the model has no such head; set {fix} or the weight to 0")
+    if cfg.perception_first > 0 and not m.perception:
+        raise ConfigError(f"perception_first {cfg.perception_first} trains the perception first, and the model has "
+                          "none; set model.perception: true or perception_first: 0")
+    if cfg.perception_first > 0 and cfg.task == "grpo":
+        raise ConfigError("perception_first does not apply to reinforcement fine-tuning (task grpo); set it to 0")
 
 
 def train_within(cfg: TrainConfig, seconds: float) -> tuple[int, bool]:
@@ -286,7 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
                              perception=perception, prevalence=prevalence,
                              patch_size=cfg.data.perception_patch or None,
                              patches_per_case=cfg.data.perception_patches_per_case,
-                             finding_probability=cfg.data.finding_patch_probability)
+                             finding_probability=cfg.data.finding_patch_probability,
+                             perception_steps=cfg.perception_steps)
     objective.task_metric_cases = cfg.data.val_task_cases
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
