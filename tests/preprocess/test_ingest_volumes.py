@@ -172,6 +172,28 @@ def test_zip_with_nifti_and_dicom(tmp_path, nibabel_test_data, pydicom_test_file
     assert scan(tmp_path / "bundle.zip", cfg, workdir=tmp_path / "stage")[2].source == rows[2].source  # rerun
 
 
+def test_a_scan_without_a_work_folder_stages_only_what_it_unzips(tmp_path, nibabel_test_data, monkeypatch):
+    """Without ``workdir`` a temporary staging folder is made for the first zip only: a tree without
+    zips leaves nothing behind (every such scan used to leave an empty folder in the temp dir)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copy(nibabel_test_data / "anatomical.nii", tree / "anat.nii")
+    rows = scan(tree, IngestConfig())
+    assert [c.status for c in rows] == ["ok"] and list(temp.iterdir()) == []
+    with zipfile.ZipFile(tree / "bundle.zip", "w") as zf:
+        zf.write(nibabel_test_data / "anatomical.nii", "anat2.nii")
+    rows = scan(tree, IngestConfig())
+    assert [c.status for c in rows] == ["ok", "ok"]
+    staged = list(temp.iterdir())
+    assert len(staged) == 1 and staged[0].name.startswith("vol3d-ingest-")  # the zip's content, for load()
+    assert load(next(c for c in rows if "!/" in c.source[0]), IngestConfig()).array.shape == (33, 41, 25)
+
+
 def _write_nifti(path: Path, affine: np.ndarray, sform: int, qform: int, qform_affine=None) -> Path:
     arr = np.arange(12 * 10 * 9, dtype=np.int16).reshape(12, 10, 9)
     img = nib.Nifti1Image(arr, affine)

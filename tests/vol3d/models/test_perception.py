@@ -271,3 +271,37 @@ def test_a_generated_report_asserts_exactly_what_was_perceived(model, monkeypatc
             assert model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12)[0] == raw
         finally:
             model.config.reports_from_perception = True
+
+
+def test_the_perception_stage_trains_the_perception_alone_then_every_task(model):
+    """``perception_steps``: batches of the first steps hold crops and dense targets only; their loss
+    reaches the encoder and the perception and leaves the language model without a gradient."""
+    obj = VLMObjective(model.processor, TaskMix(report=1, ground=1, samples_per_case=2),
+                       LossConfig(organ=1, finding=1, finding_type=1, condition=1, pointer=1),
+                       perception=(model.vocab, model.labels), patch_size=(16, 16, 8), patches_per_case=2,
+                       perception_steps=3)
+    assert obj.stage_starts == (3,)
+    cases = [make_case(0), make_case(1, lesions=1)]
+    rngs = [np.random.default_rng(i) for i in range(2)]
+    early = obj.make_batch(cases, rngs, step=2)
+    assert early["perception_only"] and "input_ids" not in early and "volume" not in early
+    assert early["patches"].shape == (4, 1, 16, 16, 8) and early["finding_target"].shape == (4, 16, 16, 8)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss, logs = obj.loss(model, early)
+    loss.backward()
+    assert set(logs) == {"organ", "finding", "finding_type"} and torch.isfinite(loss)
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.perception.organ_head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    model.zero_grad(set_to_none=True)
+    late = obj.make_batch(cases, rngs, step=3)  # the second stage: every task
+    assert "input_ids" in late and not late.get("perception_only")
+    assert "input_ids" in obj.make_batch(cases, rngs)  # no step (validation): every task
+    with pytest.raises(ConfigError, match="perception on `patches` alone"):
+        model(None, None)
+
+
+def test_a_perception_stage_needs_a_perception_model(model):
+    with pytest.raises(ValueError, match="perception"):
+        VLMObjective(model.processor, TaskMix(report=1), LossConfig(), perception_steps=2)

@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 
 from preprocess.errors import ConfigError
+from preprocess.geometry import denormalise_boxes, parse_boxes
 from vol3d.tasks.findings import FindingSpec, as_vocab, parse_criterion
-from vol3d.tasks.reasoning import Query, measure, parse_question, reason, truth_queries
+from vol3d.tasks.reasoning import (
+    Query,
+    call_conditions,
+    count_answer,
+    located_regions,
+    location_answer,
+    measure,
+    parse_question,
+    reason,
+    truth_queries,
+)
 from vol3d.tasks.regions import LabelSpec, Perceived, Region
 
 LABELS = LabelSpec(("background", "liver", "spleen", "kidney_left", "kidney_right", "lesion"), ("lesion",))
@@ -153,3 +164,59 @@ def test_a_region_cut_by_the_border_is_measured_as_a_lower_bound():
                                VOCAB, LABELS)
     chain = reason("Is there splenomegaly?", p, VOCAB, LABELS, SPACING)
     assert chain.present is True and "lower bound" not in chain.conclusion.text
+
+
+def test_how_many_and_where_are_answered_by_the_regions():
+    p = perceived()
+    shape = (64, 64, 32)
+    for q in ("How many liver lesions are there?", "What is the number of liver lesions? Answer with a number.",
+              "<vol>\nCount the liver lesions in this scan."):
+        assert count_answer(q, p, VOCAB) == "2"
+    assert count_answer("How many kidney cysts are there?", Perceived([], p.organs, {}), VOCAB) == "0"
+    assert count_answer("Is there a liver lesion?", p, VOCAB) is None  # not a count question
+    assert count_answer("How many lesions are there?", p, VOCAB) is None  # names no vocabulary finding
+    assert count_answer("How many times is splenomegaly seen?", p, VOCAB) is None  # a condition is not counted
+    # where: one box per instance, ordered by its first corner, in 0..999 of the model input
+    answer = location_answer("Where is the liver lesion?", "There is no liver lesion.", p, VOCAB, shape)
+    boxes = parse_boxes(answer)
+    assert len(boxes) == 2 and answer.count("<box>") == 2
+    assert np.allclose(denormalise_boxes(np.stack(boxes), shape), [p.findings[0].box, p.findings[1].box], atol=0.1)
+    # the language model wrote a box for a question that does not say "where": the regions still decide
+    assert location_answer("Show me the kidney cyst.", "<box>[1,2,3,4,5,6]</box>", p, VOCAB, shape).count("<box>") == 1
+    none = Perceived([], p.organs, {"splenomegaly": 0.2})
+    assert location_answer("Where is the kidney cyst?", "<box>[1,2,3,4,5,6]</box>", none, VOCAB, shape) == \
+        "There is no kidney cyst."
+    assert location_answer("Where is the kidney cyst?", "<box>[1,2,3,4,5,6]</box>", none, VOCAB, shape,
+                           keep_refusal=True) is None  # a forced box keeps the model's own
+    assert location_answer("Describe the liver lesion.", "A lesion.", p, VOCAB, shape) is None
+    # a condition present is located at its organ
+    spleen = location_answer("Where is the splenomegaly?", "", Perceived([], p.organs, {"splenomegaly": 0.9}), VOCAB,
+                             shape)
+    assert np.allclose(denormalise_boxes(np.stack(parse_boxes(spleen)), shape), [p.organs[1].box], atol=0.1)
+    assert location_answer("Where is the splenomegaly?", "", none, VOCAB, shape) == "There is no splenomegaly."
+    assert located_regions(p, "liver_lesion", VOCAB) == [p.findings[0], p.findings[1]]
+
+
+def test_a_condition_with_a_criterion_is_called_by_it_on_the_perceived_organ():
+    long_spleen = perceived()  # 150 mm, classifier 0.3
+    called = call_conditions(long_spleen, VOCAB, LABELS)
+    assert called.conditions == {"splenomegaly": 1.0} and called.classifier == {"splenomegaly": 0.3}
+    assert long_spleen.conditions == {"splenomegaly": 0.3}  # the input is left as it was
+    normal = call_conditions(perceived(spleen_slices=20), VOCAB, LABELS)  # 100 mm
+    assert normal.conditions == {"splenomegaly": 0.0}
+    # the chain still names the classifier that disagrees
+    chain = reason("Is there splenomegaly?", called, VOCAB, LABELS, SPACING)
+    assert chain.present is True and "classifier 0.30 disagrees" in chain.conclusion.text
+    # no spleen found, or a criterion a lower bound does not settle: the classifier's probability stays
+    no_spleen = Perceived([], [r for r in long_spleen.organs if r.name != "spleen"], {"splenomegaly": 0.3})
+    assert call_conditions(no_spleen, VOCAB, LABELS) is no_spleen
+    cut = perceived(spleen_slices=20)
+    cut.organs[1].at_edge = True  # at least 100 mm: may be more
+    assert call_conditions(cut, VOCAB, LABELS).conditions == {"splenomegaly": 0.3}
+    cut_long = perceived()
+    cut_long.organs[1].at_edge = True  # at least 150 mm: settled
+    assert call_conditions(cut_long, VOCAB, LABELS).conditions == {"splenomegaly": 1.0}
+    # without a criterion nothing changes
+    plain = {**VOCAB, "splenomegaly": FindingSpec("splenomegaly", "spleen", phrases=("splenomegaly",),
+                                                  countable=False)}
+    assert call_conditions(long_spleen, plain, LABELS) is long_spleen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import socket
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from toy import ToyObjective, toy_items, toy_model
 
 from vol3d.train.checkpoint import checkpoint_dirs
 from vol3d.train.config import DataConfig, OptimConfig, TrainConfig
-from vol3d.train.loop import DataPlan, TrainingInterrupted, fit
+from vol3d.train.loop import DataPlan, TrainingInterrupted, fit, staged_schedule, warmup_cosine
 
 
 def _cfg(tmp_path=None, **kw) -> TrainConfig:
@@ -250,3 +251,40 @@ def test_fsdp_units_are_the_blocks_innermost_first():
     assert ddp.tied_names(model) == {"post.weight"}
     with pytest.raises(Exception, match="strategy"):
         _cfg(strategy="zero3")
+
+
+class _StagedToy(ToyObjective):
+    """The toy task in two stages: records the step each batch was made for."""
+
+    stage_starts = (3,)
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[int] = []
+
+    def make_batch(self, items, rngs, step=None):
+        self.steps.append(step)
+        return super().make_batch(items, rngs)
+
+
+def test_a_staged_objective_gets_each_batchs_step_and_each_stage_its_own_schedule(tmp_path):
+    obj = _StagedToy()
+    cfg = _cfg(tmp_path, max_steps=6, grad_accum=2, optim=OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1))
+    fit(cfg, toy_model(), obj, toy_items(16), run_dir=tmp_path)
+    assert obj.steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # micro-batches of each optimizer step
+    with (tmp_path / "metrics.csv").open() as f:
+        lr = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/lr"]
+    # the LR after steps 1..6: stage 1 (steps 0-2) warms up and decays, stage 2 (3-5) warms up again
+    expected = [1e-2 * staged_schedule(2, 6, 0.1, (3,))(s) for s in range(1, 7)]
+    assert lr == pytest.approx(expected)
+    assert lr[2] < lr[1] and lr[3] > lr[2]  # the second stage warms up again from a low LR
+
+
+def test_staged_schedule_runs_a_warmup_and_cosine_per_stage():
+    f = staged_schedule(2, 10, 0.1, (4,))
+    one, two = warmup_cosine(2, 4, 0.1), warmup_cosine(2, 6, 0.1)
+    assert [f(s) for s in range(4)] == [one(s) for s in range(4)]
+    assert [f(s) for s in range(4, 10)] == [two(s) for s in range(6)]
+    assert f(3) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way down stage 1
+    assert staged_schedule(2, 10, 0.1)(7) == warmup_cosine(2, 10, 0.1)(7)  # no stages: one schedule
+    assert staged_schedule(2, 10, 0.1, (0, 10, 12))(7) == warmup_cosine(2, 10, 0.1)(7)  # starts outside the run
