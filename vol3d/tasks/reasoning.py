@@ -443,7 +443,7 @@ def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                                          f"{criterion.unit}{edge}", organ.box.copy(), value, criterion.unit, organ.name))
             present = criterion.holds(value)
             why = _verdict(criterion, value, present, organ)
-            if (finding in perceived.classifier or finding in perceived.conditions) and (p >= condition_threshold) != present:
+            if finding in perceived.conditions and (p >= condition_threshold) != present:
                 why += f"; the classifier {p:.2f} disagrees"
         else:
             present = p >= condition_threshold
