@@ -349,6 +349,13 @@ HEADLINE: tuple[tuple[str, str, str, str], ...] = (
     ("chain.conclusion_acc", "chain conclusion, all", "", "the same over present and absent findings"),
     ("chain.finding_iou", "chain finding box IoU", "",
      "IoU of the chain's largest-finding box with the true one, where the finding is present"),
+    ("detect.acc_iou50", "perceived findings at IoU 0.5", "",
+     "true finding instances matched by a perceived region of their type at IoU >= 0.5 (the perception alone)"),
+    ("detect.first_look.acc_iou50", "perceived findings, first look", "",
+     "the same before the second look at each finding on a crop (the gain of looking again, side by side)"),
+    ("detect.small.acc_iou50", "perceived small findings at IoU 0.5", "",
+     "the same for findings under 10 mm long axial diameter"),
+    ("detect.first_look.small_acc_iou50", "perceived small, first look", "", "the same before the second look"),
 )
 #: Tasks whose model interval must lie above the image-blind one (the model reads the image).
 SEPARATION = ("ground.acc_iou50", "report.findings.micro_f1", "vqa_closed.by_type.presence.exact_match",

@@ -449,7 +449,7 @@ class Vol3DPipeline:
     @property
     def default_tasks(self) -> list[str]:
         """Tasks evaluated by default: :data:`vol3d.eval.TEXT_TASKS`, plus ``ehr`` when the model has an EHR
-        head, plus ``measure`` and ``chain`` when it has perception."""
+        head, plus ``measure``, ``chain`` and ``detect`` when it has perception."""
         from vol3d.eval.evaluate import TEXT_TASKS
         from vol3d.eval.reasoning import PERCEPTION_TASKS
 

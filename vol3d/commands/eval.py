@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="manifest split to evaluate (default test; 'all' = every case)")
     parser.add_argument("--tasks", nargs="+", choices=[*TASKS, *PERCEPTION_TASKS], default=None,
                         help="tasks to score (default: the text tasks, plus ehr when the run has an EHR head, "
-                             "plus measure and chain when it has perception)")
+                             "plus measure, chain and detect when it has perception)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N cases")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON",
                         help="results file (default RUN/eval.json, or RUN/eval_blind.json with --blind)")

@@ -41,7 +41,14 @@ from vol3d.eval.metrics import (
     token_f1,
     vqa_metrics,
 )
-from vol3d.eval.reasoning import PERCEPTION_TASKS, case_items, score_chain, score_measure
+from vol3d.eval.reasoning import (
+    PERCEPTION_TASKS,
+    case_items,
+    detect_items,
+    score_chain,
+    score_detect,
+    score_measure,
+)
 from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, balanced_sample, sample_one
@@ -175,7 +182,8 @@ def evaluate(
         model: object with ``generate`` (and ``__call__`` returning ``ehr_logits`` for ``ehr``).
         cases: case dicts (see :mod:`vol3d.tasks.samples`).
         tasks: subset of ``report, vqa_closed, vqa_open, ground, ehr`` and, for a model with
-            perception (``perceive`` and ``labels``), ``measure, chain`` (:mod:`vol3d.eval.reasoning`).
+            perception (``perceive`` and ``labels``), ``measure``, ``chain``,
+            ``detect`` (:mod:`vol3d.eval.reasoning`).
         vocab: finding vocabulary (default: the synthetic one), for questions and report F1.
         code_vocab: EHR code order of the model's ``ehr_logits``; default ``model.code_vocab``.
         processor: turns prompts into ``input_ids``/``attention_mask`` for the EHR forward pass;
@@ -218,6 +226,7 @@ def evaluate(
                           "model.perception: true) or drop them from the tasks")
     measured: list[Any] = []
     chained: list[Any] = []
+    detected: list[Any] = []
     done: dict[str, list[tuple[EvalItem, Any]]] = {t: [] for t in tasks}  # (item, prediction)
     located: list[tuple[EvalItem, str]] = []  # grounding answers forced to start with a box
     n_cases = 0
@@ -249,12 +258,15 @@ def evaluate(
                                          max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
                     located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
             if perceiving:
-                pred = None
+                pred = first = None
                 if not (image_blind and priors is not None):
                     pred = model.perceive(vol[None], **gen_kw)[0]
+                    if "detect" in tasks and getattr(model, "looks_again", False):  # the second look's gain
+                        first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
                 m_items, c_items = case_items(ci, case, pred, vocab, labels, priors)
                 measured += m_items
                 chained += c_items
+                detected += detect_items(ci, case, pred, first, vocab, labels)
             for it in items:
                 if it.sample.task == "ehr":
                             done["ehr"].append(
@@ -269,6 +281,9 @@ def evaluate(
             continue
         if task == "chain":
             results[task] = score_chain(chained, bootstrap, seed)
+            continue
+        if task == "detect":
+            results[task] = score_detect(detected, bootstrap, seed)
             continue
         if not pairs:
             results[task] = {"n": 0}

@@ -13,6 +13,10 @@ against its true counterpart:
 - ``chain``: one "Is there X?" chain per finding per case: the organ step's box IoU with the true
   organ, the largest finding's box IoU (present findings), the measurement step's error, and
   whether the conclusion is right (all cases, present ones, absent ones).
+- ``detect``: every true instance of a countable finding against the perceived regions of its type
+  (the best box IoU): ``acc_iou50``, per finding, and for ``small`` findings (long axial diameter
+  under 10 mm); a model that looks again (:attr:`vol3d.models.Vol3DModel.looks_again`) also gets
+  its first look's figures (``first_look``), so the gain of the second look is measured side by side.
 
 The image-blind answer to a measurement is the training split's median of that question (the best
 answer without the image under absolute error, :func:`measure_priors`); its chain has no boxes,
@@ -64,6 +68,64 @@ class ChainItem:
     finding_iou: float | None  # the largest instance's box IoU (present countable findings)
     measure_truth: float | None
     measure_pred: float | None
+
+
+@dataclasses.dataclass
+class DetectItem:
+    case_index: int
+    finding: str
+    diameter_mm: float  # the true instance's long axial diameter
+    iou: float  # best box IoU of a perceived region of its type (0: none)
+    first_iou: float | None  # the same at the first look (None: the model looked once)
+
+
+#: Findings under this long axial diameter (mm) are ``small`` in the ``detect`` section.
+SMALL_MM = 10.0
+
+
+def detect_items(ci: int, case: Mapping[str, Any], pred: Perceived | None, first: Perceived | None,
+                 vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> list[DetectItem]:
+    """The ``detect`` items of one case: each true finding instance's best IoU with the perceived regions
+    of its type in ``pred`` (None: image-blind, no regions) and in the first look ``first``."""
+    from preprocess.geometry import box_iou
+
+    truth, _ = perceived_from_case(case, as_vocab(vocab), labels)
+
+    def best(g: Any, per: Perceived | None) -> float:
+        boxes = [r.box for r in per.findings if r.name == g.name] if per is not None else []
+        return float(box_iou(np.stack(boxes), g.box[None]).max()) if boxes else 0.0
+
+    return [DetectItem(ci, g.name, float(max(g.size_mm[0], g.size_mm[1])), best(g, pred),
+                       best(g, first) if first is not None else None) for g in truth.findings]
+
+
+def score_detect(items: Sequence[DetectItem], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The ``detect`` section (see the module docstring)."""
+    def acc(its: Sequence[DetectItem], at: float = 0.5, first: bool = False) -> float:
+        return float(np.mean([(it.first_iou if first else it.iou) >= at for it in its])) if its else math.nan
+
+    small = [it for it in items if it.diameter_mm < SMALL_MM]
+    out: dict[str, Any] = {
+        "n": len(items), "acc_iou50": acc(items), "acc_iou25": acc(items, 0.25),
+        "mean_iou": float(np.mean([it.iou for it in items])) if items else math.nan,
+        "small": {"n": len(small), "max_diameter_mm": SMALL_MM, "acc_iou50": acc(small)},
+        "by_finding": {},
+    }
+    for name in dict.fromkeys(it.finding for it in items):
+        its = [it for it in items if it.finding == name]
+        out["by_finding"][name] = {"n": len(its), "acc_iou50": acc(its)}
+    looked = items and all(it.first_iou is not None for it in items)
+    if looked:
+        out["first_look"] = {"acc_iou50": acc(items, first=True), "acc_iou25": acc(items, 0.25, first=True),
+                             "small_acc_iou50": acc(small, first=True)}
+    if bootstrap and items:
+        out["acc_iou50_ci"] = bootstrap_ci(_groups(items), acc, bootstrap, seed)
+        if small:
+            out["small"]["acc_iou50_ci"] = bootstrap_ci(_groups(small), acc, bootstrap, seed)
+        if looked:
+            out["first_look"]["acc_iou50_ci"] = bootstrap_ci(_groups(items), lambda its: acc(its, first=True),
+                                                            bootstrap, seed)
+    return out
 
 
 def measure_priors(cases: Iterable[Mapping[str, Any]], vocab: Mapping[str, Any] | None,
@@ -221,5 +283,6 @@ def score_chain(items: Sequence[ChainItem], bootstrap: int = 1000, seed: int = 0
     return out
 
 
-__all__ = ["PERCEPTION_TASKS", "TOLERANCE", "ChainItem", "MeasureItem", "case_items", "measure_priors",
-           "presence_question", "query_key", "score_chain", "score_measure"]
+__all__ = ["PERCEPTION_TASKS", "SMALL_MM", "TOLERANCE", "ChainItem", "DetectItem", "MeasureItem", "case_items",
+           "detect_items", "measure_priors", "presence_question", "query_key", "score_chain", "score_detect",
+           "score_measure"]

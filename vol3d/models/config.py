@@ -62,6 +62,12 @@ class Vol3DConfig:
                                             "(docs/tasks_and_metrics.md); filled from the cache's vocab.json when empty")
     perception_dim: int = _f(16, "channels of the perception decoder's full-resolution feature map")
     perception_decoder: str = _f("auto", "perception decoder style: auto | unetr | unet | monai_unet")
+    perception_patch: list[int] = _f([], "perception models: the crop size (X Y Z) the perception decoder learned "
+                                     "on (filled by training from data.perception_patch); [] = whole volumes")
+    look_again: bool = _f(True, "perception models that learned on crops (perception_patch): each finding the "
+                          "first look at the whole volume finds is looked at again on a crop of that size centred "
+                          "on it, as in training, and the crops' maps replace the whole volume's there "
+                          "(vol3d.tasks.regions.look_again_windows; docs/models.md)")
     max_findings: int = _f(8, "most findings (connected components) one volume's digest lists")
     finding_threshold: float = _f(0.5, "a voxel whose finding probability exceeds this is a finding voxel")
     closed_answers_from_perception: bool = _f(True, "perception models: the first token of a yes/no or count "
@@ -103,6 +109,8 @@ class Vol3DConfig:
             raise ConfigError(f"finding_threshold must be in (0, 1), got {self.finding_threshold}")
         if not 0.0 <= self.organ_keep_fraction <= 1.0:
             raise ConfigError(f"organ_keep_fraction must be in [0, 1], got {self.organ_keep_fraction}")
+        if self.perception_patch and (len(self.perception_patch) != 3 or min(self.perception_patch) < 1):
+            raise ConfigError(f"perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
         if self.max_findings < 1 or self.perception_dim < 1:
             raise ConfigError("max_findings and perception_dim must be >= 1")
         if self.box_head_dim < 1:

@@ -41,6 +41,9 @@ from vol3d.protocol import BOX_END, BOX_START, ORGAN_TOKEN, REGION_TOKEN, VOL_TO
 from vol3d.rundir import ADAPTER_DIR, DOMAIN_NAME, LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
 from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
+#: Crops the perception looks at again per forward pass (:meth:`Vol3DModel._look_again`).
+LOOK_AGAIN_BATCH = 8
+
 
 def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
@@ -460,7 +463,7 @@ class Vol3DModel(nn.Module):
             read: dict[str, torch.Tensor] = {}
             if self.perception is not None:
                 if regions is None:  # inference: the model's own regions
-                    regions = self._perceived(enc, None)[1]
+                    regions = self._perceived(enc, None, volume)[1]
                 read = self._read_regions(enc, regions)
                 if bool(self._region_positions(input_ids).any()):
                     region_tokens, region_valid = read["tokens"][vi], regions["kind"][vi] >= 0
@@ -549,11 +552,12 @@ class Vol3DModel(nn.Module):
         return self.contrastive_head.embed_text(self.text_tower(texts))
 
     @torch.no_grad()
-    def perceive(self, volume: torch.Tensor, spacing: Any = None) -> list[Any]:
+    def perceive(self, volume: torch.Tensor, spacing: Any = None, look_again: bool | None = None) -> list[Any]:
         """What the perception sees in each volume ``(B, C, X, Y, Z)``: one
         :class:`~vol3d.tasks.regions.Perceived` (findings, organs, conditions) per volume.
 
         ``spacing``: mm per voxel ``(3,)`` or ``(B, 3)``; default the training cache's target spacing.
+        ``look_again``: look at each finding again on a crop (:meth:`looks_again`); default the config's.
         """
         if self.perception is None:
             raise ConfigError("perceive needs a model built with perception: true")
@@ -562,9 +566,44 @@ class Vol3DModel(nn.Module):
         try:
             with self._autocast(volume.device):
                 enc = self.encode_volume(volume)
-            return self._perceived(enc, spacing)[0]
+            return self._perceived(enc, spacing, volume, look_again)[0]
         finally:
             self.train(was_training)
+
+    @property
+    def looks_again(self) -> bool:
+        """Whether :meth:`perceive` and :meth:`generate` look at each finding a second time, on a crop of
+        ``config.perception_patch`` centred on it (the crops the decoder learned on; ``config.look_again``)."""
+        return self.perception is not None and self.config.look_again and bool(self.config.perception_patch)
+
+    def _look_again(self, volume: torch.Tensor, finding_logits: torch.Tensor, first: list[Any]) -> torch.Tensor:
+        """``finding_logits (B, 1 + T, X, Y, Z)`` with each volume's finding regions of the first look
+        ``first`` seen again: the perception run on a crop of ``config.perception_patch`` centred on each
+        (:func:`~vol3d.tasks.regions.look_again_windows`), the crops' logits replacing the whole volume's
+        where they lie (:func:`~vol3d.tasks.regions.stitch_looks`, averaged where crops overlap).
+
+        The decoder learns on finding-centred crops (nnU-Net's oversampling), so a crop is what it
+        knows best: instance norms see a crop's statistics, borders are where training had them."""
+        from vol3d.tasks.regions import look_again_windows, stitch_looks
+
+        assert self.perception is not None
+        shape = tuple(int(v) for v in volume.shape[2:])
+        jobs = [(b, w) for b, per in enumerate(first)
+                for w in look_again_windows([r.box for r in per.findings], shape, self.config.perception_patch)]
+        if not jobs:
+            return finding_logits
+        looks: list[torch.Tensor] = []
+        for start in range(0, len(jobs), LOOK_AGAIN_BATCH):
+            crops = torch.stack([volume[b][(slice(None), *w)] for b, w in jobs[start : start + LOOK_AGAIN_BATCH]])
+            with self._autocast(volume.device):
+                p = self.perception(crops, self.encoder.forward_intermediates(crops, self.perception.indices))
+            looks += list(p["finding_logits"].detach().float().cpu().numpy())
+        out = finding_logits.detach().float().cpu().numpy()
+        for b in range(len(first)):
+            mine = [(look, w) for look, (owner, w) in zip(looks, jobs, strict=True) if owner == b]
+            if mine:
+                out[b] = stitch_looks(out[b], [lk for lk, _ in mine], [w for _, w in mine])
+        return torch.from_numpy(out)
 
     def _spacings(self, spacing: Any, n: int) -> list[Any]:
         """``n`` spacings (mm per model-input voxel): the given ones, else the preprocessing's target spacing."""
@@ -577,12 +616,15 @@ class Vol3DModel(nn.Module):
         arr = np.asarray(spacing.detach().cpu() if isinstance(spacing, torch.Tensor) else spacing, dtype=float)
         return [arr] * n if arr.ndim == 1 else list(arr)
 
-    def _perceived(self, enc: dict[str, Any], spacing: Any) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    def _perceived(self, enc: dict[str, Any], spacing: Any, volume: torch.Tensor | None = None,
+                   look_again: bool | None = None) -> tuple[list[Any], dict[str, torch.Tensor]]:
         """Regions of each encoded volume, and their packed tensors (:func:`~vol3d.tasks.regions.pack_regions`).
 
         Organs and findings come from the dense maps; the conditions from the encoder features
         pooled over the organs found (:meth:`Perception.read_regions`), or from the vocabulary's
-        criterion on the organ found where there is one (:func:`~vol3d.tasks.reasoning.call_conditions`)."""
+        criterion on the organ found where there is one (:func:`~vol3d.tasks.reasoning.call_conditions`).
+        Given the encoded ``volume``, the findings are looked at again on crops (:meth:`_look_again`)
+        when :attr:`looks_again` (or ``look_again``) says so."""
         from vol3d.tasks.reasoning import call_conditions
         from vol3d.tasks.regions import clean_organ_map, pack_regions, perceived_from_maps
 
@@ -594,17 +636,24 @@ class Vol3DModel(nn.Module):
         organ_np = np.stack([clean_organ_map(m, cfg.organ_keep_fraction)
                              for m in p["organ_logits"].detach().argmax(dim=1).cpu().numpy()])
         organ_map = torch.from_numpy(organ_np).to(device)
-        finding_prob = torch.sigmoid(p["finding_logits"][:, 0].detach().float()).cpu().numpy()
-        type_prob = p["finding_logits"][:, 1:].detach().float().softmax(dim=1).cpu().numpy()
         with torch.no_grad():
             cond = torch.sigmoid(self.perception.condition_logits(enc["fine"], organ_map).float()).cpu().numpy()
         spacings = self._spacings(spacing, len(organ_np))
-        perceived, maps = [], []
-        for b in range(len(organ_np)):
-            per, fmap = perceived_from_maps(organ_np[b], finding_prob[b], type_prob[b], cond[b], spacings[b],
-                                            self.vocab, self.labels, cfg.finding_threshold, cfg.max_findings)
-            perceived.append(call_conditions(per, self.vocab, self.labels))
-            maps.append(fmap)
+
+        def regions(finding_logits: torch.Tensor) -> tuple[list[Any], list[np.ndarray]]:
+            finding_prob = torch.sigmoid(finding_logits[:, 0].detach().float()).cpu().numpy()
+            type_prob = finding_logits[:, 1:].detach().float().softmax(dim=1).cpu().numpy()
+            found = [perceived_from_maps(organ_np[b], finding_prob[b], type_prob[b], cond[b], spacings[b], self.vocab,
+                                         self.labels, cfg.finding_threshold, cfg.max_findings)
+                     for b in range(len(organ_np))]
+            return [per for per, _ in found], [fmap for _, fmap in found]
+
+        perceived, maps = regions(p["finding_logits"])
+        again = self.looks_again if look_again is None else look_again and self.perception is not None
+        if again and volume is not None and cfg.perception_patch:
+            with torch.no_grad():
+                perceived, maps = regions(self._look_again(volume, p["finding_logits"], perceived))
+        perceived = [call_conditions(per, self.vocab, self.labels) for per in perceived]
         packed = pack_regions(perceived, maps, list(organ_np), organ_np.shape[1:], self.vocab, self.labels)
         return perceived, {k: torch.from_numpy(v).to(device) for k, v in packed.items()}
 
@@ -659,7 +708,7 @@ class Vol3DModel(nn.Module):
                 if isinstance(prompts, torch.Tensor):
                     raise ConfigError("a perception model puts its findings digest before every question: pass the "
                                       "prompts as strings")
-                found, packed = self._perceived(enc, spacing)
+                found, packed = self._perceived(enc, spacing, vol)
                 perceived = [found[i] for i in vi.tolist()]
                 contexts = [digest_text(p, self.vocab) for p in perceived]
                 regions = {"valid": packed["kind"][vi] >= 0, "box": packed["box"][vi]}

@@ -43,7 +43,7 @@ from vol3d.tasks.findings import (
 from vol3d.tasks.regions import LabelSpec, Perceived, Region, organ_text, size_text, size_triple
 
 #: Evaluation tasks scored from the perception rather than from generated text (vol3d.eval.reasoning).
-PERCEPTION_TASKS = ("measure", "chain")
+PERCEPTION_TASKS = ("measure", "chain", "detect")
 
 #: What a measurement query asks, with its unit.
 QUERY_UNITS = {"diameter": "mm", "length": "mm", "distance": "mm", "volume": "mL"}

@@ -391,6 +391,38 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     return perceived, region_map
 
 
+def look_again_windows(boxes: Sequence[np.ndarray], shape: Sequence[int], patch: Sequence[int],
+                       ) -> list[tuple[slice, ...]]:
+    """Crops of ``patch`` voxels (at most ``shape``) centred on each box ``(6,)`` and kept inside the
+    volume: where the perception looks again (:func:`stitch_looks`). Boxes whose crop another box
+    already gave are looked at once."""
+    dims = np.asarray(shape, dtype=np.int64)
+    size = np.minimum(np.asarray(patch, dtype=np.int64), dims)
+    out: list[tuple[slice, ...]] = []
+    for box in boxes:
+        centre = np.floor((np.asarray(box[:3], float) + np.asarray(box[3:], float)) / 2 + 0.5).astype(np.int64)
+        lo = np.clip(centre - size // 2, 0, dims - size)
+        window = tuple(slice(int(a), int(a + s)) for a, s in zip(lo, size, strict=True))
+        if window not in out:
+            out.append(window)
+    return out
+
+
+def stitch_looks(first: np.ndarray, looks: Sequence[np.ndarray], windows: Sequence[tuple[slice, ...]]) -> np.ndarray:
+    """``first (..., X, Y, Z)`` with every window's voxels replaced by the mean of the ``looks (..., x, y, z)``
+    that cover them (the maps of the crops of :func:`look_again_windows`); voxels no look covers keep
+    the first look's value."""
+    if len(looks) != len(windows):
+        raise ValueError(f"{len(looks)} looks for {len(windows)} windows")
+    lead = (slice(None),) * (first.ndim - 3)
+    total = np.zeros(first.shape, dtype=np.float64)
+    count = np.zeros(first.shape[-3:], dtype=np.float64)
+    for look, window in zip(looks, windows, strict=True):
+        total[lead + window] += look
+        count[window] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), first).astype(first.dtype)
+
+
 # ----------------------------------------------------------------------------- the digest
 
 
@@ -527,7 +559,9 @@ def matching_regions(perceived: Perceived, boxes_vox: np.ndarray, min_iou: float
 
 
 __all__ = [
-    "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text", "matching_regions", "pack_regions", "perceived_summary", "summary_dim", "touches_border",
+    "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text",
+    "look_again_windows", "matching_regions", "pack_regions", "perceived_summary", "stitch_looks", "summary_dim",
+    "touches_border",
     "organ_text", "perceived_from_case", "perceived_from_maps", "region_feature_dim", "region_features",
     "size_text", "size_triple",
 ]

@@ -123,7 +123,8 @@ class GRPOObjective:
             was = inner.training
             inner.eval()  # the regions it perceives at inference, batch statistics untouched
             with torch.no_grad():
-                found, regions = inner._perceived(inner.encode_volume(batch["volume"]), batch["spacing"].cpu().numpy())
+                found, regions = inner._perceived(inner.encode_volume(batch["volume"]), batch["spacing"].cpu().numpy(),
+                                                  batch["volume"])
             inner.train(was)
             contexts = [digest_text(found[int(i)], inner.vocab) for i in vi]
         enc = self.processor(prompts, flat, max_length=self.max_length, contexts=contexts)

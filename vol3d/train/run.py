@@ -95,10 +95,14 @@ def build_model(cfg: TrainConfig, train: Any, resume: bool) -> tuple[Any, TrainC
         if not resume and cfg.freeze:  # the init run's architecture; what this run keeps fixed is this run's
             model.config = dataclasses.replace(model.config, **{f"freeze_{part}": True for part in cfg.freeze})
             model._apply_training_options()
+        if not resume and model.config.perception:  # the crops this run's decoder learns on
+            model.config = dataclasses.replace(model.config, perception_patch=list(cfg.data.perception_patch))
         model.train()
         out = dataclasses.replace(cfg, model=model.config)
         return model, out if resume else dataclasses.replace(out, loss=grounding_loss_for(model.config, cfg.loss))
     mcfg = resolve_vocabulary(cfg.model, cfg.data)
+    if mcfg.perception:  # the crops its decoder learns on: where it looks again at inference
+        mcfg = dataclasses.replace(mcfg, perception_patch=list(cfg.data.perception_patch))
     if cfg.freeze:
         mcfg = dataclasses.replace(mcfg, **{f"freeze_{part}": True for part in cfg.freeze})
     # texts, boxes and codes only, read once: a big cache must not be read into memory for this

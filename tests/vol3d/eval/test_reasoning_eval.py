@@ -117,3 +117,28 @@ def test_a_model_without_perception_is_told_why():
 
     with pytest.raises(ConfigError, match="perception"):
         evaluate(Blind(), CASES, ["measure"], vocab=VOCAB)
+
+
+class LookingAgain(Perceiving):
+    """Sees the truth at its second look; its first look has the largest lesion 2 voxels off."""
+
+    looks_again = True
+
+    def perceive(self, volume, spacing=None, look_again=None):
+        self.shift = 2.0 if look_again is False else 0.0
+        return super().perceive(volume, spacing)
+
+
+def test_detection_is_scored_per_instance_with_the_first_look_beside_the_second():
+    res = evaluate(LookingAgain(), CASES, ["detect"], vocab=VOCAB, bootstrap=50)["detect"]
+    # 5 lesions of 6 and 8 mm (all small); the largest of cases 0, 2, 3 is missed at the first look
+    assert res["n"] == 5 and res["small"]["n"] == 5 and res["by_finding"]["liver_lesion"]["n"] == 5
+    assert res["acc_iou50"] == 1 and res["small"]["acc_iou50"] == 1 and res["mean_iou"] == 1
+    assert res["first_look"]["acc_iou50"] == pytest.approx(2 / 5)
+    assert res["first_look"]["small_acc_iou50"] == pytest.approx(2 / 5)
+    assert res["acc_iou50_ci"] == [1.0, 1.0] and res["first_look"]["acc_iou50_ci"][1] <= 2 / 3
+    once = evaluate(Perceiving(shift=2.0), CASES, ["detect"], vocab=VOCAB, bootstrap=0)["detect"]
+    assert once["acc_iou50"] == pytest.approx(2 / 5) and "first_look" not in once  # a model that looks once
+    blind = evaluate(LookingAgain(), CASES, ["detect"], vocab=VOCAB, bootstrap=0, image_blind=True,
+                     priors=measure_priors(CASES, VOCAB, LABELS))["detect"]
+    assert blind["acc_iou50"] == 0 and blind["acc_iou25"] == 0

@@ -305,3 +305,49 @@ def test_the_perception_stage_trains_the_perception_alone_then_every_task(model)
 def test_a_perception_stage_needs_a_perception_model(model):
     with pytest.raises(ValueError, match="perception"):
         VLMObjective(model.processor, TaskMix(report=1), LossConfig(), perception_steps=2)
+
+
+def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_replace_the_first(model, monkeypatch):
+    """The first look (whole volume) sees only each lesion's centre voxel, a crop sees the whole lesion:
+    with a second look the regions are the crops' and every answer reads them."""
+    import dataclasses
+    import torch.nn.functional as F
+
+    patch = (16, 16, 8)
+    real = type(model.perception).forward
+    crops: list[tuple[int, ...]] = []
+
+    def seen(self, volume, maps):
+        out = real(self, volume, maps)
+        lesion = (volume[:, :1] > 0.7).float()
+        if tuple(volume.shape[2:]) == patch:
+            crops.extend([tuple(volume.shape[1:])] * volume.shape[0])
+        else:  # the first look: a lesion's centre voxel only (its 3 x 3 x 3 erosion)
+            lesion = -F.max_pool3d(-lesion, 3, stride=1, padding=1)
+        logits = out["finding_logits"].clone()
+        logits[:, 0] = lesion[:, 0] * 40 - 20
+        logits[:, 1] = 10.0  # every finding is a liver lesion
+        return {**out, "finding_logits": logits}
+
+    monkeypatch.setattr(type(model.perception), "forward", seen)
+    case = make_case(3)
+    volume, truth = case["image"][None], case["boxes_vox"].numpy()
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, perception_patch=list(patch)))
+    assert model.looks_again
+    first = model.perceive(volume, look_again=False)[0]
+    assert not crops
+    assert sorted(tuple(r.box) for r in first.findings) == sorted(tuple(b + [1, 1, 1, -1, -1, -1]) for b in truth)
+    again = model.perceive(volume)[0]
+    assert crops == [(1, *patch)] * 2  # one crop per lesion, of the size the decoder learned on
+    assert sorted(tuple(r.box) for r in again.findings) == sorted(tuple(b) for b in truth)
+    assert [r.volume_ml for r in again.findings] == pytest.approx([27 * 16 / 1000] * 2)  # 3 x 3 x 3 voxels of 16 mm3
+    _, seen_by_answers = model.generate(volume, ["Where is the liver lesion?"], max_new_tokens=4, return_perceived=True)
+    assert sorted(tuple(r.box) for r in seen_by_answers[0].findings) == sorted(tuple(b) for b in truth)
+    # a model that learned on whole volumes, or told not to look again, looks once
+    crops.clear()
+    for options in ({"perception_patch": []}, {"look_again": False}):
+        monkeypatch.setattr(model, "config", dataclasses.replace(model.config, **{"perception_patch": list(patch),
+                                                                                  **options}))
+        assert not model.looks_again
+        assert [tuple(r.box) for r in model.perceive(volume)[0].findings] == [tuple(r.box) for r in first.findings]
+        assert not crops

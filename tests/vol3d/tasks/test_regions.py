@@ -12,6 +12,7 @@ from vol3d.tasks.regions import (
     LabelSpec,
     clean_organ_map,
     digest_text,
+    look_again_windows,
     matching_regions,
     pack_regions,
     perceived_from_case,
@@ -19,6 +20,7 @@ from vol3d.tasks.regions import (
     perceived_summary,
     region_feature_dim,
     size_text,
+    stitch_looks,
     summary_dim,
 )
 
@@ -176,3 +178,29 @@ def test_packing_matching_and_summary():
 
 def test_size_text_follows_the_reports():
     assert size_text((22.4, 31.0, 8.6)) == "31 x 22 x 9 mm"  # long, short axial, then craniocaudal
+
+
+def test_look_again_windows_are_centred_on_each_box_and_stay_inside():
+    shape = (40, 30, 12)
+    boxes = [np.array([9.5, 9.5, 4.5, 12.5, 12.5, 6.5]),   # centre (11, 11, 5.5): crop [3, 19) [3, 19) [2, 10)
+             np.array([37.5, 0.5, 9.5, 39.5, 2.5, 11.5]),  # at the corner: pushed inside
+             np.array([10.5, 10.5, 4.5, 11.5, 11.5, 6.5])]  # the first one's crop again: looked at once
+    windows = look_again_windows(boxes, shape, (16, 16, 8))
+    assert windows == [(slice(3, 19), slice(3, 19), slice(2, 10)), (slice(24, 40), slice(0, 16), slice(4, 12))]
+    # a patch larger than the volume along an axis takes the whole axis
+    assert look_again_windows(boxes[:1], shape, (16, 64, 64)) == [(slice(3, 19), slice(0, 30), slice(0, 12))]
+    assert look_again_windows([], shape, (16, 16, 8)) == []
+
+
+def test_stitched_looks_replace_the_first_where_they_lie_and_average_overlaps():
+    first = np.zeros((2, 8, 8, 4), np.float32)  # two channels, as the finding logits
+    a = (slice(0, 4), slice(0, 4), slice(0, 4))
+    b = (slice(2, 6), slice(0, 4), slice(0, 4))
+    out = stitch_looks(first, [np.full((2, 4, 4, 4), 2.0), np.full((2, 4, 4, 4), 4.0)], [a, b])
+    assert out.dtype == first.dtype and out.shape == first.shape
+    assert (out[:, 0:2, 0:4] == 2).all() and (out[:, 2:4, 0:4] == 3).all() and (out[:, 4:6, 0:4] == 4).all()
+    untouched = np.ones(first.shape, bool)
+    untouched[:, 0:6, 0:4] = False
+    assert (out[untouched] == 0).all()
+    with pytest.raises(ValueError, match="2 looks for 1 windows"):
+        stitch_looks(first, [first[:, :4, :4], first[:, :4, :4]], [a])

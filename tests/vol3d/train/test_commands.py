@@ -93,6 +93,7 @@ def test_end_to_end_on_a_synthetic_cache(tmp_path):
     for r in (run, ft):
         model = Vol3DModel.from_pretrained(r / "model")
         assert model.config.perception and model.config.ehr_codes  # heads and the code vocabulary travel with it
+        assert model.config.perception_patch == [32, 32, 32] and model.looks_again  # the crops it learned on
         assert sorted(model.vocab) == sorted(json.loads((src / "vocab.json").read_text())["findings"])
         # ... and so does the preprocessing, so a run dir alone prepares new images like the training ones
         from preprocess.config import read_config
