@@ -3,9 +3,12 @@ a <box> that points at a region, patch-trained heads, saving and the generation 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import denormalise_boxes, parse_boxes
@@ -310,9 +313,6 @@ def test_a_perception_stage_needs_a_perception_model(model):
 def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_replace_the_first(model, monkeypatch):
     """The first look (whole volume) sees only each lesion's centre voxel, a crop sees the whole lesion:
     with a second look the regions are the crops' and every answer reads them."""
-    import dataclasses
-    import torch.nn.functional as F
-
     patch = (16, 16, 8)
     real = type(model.perception).forward
     crops: list[tuple[int, ...]] = []
