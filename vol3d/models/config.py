@@ -66,7 +66,7 @@ class Vol3DConfig:
                                      "on (filled by training from data.perception_patch); [] = whole volumes")
     look_again: bool = _f(True, "perception models that learned on crops (perception_patch): each finding the "
                           "first look at the whole volume finds is looked at again on a crop of that size centred "
-                          "on it, as in training, and the crops' maps replace the whole volume's there "
+                          "on it, as in training, and the finding maps are the mean of the two views there "
                           "(vol3d.tasks.regions.look_again_windows; docs/models.md)")
     max_findings: int = _f(8, "most findings (connected components) one volume's digest lists")
     finding_threshold: float = _f(0.5, "a voxel whose finding probability exceeds this is a finding voxel")

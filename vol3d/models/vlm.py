@@ -579,8 +579,8 @@ class Vol3DModel(nn.Module):
     def _look_again(self, volume: torch.Tensor, finding_logits: torch.Tensor, first: list[Any]) -> torch.Tensor:
         """``finding_logits (B, 1 + T, X, Y, Z)`` with each volume's finding regions of the first look
         ``first`` seen again: the perception run on a crop of ``config.perception_patch`` centred on each
-        (:func:`~vol3d.tasks.regions.look_again_windows`), the crops' logits replacing the whole volume's
-        where they lie (:func:`~vol3d.tasks.regions.stitch_looks`, averaged where crops overlap).
+        (:func:`~vol3d.tasks.regions.look_again_windows`), each voxel's logits the mean of the whole
+        volume's and of the crops over it (:func:`~vol3d.tasks.regions.stitch_looks`).
 
         The decoder learns on finding-centred crops (nnU-Net's oversampling), so a crop is what it
         knows best: instance norms see a crop's statistics, borders are where training had them."""

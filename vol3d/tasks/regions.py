@@ -409,18 +409,18 @@ def look_again_windows(boxes: Sequence[np.ndarray], shape: Sequence[int], patch:
 
 
 def stitch_looks(first: np.ndarray, looks: Sequence[np.ndarray], windows: Sequence[tuple[slice, ...]]) -> np.ndarray:
-    """``first (..., X, Y, Z)`` with every window's voxels replaced by the mean of the ``looks (..., x, y, z)``
-    that cover them (the maps of the crops of :func:`look_again_windows`); voxels no look covers keep
-    the first look's value."""
+    """The mean, per voxel, of the first look ``first (..., X, Y, Z)`` and of every look ``(..., x, y, z)``
+    whose window covers the voxel (the maps of the crops of :func:`look_again_windows`): an ensemble of
+    the views, so a voxel no crop covers keeps the first look's value."""
     if len(looks) != len(windows):
         raise ValueError(f"{len(looks)} looks for {len(windows)} windows")
     lead = (slice(None),) * (first.ndim - 3)
-    total = np.zeros(first.shape, dtype=np.float64)
-    count = np.zeros(first.shape[-3:], dtype=np.float64)
+    total = first.astype(np.float64)
+    count = np.ones(first.shape[-3:], dtype=np.float64)
     for look, window in zip(looks, windows, strict=True):
         total[lead + window] += look
         count[window] += 1
-    return np.where(count > 0, total / np.maximum(count, 1), first).astype(first.dtype)
+    return (total / count).astype(first.dtype)
 
 
 # ----------------------------------------------------------------------------- the digest

@@ -310,9 +310,9 @@ def test_a_perception_stage_needs_a_perception_model(model):
         VLMObjective(model.processor, TaskMix(report=1), LossConfig(), perception_steps=2)
 
 
-def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_replace_the_first(model, monkeypatch):
-    """The first look (whole volume) sees only each lesion's centre voxel, a crop sees the whole lesion:
-    with a second look the regions are the crops' and every answer reads them."""
+def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(model, monkeypatch):
+    """The first look (whole volume) sees only each lesion's centre voxel, faintly; a crop sees the whole
+    lesion, surely: the mean of the two views is the whole lesion, and every answer reads it."""
     patch = (16, 16, 8)
     real = type(model.perception).forward
     crops: list[tuple[int, ...]] = []
@@ -322,10 +322,11 @@ def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_replace_the_first(
         lesion = (volume[:, :1] > 0.7).float()
         if tuple(volume.shape[2:]) == patch:
             crops.extend([tuple(volume.shape[1:])] * volume.shape[0])
+            sure = 80.0
         else:  # the first look: a lesion's centre voxel only (its 3 x 3 x 3 erosion)
-            lesion = -F.max_pool3d(-lesion, 3, stride=1, padding=1)
+            lesion, sure = -F.max_pool3d(-lesion, 3, stride=1, padding=1), 40.0
         logits = out["finding_logits"].clone()
-        logits[:, 0] = lesion[:, 0] * 40 - 20
+        logits[:, 0] = lesion[:, 0] * sure - 20
         logits[:, 1] = 10.0  # every finding is a liver lesion
         return {**out, "finding_logits": logits}
 

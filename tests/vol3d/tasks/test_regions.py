@@ -192,15 +192,16 @@ def test_look_again_windows_are_centred_on_each_box_and_stay_inside():
     assert look_again_windows([], shape, (16, 16, 8)) == []
 
 
-def test_stitched_looks_replace_the_first_where_they_lie_and_average_overlaps():
-    first = np.zeros((2, 8, 8, 4), np.float32)  # two channels, as the finding logits
+def test_stitched_looks_average_the_first_look_with_every_crop_over_it():
+    first = np.full((2, 8, 8, 4), 3.0, np.float32)  # two channels, as the finding logits
     a = (slice(0, 4), slice(0, 4), slice(0, 4))
     b = (slice(2, 6), slice(0, 4), slice(0, 4))
-    out = stitch_looks(first, [np.full((2, 4, 4, 4), 2.0), np.full((2, 4, 4, 4), 4.0)], [a, b])
+    out = stitch_looks(first, [np.full((2, 4, 4, 4), 1.0), np.full((2, 4, 4, 4), 8.0)], [a, b])
     assert out.dtype == first.dtype and out.shape == first.shape
-    assert (out[:, 0:2, 0:4] == 2).all() and (out[:, 2:4, 0:4] == 3).all() and (out[:, 4:6, 0:4] == 4).all()
+    # (3 + 1) / 2 under a alone, (3 + 1 + 8) / 3 where a and b overlap, (3 + 8) / 2 under b alone
+    assert (out[:, 0:2, 0:4] == 2).all() and (out[:, 2:4, 0:4] == 4).all() and (out[:, 4:6, 0:4] == 5.5).all()
     untouched = np.ones(first.shape, bool)
     untouched[:, 0:6, 0:4] = False
-    assert (out[untouched] == 0).all()
+    assert (out[untouched] == 3).all()
     with pytest.raises(ValueError, match="2 looks for 1 windows"):
         stitch_looks(first, [first[:, :4, :4], first[:, :4, :4]], [a])
