@@ -51,6 +51,7 @@ from vol3d.eval.reasoning import (
 )
 from vol3d.tasks.codes import CodeVocab, normalise_code
 from vol3d.tasks.findings import as_vocab
+from vol3d.tasks.regions import perceived_from_case
 from vol3d.tasks.samples import CLOSED_QTYPES, TASKS, Sample, applicable_tasks, balanced_sample, sample_one
 
 #: Bootstrap resamples of the confidence intervals.
@@ -263,10 +264,11 @@ def evaluate(
                     pred = model.perceive(vol[None], **gen_kw)[0]
                     if "detect" in tasks and getattr(model, "looks_again", False):  # the second look's gain
                         first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
-                m_items, c_items = case_items(ci, case, pred, vocab, labels, priors)
+                truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
+                m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
                 measured += m_items
                 chained += c_items
-                detected += detect_items(ci, case, pred, first, vocab, labels)
+                detected += detect_items(ci, truth, pred, first)
             for it in items:
                 if it.sample.task == "ehr":
                             done["ehr"].append(

@@ -35,7 +35,7 @@ import numpy as np
 from vol3d.eval.metrics import bootstrap_ci
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.reasoning import PERCEPTION_TASKS, Chain, Query, measure, reason, truth_queries
-from vol3d.tasks.regions import LabelSpec, Perceived, perceived_from_case
+from vol3d.tasks.regions import LabelSpec, Perceived, Region, perceived_from_case
 
 #: Relative error counted as a correct measurement (MedVision's tolerance).
 TOLERANCE = 0.10
@@ -83,15 +83,13 @@ class DetectItem:
 SMALL_MM = 10.0
 
 
-def detect_items(ci: int, case: Mapping[str, Any], pred: Perceived | None, first: Perceived | None,
-                 vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> list[DetectItem]:
-    """The ``detect`` items of one case: each true finding instance's best IoU with the perceived regions
-    of its type in ``pred`` (None: image-blind, no regions) and in the first look ``first``."""
+def detect_items(ci: int, truth: Perceived, pred: Perceived | None, first: Perceived | None) -> list[DetectItem]:
+    """The ``detect`` items of one case: each true finding instance of ``truth`` (the case's
+    :func:`~vol3d.tasks.regions.perceived_from_case`) with its best IoU among the perceived regions of its
+    type in ``pred`` (None: image-blind, no regions) and in the first look ``first``."""
     from preprocess.geometry import box_iou
 
-    truth, _ = perceived_from_case(case, as_vocab(vocab), labels)
-
-    def best(g: Any, per: Perceived | None) -> float:
+    def best(g: Region, per: Perceived | None) -> float:
         boxes = [r.box for r in per.findings if r.name == g.name] if per is not None else []
         return float(box_iou(np.stack(boxes), g.box[None]).max()) if boxes else 0.0
 
@@ -114,7 +112,7 @@ def score_detect(items: Sequence[DetectItem], bootstrap: int = 1000, seed: int =
     for name in dict.fromkeys(it.finding for it in items):
         its = [it for it in items if it.finding == name]
         out["by_finding"][name] = {"n": len(its), "acc_iou50": acc(its)}
-    looked = items and all(it.first_iou is not None for it in items)
+    looked = bool(items) and all(it.first_iou is not None for it in items)
     if looked:
         out["first_look"] = {"acc_iou50": acc(items, first=True), "acc_iou25": acc(items, 0.25, first=True),
                              "small_acc_iou50": acc(small, first=True)}
@@ -168,12 +166,14 @@ def _steps(chain: Chain | None, kind: str) -> list[Any]:
 
 
 def case_items(ci: int, case: Mapping[str, Any], pred: Perceived | None, vocab: Mapping[str, Any] | None,
-               labels: LabelSpec | None, priors: Mapping[str, float] | None,
+               labels: LabelSpec | None, priors: Mapping[str, float] | None, truth: Perceived | None = None,
                ) -> tuple[list[MeasureItem], list[ChainItem]]:
-    """The measurement and chain items of one case; ``pred`` None: image-blind (``priors``' answers)."""
+    """The measurement and chain items of one case; ``pred`` None: image-blind (``priors``' answers);
+    ``truth``: the case's :func:`~vol3d.tasks.regions.perceived_from_case`, when the caller has it."""
     vocab = as_vocab(vocab)
     priors = priors or {}
-    truth, _ = perceived_from_case(case, vocab, labels)
+    if truth is None:
+        truth, _ = perceived_from_case(case, vocab, labels)
     spacing = np.asarray(case.get("spacing", (1.0, 1.0, 1.0)), dtype=float)
     measures = []
     for q in truth_queries(truth, vocab, labels):

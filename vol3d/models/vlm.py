@@ -649,8 +649,8 @@ class Vol3DModel(nn.Module):
             return [per for per, _ in found], [fmap for _, fmap in found]
 
         perceived, maps = regions(p["finding_logits"])
-        again = self.looks_again if look_again is None else look_again and self.perception is not None
-        if again and volume is not None and cfg.perception_patch:
+        again = self.looks_again if look_again is None else look_again and bool(cfg.perception_patch)
+        if again and volume is not None:
             with torch.no_grad():
                 perceived, maps = regions(self._look_again(volume, p["finding_logits"], perceived))
         perceived = [call_conditions(per, self.vocab, self.labels) for per in perceived]
