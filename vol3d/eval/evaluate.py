@@ -21,6 +21,7 @@ cases (keys ending in ``_ci``: ``[lo, hi]``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -242,38 +243,39 @@ def evaluate(
             vol = _volume(case).to(device)
             if image_blind:
                 vol = torch.zeros_like(vol)
-            text_items = [it for it in items if it.sample.task != "ehr"]
-            for b in range(0, len(text_items), batch_size):
-                chunk = text_items[b : b + batch_size]
-                volume = vol[None].expand(len(chunk), *vol.shape)  # (B, C, X, Y, Z), no copy
-                out = model.generate(
-                    volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens, **gen_kw
-                )
-                if len(out) != len(chunk):
-                    raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
-                for it, pred in zip(chunk, out, strict=True):
-                    done[it.sample.task].append((it, str(pred)))
-                present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
-                if locate_prefix and present:
-                    out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
-                                         max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
-                    located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
-            if perceiving:
-                pred = first = None
-                if not (image_blind and priors is not None):
-                    pred = model.perceive(vol[None], **gen_kw)[0]
-                    if "detect" in tasks and getattr(model, "looks_again", False):  # the second look's gain
-                        first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
-                truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
-                m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
-                measured += m_items
-                chained += c_items
-                detected += detect_items(ci, truth, pred, first)
-            for it in items:
-                if it.sample.task == "ehr":
-                            done["ehr"].append(
-                        (it, _ehr_scores(model, vol[None], it.sample.prompt, processor, code_vocab))
+            # every question about the case reads one encoding and perception of it (Vol3DModel.reading)
+            with model.reading(vol) if hasattr(model, "reading") else contextlib.nullcontext():
+                text_items = [it for it in items if it.sample.task != "ehr"]
+                for b in range(0, len(text_items), batch_size):
+                    chunk = text_items[b : b + batch_size]
+                    volume = vol[None].expand(len(chunk), *vol.shape)  # (B, C, X, Y, Z), no copy
+                    out = model.generate(
+                        volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens, **gen_kw
                     )
+                    if len(out) != len(chunk):
+                        raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
+                    for it, pred in zip(chunk, out, strict=True):
+                        done[it.sample.task].append((it, str(pred)))
+                    present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
+                    if locate_prefix and present:
+                        out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
+                                             max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
+                        located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
+                if perceiving:
+                    pred = first = None
+                    if not (image_blind and priors is not None):
+                        pred = model.perceive(vol[None], **gen_kw)[0]
+                        if "detect" in tasks and getattr(model, "looks_again", False):  # the second look's gain
+                            first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
+                    truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
+                    m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
+                    measured += m_items
+                    chained += c_items
+                    detected += detect_items(ci, truth, pred, first)
+                for it in items:
+                    if it.sample.task == "ehr":
+                        done["ehr"].append(
+                            (it, _ehr_scores(model, vol[None], it.sample.prompt, processor, code_vocab)))
 
     results: dict[str, Any] = {}
     for task in tasks:

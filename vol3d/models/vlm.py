@@ -18,10 +18,11 @@ Loading never unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,22 @@ from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
 #: Crops the perception looks at again per forward pass (:meth:`Vol3DModel._look_again`).
 LOOK_AGAIN_BATCH = 8
+
+
+class _Reading:
+    """One volume a :meth:`Vol3DModel.reading` block is about, and what was computed from it."""
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        self.volume = volume  # a strong reference: its memory cannot be reused by another tensor meanwhile
+        self.memo: dict[tuple[Any, ...], Any] = {}
+
+    def holds(self, volume: torch.Tensor | None) -> bool:
+        """Whether ``volume`` is the block's volume: the same memory, shape, dtype and device (a view of
+        it with batch 1, as ``volume[:1]`` of an expanded batch is)."""
+        v = self.volume
+        return (volume is not None and volume.ndim == 5 and volume.shape[0] == 1 and volume.shape == v.shape
+                and volume.dtype == v.dtype and volume.device == v.device and volume.data_ptr() == v.data_ptr()
+                and volume.stride()[1:] == v.stride()[1:])
 
 
 def _projector(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
@@ -150,6 +167,7 @@ class Vol3DModel(nn.Module):
         # The preprocessing config (PreprocessConfig as a dict) the training volumes were made
         # with, saved beside the weights so a model dir alone can prepare new images.
         self.preprocess: dict | None = None
+        self._reading: _Reading | None = None  # the volume of an open reading() block
         # What the training volumes looked like (vol3d.domain.DomainProfile as a dict): a volume that
         # does not fit gets a warning, and no box, at inference.
         self.domain: dict | None = None
@@ -340,6 +358,14 @@ class Vol3DModel(nn.Module):
         the perception's outputs ``perception`` (:meth:`Perception.forward`)."""
         if volume.ndim != 5:
             raise InputError(f"volume must be (B, C, X, Y, Z), got shape {tuple(volume.shape)}")
+        memo = self._memo(volume)
+        if memo is not None:  # inside reading(volume): encoded once, with the perception's outputs
+            if ("enc",) not in memo:
+                memo[("enc",)] = self._encode(volume, dense=True)
+            return dict(memo[("enc",)])  # a caller may replace entries of its copy (generate does)
+        return self._encode(volume, dense)
+
+    def _encode(self, volume: torch.Tensor, dense: bool) -> dict[str, Any]:
         cells = None
         percept: dict[str, torch.Tensor] | None = None
         if self.perception is not None:  # one pass gives the decoder's maps and the LM's tokens
@@ -570,6 +596,43 @@ class Vol3DModel(nn.Module):
         finally:
             self.train(was_training)
 
+    @contextlib.contextmanager
+    def reading(self, volume: torch.Tensor) -> Iterator[None]:
+        """Read one volume once for several questions about it.
+
+        Inside the block, :meth:`generate`, :meth:`perceive`, :meth:`encode_volume` and inference
+        :meth:`forward` calls about ``volume`` (``(C, X, Y, Z)`` or ``(1, C, X, Y, Z)``; also its batch
+        ``volume.expand(B, ...)``, as :func:`vol3d.eval.evaluate` passes one volume with several
+        prompts) encode and perceive it once (per spacing and look-again setting) and reuse that,
+        instead of running the encoder, the perception and the second look at every call. Only
+        without gradients and in eval mode (training never reuses); any other volume is computed as
+        usual. Change neither the volume nor the weights inside the block. Blocks do not nest: an inner
+        one holds until it ends, then the outer one again.
+
+        Example::
+
+            with torch.inference_mode(), model.reading(vol):
+                report = model.generate(vol[None], ["Write the findings."], spacing=sp)
+                found = model.perceive(vol[None], spacing=sp)   # no second encoding
+        """
+        if volume.ndim == 4:
+            volume = volume[None]
+        if volume.ndim != 5 or volume.shape[0] != 1:
+            raise InputError(f"reading() takes one volume (C, X, Y, Z) or (1, C, X, Y, Z), got shape "
+                             f"{tuple(volume.shape)}")
+        outer, self._reading = self._reading, _Reading(volume)
+        try:
+            yield
+        finally:
+            self._reading = outer
+
+    def _memo(self, volume: torch.Tensor | None) -> dict[tuple[Any, ...], Any] | None:
+        """The open :meth:`reading` block's results when ``volume`` is its volume and nothing learns."""
+        r = self._reading
+        if r is None or self.training or torch.is_grad_enabled() or not r.holds(volume):
+            return None
+        return r.memo
+
     @property
     def looks_again(self) -> bool:
         """Whether :meth:`perceive` and :meth:`generate` look at each finding a second time, on a crop of
@@ -598,7 +661,7 @@ class Vol3DModel(nn.Module):
             with self._autocast(volume.device):
                 p = self.perception(crops, self.encoder.forward_intermediates(crops, self.perception.indices))
             looks += list(p["finding_logits"].detach().float().cpu().numpy())
-        out = finding_logits.detach().float().cpu().numpy()
+        out = finding_logits.detach().float().cpu().numpy().copy()  # a copy: on CPU .numpy() shares the first look
         for b in range(len(first)):
             mine = [(look, w) for look, (owner, w) in zip(looks, jobs, strict=True) if owner == b]
             if mine:
@@ -625,12 +688,27 @@ class Vol3DModel(nn.Module):
         criterion on the organ found where there is one (:func:`~vol3d.tasks.reasoning.call_conditions`).
         Given the encoded ``volume``, the findings are looked at again on crops (:meth:`_look_again`)
         when :attr:`looks_again` (or ``look_again``) says so."""
+        assert self.perception is not None
+        again = (self.looks_again if look_again is None else look_again and bool(self.config.perception_patch)) \
+            and volume is not None
+        memo = self._memo(volume)
+        if memo is None or ("enc",) not in memo or enc["tokens"] is not memo[("enc",)]["tokens"]:
+            return self._read_maps(enc, spacing, volume, again)
+        key = ("perceived", tuple(float(v) for v in self._spacings(spacing, 1)[0]), again)
+        if key not in memo:  # inside reading(volume): perceived once per spacing and look-again setting
+            memo[key] = self._read_maps(enc, spacing, volume, again)
+        found, packed = memo[key]
+        return copy.deepcopy(found), dict(packed)  # callers own their regions
+
+    def _read_maps(self, enc: dict[str, Any], spacing: Any, volume: torch.Tensor | None,
+                   again: bool) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """:meth:`_perceived` computed: the regions of the maps, seen again on crops of ``volume`` when ``again``."""
         from vol3d.tasks.reasoning import call_conditions
         from vol3d.tasks.regions import clean_organ_map, pack_regions, perceived_from_maps
 
         assert self.perception is not None
-        p = enc["perception"]
         cfg = self.config
+        p = enc["perception"]
         device = p["features"].device
         # regions are decisions: no gradient flows back; each organ's stray fragments are dropped
         organ_np = np.stack([clean_organ_map(m, cfg.organ_keep_fraction)
@@ -649,7 +727,6 @@ class Vol3DModel(nn.Module):
             return [per for per, _ in found], [fmap for _, fmap in found]
 
         perceived, maps = regions(p["finding_logits"])
-        again = self.looks_again if look_again is None else look_again and bool(cfg.perception_patch)
         if again and volume is not None:
             with torch.no_grad():
                 perceived, maps = regions(self._look_again(volume, p["finding_logits"], perceived))

@@ -352,3 +352,78 @@ def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(mod
         assert not model.looks_again
         assert [tuple(r.box) for r in model.perceive(volume)[0].findings] == [tuple(r.box) for r in first.findings]
         assert not crops
+
+
+def _lesion_seer(model, monkeypatch, patch):
+    """The perception replaced by one that sees only each lesion's centre at the first look and the whole
+    lesion in a crop of ``patch``: returns the sizes of the crop batches it was given."""
+    real = type(model.perception).forward
+    crops: list[int] = []
+
+    def seen(self, volume, maps):
+        out = real(self, volume, maps)
+        lesion, sure = (volume[:, :1] > 0.7).float(), 80.0
+        if tuple(volume.shape[2:]) == patch:
+            crops.append(volume.shape[0])
+        else:  # the first look: each lesion's centre voxel (its 3 x 3 x 3 erosion)
+            lesion, sure = -F.max_pool3d(-lesion, 3, stride=1, padding=1), 40.0
+        logits = out["finding_logits"].clone()
+        logits[:, 0] = lesion[:, 0] * sure - 20
+        logits[:, 1] = 10.0  # every finding is a liver lesion
+        return {**out, "finding_logits": logits}
+
+    monkeypatch.setattr(type(model.perception), "forward", seen)
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, perception_patch=list(patch)))
+    return crops
+
+
+def test_reading_a_volume_encodes_and_perceives_it_once_for_every_question(model, monkeypatch):
+    """Inside ``reading(vol)`` the answers, perceptions and EHR scores about ``vol`` are those computed
+    without it, from one encoding and one second look; anything else is computed as usual."""
+    crops = _lesion_seer(model, monkeypatch, (16, 16, 8))
+    encoded: list[tuple[int, ...]] = []
+    real_encode = model._encode
+    monkeypatch.setattr(model, "_encode", lambda v, dense: encoded.append(tuple(v.shape)) or real_encode(v, dense))
+    vol, other = make_case(3)["image"], make_case(5)["image"]
+    questions = ["Where is the liver lesion?", "How many liver lesions are there?", "Is there a kidney cyst?"]
+    enc = model.processor(["<vol> risk"])
+
+    def ask_everything(v):
+        batch = v[None].expand(len(questions), *v.shape)
+        answers = model.generate(batch, questions, max_new_tokens=6)
+        again, first = model.perceive(v[None])[0], model.perceive(v[None], look_again=False)[0]
+        ehr = model(v[None], enc["input_ids"], enc["attention_mask"])["ehr_logits"]
+        return answers, again, first, ehr
+
+    def boxes(perceived):
+        return sorted(tuple(r.box) for r in perceived.findings)
+
+    model.eval()  # as a loaded model is (training never reuses: see below)
+    with torch.inference_mode():
+        plain = ask_everything(vol)
+        assert (len(encoded), len(crops)) == (4, 3)  # without a reading block every call encodes (and looks again but `first`)
+        encoded.clear()
+        crops.clear()
+        with model.reading(vol):
+            read = ask_everything(vol)
+            assert len(encoded) == 1 and len(crops) == 1  # once, whatever was asked
+            assert read[0] == plain[0]
+            assert boxes(read[1]) == boxes(plain[1]) and boxes(read[2]) == boxes(plain[2])
+            assert boxes(read[1]) != boxes(read[2])  # the first look stays the first look after the second
+            assert torch.equal(read[3], plain[3])
+            read[1].findings.clear()  # each caller owns its regions
+            assert boxes(model.perceive(vol[None])[0]) == boxes(plain[1])
+            assert len(encoded) == 1
+            model.perceive(other[None])  # another volume: computed, not taken for the block's
+            assert len(encoded) == 2
+            with torch.enable_grad():  # something learning never reuses
+                model.encode_volume(vol[None])
+            assert len(encoded) == 3
+            model.train()
+            model(vol[None], enc["input_ids"], enc["attention_mask"])
+            assert len(encoded) == 4
+        encoded.clear()
+        model.perceive(vol[None])  # the block has ended
+        assert len(encoded) == 1
+    with pytest.raises(InputError, match="one volume"), model.reading(vol[None].expand(2, *vol.shape)):
+        pass
