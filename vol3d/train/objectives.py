@@ -29,13 +29,18 @@ learning-rate warmup and cosine at each stage start (:func:`vol3d.train.loop.sta
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from preprocess.errors import ConfigError
 from vol3d.tasks.samples import BOX_TOKEN
+
+#: How a perception crop's finding is drawn (:class:`VLMObjective`, ``data.finding_patch_balance``).
+PATCH_BALANCE = ("type", "case")
 
 
 @runtime_checkable
@@ -184,10 +189,13 @@ class VLMObjective:
         prevalence: share of the training cases with each finding: presence and count questions
             balance yes/no per finding over the dataset (:func:`vol3d.tasks.samples.prevalence`).
         patch_size: with perception, the decoder learns on ``patches_per_case`` crops of this size per
-            case instead of the whole volumes, each centred on a finding (an instance drawn uniformly,
-            so a 3-voxel nodule counts as much as a large lesion) with ``finding_probability``, else
-            anywhere: nnU-Net's foreground oversampling. Several times more finding voxels per second
-            of CPU than whole volumes (docs/benchmarks/quality.md). None: whole volumes.
+            case instead of the whole volumes, each centred on a finding with ``finding_probability``,
+            else anywhere: nnU-Net's foreground oversampling. Several times more finding voxels per
+            second of CPU than whole volumes (docs/benchmarks/quality.md). None: whole volumes.
+        patch_balance: how a crop's finding is drawn. ``"type"``: a finding type uniformly among those
+            in the batch, then one of its instances in the batch (nnU-Net draws a foreground class
+            uniformly): a rare type (a lung nodule beside three liver lesions per case) gets its share
+            of crops. ``"case"``: each case's crops from its own findings, an instance uniformly.
         perception_steps: with perception, the first optimizer steps train the dense perception alone
             (organ, finding and finding-type maps on the crops; no text, no language model), a stage of
             its own (:attr:`stage_starts`); the later steps train every task.
@@ -197,7 +205,9 @@ class VLMObjective:
                  max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False,
                  perception: tuple[Any, Any] | None = None, prevalence: dict[str, float] | None = None,
                  patch_size: Any = None, patches_per_case: int = 2, finding_probability: float = 0.7,
-                 perception_steps: int = 0) -> None:
+                 perception_steps: int = 0, patch_balance: str = "type") -> None:
+        if patch_balance not in PATCH_BALANCE:
+            raise ConfigError(f"patch_balance must be one of {PATCH_BALANCE}, got {patch_balance!r}")
         if perception_steps and perception is None:
             raise ValueError("perception_steps needs a perception model (perception=(vocab, labels))")
         self.processor = processor
@@ -213,6 +223,7 @@ class VLMObjective:
         self.patch_size = tuple(int(v) for v in patch_size) if patch_size else None
         self.patches_per_case = patches_per_case
         self.finding_probability = finding_probability
+        self.patch_balance = patch_balance
         self.perception_steps = int(perception_steps)
         self.task_metric_cases = 0  # validate(): task metrics (vol3d.eval) on this many validation cases
         self._dice_ce = None
@@ -356,20 +367,18 @@ class VLMObjective:
         shape = tuple(batch["volume"].shape[2:])
         size = np.minimum(self.patch_size, shape)
         slices, owner = [], []
-        for c, ((perceived, targets), rng) in enumerate(zip(found, rngs, strict=True)):
-            for _ in range(self.patches_per_case):
-                centre = None
-                if perceived.findings and rng.random() < self.finding_probability:
-                    k = int(rng.integers(len(perceived.findings)))
-                    voxels = np.argwhere(targets.region_map == k)
-                    if len(voxels):
-                        centre = voxels[int(rng.integers(len(voxels)))]
-                if centre is None:
-                    centre = np.array([int(rng.integers(n)) for n in shape])
-                jitter = np.array([int(rng.integers(-(s // 4), s // 4 + 1)) for s in size])
-                lo = np.clip(centre - size // 2 + jitter, 0, np.asarray(shape) - size)
-                slices.append(tuple(slice(int(a), int(a + s)) for a, s in zip(lo, size, strict=True)))
-                owner.append(c)
+        for c, k, rng in self._patch_findings(found, rngs):
+            centre = None
+            if k is not None:
+                voxels = np.argwhere(found[c][1].region_map == k)
+                if len(voxels):
+                    centre = voxels[int(rng.integers(len(voxels)))]
+            if centre is None:
+                centre = np.array([int(rng.integers(n)) for n in shape])
+            jitter = np.array([int(rng.integers(-(s // 4), s // 4 + 1)) for s in size])
+            lo = np.clip(centre - size // 2 + jitter, 0, np.asarray(shape) - size)
+            slices.append(tuple(slice(int(a), int(a + s)) for a, s in zip(lo, size, strict=True)))
+            owner.append(c)
         own = torch.tensor(owner, dtype=torch.long)
 
         def crop(t: Tensor, extra: int) -> Tensor:
@@ -378,6 +387,34 @@ class VLMObjective:
         return {"patches": crop(batch["volume"], 1), "organ_target": crop(batch["organ_target"], 0),
                 "finding_target": crop(batch["finding_target"], 0), "finding_type": crop(batch["finding_type"], 0),
                 "organ_mask": batch["organ_mask"][own], "finding_mask": batch["finding_mask"][own]}
+
+    def _patch_findings(self, found: list[Any], rngs: list[np.random.Generator],
+                        ) -> Iterator[tuple[int, int | None, np.random.Generator]]:
+        """``(case, finding index or None, rng)`` of each perception crop of a batch (``patches_per_case``
+        per case), one at a time (the caller draws the crop's voxel and jitter from ``rng`` before the
+        next): with ``finding_probability`` a finding drawn as ``patch_balance`` says, else None (a crop
+        anywhere in the case)."""
+        if self.patch_balance == "case":
+            for c, ((perceived, _), rng) in enumerate(zip(found, rngs, strict=True)):
+                for _ in range(self.patches_per_case):
+                    k = None
+                    if perceived.findings and rng.random() < self.finding_probability:
+                        k = int(rng.integers(len(perceived.findings)))
+                    yield c, k, rng
+            return
+        by_type: dict[str, list[tuple[int, int]]] = {}
+        for c, (perceived, _) in enumerate(found):
+            for k, region in enumerate(perceived.findings):
+                by_type.setdefault(region.name, []).append((c, k))
+        types = sorted(by_type)
+        rng = rngs[0]  # one stream for the batch's draws
+        for c in range(len(found)):
+            for _ in range(self.patches_per_case):
+                if types and rng.random() < self.finding_probability:
+                    instances = by_type[types[int(rng.integers(len(types)))]]
+                    yield (*instances[int(rng.integers(len(instances)))], rng)
+                else:
+                    yield c, None, rng
 
     def _box_targets(self, samples: list[Any], labels: Tensor) -> dict[str, Tensor]:
         """``box_index (Q, 2)`` of the grounding answers' ``<box>`` tokens, and for each the true

@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
                              patch_size=cfg.data.perception_patch or None,
                              patches_per_case=cfg.data.perception_patches_per_case,
                              finding_probability=cfg.data.finding_patch_probability,
-                             perception_steps=cfg.perception_steps)
+                             perception_steps=cfg.perception_steps, patch_balance=cfg.data.finding_patch_balance)
     objective.task_metric_cases = cfg.data.val_task_cases
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,

@@ -69,13 +69,13 @@ def model():
     return m
 
 
-def _objective(m: Vol3DModel, patch=(16, 16, 8)) -> VLMObjective:
+def _objective(m: Vol3DModel, patch=(16, 16, 8), balance: str = "type") -> VLMObjective:
     weights = LossConfig(organ=1, finding=1, finding_type=1, condition=1, pointer=1, ehr=1)
     mix = TaskMix(report=1, vqa_closed=1, vqa_open=0, ground=4, ehr=0, samples_per_case=3)
     from vol3d.tasks import CodeVocab
 
     return VLMObjective(m.processor, mix, weights, CodeVocab(["K76.89"]), None, 400, 2, perception=(m.vocab, m.labels),
-                        prevalence={"liver_lesion": 0.5}, patch_size=patch, patches_per_case=2)
+                        prevalence={"liver_lesion": 0.5}, patch_size=patch, patches_per_case=2, patch_balance=balance)
 
 
 def test_batch_holds_digests_regions_patches_and_pointer_targets(model):
@@ -96,6 +96,32 @@ def test_batch_holds_digests_regions_patches_and_pointer_targets(model):
     for row, t in zip(rows.tolist(), target, strict=True):
         n = 2 if int(batch["volume_index"][row]) == 0 else 1
         assert t[:n].tolist() == [1.0] * n and t[n:].sum() == 0
+
+
+def test_perception_crops_give_a_rare_finding_type_its_share(model):
+    """Three liver lesions in every case, one kidney cyst in one: drawn by type, half the finding crops
+    are on the cyst (nnU-Net's class-balanced foreground); drawn per case, one in six."""
+    common = make_case(0, lesions=3)
+    rare = make_case(1, lesions=3)
+    rare["box_findings"] = ["kidney_cyst", "liver_lesion", "liver_lesion"]
+    found = [perceived_from_case(c, model.vocab, model.labels) for c in (common, rare)]
+    cyst = next(k for k, r in enumerate(found[1][0].findings) if r.name == "kidney_cyst")
+    shares = {}
+    for balance in ("type", "case"):
+        obj = _objective(model, balance=balance)
+        draws = [d for i in range(300) for d in obj._patch_findings(found, [np.random.default_rng(i)] * 2)]
+        assert len(draws) == 300 * 2 * 2  # patches_per_case crops per case
+        on_finding = [(c, k) for c, k, _ in draws if k is not None]
+        assert 0.6 < len(on_finding) / len(draws) < 0.8  # finding_probability 0.7, the rest anywhere
+        assert all(k < len(found[c][0].findings) for c, k in on_finding)
+        shares[balance] = sum((c, k) == (1, cyst) for c, k in on_finding) / len(on_finding)
+    assert 0.4 < shares["type"] < 0.6 and 0.1 < shares["case"] < 0.25
+    # the crops hold what was drawn: the cyst's voxels typed as a cyst in some of them
+    batch = _objective(model).make_batch([common, rare], [np.random.default_rng(i) for i in range(2)], step=0)
+    cyst_type = model.perception.countable.index("kidney_cyst")
+    assert batch["patches"].shape[0] == 4 and (batch["finding_type"] == cyst_type).flatten(1).any(1).sum() >= 1
+    with pytest.raises(ConfigError, match="patch_balance"):
+        _objective(model, balance="voxel")
 
 
 def test_training_steps_lower_every_loss_and_the_pointer_learns(model):
