@@ -44,6 +44,9 @@ DEMO_ID_KEY = "passphrase:vol3d demo: a public key for synthetic data only"
 #: Preprocessing preset (``configs/preprocess/``) per ``--modality`` and training preset (``configs/train/``).
 PREPROCESS_PRESETS = {"ct": "tiny", "mr": "tiny_mr"}
 TRAIN_PRESET = "tiny_cpu"
+#: How the demo's perception crops draw their finding (``data.finding_patch_balance``): by type, so the
+#: rarer cysts and nodules are seen early in its few hundred steps.
+DEMO_PATCH_BALANCE = "type"
 #: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
 QUESTION = "Where is the {text}?"
 #: The report request of step 5 (one of the training phrasings; ``{modality}`` CT or MR).
@@ -267,7 +270,10 @@ def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
     # absolute: the run's config.yaml must find its cache from any working directory
     overrides = {"run_dir": str(paths.run), "data.cache_dir": str(paths.cache.resolve()), "max_steps": opts.steps,
                  "seed": opts.seed, "progress": opts.progress,
-                 "model.in_chans": cached_channels(preprocess_config(opts)), **opts.train_overrides}
+                 "model.in_chans": cached_channels(preprocess_config(opts)),
+                 # at the demo's few hundred steps the rarer findings need their share of the crops early
+                 # (CT demo: grounding 0.48 -> 0.65; docs/benchmarks/quality.md, round 10)
+                 "data.finding_patch_balance": DEMO_PATCH_BALANCE, **opts.train_overrides}
     return load_yaml(TrainConfig, preset_path(TRAIN_PRESET, kind="train"), overrides)
 
 

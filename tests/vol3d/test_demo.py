@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocess.errors import InputError
+from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import as_boxes, box_iou, boxes_voxel_to_world
 from vol3d import demo, viz
 
@@ -292,3 +292,17 @@ def test_the_mr_demo_runs_end_to_end_on_three_channel_brains(tmp_path):
         demo.run_demo(demo.DemoOptions(out=tmp_path / "mr", **TINY))
     with pytest.raises(InputError, match="--modality"):
         demo.DemoOptions(modality="pet")
+
+
+def test_the_demo_draws_its_crops_by_finding_type_unless_told_otherwise(tmp_path):
+    """The demo's few hundred steps draw perception crops by finding type; the library default (the
+    benchmark's long runs) stays per case, and the demo's own overrides win."""
+    from vol3d.train.config import DataConfig
+
+    paths = demo.DemoPaths(tmp_path / "d")
+    assert DataConfig().finding_patch_balance == "case"
+    assert demo.train_config(demo.DemoOptions(out=paths.out), paths).data.finding_patch_balance == "type"
+    told = demo.DemoOptions(out=paths.out, train_overrides={"data.finding_patch_balance": "case"})
+    assert demo.train_config(told, paths).data.finding_patch_balance == "case"
+    with pytest.raises(ConfigError, match="finding_patch_balance"):
+        DataConfig(finding_patch_balance="voxel")

@@ -76,7 +76,7 @@ class DataConfig:
     perception_patch: list[int] = _f([32, 32, 32], "Perception models: the decoder learns on crops of this size (X Y Z) centred on findings; [] = on the whole volumes.")
     perception_patches_per_case: int = _f(2, "Perception crops per case and step.")
     finding_patch_probability: float = _f(0.7, "Share of perception crops centred on a finding (drawn as finding_patch_balance says), the rest anywhere.")
-    finding_patch_balance: str = _f("type", "How a crop's finding is drawn: 'type' = a finding type uniformly among those in the batch, then one of its instances (rare types get their share, as nnU-Net draws a foreground class); 'case' = each case's crops from its own findings, an instance uniformly (before round 10).")
+    finding_patch_balance: str = _f("case", "How a crop's finding is drawn: 'case' = each case's crops from its own findings, an instance uniformly; 'type' = a finding type uniformly among those in the batch, then one of its instances (rare types get their share early, as nnU-Net draws a foreground class: better at the demo's 440 steps, not at the benchmark's 2400; docs/benchmarks/quality.md, round 10).")
 
     def __post_init__(self) -> None:
         _positive("data", batch_size=self.batch_size)
@@ -87,8 +87,8 @@ class DataConfig:
             raise ConfigError(f"data.perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
         if not 0.0 <= self.finding_patch_probability <= 1.0:
             raise ConfigError(f"data.finding_patch_probability must be in [0, 1], got {self.finding_patch_probability}")
-        if self.finding_patch_balance not in ("type", "case"):
-            raise ConfigError(f"data.finding_patch_balance must be 'type' or 'case', got {self.finding_patch_balance!r}")
+        if self.finding_patch_balance not in ("case", "type"):
+            raise ConfigError(f"data.finding_patch_balance must be 'case' or 'type', got {self.finding_patch_balance!r}")
 
 
 @dataclass

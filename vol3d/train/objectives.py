@@ -40,7 +40,7 @@ from preprocess.errors import ConfigError
 from vol3d.tasks.samples import BOX_TOKEN
 
 #: How a perception crop's finding is drawn (:class:`VLMObjective`, ``data.finding_patch_balance``).
-PATCH_BALANCE = ("type", "case")
+PATCH_BALANCE = ("case", "type")
 
 
 @runtime_checkable
@@ -192,10 +192,11 @@ class VLMObjective:
             case instead of the whole volumes, each centred on a finding with ``finding_probability``,
             else anywhere: nnU-Net's foreground oversampling. Several times more finding voxels per
             second of CPU than whole volumes (docs/benchmarks/quality.md). None: whole volumes.
-        patch_balance: how a crop's finding is drawn. ``"type"``: a finding type uniformly among those
-            in the batch, then one of its instances in the batch (nnU-Net draws a foreground class
-            uniformly): a rare type (a lung nodule beside three liver lesions per case) gets its share
-            of crops. ``"case"``: each case's crops from its own findings, an instance uniformly.
+        patch_balance: how a crop's finding is drawn. ``"case"``: each case's crops from its own
+            findings, an instance uniformly. ``"type"``: a finding type uniformly among those in the
+            batch, then one of its instances in the batch (nnU-Net draws a foreground class uniformly):
+            a rare type (a lung nodule beside three liver lesions per case) gets its share of crops
+            early; better at short budgets, not at long ones (docs/benchmarks/quality.md, round 10).
         perception_steps: with perception, the first optimizer steps train the dense perception alone
             (organ, finding and finding-type maps on the crops; no text, no language model), a stage of
             its own (:attr:`stage_starts`); the later steps train every task.
@@ -205,7 +206,7 @@ class VLMObjective:
                  max_length: int = 512, val_batch_size: int = 2, box_tokens: bool = False,
                  perception: tuple[Any, Any] | None = None, prevalence: dict[str, float] | None = None,
                  patch_size: Any = None, patches_per_case: int = 2, finding_probability: float = 0.7,
-                 perception_steps: int = 0, patch_balance: str = "type") -> None:
+                 perception_steps: int = 0, patch_balance: str = "case") -> None:
         if patch_balance not in PATCH_BALANCE:
             raise ConfigError(f"patch_balance must be one of {PATCH_BALANCE}, got {patch_balance!r}")
         if perception_steps and perception is None:
