@@ -69,7 +69,7 @@ def model():
     return m
 
 
-def _objective(m: Vol3DModel, patch=(16, 16, 8), balance: str = "type") -> VLMObjective:
+def _objective(m: Vol3DModel, patch=(16, 16, 8), balance: str = "case") -> VLMObjective:
     weights = LossConfig(organ=1, finding=1, finding_type=1, condition=1, pointer=1, ehr=1)
     mix = TaskMix(report=1, vqa_closed=1, vqa_open=0, ground=4, ehr=0, samples_per_case=3)
     from vol3d.tasks import CodeVocab
@@ -117,7 +117,8 @@ def test_perception_crops_give_a_rare_finding_type_its_share(model):
         shares[balance] = sum((c, k) == (1, cyst) for c, k in on_finding) / len(on_finding)
     assert 0.4 < shares["type"] < 0.6 and 0.1 < shares["case"] < 0.25
     # the crops hold what was drawn: the cyst's voxels typed as a cyst in some of them
-    batch = _objective(model).make_batch([common, rare], [np.random.default_rng(i) for i in range(2)], step=0)
+    batch = _objective(model, balance="type").make_batch([common, rare], [np.random.default_rng(i) for i in range(2)],
+                                                          step=0)
     cyst_type = model.perception.countable.index("kidney_cyst")
     assert batch["patches"].shape[0] == 4 and (batch["finding_type"] == cyst_type).flatten(1).any(1).sum() >= 1
     with pytest.raises(ConfigError, match="patch_balance"):
@@ -336,20 +337,19 @@ def test_a_perception_stage_needs_a_perception_model(model):
         VLMObjective(model.processor, TaskMix(report=1), LossConfig(), perception_steps=2)
 
 
-def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(model, monkeypatch):
-    """The first look (whole volume) sees only each lesion's centre voxel, faintly; a crop sees the whole
-    lesion, surely: the mean of the two views is the whole lesion, and every answer reads it."""
-    patch = (16, 16, 8)
+def _lesion_seer(model, monkeypatch, patch):
+    """The perception replaced by one that sees only each lesion's centre voxel, faintly, at the first
+    look (whole volume) and the whole lesion, surely, in a crop of ``patch`` (the size it learned on):
+    the mean of the two views is the whole lesion. Returns the list of the crops' shapes it was given."""
     real = type(model.perception).forward
     crops: list[tuple[int, ...]] = []
 
     def seen(self, volume, maps):
         out = real(self, volume, maps)
-        lesion = (volume[:, :1] > 0.7).float()
+        lesion, sure = (volume[:, :1] > 0.7).float(), 80.0
         if tuple(volume.shape[2:]) == patch:
             crops.extend([tuple(volume.shape[1:])] * volume.shape[0])
-            sure = 80.0
-        else:  # the first look: a lesion's centre voxel only (its 3 x 3 x 3 erosion)
+        else:  # the first look: each lesion's centre voxel (its 3 x 3 x 3 erosion)
             lesion, sure = -F.max_pool3d(-lesion, 3, stride=1, padding=1), 40.0
         logits = out["finding_logits"].clone()
         logits[:, 0] = lesion[:, 0] * sure - 20
@@ -357,9 +357,17 @@ def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(mod
         return {**out, "finding_logits": logits}
 
     monkeypatch.setattr(type(model.perception), "forward", seen)
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, perception_patch=list(patch)))
+    return crops
+
+
+def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(model, monkeypatch):
+    """The first look sees only each lesion's centre, the crop the whole lesion (:func:`_lesion_seer`):
+    the mean of the two views is the whole lesion, and every answer reads it."""
+    patch = (16, 16, 8)
+    crops = _lesion_seer(model, monkeypatch, patch)
     case = make_case(3)
     volume, truth = case["image"][None], case["boxes_vox"].numpy()
-    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, perception_patch=list(patch)))
     assert model.looks_again
     first = model.perceive(volume, look_again=False)[0]
     assert not crops
@@ -378,29 +386,6 @@ def test_each_finding_is_looked_at_again_on_a_crop_whose_maps_join_the_first(mod
         assert not model.looks_again
         assert [tuple(r.box) for r in model.perceive(volume)[0].findings] == [tuple(r.box) for r in first.findings]
         assert not crops
-
-
-def _lesion_seer(model, monkeypatch, patch):
-    """The perception replaced by one that sees only each lesion's centre at the first look and the whole
-    lesion in a crop of ``patch``: returns the sizes of the crop batches it was given."""
-    real = type(model.perception).forward
-    crops: list[int] = []
-
-    def seen(self, volume, maps):
-        out = real(self, volume, maps)
-        lesion, sure = (volume[:, :1] > 0.7).float(), 80.0
-        if tuple(volume.shape[2:]) == patch:
-            crops.append(volume.shape[0])
-        else:  # the first look: each lesion's centre voxel (its 3 x 3 x 3 erosion)
-            lesion, sure = -F.max_pool3d(-lesion, 3, stride=1, padding=1), 40.0
-        logits = out["finding_logits"].clone()
-        logits[:, 0] = lesion[:, 0] * sure - 20
-        logits[:, 1] = 10.0  # every finding is a liver lesion
-        return {**out, "finding_logits": logits}
-
-    monkeypatch.setattr(type(model.perception), "forward", seen)
-    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, perception_patch=list(patch)))
-    return crops
 
 
 def test_reading_a_volume_encodes_and_perceives_it_once_for_every_question(model, monkeypatch):
@@ -427,12 +412,13 @@ def test_reading_a_volume_encodes_and_perceives_it_once_for_every_question(model
     model.eval()  # as a loaded model is (training never reuses: see below)
     with torch.inference_mode():
         plain = ask_everything(vol)
-        assert (len(encoded), len(crops)) == (4, 3)  # without a reading block every call encodes (and looks again but `first`)
+        # without a reading block every call encodes, and all but the first look look again at both lesions
+        assert (len(encoded), len(crops)) == (4, 3 * 2)
         encoded.clear()
         crops.clear()
         with model.reading(vol):
             read = ask_everything(vol)
-            assert len(encoded) == 1 and len(crops) == 1  # once, whatever was asked
+            assert len(encoded) == 1 and len(crops) == 2  # once, whatever was asked
             assert read[0] == plain[0]
             assert boxes(read[1]) == boxes(plain[1]) and boxes(read[2]) == boxes(plain[2])
             assert boxes(read[1]) != boxes(read[2])  # the first look stays the first look after the second
