@@ -54,11 +54,11 @@ class _Reading:
         self.memo: dict[tuple[Any, ...], Any] = {}
 
     def holds(self, volume: torch.Tensor | None) -> bool:
-        """Whether ``volume`` is the block's volume: the same memory, shape, dtype and device (a view of
-        it with batch 1, as ``volume[:1]`` of an expanded batch is)."""
+        """Whether ``volume`` is the block's volume ``(1, C, X, Y, Z)``: the same memory, shape, dtype and
+        device (a view of it, as ``volume[:1]`` of an expanded batch is)."""
         v = self.volume
-        return (volume is not None and volume.ndim == 5 and volume.shape[0] == 1 and volume.shape == v.shape
-                and volume.dtype == v.dtype and volume.device == v.device and volume.data_ptr() == v.data_ptr()
+        return (volume is not None and volume.shape == v.shape and volume.dtype == v.dtype
+                and volume.device == v.device and volume.data_ptr() == v.data_ptr()
                 and volume.stride()[1:] == v.stride()[1:])
 
 

@@ -21,6 +21,9 @@ from preprocess.errors import ConfigError
 from vol3d.models.config import Vol3DConfig
 from vol3d.tasks import AugmentConfig, TaskMix
 
+#: How a perception crop's finding is drawn (``data.finding_patch_balance``; :class:`vol3d.train.objectives.VLMObjective`).
+PATCH_BALANCE = ("case", "type")
+
 #: What a run optimises. ``pretrain`` samples the text tasks by ``data.tasks`` weights;
 #: the others fine-tune on a single task (``seg`` is provided by ``vol3d.seg``).
 Task = Literal["pretrain", "report", "vqa", "ground", "ehr", "grpo", "seg"]
@@ -87,8 +90,9 @@ class DataConfig:
             raise ConfigError(f"data.perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
         if not 0.0 <= self.finding_patch_probability <= 1.0:
             raise ConfigError(f"data.finding_patch_probability must be in [0, 1], got {self.finding_patch_probability}")
-        if self.finding_patch_balance not in ("case", "type"):
-            raise ConfigError(f"data.finding_patch_balance must be 'case' or 'type', got {self.finding_patch_balance!r}")
+        if self.finding_patch_balance not in PATCH_BALANCE:
+            raise ConfigError(f"data.finding_patch_balance must be one of {PATCH_BALANCE}, got "
+                              f"{self.finding_patch_balance!r}")
 
 
 @dataclass

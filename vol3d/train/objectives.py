@@ -38,9 +38,7 @@ from torch import Tensor, nn
 
 from preprocess.errors import ConfigError
 from vol3d.tasks.samples import BOX_TOKEN
-
-#: How a perception crop's finding is drawn (:class:`VLMObjective`, ``data.finding_patch_balance``).
-PATCH_BALANCE = ("case", "type")
+from vol3d.train.config import PATCH_BALANCE
 
 
 @runtime_checkable
