@@ -439,3 +439,17 @@ def test_reading_a_volume_encodes_and_perceives_it_once_for_every_question(model
         assert len(encoded) == 1
     with pytest.raises(InputError, match="one volume"), model.reading(vol[None].expand(2, *vol.shape)):
         pass
+
+
+@pytest.mark.parametrize("shape, grid", [((16, 12, 8), (8, 6, 4)), ((16, 12, 8), (16, 12, 8)), ((10, 12, 9), (4, 5, 3))])
+def test_region_masks_pooled_to_the_feature_grid_are_the_average_pooled_one_hot_masks(shape, grid):
+    """Counting voxels per cell (the grid divides the map) and pooling a one-hot copy (it does not)
+    both give adaptive_avg_pool3d of each id's mask; ids outside 0..n-1 (-1: none) cover nothing."""
+    from vol3d.models.perception import _pooled_masks
+
+    ids = torch.randint(-1, 6, (2, *shape), generator=torch.Generator().manual_seed(0))
+    onehot = torch.stack([(ids == k).float() for k in range(5)], dim=1)  # id 5 is out of range here
+    want = F.adaptive_avg_pool3d(onehot, grid).flatten(2)
+    got = _pooled_masks(ids, 5, grid)
+    assert got.shape == (2, 5, int(np.prod(grid)))
+    torch.testing.assert_close(got, want)

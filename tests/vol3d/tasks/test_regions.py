@@ -205,3 +205,24 @@ def test_stitched_looks_average_the_first_look_with_every_crop_over_it():
     assert (out[untouched] == 3).all()
     with pytest.raises(ValueError, match="2 looks for 1 windows"):
         stitch_looks(first, [first[:, :4, :4], first[:, :4, :4]], [a])
+
+
+def test_finding_voxels_take_the_organ_of_their_nearest_voxel_as_over_the_whole_volume():
+    """The fill runs its distance transform on the findings' box plus a margin; it must equal the
+    transform over the whole volume, also for findings at the border and far apart."""
+    from scipy import ndimage
+
+    from vol3d.tasks.regions import _fill_from_nearest
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        organ = rng.integers(0, 5, (16, 14, 10))
+        holes = np.zeros(organ.shape, bool)
+        for _ in range(int(rng.integers(1, 4))):  # blobs, some cut by the border
+            lo = rng.integers(-2, organ.shape, 3)
+            hi = lo + rng.integers(1, 6, 3)
+            holes[tuple(slice(max(a, 0), max(b, 0)) for a, b in zip(lo, hi, strict=True))] = True
+        if not holes.any():
+            continue
+        nearest = ndimage.distance_transform_edt(holes, return_distances=False, return_indices=True)
+        np.testing.assert_array_equal(_fill_from_nearest(organ, holes), organ[tuple(nearest)])
