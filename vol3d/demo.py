@@ -6,8 +6,9 @@ Six steps, each reusing what a previous run left in the demo folder ``OUT``:
    reused when complete (its ``.vol3dignore`` is written last).
 2. ``OUT/cache``: the HDF5 cache (:func:`preprocess.runner.run_preprocess` with the
    ``tiny`` preset); the runner itself reuses unchanged cases and resumes after a kill.
-3. ``OUT/run``: the ``tiny_cpu`` model (:func:`vol3d.train.run.train`); reused when its
-   newest checkpoint is the last step, resumed from its checkpoint when interrupted.
+3. ``OUT/run``: the ``tiny_cpu`` model (:func:`vol3d.train.run.train`), trained within the
+   demo's time budget (``budget_min``; the clock stops it as Ctrl-C would); reused when its
+   newest checkpoint is the last step, resumed from its checkpoint when interrupted or stopped.
 4. ``OUT/eval.json``: metrics on the held-out (test) split, for the model and for the
    image-blind baseline (the same model with zeroed volumes); reused while the model
    weights and evaluation settings are unchanged.
@@ -29,7 +30,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +50,15 @@ TRAIN_PRESET = "tiny_cpu"
 #: How the demo's perception crops draw their finding (``data.finding_patch_balance``): by type, so the
 #: rarer cysts and nodules are seen early in its few hundred steps.
 DEMO_PATCH_BALANCE = "type"
+
+#: The demo's promise: end to end within five minutes on two CPU cores (docs/demo.md).
+DEMO_BUDGET_MIN = 5.0
+#: Seconds kept from the budget for what follows training: evaluation with the image-blind baseline
+#: (16 s for the CT demo's 13 held-out series), asking, drawing, and the interpreter's start.
+AFTER_TRAINING_S = 30.0
+#: Training gets at least this many seconds, whatever the budget says (a model trained for less
+#: answers nothing).
+MIN_TRAINING_S = 30.0
 #: The question asked in step 5 (``{text}`` is the finding's noun phrase, e.g. "liver lesion").
 QUESTION = "Where is the {text}?"
 #: The report request of step 5 (one of the training phrasings; ``{modality}`` CT or MR).
@@ -75,6 +87,9 @@ class DemoOptions:
     progress: bool = True  # progress bars (tqdm, on stderr)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test share of patients
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted TrainConfig keys
+    # wall-clock minutes of the whole demo: training stops early (checkpointed; the same command resumes it)
+    # when the steps left would not leave time to evaluate, ask and draw; 0: train every step
+    budget_min: float = DEMO_BUDGET_MIN
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -82,6 +97,8 @@ class DemoOptions:
             raise InputError(f"--cases {self.cases}: the demo needs at least 4 cases (train, val and test splits)")
         if self.steps < 1:
             raise InputError(f"--steps {self.steps}: give at least 1 training step")
+        if self.budget_min < 0:
+            raise InputError(f"--budget-min {self.budget_min}: give the demo's minutes, or 0 for no time budget")
         if self.samples_per_case < 1:
             raise InputError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
         if self.modality not in PREPROCESS_PRESETS:
@@ -141,6 +158,7 @@ class DemoResult:
     case: dict[str, Any] | None = None  # the held-out case asked about (CacheDataset item)
     finding: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    budget_stop: int | None = None  # the step at which the time budget stopped training (None: it did not)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -287,21 +305,23 @@ def trained_step(run_dir: Path) -> int | None:
     return int(json.loads((last / "trainer.json").read_text())["step"])
 
 
-def step_train(opts: DemoOptions, paths: DemoPaths) -> bool:
-    """Train (or resume, or reuse) the tiny model; True when a finished run was reused."""
-    from vol3d.train.run import load_run_config, train
+def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None) -> tuple[bool, int | None]:
+    """Train (or resume, or reuse) the tiny model, for at most ``seconds`` of wall clock (None: every
+    step). Returns whether a finished run was reused and the step at which the clock stopped training
+    (None: it did not; the checkpoint of that step is where the next run resumes)."""
+    from vol3d.train.run import load_run_config, train, train_within
 
     run = paths.run
     step = trained_step(run)
     if step is not None and step >= opts.steps and (run / "model" / "model.safetensors").is_file():
         _say(f"reusing the trained model in {run / 'model'} (step {step} of {opts.steps})")
-        return True
-    if step is not None:
+        return True, None
+    resume = step is not None
+    if resume:
         _say(f"resuming training from step {step} of {opts.steps} ({run / 'checkpoints'})")
         # this folder's paths win over the recorded ones (the demo folder may have been moved)
         cfg = load_run_config(run, {"run_dir": str(run), "data.cache_dir": str(paths.cache.resolve()),
                                     "progress": opts.progress})
-        train(cfg, resume=True)
     else:
         if run.exists():
             shutil.rmtree(run)  # killed before its first checkpoint: nothing to resume
@@ -309,9 +329,29 @@ def step_train(opts: DemoOptions, paths: DemoPaths) -> bool:
         _say(f"training {TRAIN_PRESET} for {cfg.max_steps} steps (batch {cfg.data.batch_size}, lr "
              f"{cfg.optim.lr:g}) on the train split; checkpoints every {cfg.ckpt_every} steps, "
              "so an interrupted demo resumes here")
-        train(cfg, resume=False)
+    # the clock needs SIGALRM, which only the main thread of a POSIX process gets
+    timed = seconds is not None and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    stopped = None
+    if timed:
+        assert seconds is not None
+        _say(f"time budget: {seconds:.0f} s of training (the demo's {opts.budget_min:g} minutes less what came "
+             "before and what follows; --budget-min 0 trains every step)")
+        reached, by_clock = train_within(cfg, seconds, resume=resume)
+        if by_clock:
+            stopped = reached
+            _say(f"the time budget stopped training at step {reached} of {cfg.max_steps}; the figures below are "
+                 "that model's. Run the same command again to train the remaining steps, or pass --budget-min 0")
+    else:
+        train(cfg, resume=resume)
     _say(f"model saved in {run / 'model'}; training curves in {run / 'metrics.csv'}")
-    return False
+    return False, stopped
+
+
+def training_seconds(opts: DemoOptions, elapsed: float) -> float | None:
+    """Wall-clock seconds training may take when ``elapsed`` seconds of the demo have passed (None: no budget)."""
+    if opts.budget_min <= 0:
+        return None
+    return max(MIN_TRAINING_S, opts.budget_min * 60.0 - elapsed - AFTER_TRAINING_S)
 
 
 # ----------------------------------------------------------------------------- step 4: evaluation
@@ -639,6 +679,7 @@ def run_demo(opts: DemoOptions, finding: str | None = None,
     """
     from vol3d.inference import load
 
+    started = time.perf_counter()
     paths = DemoPaths(opts.out)
     result = DemoResult(paths=paths, reused=[])
     _prepare_folder(opts, paths)
@@ -662,7 +703,8 @@ def run_demo(opts: DemoOptions, finding: str | None = None,
     _header(2, "preprocess it into the HDF5 cache")
     timed("preprocess", lambda: step_preprocess(opts, paths))
     _header(3, f"train the {TRAIN_PRESET} vision-language model")
-    timed("train", lambda: step_train(opts, paths))
+    _, result.budget_stop = timed("train", lambda: step_train(
+        opts, paths, training_seconds(opts, time.perf_counter() - started)), reused=lambda v: v[0])
     pipe = load(paths.run, device="cpu", preprocess_config=paths.cache)
     _header(4, "evaluate on held-out cases")
     result.eval, _ = timed("eval", lambda: step_eval(opts, paths, pipe), reused=lambda v: v[1])
@@ -680,6 +722,9 @@ def _summary(paths: DemoPaths, result: DemoResult) -> None:
     total = sum(result.seconds.values())
     reused = f"; reused: {', '.join(result.reused)}" if result.reused else ""
     _say(f"\n== done in {total:.0f} s{reused} " + "=" * 40)
+    if result.budget_stop is not None:
+        _say(f"  (the time budget stopped training at step {result.budget_stop}: run the same command again to "
+             "train the remaining steps and evaluate the finished model)")
     rows = [
         ("synthetic export", paths.export, "DICOM/NIfTI + labels, boxes.json, reports.csv, ehr_codes.csv, truth.json"),
         ("cache", paths.cache, "manifest.jsonl + one HDF5 file per series (docs/formats.md)"),

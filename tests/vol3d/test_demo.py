@@ -173,6 +173,46 @@ def test_interrupted_training_resumes_to_the_same_weights(demo_runs, tmp_path, m
     assert "eval" in result.reused
 
 
+def test_the_time_budget_stops_training_and_says_so(demo_runs, tmp_path, monkeypatch):
+    """With training due, the demo trains within its minutes less what came before and what follows
+    (the clock itself: vol3d.train.run.train_within's test); a stop is reported with its step, and
+    --budget-min 0 trains every step without a clock."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_runs["out"], out)
+    shutil.rmtree(out / "run" / "checkpoints" / f"step_{TINY['steps']}")  # one step left to train
+    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    given = []
+
+    def clock(cfg, seconds, resume=False):  # the clock ran out before the last step
+        given.append((seconds, resume))
+        return TINY["steps"] - 1, True
+
+    monkeypatch.setattr("vol3d.train.run.train_within", clock)
+    result, text, _ = _run(demo.DemoOptions(out=out, **TINY, budget_min=2.0))
+    (seconds, resume), = given
+    assert resume and demo.MIN_TRAINING_S <= seconds <= 120 - demo.AFTER_TRAINING_S
+    assert result.budget_stop == TINY["steps"] - 1
+    assert f"the time budget stopped training at step {TINY['steps'] - 1} of {TINY['steps']}" in text
+
+    def no_clock(*args, **kwargs):
+        raise AssertionError("--budget-min 0 needs no clock")
+
+    monkeypatch.setattr("vol3d.train.run.train_within", no_clock)
+    result, text, _ = _run(demo.DemoOptions(out=out, **TINY, budget_min=0))
+    assert result.budget_stop is None and demo.trained_step(out / "run") == TINY["steps"]
+    with pytest.raises(InputError, match="--budget-min"):
+        demo.DemoOptions(budget_min=-1)
+
+
+def test_training_gets_the_budget_left_after_what_follows_it():
+    opts = demo.DemoOptions(budget_min=5)
+    assert demo.training_seconds(opts, 100.0) == 300 - 100 - demo.AFTER_TRAINING_S
+    assert demo.training_seconds(opts, 290.0) == demo.MIN_TRAINING_S  # late: still some training
+    assert demo.training_seconds(demo.DemoOptions(budget_min=0), 100.0) is None
+
+
 def test_other_parameters_in_the_same_folder_are_refused(demo_runs):
     with pytest.raises(InputError, match="--fresh"):
         demo.run_demo(demo.DemoOptions(out=demo_runs["out"], **{**TINY, "cases": 9}))

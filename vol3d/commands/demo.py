@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ct: chest/abdomen CT (default); mr: brain MR with T1, T2 and FLAIR as three channels")
     parser.add_argument("--finding", choices=[n for names in PREFERRED.values() for n in names],
                         help="finding to ask about (default: the first of these a held-out case has)")
+    parser.add_argument("--budget-min", type=float, default=d.budget_min,
+                        help=f"minutes the whole demo may take (default {d.budget_min:g}): training stops early, "
+                             "checkpointed, when the steps left would not fit (the same command resumes it); "
+                             "0 trains every step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
     from vol3d.demo import DemoOptions, main_exit_code
 
     opts = DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed, fresh=args.fresh,
-                       baseline=not args.no_baseline, progress=not args.no_progress, modality=args.modality)
+                       baseline=not args.no_baseline, progress=not args.no_progress, modality=args.modality,
+                       budget_min=args.budget_min)
     return main_exit_code(opts, finding=args.finding)

@@ -226,23 +226,30 @@ def check_heads(cfg: TrainConfig) -> None:
         raise ConfigError("perception_first does not apply to reinforcement fine-tuning (task grpo); set it to 0")
 
 
-def train_within(cfg: TrainConfig, seconds: float) -> tuple[int, bool]:
-    """:func:`train` until ``cfg.max_steps`` or until ``seconds`` of wall clock pass, whichever is first
-    (then as after Ctrl-C: the last step is checkpointed and the model saved). Returns the step reached
-    and whether the clock stopped it. Main thread only (SIGALRM)."""
+def train_within(cfg: TrainConfig, seconds: float, resume: bool = False) -> tuple[int, bool]:
+    """:func:`train` (or resume) until ``cfg.max_steps`` or until ``seconds`` of wall clock pass, whichever
+    is first (then as after Ctrl-C: the last step is checkpointed and the model saved, so a later
+    ``resume`` continues). Returns the step reached and whether the clock stopped it; a real Ctrl-C
+    still raises :class:`~vol3d.train.loop.TrainingInterrupted`. Main thread only (SIGALRM)."""
     import signal
 
     from vol3d.train.loop import TrainingInterrupted
 
+    fired = False
+
     def stop(signum: int, frame: Any) -> None:  # the loop turns KeyboardInterrupt into a checkpoint
+        nonlocal fired
+        fired = True
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
     try:
-        return train(cfg).step, False
+        return train(cfg, resume=resume).step, False
     except TrainingInterrupted as exc:
-        return exc.step, True
+        if not fired:
+            raise
+        return exc.step, exc.step < cfg.max_steps
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -138,13 +138,18 @@ def test_a_finetune_keeps_the_init_architecture_and_switches_on_its_own_freezing
 
 
 def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
+    """The clock stops training as Ctrl-C does (a checkpoint of the last step); a real Ctrl-C, or
+    any other error, still propagates; ``resume`` reaches the training."""
     import time
     from types import SimpleNamespace
 
     from vol3d.train import run as run_module
     from vol3d.train.loop import TrainingInterrupted
 
-    def slow(cfg):  # a training that would go on: the loop turns Ctrl-C into a checkpoint at step 7
+    resumed = []
+
+    def slow(cfg, resume=False):  # a training that would go on: the loop turns Ctrl-C into a checkpoint at step 7
+        resumed.append(resume)
         try:
             time.sleep(30)
         except KeyboardInterrupt:
@@ -153,6 +158,17 @@ def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
 
     monkeypatch.setattr(run_module, "train", slow)
     t0 = time.perf_counter()
-    assert run_module.train_within(TrainConfig(), 1.0) == (7, True) and time.perf_counter() - t0 < 10
-    monkeypatch.setattr(run_module, "train", lambda cfg: SimpleNamespace(step=3))
+    assert run_module.train_within(TrainConfig(), 1.0, resume=True) == (7, True) and time.perf_counter() - t0 < 10
+    assert resumed == [True]
+    monkeypatch.setattr(run_module, "train", lambda cfg, resume=False: SimpleNamespace(step=3))
     assert run_module.train_within(TrainConfig(), 5.0) == (3, False)
+
+    def interrupted(cfg, resume=False):  # the user's Ctrl-C, long before the clock
+        raise TrainingInterrupted(tmp_path, 2)
+
+    monkeypatch.setattr(run_module, "train", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        run_module.train_within(TrainConfig(), 30.0)
+    import signal
+
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the clock is off again
