@@ -297,12 +297,9 @@ def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
 
 def trained_step(run_dir: Path) -> int | None:
     """Step of the newest checkpoint of ``run_dir`` (None without one)."""
-    from vol3d.train.checkpoint import latest_checkpoint
+    from vol3d.train.run import checkpointed_step
 
-    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if last is None:
-        return None
-    return int(json.loads((last / "trainer.json").read_text())["step"])
+    return checkpointed_step(Path(run_dir))
 
 
 def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None) -> tuple[bool, int | None]:
@@ -330,9 +327,9 @@ def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None
              f"{cfg.optim.lr:g}) on the train split; checkpoints every {cfg.ckpt_every} steps, "
              "so an interrupted demo resumes here")
     # the clock needs SIGALRM, which only the main thread of a POSIX process gets
-    timed = seconds is not None and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    clocked = seconds is not None and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     stopped = None
-    if timed:
+    if clocked:
         assert seconds is not None
         _say(f"time budget: {seconds:.0f} s of training (the demo's {opts.budget_min:g} minutes less what came "
              "before and what follows; --budget-min 0 trains every step)")

