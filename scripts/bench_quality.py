@@ -228,4 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vol3d.train.loop import TrainingInterrupted
+
+    try:
+        sys.exit(main())
+    except TrainingInterrupted as exc:  # Ctrl-C: the clock's stop goes on to the evaluation, the user's does not
+        print(f"bench_quality: interrupted at step {exc.step}; evaluate that model with the same command and "
+              "--reuse-run, or start again", file=sys.stderr)
+        sys.exit(130)
