@@ -339,6 +339,8 @@ def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None
             _say(f"the time budget stopped training at step {reached} of {cfg.max_steps}; the figures below are "
                  "that model's. Run the same command again to train the remaining steps, or pass --budget-min 0")
     else:
+        if seconds is not None:
+            _say("no time budget here (the clock needs the main thread of a POSIX process): training every step")
         train(cfg, resume=resume)
     _say(f"model saved in {run / 'model'}; training curves in {run / 'metrics.csv'}")
     return False, stopped

@@ -138,8 +138,8 @@ def test_a_finetune_keeps_the_init_architecture_and_switches_on_its_own_freezing
 
 
 def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
-    """The clock stops training as Ctrl-C does (a checkpoint of the last step); a real Ctrl-C, or
-    any other error, still propagates; ``resume`` reaches the training."""
+    """The clock stops training as Ctrl-C does (a checkpoint of the last step); a real Ctrl-C still
+    propagates; the clock ringing after the last step is no stop; ``resume`` reaches the training."""
     import time
     from types import SimpleNamespace
 
