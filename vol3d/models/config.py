@@ -62,6 +62,9 @@ class Vol3DConfig:
                                             "(docs/tasks_and_metrics.md); filled from the cache's vocab.json when empty")
     perception_dim: int = _f(16, "channels of the perception decoder's full-resolution feature map")
     perception_decoder: str = _f("auto", "perception decoder style: auto | unetr | unet | monai_unet")
+    perception_stem: bool = _f(False, "monai_unet perception decoders: a full-resolution stem on the input volume "
+                               "that the decoder's top unit reads beside the up-sampled features "
+                               "(vol3d.models.decoders.SegDecoder)")
     perception_patch: list[int] = _f([], "perception models: the crop size (X Y Z) the perception decoder learned "
                                      "on (filled by training from data.perception_patch); [] = whole volumes")
     look_again: bool = _f(True, "perception models that learned on crops (perception_patch): each finding the "

@@ -114,33 +114,43 @@ class MonaiUNetPath(nn.Module):
     resolution of ``m_{l-1}`` (of the input for ``l = 0``) with ``m_{l-1}``'s channels
     (``feature_size`` at the top), followed by a one-unit ``ResidualUnit``, as MONAI builds it.
 
+    With ``stem_channels``, the top unit also reads a full-resolution map of that many channels
+    (:class:`SegDecoder`'s input stem), concatenated to the output of the last transposed convolution.
+
     Args:
         channels: channels of ``m_0 .. m_L``.
         factors: up-sampling factor from ``m_l``'s resolution to the one above, ``l = 0 .. L - 1``
             (``factors[0]``: from ``m_0`` to the input).
         feature_size: channels of the full-resolution output map.
+        stem_channels: channels of the full-resolution map the top unit reads too (0: none).
     """
 
-    def __init__(self, channels: Sequence[int], factors: Sequence[Int3], feature_size: int) -> None:
+    def __init__(self, channels: Sequence[int], factors: Sequence[Int3], feature_size: int,
+                 stem_channels: int = 0) -> None:
         super().__init__()
         if len(factors) != len(channels) - 1:
             raise ValueError(f"{len(channels)} maps need {len(channels) - 1} factors, got {len(factors)}")
         ups, below = [], channels[-1]
         for lvl in reversed(range(len(factors))):
             cout = channels[lvl - 1] if lvl > 0 else feature_size
-            ups.append(nn.Sequential(
+            extra = stem_channels if lvl == 0 else 0
+            ups.append(nn.ModuleList([
                 Convolution(3, channels[lvl] + below, cout, strides=factors[lvl], kernel_size=3, is_transposed=True),
                 # the top unit ends in a plain convolution, as MONAI's: the heads read linear features
-                ResidualUnit(3, cout, cout, strides=1, kernel_size=3, subunits=1, last_conv_only=lvl == 0),
-            ))
+                ResidualUnit(3, cout + extra, cout, strides=1, kernel_size=3, subunits=1, last_conv_only=lvl == 0),
+            ]))
             below = cout
         self.ups = nn.ModuleList(ups)
 
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``maps[l]`` ``(B, channels[l], ...)`` -> features ``(B, feature_size, X, Y, Z)`` at full resolution."""
+    def forward(self, maps: Sequence[torch.Tensor], stem: torch.Tensor | None = None) -> torch.Tensor:
+        """``maps[l]`` ``(B, channels[l], ...)`` (and the stem's full-resolution map) -> features
+        ``(B, feature_size, X, Y, Z)`` at full resolution."""
         x = maps[-1]
-        for up, lvl in zip(self.ups, reversed(range(len(self.ups))), strict=True):
-            x = up(torch.cat([maps[lvl], x], dim=1))
+        for (upsample, unit), lvl in zip(self.ups, reversed(range(len(self.ups))), strict=True):
+            x = upsample(torch.cat([maps[lvl], x], dim=1))
+            if lvl == 0 and stem is not None:
+                x = torch.cat([x, stem], dim=1)
+            x = unit(x)
         return x
 
 
@@ -175,19 +185,31 @@ class SegDecoder(nn.Module):
             ``monai_unet``: one per map but the deepest (:class:`MonaiUNetPath`).
         feature_size: decoder width at full resolution.
         num_classes: output classes of :meth:`forward` (None: features only).
+        stem: ``monai_unet`` only: a full-resolution stem on the input volume (``UnetrBasicBlock``, two
+            3x3x3 convolutions to ``feature_size`` channels, as the other styles' input skip) that the
+            top unit reads beside the up-sampled features, so decisions about single voxels (a
+            lesion's edge, a small lesion) see the input at its own resolution; MONAI's UNet has no
+            full-resolution map. It costs time on every voxel (docs/benchmarks/quality.md, round 12).
     """
 
     def __init__(self, style: str, in_chans: int, feature_channels: Sequence[int], factors: Sequence[Int3],
-                 feature_size: int, num_classes: int | None = None) -> None:
+                 feature_size: int, num_classes: int | None = None, stem: bool = False) -> None:
         super().__init__()
         if style not in STYLES:
             raise ConfigError(f"decoder style must be one of {STYLES}, got {style!r}")
+        if stem and style != "monai_unet":
+            raise ConfigError(f"a decoder stem applies to monai_unet decoders (the {style} decoder has its own "
+                              "full-resolution skip); leave it off")
         self.style = style
         self.feature_size = feature_size
         self.input_block: nn.Module | None = None
         if style == "monai_unet":
             self.lift = nn.ModuleList()
-            self.path: nn.Module = MonaiUNetPath(feature_channels, factors, feature_size)
+            if stem:
+                self.input_block = UnetrBasicBlock(3, in_chans, feature_size, kernel_size=3, stride=1,
+                                                   norm_name=_NORM, res_block=True)
+            self.path: nn.Module = MonaiUNetPath(feature_channels, factors, feature_size,
+                                                 feature_size if stem else 0)
         else:
             levels = len(factors)
             if len(feature_channels) != levels:
@@ -210,8 +232,9 @@ class SegDecoder(nn.Module):
 
     def forward_features(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``x`` ``(B, C, X, Y, Z)`` and its intermediate maps -> features ``(B, feature_size, X, Y, Z)``."""
-        if self.input_block is None:
-            return self.path(features)
+        if self.style == "monai_unet":
+            return self.path(features, None if self.input_block is None else self.input_block(x))
+        assert self.input_block is not None
         skips = [self.input_block(x)] + [lift(f) for lift, f in zip(self.lift, features[:-1], strict=True)]
         return self.path(skips, features[-1])
 
@@ -262,13 +285,15 @@ def _nested_factors(strides: Sequence[Int3], what: str) -> list[Int3]:
 
 
 def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Sequence[int], feature_size: int,
-                  num_classes: int | None, indices: Sequence[int] = ()) -> tuple[SegDecoder, list[int] | None]:
+                  num_classes: int | None, indices: Sequence[int] = (), stem: bool = False,
+                  ) -> tuple[SegDecoder, list[int] | None]:
     """The decoder for ``encoder`` and the ``forward_intermediates`` indices it consumes.
 
     ``style="auto"`` picks ``monai_unet`` for an encoder whose two deepest maps share a stride
     (:class:`~vol3d.models.unet3d.ResUNetEncoder`), ``unetr`` when every map has the same stride
     (a plain ViT) and ``unet`` otherwise. ``patch_size`` must be a multiple of the deepest
-    stride, so every window maps onto whole feature voxels.
+    stride, so every window maps onto whole feature voxels. ``stem``: a full-resolution stem for a
+    ``monai_unet`` decoder (:class:`SegDecoder`).
     """
     channels, strides = probe_features(encoder, None)
     single_scale = len(set(strides)) == 1
@@ -279,6 +304,9 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
         raise ConfigError(f"decoder unetr needs a single-scale encoder (ViT); this one has strides {strides}: use unet")
     if style in ("unet", "monai_unet") and single_scale:
         raise ConfigError(f"decoder {style} needs a multi-scale encoder; this one is single-scale: use unetr")
+    if stem and style != "monai_unet":
+        raise ConfigError(f"a decoder stem applies to monai_unet decoders; this encoder's decoder is {style} "
+                          "(it has its own full-resolution skip): leave the stem off")
     if style == "monai_unet" and not bottom:
         raise ConfigError(f"decoder monai_unet needs an encoder whose deepest stage does not downsample "
                           f"(MONAI UNet's bottom layer, e.g. resunet3d_*); these strides are {strides}: use unet")
@@ -301,5 +329,5 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
         return SegDecoder("unetr", in_chans, [dim] * len(taps), factors, feature_size, num_classes), taps
     if style == "monai_unet":
         factors = _nested_factors(strides[:-1], style)
-        return SegDecoder(style, in_chans, channels, factors, feature_size, num_classes), None
+        return SegDecoder(style, in_chans, channels, factors, feature_size, num_classes, stem), None
     return SegDecoder("unet", in_chans, channels, _nested_factors(strides, style), feature_size, num_classes), None

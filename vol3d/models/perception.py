@@ -49,17 +49,21 @@ class Perception(nn.Module):
         feature_size: channels of the full-resolution feature map.
         hidden: width of the region tokens (the LM's hidden size).
         decoder: decoder style (``auto``: by the encoder, see :func:`build_decoder`).
+        stem: a full-resolution stem on the input for a ``monai_unet`` decoder
+            (:class:`~vol3d.models.decoders.SegDecoder`).
     """
 
     def __init__(self, encoder: nn.Module, in_chans: int, input_shape: Sequence[int], labels: LabelSpec,
-                 vocab: FindingVocab, feature_size: int, hidden: int, decoder: str = "auto") -> None:
+                 vocab: FindingVocab, feature_size: int, hidden: int, decoder: str = "auto",
+                 stem: bool = False) -> None:
         super().__init__()
         self.labels, self.vocab = labels, vocab
         self.countable = [n for n, s in vocab.items() if s.countable]
         self.conditions = [n for n, s in vocab.items() if not s.countable]
         if not self.countable and not self.conditions:
             raise ConfigError("perception needs a finding vocabulary with at least one finding")
-        self.decoder, indices = build_decoder(encoder, decoder, in_chans, input_shape, feature_size, None)
+        self.decoder, indices = build_decoder(encoder, decoder, in_chans, input_shape, feature_size, None,
+                                              stem=stem)
         self.indices: list[int] | None = indices
         fine_dim = probe_features(encoder, self.indices)[0][0]  # the finest map the decoder reads
         n_organs = len(labels.organs)

@@ -197,7 +197,8 @@ class Vol3DModel(nn.Module):
                 raise ConfigError("perception needs the names of the label maps' values (model.label_names, or "
                                   "'labels' in the cache's vocab.json); a cache without label maps cannot train it yet")
             self.perception = Perception(self.encoder, config.in_chans, config.input_shape, self.labels, self.vocab,
-                                         config.perception_dim, hidden, config.perception_decoder)
+                                         config.perception_dim, hidden, config.perception_decoder,
+                                         config.perception_stem)
             self.pointer = RegionPointer(hidden)
         summary = 0
         if self.perception is not None:

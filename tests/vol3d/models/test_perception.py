@@ -453,3 +453,19 @@ def test_region_masks_pooled_to_the_feature_grid_are_the_average_pooled_one_hot_
     got = _pooled_masks(ids, 5, grid)
     assert got.shape == (2, 5, int(np.prod(grid)))
     torch.testing.assert_close(got, want)
+
+
+def test_a_perception_stem_is_built_saved_and_restored(model, tmp_path):
+    cfg = dataclasses.replace(model.config, perception_stem=True)
+    torch.manual_seed(1)
+    m = Vol3DModel(cfg, tokenizer=model.tokenizer).eval()
+    assert m.perception is not None and m.perception.decoder.input_block is not None
+    assert model.perception is not None and model.perception.decoder.input_block is None
+    volume = make_case(4)["image"][None]
+    with torch.no_grad():
+        before = m.encode_volume(volume)["perception"]["finding_logits"]
+    m.save_pretrained(tmp_path / "m")
+    again = Vol3DModel.from_pretrained(tmp_path / "m").eval()
+    assert again.config.perception_stem
+    with torch.no_grad():
+        assert torch.equal(again.encode_volume(volume)["perception"]["finding_logits"], before)

@@ -1,0 +1,59 @@
+"""The perception decoder's full-resolution stem (``model.perception_stem``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from preprocess.errors import ConfigError
+from vol3d.models.decoders import build_decoder
+from vol3d.models.registry import create_encoder
+from vol3d.models.unet3d import ResUNetEncoder
+
+
+def _tiny_unet(in_chans: int = 1) -> ResUNetEncoder:
+    return ResUNetEncoder(channels=(4, 8, 8), strides=(2, 2, 1), in_chans=in_chans, num_res_units=1)
+
+
+def _copy_loss(stem: bool, steps: int = 80) -> float:
+    """BCE after ``steps`` of Adam on one task: give back a random binary volume voxel by voxel."""
+    torch.manual_seed(0)
+    enc = _tiny_unet()
+    dec, idx = build_decoder(enc, "monai_unet", 1, (16, 16, 16), 4, 1, stem=stem)
+    x = (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-2)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(dec(x, enc.forward_intermediates(x, idx)), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_the_stem_lets_the_decoder_decide_single_voxels():
+    # MONAI's UNet path reaches full resolution only through a transposed convolution of
+    # half-resolution features: a voxel-by-voxel pattern is what it learns worst
+    with_stem, without = _copy_loss(True), _copy_loss(False)
+    assert with_stem < 0.5 * without
+
+
+def test_the_stem_keeps_the_shape_trains_and_leaves_a_stemless_decoder_as_it_was():
+    enc = _tiny_unet(in_chans=2)
+    plain, _ = build_decoder(enc, "monai_unet", 2, (16, 16, 8), 4, None)
+    stemmed, idx = build_decoder(enc, "monai_unet", 2, (16, 16, 8), 4, None, stem=True)
+    x = torch.randn(2, 2, 16, 16, 8)
+    y = stemmed.forward_features(x, enc.forward_intermediates(x, idx))
+    assert y.shape == (2, 4, 16, 16, 8)
+    y.square().mean().backward()
+    assert stemmed.input_block is not None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stemmed.input_block.parameters())
+    # checkpoints of decoders without a stem keep their keys (MONAI UNet's up path: transposed conv, unit)
+    assert plain.input_block is None
+    assert all(k.startswith("path.ups.") and k.split(".")[3] in ("0", "1") for k in plain.state_dict())
+
+
+def test_a_stem_is_for_monai_unet_decoders_only():
+    enc = create_encoder("resnet3d_tiny", in_chans=1)
+    with pytest.raises(ConfigError, match="stem"):
+        build_decoder(enc, "unet", 1, (32, 32, 32), 8, None, stem=True)
