@@ -346,3 +346,22 @@ def test_the_demo_draws_its_crops_by_finding_type_unless_told_otherwise(tmp_path
     assert demo.train_config(told, paths).data.finding_patch_balance == "case"
     with pytest.raises(ConfigError, match="finding_patch_balance"):
         DataConfig(finding_patch_balance="voxel")
+
+
+def test_the_size_probe_reads_a_demo_folder(demo_runs, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_sizes", Path(__file__).resolve().parents[2]
+                                                  / "scripts" / "probe_sizes.py")
+    assert spec is not None and spec.loader is not None
+    probe_sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_sizes)
+    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    out = demo_runs["out"]
+    assert probe_sizes.main([str(out), "--no-progress"]) == 0
+    res = json.loads((out / "probe_sizes.json").read_text())
+    assert res["n"] == len(res["lesions"]) and "intensity oracle: within 10%" in capsys.readouterr().out
+    for row in res["lesions"]:
+        assert row["first"]["truth_mm"] >= probe_sizes.MIN_MM and row["second"]["kind"] in (
+            "within", "longer", "shorter", "other instance", "missed")
+        assert row["oracle_mm"] is None or row["oracle_mm"] > 0
