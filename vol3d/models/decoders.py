@@ -198,8 +198,8 @@ class SegDecoder(nn.Module):
         if style not in STYLES:
             raise ConfigError(f"decoder style must be one of {STYLES}, got {style!r}")
         if stem and style != "monai_unet":
-            raise ConfigError(f"a decoder stem applies to monai_unet decoders (the {style} decoder has its own "
-                              "full-resolution skip); leave it off")
+            raise ConfigError(f"a decoder stem applies to monai_unet decoders (the resunet3d_* encoders); this "
+                              f"one is {style}, which has its own full-resolution skip: leave the stem off")
         self.style = style
         self.feature_size = feature_size
         self.input_block: nn.Module | None = None
@@ -304,9 +304,6 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
         raise ConfigError(f"decoder unetr needs a single-scale encoder (ViT); this one has strides {strides}: use unet")
     if style in ("unet", "monai_unet") and single_scale:
         raise ConfigError(f"decoder {style} needs a multi-scale encoder; this one is single-scale: use unetr")
-    if stem and style != "monai_unet":
-        raise ConfigError(f"a decoder stem applies to monai_unet decoders; this encoder's decoder is {style} "
-                          "(it has its own full-resolution skip): leave the stem off")
     if style == "monai_unet" and not bottom:
         raise ConfigError(f"decoder monai_unet needs an encoder whose deepest stage does not downsample "
                           f"(MONAI UNet's bottom layer, e.g. resunet3d_*); these strides are {strides}: use unet")
@@ -326,8 +323,9 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
             raise ConfigError(f"model.intermediate_indices needs {len(factors)} blocks for patch stride {deepest}, "
                               f"got {list(indices)}")
         dim = int(channels[-1])
-        return SegDecoder("unetr", in_chans, [dim] * len(taps), factors, feature_size, num_classes), taps
+        return SegDecoder("unetr", in_chans, [dim] * len(taps), factors, feature_size, num_classes, stem), taps
     if style == "monai_unet":
         factors = _nested_factors(strides[:-1], style)
         return SegDecoder(style, in_chans, channels, factors, feature_size, num_classes, stem), None
-    return SegDecoder("unet", in_chans, channels, _nested_factors(strides, style), feature_size, num_classes), None
+    return SegDecoder("unet", in_chans, channels, _nested_factors(strides, style), feature_size, num_classes,
+                      stem), None
