@@ -30,3 +30,23 @@ class InputError(Vol3DError, ValueError):
 
 class ConfigError(Vol3DError, ValueError):
     """A config file or flag is invalid: the message names the field and allowed values."""
+
+
+class WorkerStartError(Vol3DError, RuntimeError):
+    """Worker processes died before finishing any work (see :func:`worker_death_hint`)."""
+
+
+def worker_death_hint() -> str:
+    """Why worker processes may die at once, and the fix, for the message of a broken process pool.
+
+    vol3d starts its worker processes with ``spawn`` (no inherited threads, locks or HDF5 handles),
+    which imports the calling script again in every worker: a script that calls vol3d at its top
+    level, without ``if __name__ == "__main__":``, runs itself again there and the workers die.
+    """
+    import sys
+
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    script = f" ({main})" if main and not str(main).endswith(("vol3d", "__main__.py")) else ""
+    return (f"if you call vol3d from a Python script{script}, put the call under `if __name__ == \"__main__\":` "
+            "(vol3d starts its worker processes with 'spawn', which imports the script again in each of them); "
+            "otherwise a worker may have run out of memory: use fewer workers")

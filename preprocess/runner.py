@@ -47,7 +47,7 @@ import numpy as np
 
 from preprocess import ids, reasons
 from preprocess.config import PreprocessConfig
-from preprocess.errors import EXIT_OK, EXIT_PARTIAL, InputError
+from preprocess.errors import EXIT_OK, EXIT_PARTIAL, InputError, WorkerStartError, worker_death_hint
 from preprocess.ingest.scan_index import index_path
 from preprocess.manifest import (
     MANIFEST_NAME,
@@ -515,6 +515,7 @@ def _run_tasks(tasks: list[CaseTask], cfg: PreprocessConfig, out: Path, params_h
     # spawn: workers start clean (no inherited HDF5 handles or locks), on every OS.
     ctx = multiprocessing.get_context("spawn")
     pending = collections.deque(tasks)
+    finished = 0
     while pending:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             in_flight: dict[cf.Future, CaseTask] = {}
@@ -527,10 +528,17 @@ def _run_tasks(tasks: list[CaseTask], cfg: PreprocessConfig, out: Path, params_h
                 for fut in done:
                     t = in_flight.pop(fut)
                     try:
-                        yield fut.result()
-                    except cf.process.BrokenProcessPool:
+                        result = fut.result()
+                    except cf.process.BrokenProcessPool as e:
+                        if not finished:  # nothing ever finished: the workers cannot start, retrying is futile
+                            raise WorkerStartError(f"the preprocessing workers died before finishing any case: "
+                                                   f"{worker_death_hint()} (workers / --workers 1 processes the "
+                                                   "cases in this process)") from e
                         broken = True
                         yield _worker_died(t), False
+                    else:
+                        finished += 1
+                        yield result
             if broken:  # every case in flight is lost with the pool; report them, start a new pool
                 for t in in_flight.values():
                     yield _worker_died(t), False

@@ -532,11 +532,20 @@ def read_headers(
 
         bar = tqdm(total=len(files), desc="DICOM headers", unit="file")
     # spawn: a forked child would inherit the parent's threads and locks (and torch, if loaded)
-    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-        for part in pool.map(_read_chunk, chunks):
-            out.extend(part)
-            if bar is not None:
-                bar.update(len(part))
+    from concurrent.futures.process import BrokenProcessPool
+
+    from preprocess.errors import WorkerStartError, worker_death_hint
+
+    try:
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+            for part in pool.map(_read_chunk, chunks):
+                out.extend(part)
+                if bar is not None:
+                    bar.update(len(part))
+    except BrokenProcessPool as e:
+        raise WorkerStartError(f"a worker process reading DICOM headers died after {len(out)} of {len(files)} files: "
+                               f"{worker_death_hint()} (scan_processes / --scan-processes 1 reads them in this "
+                               "process)") from e
     if bar is not None:
         bar.close()
     return out

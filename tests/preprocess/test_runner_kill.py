@@ -108,3 +108,67 @@ def test_external_kill_mid_run_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert len(_ok_rows(out)) < 24
     _rerun_and_check(src, out, 24)
+
+
+_SCRIPT = """
+import sys
+from preprocess.config import PreprocessConfig
+from preprocess.config_io import load_yaml
+from preprocess.runner import RunOptions, run_preprocess
+from vol3d.presets import preset_path
+
+def main():
+    cfg = load_yaml(PreprocessConfig, preset_path("tiny"))
+    run_preprocess(sys.argv[1], sys.argv[2], cfg, opts=RunOptions(workers=2, progress=False))
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tmp_path, guarded):
+    # workers start with 'spawn', which imports the calling script again in each of them: an unguarded
+    # script runs itself there and its workers die before finishing anything
+    src = tmp_path / "src"
+    make_nifti_export(src, n=3)
+    script = tmp_path / "make_cache.py"
+    script.write_text(_SCRIPT + ('if __name__ == "__main__":\n    main()\n' if guarded else "main()\n"))
+    env = {**os.environ, "VOL3D_ID_KEY": os.environ.get("VOL3D_ID_KEY", "0123456789abcdef" * 4)}
+    done = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "cache")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if guarded:
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = read_manifest(tmp_path / "cache" / "manifest.jsonl")
+        assert len([r for r in rows if r.status == "ok"]) >= 3 and not [r for r in rows if r.status == "failed"]
+        return
+    assert done.returncode != 0
+    assert "WorkerStartError" in done.stderr and 'if __name__ == "__main__":' in done.stderr
+    assert str(script) in done.stderr  # names the script to fix
+    manifest = tmp_path / "cache" / "manifest.jsonl"
+    # no case is reported failed ("worker died"): the run stops instead of retrying pools that cannot start
+    assert not manifest.exists() or not [r for r in read_manifest(manifest) if r.status == "failed"]
+
+
+_HEADERS = """
+import sys
+from pathlib import Path
+from pydicom.data import get_testdata_file
+import preprocess.ingest.dicom as dicom
+from preprocess.ingest.discover import FoundFile
+
+dicom.PROCESS_SCAN_MIN_FILES = 1  # worker processes for a handful of files
+
+def main():
+    found = FoundFile(Path(get_testdata_file("CT_small.dcm")), "ct.dcm")
+    print("headers", sum(h is not None for h in dicom.read_headers([(found, True)] * 4, processes=2)))
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_the_header_scan_of_a_script_without_a_main_guard_says_how_to_fix_it(tmp_path, guarded):
+    script = tmp_path / "scan.py"
+    script.write_text(_HEADERS + ('if __name__ == "__main__":\n    main()\n' if guarded else "main()\n"))
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if guarded:
+        assert done.returncode == 0 and "headers 4" in done.stdout, done.stderr[-3000:]
+    else:
+        assert "WorkerStartError" in done.stderr and 'if __name__ == "__main__":' in done.stderr
+        assert "after 0 of 4 files" in done.stderr and "--scan-processes 1" in done.stderr
