@@ -33,7 +33,8 @@ class ConfigError(Vol3DError, ValueError):
 
 
 class WorkerStartError(Vol3DError, RuntimeError):
-    """Worker processes died before finishing any work (see :func:`worker_death_hint`)."""
+    """Worker processes died: at once when the calling script has no main guard (see
+    :func:`worker_death_hint`), or later, out of memory."""
 
 
 def worker_death_hint() -> str:

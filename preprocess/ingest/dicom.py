@@ -543,6 +543,8 @@ def read_headers(
                 if bar is not None:
                     bar.update(len(part))
     except BrokenProcessPool as e:
+        if bar is not None:
+            bar.close()
         raise WorkerStartError(f"a worker process reading DICOM headers died after {len(out)} of {len(files)} files: "
                                f"{worker_death_hint()} (scan_processes / --scan-processes 1 reads them in this "
                                "process)") from e
