@@ -130,7 +130,7 @@ def probe(out: Path, progress: bool = True) -> dict[str, Any]:
         spacing = np.asarray(case["spacing"], float)
         truth, dense = perceived_from_case(case, model.vocab, model.labels)
         vol = torch.as_tensor(image)[None]
-        with torch.inference_mode():
+        with torch.inference_mode(), model.reading(vol):  # the volume is encoded once for both looks
             looks = {"first": model.perceive(vol, spacing=spacing, look_again=False)[0],
                      "second": model.perceive(vol, spacing=spacing, look_again=True)[0]}
         for name in sorted({r.name for r in truth.findings}):

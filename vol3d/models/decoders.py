@@ -202,12 +202,13 @@ class SegDecoder(nn.Module):
                               f"one is {style}, which has its own full-resolution skip: leave the stem off")
         self.style = style
         self.feature_size = feature_size
+        # the full-resolution map of the input: the unet/unetr skip, or the monai_unet stem
         self.input_block: nn.Module | None = None
+        if stem or style != "monai_unet":
+            self.input_block = UnetrBasicBlock(3, in_chans, feature_size, kernel_size=3, stride=1,
+                                               norm_name=_NORM, res_block=True)
         if style == "monai_unet":
             self.lift = nn.ModuleList()
-            if stem:
-                self.input_block = UnetrBasicBlock(3, in_chans, feature_size, kernel_size=3, stride=1,
-                                                   norm_name=_NORM, res_block=True)
             self.path: nn.Module = MonaiUNetPath(feature_channels, factors, feature_size,
                                                  feature_size if stem else 0)
         else:
@@ -215,8 +216,6 @@ class SegDecoder(nn.Module):
             if len(feature_channels) != levels:
                 raise ValueError(f"{levels} levels need {levels} feature maps, got {len(feature_channels)}")
             widths = _level_channels(feature_size, levels)
-            self.input_block = UnetrBasicBlock(3, in_chans, feature_size, kernel_size=3, stride=1,
-                                               norm_name=_NORM, res_block=True)
             if style == "unetr":
                 # level l (1..L-1) is reached from the patch grid by the factors of levels L-1 .. l
                 self.lift = nn.ModuleList(
