@@ -226,11 +226,7 @@ def evaluate(
     if perceiving and (not hasattr(model, "perceive") or getattr(model, "perception", True) is None):
         raise ConfigError(f"tasks {perceiving} read the model's perception; this model has none (train with "
                           "model.perception: true) or drop them from the tasks")
-    measured: list[Any] = []
-    chained: list[Any] = []
-    detected: list[Any] = []
-    done: dict[str, list[tuple[EvalItem, Any]]] = {t: [] for t in tasks}  # (item, prediction)
-    located: list[tuple[EvalItem, str]] = []  # grounding answers forced to start with a box
+    answers = _Answers({t: [] for t in tasks})
     n_cases = 0
     with torch.inference_mode():
         for ci, case in enumerate(cases):
@@ -245,67 +241,18 @@ def evaluate(
                 vol = torch.zeros_like(vol)
             # every question about the case reads one encoding and perception of it (Vol3DModel.reading)
             with model.reading(vol) if hasattr(model, "reading") else contextlib.nullcontext():
-                text_items = [it for it in items if it.sample.task != "ehr"]
-                for b in range(0, len(text_items), batch_size):
-                    chunk = text_items[b : b + batch_size]
-                    volume = vol[None].expand(len(chunk), *vol.shape)  # (B, C, X, Y, Z), no copy
-                    out = model.generate(
-                        volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens, **gen_kw
-                    )
-                    if len(out) != len(chunk):
-                        raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
-                    for it, pred in zip(chunk, out, strict=True):
-                        done[it.sample.task].append((it, str(pred)))
-                    present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
-                    if locate_prefix and present:
-                        out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
-                                             max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
-                        located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
+                _generate(model, vol, [it for it in items if it.sample.task != "ehr"], answers, batch_size,
+                          max_new_tokens, locate_prefix, gen_kw)
                 if perceiving:
-                    pred = first = None
-                    if not (image_blind and priors is not None):
-                        pred = model.perceive(vol[None], **gen_kw)[0]
-                        if "detect" in tasks and getattr(model, "looks_again", False):  # the second look's gain
-                            first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
-                    truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
-                    m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
-                    measured += m_items
-                    chained += c_items
-                    detected += detect_items(ci, truth, pred, first)
+                    # image-blind with priors: the training split's answers, not a perception of zeros
+                    blind = image_blind and priors is not None
+                    _perceive(model, ci, case, vol, answers, "detect" in tasks, vocab, labels, priors, blind, gen_kw)
                 for it in items:
                     if it.sample.task == "ehr":
-                        done["ehr"].append(
+                        answers.done["ehr"].append(
                             (it, _ehr_scores(model, vol[None], it.sample.prompt, processor, code_vocab)))
 
-    results: dict[str, Any] = {}
-    for task in tasks:
-        pairs = done[task]
-        if task == "measure":
-            results[task] = score_measure(measured, bootstrap, seed)
-            continue
-        if task == "chain":
-            results[task] = score_chain(chained, bootstrap, seed)
-            continue
-        if task == "detect":
-            results[task] = score_detect(detected, bootstrap, seed)
-            continue
-        if not pairs:
-            results[task] = {"n": 0}
-        elif task == "ehr":
-            scores = np.stack([p for _, p in pairs])
-            targets = np.stack([it.sample.extras["target"] for it, _ in pairs])
-            results[task] = ehr_metrics(scores, targets, code_vocab.codes, imaging_codes(vocab))
-        else:
-            results[task] = _score(task, [it for it, _ in pairs], [p for _, p in pairs], vocab)
-        if pairs and bootstrap:
-            _merge(results[task], _intervals(task, pairs, vocab, code_vocab, bootstrap, seed))
-    if located:
-        scored = _score("ground", [it for it, _ in located], [p for _, p in located], vocab)
-        results["ground"].update({f"located_{k}": scored[k] for k in ("mean_iou", "acc_iou25", "acc_iou50")})
-    if located and bootstrap:
-        stat = _pooled(lambda it, p: answer_ious(p, it.sample.extras["boxes_vox"], it.sample.extras["shape"])[0],
-                       lambda g: float(np.mean(g >= 0.5)))
-        results["ground"]["located_acc_iou50_ci"] = bootstrap_ci(_by_case(located), stat, bootstrap, seed)
+    results = answers.scores(tasks, vocab, code_vocab, bootstrap, seed)
     results["meta"] = {
         "n_cases": n_cases,
         "tasks": list(tasks),
@@ -314,23 +261,97 @@ def evaluate(
         "image_blind": image_blind,
     }
     if keep_predictions:
-        results["predictions"] = [
-            {
-                "task": t,
-                "case": it.case_id,
-                "prompt": it.sample.prompt,
-                "reference": it.sample.answer,
-                "prediction": p,
-            }
-            for t in tasks
-            if t != "ehr"
-            for it, p in done[t]
-        ] + [
-            {"task": "ground_located", "case": it.case_id, "prompt": it.sample.prompt,
-             "reference": it.sample.answer, "prediction": p}
-            for it, p in located
-        ]
+        results["predictions"] = answers.predictions(tasks)
     return results
+
+
+@dataclasses.dataclass
+class _Answers:
+    """What :func:`evaluate` collected, case by case: each text question with the model's answer,
+    the grounding answers forced to start with a box, and the perception's items."""
+
+    done: dict[str, list[tuple[EvalItem, Any]]]  # task -> (item, prediction); ehr: code scores
+    located: list[tuple[EvalItem, str]] = dataclasses.field(default_factory=list)
+    measured: list[Any] = dataclasses.field(default_factory=list)
+    chained: list[Any] = dataclasses.field(default_factory=list)
+    detected: list[Any] = dataclasses.field(default_factory=list)
+
+    def scores(self, tasks: Sequence[str], vocab: Mapping[str, Any], code_vocab: Any, bootstrap: int,
+               seed: int) -> dict[str, Any]:
+        """``{task: metrics}`` with their confidence intervals."""
+        results: dict[str, Any] = {}
+        perception = {"measure": (score_measure, self.measured), "chain": (score_chain, self.chained),
+                      "detect": (score_detect, self.detected)}
+        for task in tasks:
+            pairs = self.done[task]
+            if task in perception:
+                score, items = perception[task]
+                results[task] = score(items, bootstrap, seed)
+                continue
+            if not pairs:
+                results[task] = {"n": 0}
+            elif task == "ehr":
+                scores = np.stack([p for _, p in pairs])
+                targets = np.stack([it.sample.extras["target"] for it, _ in pairs])
+                results[task] = ehr_metrics(scores, targets, code_vocab.codes, imaging_codes(vocab))
+            else:
+                results[task] = _score(task, [it for it, _ in pairs], [p for _, p in pairs], vocab)
+            if pairs and bootstrap:
+                _merge(results[task], _intervals(task, pairs, vocab, code_vocab, bootstrap, seed))
+        located = self.located
+        if located:
+            scored = _score("ground", [it for it, _ in located], [p for _, p in located], vocab)
+            results["ground"].update({f"located_{k}": scored[k] for k in ("mean_iou", "acc_iou25", "acc_iou50")})
+        if located and bootstrap:
+            stat = _pooled(lambda it, p: answer_ious(p, it.sample.extras["boxes_vox"], it.sample.extras["shape"])[0],
+                           lambda g: float(np.mean(g >= 0.5)))
+            results["ground"]["located_acc_iou50_ci"] = bootstrap_ci(_by_case(located), stat, bootstrap, seed)
+        return results
+
+    def predictions(self, tasks: Sequence[str]) -> list[dict[str, Any]]:
+        """Every prompt, reference and prediction of the text tasks (and of the located grounding)."""
+        rows = [(t, it, p) for t in tasks if t != "ehr" for it, p in self.done[t]]
+        rows += [("ground_located", it, p) for it, p in self.located]
+        return [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
+                 "prediction": p} for t, it, p in rows]
+
+
+def _generate(model: Any, vol: Any, items: Sequence[EvalItem], answers: _Answers, batch_size: int,
+              max_new_tokens: int, locate_prefix: str | None, gen_kw: Mapping[str, Any]) -> None:
+    """Answer the text questions ``items`` about one volume ``vol (C, X, Y, Z)``, ``batch_size`` at a time;
+    with ``locate_prefix``, ask each grounding question about a present finding again with its answer
+    forced to start with a box."""
+    for b in range(0, len(items), batch_size):
+        chunk = items[b : b + batch_size]
+        volume = vol[None].expand(len(chunk), *vol.shape)  # (B, C, X, Y, Z), no copy
+        out = model.generate(volume, [it.sample.prompt for it in chunk], max_new_tokens=max_new_tokens, **gen_kw)
+        if len(out) != len(chunk):
+            raise RuntimeError(f"model.generate returned {len(out)} answers for {len(chunk)} prompts")
+        for it, pred in zip(chunk, out, strict=True):
+            answers.done[it.sample.task].append((it, str(pred)))
+        present = [it for it in chunk if it.sample.task == "ground" and len(it.sample.extras["boxes_vox"])]
+        if locate_prefix and present:
+            out = model.generate(volume[: len(present)], [it.sample.prompt for it in present],
+                                 max_new_tokens=max_new_tokens, answer_prefix=locate_prefix, **gen_kw)
+            answers.located += [(it, str(pred)) for it, pred in zip(present, out, strict=True)]
+
+
+def _perceive(model: Any, ci: int, case: Mapping[str, Any], vol: Any, answers: _Answers, detect: bool,
+              vocab: Mapping[str, Any], labels: Any, priors: Mapping[str, float] | None, blind: bool,
+              gen_kw: Mapping[str, Any]) -> None:
+    """The measurement, chain and detection items of case ``ci``: the model's perception of ``vol``
+    against the case's truth, or with ``blind`` the ``priors``' answers. With ``detect``, a model that
+    looks again is also read with one look (the second look's gain)."""
+    pred = first = None
+    if not blind:
+        pred = model.perceive(vol[None], **gen_kw)[0]
+        if detect and getattr(model, "looks_again", False):
+            first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
+    truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
+    m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
+    answers.measured += m_items
+    answers.chained += c_items
+    answers.detected += detect_items(ci, truth, pred, first)
 
 
 def imaging_codes(vocab: Mapping[str, Any]) -> list[str]:
