@@ -382,6 +382,8 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     spacing = np.asarray(spacing, dtype=np.float64)
     countable, conditions = _countable(vocab), _conditions(vocab)
     comps, n = ndimage.label(finding_prob > threshold)
+    homes = ([np.array([k > 0 and coarse_organ(o) == coarse_organ(vocab[name].organ) for k, o in enumerate(labels.organs)])
+              for name in countable] if labels is not None else [])
     voxel_ml = float(np.prod(spacing)) / 1000.0
     cands = []
     for k, sl in enumerate(ndimage.find_objects(comps), start=1):
@@ -394,11 +396,14 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
         box = np.array([s.start - 0.5 for s in sl] + [s.stop - 0.5 for s in sl], np.float64)
         where = ""
         if organ_map is not None and labels is not None:
-            # the organ around it: the commonest organ class under and next to the component
-            ring = ndimage.binary_dilation(local, iterations=1)
-            classes = np.bincount(organ_map[sl][ring].reshape(-1), minlength=len(labels.organs))
+            # the organ around it: the commonest organ class under and next to the component, among the
+            # organs its type lives in when any is there (a tumour at the cortex lies in the white matter)
+            near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)  # the box and one voxel around it
+            ring = ndimage.binary_dilation(comps[near] == k, iterations=1)
+            classes = np.bincount(organ_map[near][ring].reshape(-1), minlength=len(labels.organs))
             classes[0] = 0
-            where = labels.organs[int(np.argmax(classes))] if classes.any() else ""
+            home = classes * homes[t]
+            where = labels.organs[int(np.argmax(home if home.any() else classes))] if classes.any() else ""
         cands.append((score * float(types[t]), k, Region("finding", countable[t], box, (box[3:] - box[:3]) * spacing,
                                                          float(local.sum()) * voxel_ml, where, score,
                                                          at_edge=touches_border(box, finding_prob.shape))))

@@ -105,6 +105,27 @@ def test_prediction_from_perfect_maps_reproduces_the_ground_truth():
     assert digest_text(pred, VOCAB) == digest_text(truth, VOCAB)
 
 
+def test_a_finding_lies_in_the_organ_its_type_lives_in_when_that_organ_is_beside_it():
+    """A liver lesion at the liver's border with the spleen, mostly surrounded by spleen: the organ named is
+    the liver (the type's home organ); a kidney cyst with no kidney near it keeps the commonest organ."""
+    organ = np.zeros(SHAPE, np.int64)
+    organ[2:14, 2:14, 2:10] = 1  # liver
+    organ[14:22, 2:14, 2:10] = 3  # spleen, beside it along x
+    organ[20:24, 15:20, 2:10] = 2  # left kidney, far from both findings
+    prob = np.zeros(SHAPE)
+    prob[13:17, 5:8, 4:7] = 0.9  # the lesion: 1 column in the liver, 3 in the spleen
+    prob[4:7, 4:7, 4:7] = 0.9  # the cyst, inside the liver
+    types = np.zeros((2, *SHAPE))
+    types[0, 13:17] = 1.0  # liver lesion
+    types[1, :7] = 1.0  # kidney cyst
+    pred, _ = perceived_from_maps(organ, prob, types, [0.1], (1, 1, 1), VOCAB, LABELS)
+    where = {r.name: r.organ for r in pred.findings}
+    assert where == {"liver_lesion": "liver", "kidney_cyst": "liver"}
+    organ[12:14] = 3  # no liver voxel under or next to the lesion any more
+    pred, _ = perceived_from_maps(organ, prob, types, [0.1], (1, 1, 1), VOCAB, LABELS)
+    assert {r.name: r.organ for r in pred.findings}["liver_lesion"] == "spleen"
+
+
 def test_prediction_keeps_the_most_confident_findings():
     prob = np.zeros(SHAPE)
     prob[2:4, 2:4, 2:4] = 0.6
