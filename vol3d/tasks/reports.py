@@ -26,6 +26,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;])(\s+)")
 _IMPRESSION = re.compile(r"^\s*impression\b", re.I | re.M)
 # a section header ("IMPRESSION:", "Findings:"), not an organ's label ("Liver: unremarkable.")
 _HEADER = re.compile(r"^\s*((?:findings|impression|conclusions?|summary|assessment)\s*:)", re.I)
+# a word written twice in a row ("the adrenal glands glands are"): a small LM's stutter
+_STUTTER = re.compile(r"\b([A-Za-z]{2,})(?:\s+\1\b)+", re.I)
 
 
 def is_report_request(prompt: str) -> bool:
@@ -54,10 +56,11 @@ def finding_sentence(name: str, perceived: Perceived, vocab: Mapping[str, Any] |
 def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                      threshold: float = 0.5) -> str:
     """``report`` with the sentences that contradict the perception dropped and a sentence added for each
-    perceived finding it does not assert (before the impression when there is one)."""
+    perceived finding it does not assert (before the impression when there is one); a word written twice
+    in a row is written once."""
     vocab = as_vocab(vocab)
     present = perceived_present(perceived, vocab, threshold)
-    parts = _SENTENCE_END.split(report.strip())  # sentence, whitespace, sentence, ...
+    parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", report.strip()))  # sentence, whitespace, sentence, ...
     kept: list[str] = []
     for i in range(0, len(parts), 2):
         sentence, gap = parts[i], parts[i + 1] if i + 1 < len(parts) else ""

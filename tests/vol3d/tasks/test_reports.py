@@ -53,3 +53,12 @@ def test_an_organ_label_is_not_a_section_kept_alone():
     out = reconcile_report("Liver: unremarkable, without focal lesion. Kidneys: unremarkable.", perceived, VOCAB)
     assert not out.startswith("Liver:") and out.startswith("Kidneys: unremarkable.")
     assert out.endswith("There is a liver lesion measuring 31 x 28 mm in the liver.")
+
+
+def test_a_word_written_twice_in_a_row_is_written_once():
+    normal = Perceived([], [], {"splenomegaly": 0.2})
+    draft = "The adrenal glands glands are unremarkable. No no free fluid. Liver lesion 1 x 1 mm, 11 mm."
+    out = reconcile_report(draft, normal, VOCAB)
+    assert out.startswith("The adrenal glands are unremarkable. No free fluid.")
+    assert reconcile_report("The kidneys enhance symmetrically.", normal, VOCAB) == "The kidneys enhance symmetrically."
+    assert reconcile_report("Spleen normal. A 11 x 11 mm node.", normal, VOCAB) == "Spleen normal. A 11 x 11 mm node."
