@@ -50,6 +50,9 @@ TRAIN_PRESET = "tiny_cpu"
 #: How the demo's perception crops draw their finding (``data.finding_patch_balance``): by type, so the
 #: rarer cysts and nodules are seen early in its few hundred steps.
 DEMO_PATCH_BALANCE = "type"
+#: The preset's full-resolution perception stem is off in the demo: in its five minutes the stem's slower
+#: perception steps stopped training at step 331 of 440 and broke the closed answers (round 12).
+DEMO_PERCEPTION_STEM = False
 
 #: The demo's promise: end to end within five minutes on two CPU cores (docs/demo.md).
 DEMO_BUDGET_MIN = 5.0
@@ -291,7 +294,8 @@ def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
                  "model.in_chans": cached_channels(preprocess_config(opts)),
                  # at the demo's few hundred steps the rarer findings need their share of the crops early
                  # (CT demo: grounding 0.48 -> 0.65; docs/benchmarks/quality.md, round 10)
-                 "data.finding_patch_balance": DEMO_PATCH_BALANCE, **opts.train_overrides}
+                 "data.finding_patch_balance": DEMO_PATCH_BALANCE, "model.perception_stem": DEMO_PERCEPTION_STEM,
+                 **opts.train_overrides}
     return load_yaml(TrainConfig, preset_path(TRAIN_PRESET, kind="train"), overrides)
 
 

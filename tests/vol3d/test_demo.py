@@ -372,3 +372,17 @@ def test_the_size_probe_reads_a_demo_folder(demo_runs, monkeypatch, capsys):
     for look in ("first", "second"):
         share = sum(r[look]["kind"] == "within" for r in res["lesions"]) / res["n"]
         assert res["summary"][look]["within10"] == share
+
+
+def test_the_demo_turns_the_presets_perception_stem_off_unless_told_otherwise(tmp_path):
+    """tiny_cpu (the benchmark's preset) perceives with a full-resolution stem; the demo's five minutes
+    train without it, and the demo's own overrides win."""
+    from preprocess.config_io import load_yaml
+    from vol3d.presets import preset_path
+    from vol3d.train.config import TrainConfig
+
+    assert load_yaml(TrainConfig, preset_path("tiny_cpu", kind="train")).model.perception_stem
+    paths = demo.DemoPaths(tmp_path / "d")
+    assert not demo.train_config(demo.DemoOptions(out=paths.out), paths).model.perception_stem
+    told = demo.DemoOptions(out=paths.out, train_overrides={"model.perception_stem": True})
+    assert demo.train_config(told, paths).model.perception_stem
