@@ -184,4 +184,10 @@ def organ_in(label: str, organs: Iterable[str]) -> str:
     return max(hits, key=lambda o: (len(o.split()), len(o))) if hits else coarse_organ(label)
 
 
+
+def organ_matches(label: str, organ: str) -> bool:
+    """Whether the label name ``label`` is vocabulary organ ``organ`` or one side of it (``"kidney_left"``
+    of ``"kidney"``, ``"ren_sinister"`` of ``"ren"``)."""
+    return coarse_organ(label) == coarse_organ(organ) or organ_in(label, [organ]) == organ
+
 DEFAULT_VOCAB.update(_synthetic_vocab())

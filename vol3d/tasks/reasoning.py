@@ -38,6 +38,7 @@ from vol3d.tasks.findings import (
     coarse_organ,
     finding_named,
     organ_in,
+    organ_matches,
     parse_criterion,
 )
 from vol3d.tasks.regions import LabelSpec, Perceived, Region, organ_text, size_text, size_triple
@@ -144,7 +145,7 @@ def parse_question(question: str, vocab: Mapping[str, Any] | None, organs: Seque
 
 def _organ_label(organ: str, organs: Sequence[str]) -> str | None:
     """The label of a vocabulary organ (``"spleen"`` -> ``"spleen"``; ``"kidney"`` -> the first kidney label)."""
-    return next((o for o in organs if coarse_organ(o) == coarse_organ(organ) or organ_in(o, [organ]) == organ), None)
+    return next((o for o in organs if organ_matches(o, organ)), None)
 
 
 def measured_organs(vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> list[str]:
@@ -228,8 +229,7 @@ def located_regions(perceived: Perceived, finding: str, vocab: Mapping[str, Any]
         return sorted(instances(perceived, finding), key=lambda r: tuple(float(v) for v in r.box[:3]))
     if perceived.conditions.get(finding, 0.0) < condition_threshold:
         return []
-    return [r for r in perceived.organs if coarse_organ(r.name) == coarse_organ(spec.organ)
-            or organ_in(r.name, [spec.organ]) == spec.organ]
+    return [r for r in perceived.organs if organ_matches(r.name, spec.organ)]
 
 
 def location_answer(question: str, answer: str, perceived: Perceived, vocab: Mapping[str, Any] | None,

@@ -34,7 +34,7 @@ import numpy as np
 from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import as_boxes
 from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
-from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ
+from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ, organ_matches
 
 #: Boxes less visible than this (cropped away) are no region (as :data:`vol3d.tasks.samples.MIN_VISIBLE`).
 MIN_VISIBLE = 0.5
@@ -382,7 +382,7 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     spacing = np.asarray(spacing, dtype=np.float64)
     countable, conditions = _countable(vocab), _conditions(vocab)
     comps, n = ndimage.label(finding_prob > threshold)
-    homes = ([np.array([k > 0 and coarse_organ(o) == coarse_organ(vocab[name].organ) for k, o in enumerate(labels.organs)])
+    homes = ([np.array([k > 0 and organ_matches(o, vocab[name].organ) for k, o in enumerate(labels.organs)])
               for name in countable] if labels is not None else [])
     voxel_ml = float(np.prod(spacing)) / 1000.0
     cands = []

@@ -124,6 +124,16 @@ def test_a_finding_lies_in_the_organ_its_type_lives_in_when_that_organ_is_beside
     organ[12:14] = 3  # no liver voxel under or next to the lesion any more
     pred, _ = perceived_from_maps(organ, prob, types, [0.1], (1, 1, 1), VOCAB, LABELS)
     assert {r.name: r.organ for r in pred.findings}["liver_lesion"] == "spleen"
+    # an export that names the sides of its organs in its own words: "ren_sinister" is a side of "ren"
+    foreign = LabelSpec(("background", "ren_sinister", "lien", "tumour"), ("tumour",))
+    cyst = {"ren_cyst": {"text": "renal cyst", "organ": "ren", "phrases": ["renal cyst"]}}
+    organ = np.zeros(SHAPE, np.int64)
+    organ[2:14] = 1  # ren_sinister
+    organ[14:22] = 2  # lien, beside it along x
+    prob = np.zeros(SHAPE)
+    prob[13:17, 5:8, 4:7] = 0.9  # 1 column in the kidney, 3 in the spleen
+    pred, _ = perceived_from_maps(organ, prob, np.ones((1, *SHAPE)), [], (1, 1, 1), cyst, foreign)
+    assert [r.organ for r in pred.findings] == ["ren_sinister"]
 
 
 def test_prediction_keeps_the_most_confident_findings():
