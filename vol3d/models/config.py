@@ -77,7 +77,8 @@ class Vol3DConfig:
                                               "answer about the one finding a question names agrees with the "
                                               "perceived regions (the LM picks the kind of answer, the regions its "
                                               "value, as boxes come from the region a <box> points at); a \"how "
-                                              "many\" question about it is answered with the perceived count")
+                                              "many\", \"is there\" or \"larger than N mm\" question about it is "
+                                              "answered by the regions outright (vol3d.tasks.reasoning.closed_answer)")
     locations_from_perception: bool = _f(True, "perception models: a \"where is it?\" answer about the one finding "
                                          "a question names gives the box of every region the perception found of "
                                          "it, or says there is none (vol3d.tasks.reasoning.location_answer)")

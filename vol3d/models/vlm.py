@@ -849,16 +849,17 @@ class Vol3DModel(nn.Module):
 
     def _answers_from_regions(self, texts: list[str], perceived: list[Any], prompts: list[str] | str,
                               shape: tuple[int, ...], forced: bool) -> list[str]:
-        """"How many X?" (``closed_answers_from_perception``) and "where is X?" answers
-        (``locations_from_perception``) about a named finding, taken from the regions; others unchanged."""
-        from vol3d.tasks.reasoning import count_answer, location_answer
+        """"How many X?", "Is there X?", "Is the largest X larger than N mm?" (``closed_answers_from_perception``,
+        :func:`~vol3d.tasks.reasoning.closed_answer`) and "where is X?" answers (``locations_from_perception``)
+        about a named finding, taken from the regions; others unchanged."""
+        from vol3d.tasks.reasoning import closed_answer, location_answer
 
         asked = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts)
         out = []
         for text, per, question in zip(texts, perceived, asked, strict=True):
             new = None
             if self.config.closed_answers_from_perception and not forced:
-                new = count_answer(question, per, self.vocab)
+                new = closed_answer(question, per, self.vocab)
             if new is None and self.config.locations_from_perception:
                 new = location_answer(question, text, per, self.vocab, shape, keep_refusal=forced)
             out.append(text if new is None else new)

@@ -219,6 +219,77 @@ def count_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] |
     return str(perceived.count(name))
 
 
+#: Words that make a yes/no question about a named finding ask *whether* it is there: "Is there a liver
+#: lesion?", "Does this scan show a kidney cyst?", "Is a lung nodule present?", "Do you see any ...?"
+#: ("Is the liver lesion benign?" and "Does the liver lesion have a rim?" have none of them: the language
+#: model answers those).
+_WHETHER = re.compile(r"\b(is there|are there|present|presence|shows?|shown|seen|see|visible|evidence|any|"
+                      r"detected|identified)\b", re.IGNORECASE)
+#: A length threshold in a question ("larger than 20 mm", "more than 3 cm") and the comparisons.
+_THRESHOLD = re.compile(r"(\d+(?:\.\d+)?)\s*(mm|cm|millimet(?:er|re)s?|centimet(?:er|re)s?)\b", re.IGNORECASE)
+_ABOVE = re.compile(r"\b(larger|bigger|greater|more|longer|exceeds?|exceeding|over|above)\b", re.IGNORECASE)
+_BELOW = re.compile(r"\b(smaller|less|shorter|under|below)\b", re.IGNORECASE)
+
+
+def _asked(question: str) -> str:
+    """The question itself: the text after the last ``<vol>`` placeholder, stripped."""
+    return question.split("<vol>")[-1].strip()
+
+
+def presence_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
+                    condition_threshold: float = 0.5) -> str | None:
+    """``"yes"``/``"no"`` from the regions for a yes/no question asking whether the one vocabulary
+    finding it names is there (:data:`_WHETHER`; no number in it, not *where* or *how many*): a
+    countable finding is there when one of its regions was found, a condition when its probability
+    (after :func:`call_conditions`, when the caller applied it) reaches ``condition_threshold``.
+    None for any other question."""
+    vocab = as_vocab(vocab)
+    asked = _asked(question)
+    words = _words(asked).split()
+    name = finding_named(asked, vocab)
+    if (name is None or not words or words[0] not in _YES_NO or re.search(r"\d", asked)
+            or _WHETHER.search(asked) is None or asks_location(asked) or _HOW_MANY.search(asked)):
+        return None
+    if vocab[name].countable:
+        return "yes" if perceived.count(name) else "no"
+    return "yes" if perceived.conditions.get(name, 0.0) >= condition_threshold else "no"
+
+
+def size_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str | None:
+    """``"yes"``/``"no"`` from the regions for a yes/no question comparing the largest instance of the
+    one countable finding it names with a length ("Is the largest liver lesion larger than 20 mm?",
+    "... smaller than 3 cm?"): the largest extent of any perceived instance along any axis (as the
+    training answers measure it) against the threshold; "no" when none was found. None for any other
+    question (no single threshold, no comparison word, or both kinds)."""
+    vocab = as_vocab(vocab)
+    asked = _asked(question)
+    words = _words(asked).split()
+    name = finding_named(asked, vocab)
+    found = _THRESHOLD.findall(asked)
+    above, below = _ABOVE.search(asked) is not None, _BELOW.search(asked) is not None
+    if (name is None or not vocab[name].countable or not words or words[0] not in _YES_NO or len(found) != 1
+            or above == below):
+        return None
+    value, unit = found[0]
+    limit = float(value) * (10.0 if unit.lower().startswith("c") else 1.0)
+    regions = instances(perceived, name)
+    if not regions:
+        return "no"
+    largest = max(float(np.max(r.size_mm)) for r in regions)
+    return "yes" if (largest > limit if above else largest < limit) else "no"
+
+
+def closed_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str | None:
+    """The answer the regions give to a closed question about a named finding, or None to keep the
+    language model's: *how many* (:func:`count_answer`), *whether* (:func:`presence_answer`) and *larger
+    than* (:func:`size_answer`), so these agree with the boxes of *where* by construction."""
+    for answer in (count_answer, presence_answer, size_answer):
+        value = answer(question, perceived, vocab)
+        if value is not None:
+            return value
+    return None
+
+
 def located_regions(perceived: Perceived, finding: str, vocab: Mapping[str, Any] | None,
                     condition_threshold: float = 0.5) -> list[Region]:
     """The regions a "where is it?" answer points at: a countable finding's instances (ordered by their
@@ -477,7 +548,8 @@ def _verdict(criterion: Criterion, value: float, holds: bool, region: Region) ->
 
 
 __all__ = [
-    "PERCEPTION_TASKS", "QUERY_UNITS", "QUESTION_TEMPLATES", "Chain", "Measurement", "Query", "Step", "centre_mm",
-    "criterion_value", "instances", "measure", "measured_organs", "organ_named", "parse_question", "reason",
-    "truth_queries",
+    "PERCEPTION_TASKS", "QUERY_UNITS", "QUESTION_TEMPLATES", "Chain", "Measurement", "Query", "Step", "asks_location",
+    "centre_mm", "closed_answer", "count_answer", "criterion_value", "instances", "located_regions",
+    "location_answer", "measure", "measured_organs", "organ_named", "parse_question", "presence_answer", "reason",
+    "size_answer", "truth_queries",
 ]

@@ -11,15 +11,19 @@ from vol3d.tasks.findings import FindingSpec, as_vocab, parse_criterion
 from vol3d.tasks.reasoning import (
     Query,
     call_conditions,
+    closed_answer,
     count_answer,
     located_regions,
     location_answer,
     measure,
     parse_question,
+    presence_answer,
     reason,
+    size_answer,
     truth_queries,
 )
 from vol3d.tasks.regions import LabelSpec, Perceived, Region
+from vol3d.tasks.samples import TEMPLATES, _fill
 
 LABELS = LabelSpec(("background", "liver", "spleen", "kidney_left", "kidney_right", "lesion"), ("lesion",))
 ORGANS = list(LABELS.organs[1:])
@@ -195,6 +199,38 @@ def test_how_many_and_where_are_answered_by_the_regions():
     assert np.allclose(denormalise_boxes(np.stack(parse_boxes(spleen)), shape), [p.organs[1].box], atol=0.1)
     assert location_answer("Where is the splenomegaly?", "", none, VOCAB, shape) == "There is no splenomegaly."
     assert located_regions(p, "liver_lesion", VOCAB) == [p.findings[0], p.findings[1]]
+
+
+def test_whether_and_larger_than_are_answered_by_the_regions():
+    p = perceived()
+    empty = Perceived([], p.organs, {"splenomegaly": 0.7})
+    # every phrasing the training questions use, about a finding found and one not found
+    for template in TEMPLATES["presence"]:
+        lesion, cyst = (template.format(**_fill(VOCAB[n])) for n in ("liver_lesion", "kidney_cyst"))
+        assert presence_answer(lesion, p, VOCAB) == "yes" and presence_answer(lesion, empty, VOCAB) == "no"
+        assert closed_answer(cyst, p, VOCAB) == "yes" and closed_answer(cyst, empty, VOCAB) == "no"
+    assert presence_answer("Any splenomegaly?", p, VOCAB) is None  # not a yes/no question's form
+    assert presence_answer("Is there splenomegaly?", p, VOCAB) == "no"  # probability 0.3
+    assert presence_answer("Is there splenomegaly?", empty, VOCAB) == "yes"
+    assert presence_answer("Do you see any kidney cyst?", p, VOCAB) == "yes"
+    for other in ("Is the liver lesion benign?", "Does the liver lesion have a rim?", "Is there a liver lesion larger than 20 mm?",
+                  "Is there a lesion?", "Is there a liver lesion or a kidney cyst?", "Where is the liver lesion?",
+                  "Describe the kidney cyst."):
+        assert presence_answer(other, p, VOCAB) is None, other
+    # the largest liver lesion is 16 x 12 x 15 mm: its largest extent on any axis against the threshold
+    for template in TEMPLATES["size"]:
+        assert size_answer(template.format(**_fill(VOCAB["liver_lesion"], mm=15)), p, VOCAB) == "yes"
+        assert size_answer(template.format(**_fill(VOCAB["liver_lesion"], mm=20)), p, VOCAB) == "no"
+        assert closed_answer(template.format(**_fill(VOCAB["liver_lesion"], mm=10)), empty, VOCAB) == "no"
+    assert size_answer("Is the largest liver lesion larger than 1.5 cm?", p, VOCAB) == "yes"
+    assert size_answer("Is the largest liver lesion smaller than 2 cm?", p, VOCAB) == "yes"
+    assert size_answer("Is the largest liver lesion smaller than 10 mm?", p, VOCAB) == "no"
+    for other in ("Is the liver lesion between 10 and 20 mm?", "Is the liver lesion 15 mm?",
+                  "Is the largest splenomegaly larger than 10 mm?", "What is the size of the liver lesion in mm?"):
+        assert size_answer(other, p, VOCAB) is None, other
+    # how many still comes first; a question none of them reads is left to the language model
+    assert closed_answer("How many liver lesions are there?", p, VOCAB) == "2"
+    assert closed_answer("Is the liver lesion benign?", p, VOCAB) is None
 
 
 def test_a_condition_with_a_criterion_is_called_by_it_on_the_perceived_organ():
