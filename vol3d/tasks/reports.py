@@ -28,6 +28,11 @@ _IMPRESSION = re.compile(r"^\s*impression\b", re.I | re.M)
 _HEADER = re.compile(r"^\s*((?:findings|impression|conclusions?|summary|assessment)\s*:)", re.I)
 # a word written twice in a row ("the adrenal glands glands are"): a small LM's stutter
 _STUTTER = re.compile(r"\b([A-Za-z]{2,})(?:\s+\1\b)+", re.I)
+# a box the LM wrote into a report ("<box>[546,406,656,609,484,780]</box> There are 3 ..."): reports are
+# prose (training reports hold no boxes); where a finding is comes from a "where" answer
+_BOX = re.compile(r"\s*<box>(?:\s*\[[^\]]*\])?(?:\s*</box>)?\s*")
+# two sentences glued without a space ("No focal lesion.liver There is ..."); not "e.g." or "3.5"
+_GLUED = re.compile(r"(?<=[a-z]{2})([.!?;])(?=[A-Za-z]{2})")
 
 
 def is_report_request(prompt: str) -> bool:
@@ -57,10 +62,12 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
                      threshold: float = 0.5) -> str:
     """``report`` with the sentences that contradict the perception dropped and a sentence added for each
     perceived finding it does not assert (before the impression when there is one); a word written twice
-    in a row is written once."""
+    in a row is written once, a box the LM wrote into it is dropped and sentences it glued together
+    ("lesion.liver") are parted."""
     vocab = as_vocab(vocab)
     present = perceived_present(perceived, vocab, threshold)
-    parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", report.strip()))  # sentence, whitespace, sentence, ...
+    text = re.sub(r"\s+([.,;:!?])", r"\1", _GLUED.sub(r"\1 ", _BOX.sub(" ", report))).strip()
+    parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", text))  # sentence, whitespace, sentence, ...
     kept: list[str] = []
     for i in range(0, len(parts), 2):
         sentence, gap = parts[i], parts[i + 1] if i + 1 < len(parts) else ""

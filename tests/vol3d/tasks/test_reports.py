@@ -62,3 +62,13 @@ def test_a_word_written_twice_in_a_row_is_written_once():
     assert out.startswith("The adrenal glands are unremarkable. No free fluid.")
     assert reconcile_report("The kidneys enhance symmetrically.", normal, VOCAB) == "The kidneys enhance symmetrically."
     assert reconcile_report("Spleen normal. A 11 x 11 mm node.", normal, VOCAB) == "Spleen normal. A 11 x 11 mm node."
+
+
+def test_boxes_leave_a_report_and_glued_sentences_part():
+    one = Perceived([lesion()], [], {"splenomegaly": 0.2})
+    draft = "<box>[546,406,656,609,484,780]</box> There is a liver lesion measuring 31 x 28 mm in the liver."
+    assert reconcile_report(draft, one, VOCAB) == "There is a liver lesion measuring 31 x 28 mm in the liver."
+    # the CT demo at seed 2: "No focal lesion.liver There is a liver lesion ..."; a decimal stays whole
+    out = reconcile_report("No free fluid.Kidneys normal. The liver lesion is 3.5 cm <box>.", one, VOCAB)
+    assert out.startswith("No free fluid. Kidneys normal. The liver lesion is 3.5 cm.")
+    assert "<box>" not in out and "</box>" not in out
