@@ -46,6 +46,11 @@ class Vol3DConfig:
     # --- heads
     num_ehr_codes: int = _f(0, "EHR-code logits on pooled features (0 = no head)")
     ehr_codes: list[str] = _f([], "names of the EHR codes, in logit order")
+    ehr_finding_prior: bool = _f(False, "perception models: an EHR code that is a vocabulary finding's `code` "
+                                 "also reads that finding's perceived score through a learned gain (starting at "
+                                 "EHR_PRIOR_GAIN: a finding seen for sure adds 4 to the code's logit over one not "
+                                 "seen), so the codes an image shows follow the perception from the first step "
+                                 "(docs/models.md, 'EHR codes')")
     box_head: bool = _f(False, "grounding head: the LM writes <box> per instance and the head regresses "
                         "its coordinates (false: the LM spells <box>[x0,...,z1]</box> digits, as M3D does)")
     box_head_level: int = _f(-1, "encoder level whose dense map the grounding head reads (-1 = last; "

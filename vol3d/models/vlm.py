@@ -42,6 +42,9 @@ from vol3d.protocol import BOX_END, BOX_START, ORGAN_TOKEN, REGION_TOKEN, VOL_TO
 from vol3d.rundir import ADAPTER_DIR, DOMAIN_NAME, LM_DIR, PREPROCESS_NAME, WEIGHTS_NAME
 from vol3d.rundir import VLM_CONFIG_NAME as CONFIG_NAME
 
+#: Initial gain of ``model.ehr_finding_prior``: a code's logit moves by this much between its finding
+#: perceived with score 0 and score 1 (a probability of 0.12 against 0.88 for a head that says 0).
+EHR_PRIOR_GAIN = 4.0
 #: Crops the perception looks at again per forward pass (:meth:`Vol3DModel._look_again`).
 LOOK_AGAIN_BATCH = 8
 
@@ -206,6 +209,15 @@ class Vol3DModel(nn.Module):
 
             summary = summary_dim(self.vocab, self.labels)
         self.ehr_head = EHRHead(dim + summary, config.num_ehr_codes) if config.num_ehr_codes else None
+        self.ehr_prior_gain = None
+        if config.ehr_finding_prior and self.ehr_head is not None and self.perception is not None:
+            from vol3d.tasks.regions import summary_score_columns
+
+            codes = config.ehr_codes or [f"code_{k}" for k in range(config.num_ehr_codes)]
+            column = torch.tensor(summary_score_columns(self.vocab, codes), dtype=torch.long)
+            self.register_buffer("ehr_prior_column", column.clamp(min=0), persistent=False)
+            self.register_buffer("ehr_prior_linked", (column >= 0).float(), persistent=False)
+            self.ehr_prior_gain = nn.Parameter(torch.full((len(codes),), EHR_PRIOR_GAIN))
         self.box_head = (GroundingHead(self._level_dim(config.box_head_level), hidden, config.box_head_dim)
                          if config.box_head else None)
         self.text_tower = TextTower(config.text_tower) if config.contrastive else None
@@ -565,6 +577,9 @@ class Vol3DModel(nn.Module):
                                       "pack_regions(...)['summary'] (forward does)")
                 pooled = torch.cat([pooled, summary.to(pooled.dtype)], dim=1)
             out["ehr_logits"] = self.ehr_head(pooled).float()
+            if self.ehr_prior_gain is not None and summary is not None:
+                score = summary.float()[:, self.ehr_prior_column]  # (B, K): each code's finding score
+                out["ehr_logits"] = out["ehr_logits"] + self.ehr_prior_gain * self.ehr_prior_linked * (score - 0.5)
         if self.contrastive_head is not None:
             out["vol_embed"] = self.contrastive_head.embed_volume(pooled)
             out["logit_scale"] = self.contrastive_head.logit_scale.exp()

@@ -77,7 +77,7 @@ class FindingSpec:
     phrases: tuple[str, ...] = ()  # phrases that are a mention on their own ("splenomegaly")
     countable: bool = True  # False for conditions ("splenomegaly"): no count/size questions
     plural: str = ""  # plural of ``text``; empty means ``text + "s"``
-    code: str = ""  # ICD-10 code that usually accompanies the finding (documentation only)
+    code: str = ""  # ICD-10 code that usually accompanies the finding (model.ehr_finding_prior: that code reads its score)
     # threshold the finding is called by, e.g. "craniocaudal > 120 mm" (splenomegaly, on its organ) or
     # "diameter >= 6 mm"; reasoning chains state it (:func:`parse_criterion`); "" none
     criterion: str = ""

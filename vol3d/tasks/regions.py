@@ -34,6 +34,7 @@ import numpy as np
 from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import as_boxes
 from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
+from vol3d.tasks.codes import normalise_code
 from vol3d.tasks.findings import FindingSpec, FindingVocab, as_vocab, coarse_organ, organ_matches
 
 #: Boxes less visible than this (cropped away) are no region (as :data:`vol3d.tasks.samples.MIN_VISIBLE`).
@@ -521,6 +522,21 @@ def summary_dim(vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> in
     return 2 * len(_countable(vocab)) + len(_conditions(vocab)) + (len(labels.organs) - 1 if labels is not None else 0)
 
 
+def summary_score_columns(vocab: Mapping[str, Any] | None, codes: Sequence[str]) -> list[int]:
+    """For each EHR code, the column of :func:`perceived_summary` holding the score of the vocabulary
+    finding whose ``code`` it is (a countable finding's most confident instance, a condition's
+    probability), or -1 when no finding names it (codes compared as :func:`vol3d.tasks.codes.normalise_code`)."""
+    vocab = as_vocab(vocab)
+    countable, conditions = _countable(vocab), _conditions(vocab)
+    column = {**{n: 2 * i for i, n in enumerate(countable)},
+              **{n: 2 * len(countable) + j for j, n in enumerate(conditions)}}
+    by_code: dict[str, int] = {}
+    for name, spec in vocab.items():
+        if spec.code:
+            by_code.setdefault(normalise_code(spec.code), column[name])
+    return [by_code.get(normalise_code(c), -1) for c in codes]
+
+
 def perceived_summary(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> np.ndarray:
     """``(S,)`` float32 what a volume shows, for the EHR head: per countable finding the score of its
     most confident instance and ``log(1 + count)``, each condition's probability, each organ's
@@ -587,8 +603,7 @@ def matching_regions(perceived: Perceived, boxes_vox: np.ndarray, min_iou: float
 
 __all__ = [
     "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text",
-    "look_again_windows", "matching_regions", "pack_regions", "perceived_summary", "stitch_looks", "summary_dim",
-    "touches_border",
-    "organ_text", "perceived_from_case", "perceived_from_maps", "region_feature_dim", "region_features",
-    "size_text", "size_triple",
+    "look_again_windows", "matching_regions", "organ_text", "pack_regions", "perceived_from_case",
+    "perceived_from_maps", "perceived_summary", "region_feature_dim", "region_features", "size_text", "size_triple",
+    "stitch_looks", "summary_dim", "summary_score_columns", "touches_border",
 ]

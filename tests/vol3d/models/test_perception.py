@@ -455,6 +455,32 @@ def test_region_masks_pooled_to_the_feature_grid_are_the_average_pooled_one_hot_
     torch.testing.assert_close(got, want)
 
 
+def test_an_ehr_code_follows_its_findings_perceived_score_when_asked(model, tmp_path):
+    """model.ehr_finding_prior: the liver lesion's code reads the lesion's score through a learned gain
+    (4 logits between score 0 and 1 at the start); a code no finding names does not."""
+    from vol3d.models.vlm import EHR_PRIOR_GAIN
+    from vol3d.tasks.regions import summary_dim
+
+    assert model.ehr_prior_gain is None  # off unless asked
+    cfg = dataclasses.replace(model.config, num_ehr_codes=2, ehr_codes=["K76.89", "I10"], ehr_finding_prior=True)
+    m = Vol3DModel(cfg, tokenizer=model.tokenizer).eval()
+    assert m.ehr_prior_linked.tolist() == [1.0, 0.0]
+    with torch.no_grad():
+        m.ehr_head.fc.weight.zero_()  # the head alone says the same for both volumes
+    pooled = torch.randn(1, m.encoder.embed_dim).expand(2, -1)
+    summary = torch.zeros(2, summary_dim(m.vocab, m.labels))
+    summary[0, 0] = 1.0  # a liver lesion seen for sure; none in the second volume
+    logits = m.head_outputs(pooled, summary=summary)["ehr_logits"]
+    assert (logits[0] - logits[1]).tolist() == pytest.approx([EHR_PRIOR_GAIN, 0.0])
+    logits[0, 0].backward()
+    assert m.ehr_prior_gain.grad[0] != 0  # learned
+    with torch.no_grad():
+        m.ehr_prior_gain.fill_(2.5)
+    m.save_pretrained(tmp_path / "m")
+    again = Vol3DModel.from_pretrained(tmp_path / "m")
+    assert again.config.ehr_finding_prior and again.ehr_prior_gain.tolist() == [2.5, 2.5]
+
+
 def test_a_perception_stem_is_built_saved_and_restored(model, tmp_path):
     cfg = dataclasses.replace(model.config, perception_stem=True)
     torch.manual_seed(1)

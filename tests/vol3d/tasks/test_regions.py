@@ -22,6 +22,7 @@ from vol3d.tasks.regions import (
     size_text,
     stitch_looks,
     summary_dim,
+    summary_score_columns,
 )
 
 SHAPE = (24, 20, 12)
@@ -205,6 +206,16 @@ def test_packing_matching_and_summary():
     # a grounding answer about both lesions points at regions 0 and 1; about the spleen, at its organ
     assert matching_regions(perceived, case["boxes_vox"][:2]) == [0, 1]
     assert matching_regions(perceived, case["boxes_vox"][3:]) == [4]
+
+
+def test_each_code_finds_the_summary_column_of_its_findings_score():
+    vocab = {**VOCAB, "splenomegaly": {**VOCAB["splenomegaly"], "code": "R16.1"}}
+    case = make_case()
+    perceived, _ = perceived_from_case(case, vocab, LABELS)
+    columns = summary_score_columns(vocab, [" k76.89", "R16.1", "I10"])
+    assert columns == [0, 4, -1]  # liver lesion's best score; splenomegaly's probability; no finding's code
+    s = perceived_summary(perceived, vocab, LABELS)
+    assert s[columns[0]] == 1.0 and s[columns[1]] == 1.0  # both present in this case's truth
 
 
 def test_size_text_follows_the_reports():
