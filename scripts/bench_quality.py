@@ -71,6 +71,19 @@ def overrides(items: list[str]) -> dict:
     return out
 
 
+def preset_choices() -> dict:
+    """The preset's own perception stem and perception-only share. The configuration is the demo's
+    (:func:`vol3d.demo.train_config`: its data, crops drawn by finding type, the run folder), but the
+    demo swaps these two for its five minutes (``DEMO_PERCEPTION_STEM``, ``DEMO_PERCEPTION_FIRST``);
+    the benchmark's 30 minutes train ``tiny_cpu``'s. ``--set`` still wins over both."""
+    from preprocess.config_io import load_yaml
+    from vol3d.presets import preset_path
+    from vol3d.train.config import TrainConfig
+
+    cfg = load_yaml(TrainConfig, preset_path(demo.TRAIN_PRESET, kind="train"))
+    return {"model.perception_stem": cfg.model.perception_stem, "perception_first": cfg.perception_first}
+
+
 def machine() -> dict:
     import torch
 
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = demo.DemoOptions(out=args.out, cases=args.cases, steps=args.steps, seed=args.seed, modality=args.modality,
                             samples_per_case=args.samples_per_case, max_new_tokens=args.max_new_tokens,
                             progress=not args.no_progress, split_fractions=(1 - test - 0.05, 0.05, test),
-                            train_overrides=overrides(args.set))
+                            train_overrides={**preset_choices(), **overrides(args.set)})
     paths = demo.DemoPaths(args.out)
     info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     demo.ensure_id_key()
