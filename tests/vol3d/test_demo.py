@@ -300,19 +300,25 @@ def test_pick_case_prefers_a_liver_lesion_then_other_findings():
     assert demo.question_for("liver_lesion") == "Where is the liver lesion?"
 
 
-# The default demo (96 cases, 1000 steps): about 5 minutes end to end on 2 idle cores (docs/demo.md), more under load.
+# The default demo (96 cases, 500 steps): about 5 minutes end to end on 2 idle cores (docs/demo.md), more under load.
 @pytest.mark.slow
 def test_default_demo_trains_and_evaluates_every_task(tmp_path):
     import csv
 
-    result, text, _ = _run(demo.DemoOptions(out=tmp_path / "demo", progress=False))
+    opts = demo.DemoOptions(out=tmp_path / "demo", progress=False)
+    result, text, _ = _run(opts)
     ev = result.eval
     assert Path(result.paths.answer_png).is_file()
     assert ev["split"] == "test" and ev["model"]["meta"]["n_cases"] >= 2
     assert {"report", "vqa_closed", "vqa_open", "ground", "ehr"} <= set(ev["model"])
     with open(result.paths.run / "metrics.csv") as fh:
-        loss = [float(r["value"]) for r in csv.DictReader(fh) if r["name"] == "train/loss"]
-    assert loss[-1] < 0.7 * loss[0]  # it learned something in 1000 steps
+        loss = {int(r["step"]): float(r["value"]) for r in csv.DictReader(fh) if r["name"] == "train/loss"}
+    # each stage learned (their losses differ in kind: the second adds the language model's)
+    first = demo.train_config(opts, result.paths).perception_steps
+    alone = [v for k, v in sorted(loss.items()) if k <= first]
+    every = [v for k, v in sorted(loss.items()) if k > first]
+    assert np.mean(alone[-3:]) < 0.5 * alone[0]
+    assert len(every) >= 6 and np.mean(every[-3:]) < 0.75 * np.mean(every[:3])
     # (whether it reads the images: see docs/benchmarks/quality.md, model vs image-blind)
 
 
