@@ -210,14 +210,13 @@ class Vol3DModel(nn.Module):
             summary = summary_dim(self.vocab, self.labels)
         self.ehr_head = EHRHead(dim + summary, config.num_ehr_codes) if config.num_ehr_codes else None
         self.ehr_prior_gain = None
-        if config.ehr_finding_prior and self.ehr_head is not None and self.perception is not None:
+        if config.ehr_finding_prior and config.ehr_codes and self.ehr_head is not None and self.perception is not None:
             from vol3d.tasks.regions import summary_score_columns
 
-            codes = config.ehr_codes or [f"code_{k}" for k in range(config.num_ehr_codes)]
-            column = torch.tensor(summary_score_columns(self.vocab, codes), dtype=torch.long)
+            column = torch.tensor(summary_score_columns(self.vocab, config.ehr_codes), dtype=torch.long)
             self.register_buffer("ehr_prior_column", column.clamp(min=0), persistent=False)
             self.register_buffer("ehr_prior_linked", (column >= 0).float(), persistent=False)
-            self.ehr_prior_gain = nn.Parameter(torch.full((len(codes),), EHR_PRIOR_GAIN))
+            self.ehr_prior_gain = nn.Parameter(torch.full((len(column),), EHR_PRIOR_GAIN))
         self.box_head = (GroundingHead(self._level_dim(config.box_head_level), hidden, config.box_head_dim)
                          if config.box_head else None)
         self.text_tower = TextTower(config.text_tower) if config.contrastive else None
@@ -901,6 +900,7 @@ class Vol3DModel(nn.Module):
         import re
 
         from vol3d.tasks.findings import finding_named
+        from vol3d.tasks.regions import perceived_present
 
         tokens = self._closed_answer_tokens
         if tokens is None:
@@ -915,7 +915,7 @@ class Vol3DModel(nn.Module):
             elif vocab[name].countable:
                 counts.append(per.count(name))
             else:
-                counts.append(int(per.conditions.get(name, 0.0) >= 0.5))
+                counts.append(int(name in perceived_present(per, vocab)))
         yes_allowed = [re.search(r"\d", p.split("<vol>")[-1]) is None for p in prompts]
         return PerceivedValues(counts, yes_allowed, yes_no, digits)  # type: ignore[arg-type]
 

@@ -41,7 +41,15 @@ from vol3d.tasks.findings import (
     organ_matches,
     parse_criterion,
 )
-from vol3d.tasks.regions import LabelSpec, Perceived, Region, organ_text, size_text, size_triple
+from vol3d.tasks.regions import (
+    LabelSpec,
+    Perceived,
+    Region,
+    organ_text,
+    perceived_present,
+    size_text,
+    size_triple,
+)
 
 #: Evaluation tasks scored from the perception rather than from generated text (vol3d.eval.reasoning).
 PERCEPTION_TASKS = ("measure", "chain", "detect")
@@ -193,6 +201,20 @@ def instances(perceived: Perceived, finding: str) -> list[Region]:
     return sorted((r for r in perceived.findings if r.name == finding), key=lambda r: -float(np.prod(r.size_mm)))
 
 
+def _asked(question: str) -> str:
+    """The question itself: the text after the last ``<vol>`` placeholder, stripped."""
+    return question.split("<vol>")[-1].strip()
+
+
+def _yes_no_about(question: str, vocab: Mapping[str, FindingSpec]) -> tuple[str, str] | None:
+    """``(the question itself, the one vocabulary finding it names)`` for a yes/no question (its first word
+    an auxiliary verb, :data:`_YES_NO`), else None."""
+    asked = _asked(question)
+    words = _words(asked).split()
+    name = finding_named(asked, vocab)
+    return (asked, name) if name is not None and words and words[0] in _YES_NO else None
+
+
 #: Words of a question that asks *where* (English, as the task templates): "Where is the liver lesion?",
 #: "Locate the kidney cyst with a bounding box.", "Localise ...".
 _WHERE = re.compile(r"\b(where|locate|locali[sz]e|bounding box|box)\b", re.IGNORECASE)
@@ -200,7 +222,7 @@ _WHERE = re.compile(r"\b(where|locate|locali[sz]e|bounding box|box)\b", re.IGNOR
 
 def asks_location(question: str) -> bool:
     """Does the question ask where something is (see :data:`_WHERE`)?"""
-    return _WHERE.search(question.split("<vol>")[-1]) is not None
+    return _WHERE.search(_asked(question)) is not None
 
 
 #: Words of a question that asks *how many* (English, as the task templates): "How many liver lesions
@@ -214,7 +236,7 @@ def count_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] |
     (:func:`location_answer`)."""
     vocab = as_vocab(vocab)
     name = finding_named(question, vocab)
-    if name is None or not vocab[name].countable or _HOW_MANY.search(question.split("<vol>")[-1]) is None:
+    if name is None or not vocab[name].countable or _HOW_MANY.search(_asked(question)) is None:
         return None
     return str(perceived.count(name))
 
@@ -231,11 +253,6 @@ _ABOVE = re.compile(r"\b(larger|bigger|greater|more|longer|exceeds?|exceeding|ov
 _BELOW = re.compile(r"\b(smaller|less|shorter|under|below)\b", re.IGNORECASE)
 
 
-def _asked(question: str) -> str:
-    """The question itself: the text after the last ``<vol>`` placeholder, stripped."""
-    return question.split("<vol>")[-1].strip()
-
-
 def presence_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                     condition_threshold: float = 0.5) -> str | None:
     """``"yes"``/``"no"`` from the regions for a yes/no question asking whether the one vocabulary
@@ -244,15 +261,13 @@ def presence_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any
     (after :func:`call_conditions`, when the caller applied it) reaches ``condition_threshold``.
     None for any other question."""
     vocab = as_vocab(vocab)
-    asked = _asked(question)
-    words = _words(asked).split()
-    name = finding_named(asked, vocab)
-    if (name is None or not words or words[0] not in _YES_NO or re.search(r"\d", asked)
-            or _WHETHER.search(asked) is None or asks_location(asked) or _HOW_MANY.search(asked)):
+    about = _yes_no_about(question, vocab)
+    if about is None:
         return None
-    if vocab[name].countable:
-        return "yes" if perceived.count(name) else "no"
-    return "yes" if perceived.conditions.get(name, 0.0) >= condition_threshold else "no"
+    asked, name = about
+    if re.search(r"\d", asked) or _WHETHER.search(asked) is None or asks_location(asked) or _HOW_MANY.search(asked):
+        return None
+    return "yes" if name in perceived_present(perceived, vocab, condition_threshold) else "no"
 
 
 def size_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str | None:
@@ -262,13 +277,13 @@ def size_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | 
     training answers measure it) against the threshold; "no" when none was found. None for any other
     question (no single threshold, no comparison word, or both kinds)."""
     vocab = as_vocab(vocab)
-    asked = _asked(question)
-    words = _words(asked).split()
-    name = finding_named(asked, vocab)
+    about = _yes_no_about(question, vocab)
+    if about is None:
+        return None
+    asked, name = about
     found = _THRESHOLD.findall(asked)
     above, below = _ABOVE.search(asked) is not None, _BELOW.search(asked) is not None
-    if (name is None or not vocab[name].countable or not words or words[0] not in _YES_NO or len(found) != 1
-            or above == below):
+    if not vocab[name].countable or len(found) != 1 or above == below:
         return None
     value, unit = found[0]
     limit = float(value) * (10.0 if unit.lower().startswith("c") else 1.0)

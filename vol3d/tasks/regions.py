@@ -454,6 +454,12 @@ def stitch_looks(first: np.ndarray, looks: Sequence[np.ndarray], windows: Sequen
 # ----------------------------------------------------------------------------- the digest
 
 
+def perceived_present(perceived: Perceived, vocab: Mapping[str, Any] | None = None,
+                      threshold: float = 0.5) -> set[str]:
+    """The findings the perception calls present: countable ones with a region, conditions at ``threshold``."""
+    return {r.name for r in perceived.findings} | {c for c, p in perceived.conditions.items() if p >= threshold}
+
+
 def digest_text(perceived: Perceived, vocab: Mapping[str, Any] | None, condition_threshold: float = 0.5) -> str:
     """The findings digest: every countable finding (count, then each instance's ``<reg>``, size and
     organ, largest first) or its absence, each condition yes/no, then each organ's ``<org>``,
@@ -604,6 +610,6 @@ def matching_regions(perceived: Perceived, boxes_vox: np.ndarray, min_iou: float
 __all__ = [
     "DenseTargets", "LabelSpec", "Perceived", "Region", "clean_organ_map", "coarse_organ", "digest_text",
     "look_again_windows", "matching_regions", "organ_text", "pack_regions", "perceived_from_case",
-    "perceived_from_maps", "perceived_summary", "region_feature_dim", "region_features", "size_text", "size_triple",
+    "perceived_from_maps", "perceived_present", "perceived_summary", "region_feature_dim", "region_features", "size_text", "size_triple",
     "stitch_looks", "summary_dim", "summary_score_columns", "touches_border",
 ]

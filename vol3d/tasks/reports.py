@@ -19,7 +19,7 @@ from typing import Any
 from vol3d.tasks.findings import as_vocab
 from vol3d.tasks.mentions import finding_mentions
 from vol3d.tasks.reasoning import instances
-from vol3d.tasks.regions import Perceived, organ_text, size_triple
+from vol3d.tasks.regions import Perceived, organ_text, perceived_present, size_triple
 
 _REQUEST = re.compile(r"\b(?:report|findings|impression)\b", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?;])(\s+)")
@@ -33,16 +33,13 @@ _STUTTER = re.compile(r"\b([A-Za-z]{2,})(?:\s+\1\b)+", re.I)
 _BOX = re.compile(r"\s*<box>(?:\s*\[[^\]]*\])?(?:\s*</box>)?\s*")
 # two sentences glued without a space ("No focal lesion.liver There is ..."); not "e.g." or "3.5"
 _GLUED = re.compile(r"(?<=[a-z]{2})([.!?;])(?=[A-Za-z]{2})")
+# the space a dropped box leaves before a full stop ("3.5 cm <box>." -> "3.5 cm .")
+_SPACE_BEFORE_STOP = re.compile(r"\s+([.,;:!?])")
 
 
 def is_report_request(prompt: str) -> bool:
     """Whether a prompt asks for a report ("Write the findings ...", "... Write the report.")."""
     return bool(_REQUEST.search(prompt))
-
-
-def perceived_present(perceived: Perceived, vocab: Mapping[str, Any] | None, threshold: float = 0.5) -> set[str]:
-    """The findings the perception calls present: countable ones with a region, conditions at ``threshold``."""
-    return {r.name for r in perceived.findings} | {c for c, p in perceived.conditions.items() if p >= threshold}
 
 
 def finding_sentence(name: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str:
@@ -66,7 +63,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
     ("lesion.liver") are parted."""
     vocab = as_vocab(vocab)
     present = perceived_present(perceived, vocab, threshold)
-    text = re.sub(r"\s+([.,;:!?])", r"\1", _GLUED.sub(r"\1 ", _BOX.sub(" ", report))).strip()
+    text = _SPACE_BEFORE_STOP.sub(r"\1", _GLUED.sub(r"\1 ", _BOX.sub(" ", report))).strip()
     parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", text))  # sentence, whitespace, sentence, ...
     kept: list[str] = []
     for i in range(0, len(parts), 2):
