@@ -46,6 +46,7 @@ from vol3d.eval.reasoning import (
     PERCEPTION_TASKS,
     case_items,
     detect_items,
+    perception_rows,
     score_chain,
     score_detect,
     score_measure,
@@ -275,6 +276,7 @@ class _Answers:
     measured: list[Any] = dataclasses.field(default_factory=list)
     chained: list[Any] = dataclasses.field(default_factory=list)
     detected: list[Any] = dataclasses.field(default_factory=list)
+    case_ids: dict[int, str] = dataclasses.field(default_factory=dict)  # case index -> id, for the perception items
 
     def scores(self, tasks: Sequence[str], vocab: Mapping[str, Any], code_vocab: Any, bootstrap: int,
                seed: int) -> dict[str, Any]:
@@ -309,11 +311,14 @@ class _Answers:
         return results
 
     def predictions(self, tasks: Sequence[str]) -> list[dict[str, Any]]:
-        """Every prompt, reference and prediction of the text tasks (and of the located grounding)."""
-        rows = [(t, it, p) for t in tasks if t != "ehr" for it, p in self.done[t]]
+        """Every prompt, reference and prediction of the text tasks (and of the located grounding), then
+        every item of the perception tasks (``measure``, ``chain``, ``detect``: :func:`perception_rows`)."""
+        rows = [(t, it, p) for t in tasks if t != "ehr" and t not in PERCEPTION_TASKS for it, p in self.done[t]]
         rows += [("ground_located", it, p) for it, p in self.located]
-        return [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
-                 "prediction": p} for t, it, p in rows]
+        out = [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
+                "prediction": p} for t, it, p in rows]
+        items = {"measure": self.measured, "chain": self.chained, "detect": self.detected}
+        return out + [row for t in tasks if t in items for row in perception_rows(t, items[t], self.case_ids)]
 
 
 def _generate(model: Any, vol: Any, items: Sequence[EvalItem], answers: _Answers, batch_size: int,
@@ -348,6 +353,7 @@ def _perceive(model: Any, ci: int, case: Mapping[str, Any], vol: Any, answers: _
         if detect and getattr(model, "looks_again", False):
             first = model.perceive(vol[None], look_again=False, **gen_kw)[0]
     truth, _ = perceived_from_case(case, vocab, labels)  # read once for every perception task
+    answers.case_ids[ci] = str(case.get("id", ci))
     m_items, c_items = case_items(ci, case, pred, vocab, labels, priors, truth)
     answers.measured += m_items
     answers.chained += c_items

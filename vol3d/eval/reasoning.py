@@ -79,6 +79,24 @@ class DetectItem:
     first_iou: float | None  # the same at the first look (None: the model looked once)
 
 
+def perception_rows(task: str, items: Sequence[MeasureItem | ChainItem | DetectItem],
+                    case_ids: Mapping[int, str]) -> list[dict[str, Any]]:
+    """The items of a perception task as rows of the eval JSON's ``predictions`` (plain JSON: the
+    case's id, then the item's fields; a measurement also names its question and absolute error), so
+    a reviewer can find the case behind any figure of ``measure``, ``chain`` or ``detect``."""
+    rows = []
+    for it in items:
+        row: dict[str, Any] = {"task": task, "case": case_ids.get(it.case_index, str(it.case_index))}
+        if isinstance(it, MeasureItem):
+            q = it.query
+            row.update(question=query_key(q), kind=q.kind, finding=q.finding, organ=q.organ, unit=q.unit,
+                       reference=it.truth, prediction=it.pred, abs_error=abs(it.pred - it.truth))
+        else:
+            row.update({k: v for k, v in dataclasses.asdict(it).items() if k != "case_index"})
+        rows.append(row)
+    return rows
+
+
 #: Findings under this long axial diameter (mm) are ``small`` in the ``detect`` section.
 SMALL_MM = 10.0
 

@@ -4,6 +4,7 @@ misplaces a lesion loses exactly what it got wrong, and the image-blind answer i
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -142,3 +143,23 @@ def test_detection_is_scored_per_instance_with_the_first_look_beside_the_second(
     blind = evaluate(LookingAgain(), CASES, ["detect"], vocab=VOCAB, bootstrap=0, image_blind=True,
                      priors=measure_priors(CASES, VOCAB, LABELS))["detect"]
     assert blind["acc_iou50"] == 0 and blind["acc_iou25"] == 0
+
+
+def test_every_perception_item_is_kept_with_its_case_and_adds_up_to_the_scores():
+    res = evaluate(Perceiving(shift=2.0), CASES, ["measure", "chain", "detect"], vocab=VOCAB, bootstrap=0,
+                   keep_predictions=True)
+    rows = res["predictions"]
+    by_task = {t: [r for r in rows if r["task"] == t] for t in ("measure", "chain", "detect")}
+    assert {r["task"] for r in rows} == set(by_task)
+    assert [len(by_task[t]) for t in by_task] == [res["measure"]["n"], res["chain"]["n"], res["detect"]["n"]]
+    assert {r["case"] for r in rows} == {"c0", "c1", "c2", "c3"}  # ids, not positions
+    mm = [r for r in by_task["measure"] if r["unit"] == "mm"]
+    assert res["measure"]["mae_mm"] > 0
+    assert np.mean([r["abs_error"] for r in mm]) == pytest.approx(res["measure"]["mae_mm"])
+    moved = [r for r in mm if r["question"] == "distance:liver_lesion"]
+    assert len(moved) == 2 and all(r["prediction"] > r["reference"] for r in moved)  # the largest moved away
+    lesion_chains = [r for r in by_task["chain"] if r["finding"] == "liver_lesion" and r["present"]]
+    assert np.mean([r["finding_iou"] for r in lesion_chains]) == pytest.approx(res["chain"]["finding_iou"])
+    assert sorted(r["case"] for r in by_task["detect"]) == ["c0", "c0", "c2", "c3", "c3"]
+    assert min(r["iou"] for r in by_task["detect"]) < 0.5 <= max(r["iou"] for r in by_task["detect"])
+    json.dumps(rows)  # plain JSON
