@@ -16,10 +16,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from vol3d.tasks.findings import as_vocab
+from vol3d.tasks.findings import as_vocab, coarse_organ, organ_matches
 from vol3d.tasks.mentions import finding_mentions
 from vol3d.tasks.reasoning import instances
-from vol3d.tasks.regions import Perceived, organ_text, perceived_present, size_triple
+from vol3d.tasks.regions import Perceived, Region, organ_text, perceived_present, size_triple
 
 _REQUEST = re.compile(r"\b(?:report|findings|impression)\b", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?;])(\s+)")
@@ -35,6 +35,11 @@ _BOX = re.compile(r"\s*<box>(?:\s*\[[^\]]*\])?(?:\s*</box>)?\s*")
 _GLUED = re.compile(r"(?<=[a-z]{2})([.!?;])(?=[A-Za-z]{2})")
 # the space a dropped box leaves before a full stop ("3.5 cm <box>." -> "3.5 cm .")
 _SPACE_BEFORE_STOP = re.compile(r"\s+([.,;:!?])")
+# a number standing alone ("31 x 28 mm", "3.5 cm"), not part of a name ("T2", "L1", "FLAIR2")
+_NUMBER = re.compile(r"(?<![A-Za-z\d.])\d+(?:\.\d+)?(?![A-Za-z\d])")
+# a word a sentence says something with: a fragment without one ("1.", "24 x 2.", "A 22 x 2 mm and 2 mm.") is
+# a small LM's stray numbers
+_WORD = re.compile(r"[A-Za-z]{4,}")
 
 
 def is_report_request(prompt: str) -> bool:
@@ -55,25 +60,67 @@ def finding_sentence(name: str, perceived: Perceived, vocab: Mapping[str, Any] |
     return f"There are {len(found)} {spec.plural_text}, the largest measuring {long} x {short} mm{where}."
 
 
+def _region_numbers(r: Region) -> set[float]:
+    """What the perception measured of one region: its size triple (mm) and volume (mL)."""
+    return {float(v) for v in size_triple(r.size_mm)} | {float(round(r.volume_ml))}
+
+
+def measured_numbers(sentence: str, said: Mapping[str, bool], perceived: Perceived,
+                     vocab: Mapping[str, Any] | None) -> set[float]:
+    """The numbers a report sentence may state: those the perception measured of what it talks about.
+
+    Of each finding it asserts, the count and every instance's size and volume (a condition: its
+    organ's); of each organ it names, that organ's size and volume; each also in cm."""
+    vocab = as_vocab(vocab)
+    nums: set[float] = set()
+    for name, asserted in said.items():
+        if not asserted or name not in vocab:
+            continue
+        if vocab[name].countable:
+            found = instances(perceived, name)
+            nums.add(float(len(found)))
+            for r in found:
+                nums |= _region_numbers(r)
+        else:
+            nums |= {v for r in perceived.organs if organ_matches(r.name, vocab[name].organ) for v in _region_numbers(r)}
+    words = set(re.findall(r"[a-z]+", sentence.lower()))
+    for r in perceived.organs:
+        if set(coarse_organ(r.name).split()) <= words:
+            nums |= _region_numbers(r)
+    return nums | {round(v / 10.0, 1) for v in nums}
+
+
 def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                      threshold: float = 0.5) -> str:
-    """``report`` with the sentences that contradict the perception dropped and a sentence added for each
-    perceived finding it does not assert (before the impression when there is one); a word written twice
-    in a row is written once, a box the LM wrote into it is dropped and sentences it glued together
-    ("lesion.liver") are parted."""
+    """``report`` made to say what the perception found, in sentences (see the module docstring).
+
+    Dropped: a sentence that contradicts the perception (asserts a finding it did not find or denies
+    one it found), one that states a number the perception did not measure of what the sentence is
+    about (:func:`measured_numbers`: every count, size and volume in the report is one of the
+    regions'), a fragment (no word, "1.", "24 x 2.", or starting in lower case), a sentence said before. Added: a sentence, from the regions, for each perceived finding the report
+    no longer asserts (before the impression when there is one); "No significant findings." when
+    nothing is left. A word written twice in a row is written once, a box the LM wrote into it is
+    dropped and sentences it glued together ("lesion.liver") are parted."""
     vocab = as_vocab(vocab)
     present = perceived_present(perceived, vocab, threshold)
     text = _SPACE_BEFORE_STOP.sub(r"\1", _GLUED.sub(r"\1 ", _BOX.sub(" ", report))).strip()
     parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", text))  # sentence, whitespace, sentence, ...
     kept: list[str] = []
+    seen: set[str] = set()
     for i in range(0, len(parts), 2):
         sentence, gap = parts[i], parts[i + 1] if i + 1 < len(parts) else ""
         said = finding_mentions(sentence, vocab)
-        if any(asserted != (name in present) for name, asserted in said.items()):
-            header = _HEADER.match(sentence)  # "IMPRESSION: Simple renal cyst." keeps its section
+        key = " ".join(re.findall(r"[a-z0-9.]+", sentence.lower())).strip(". ")
+        header = _HEADER.match(sentence)  # "IMPRESSION: Simple renal cyst." keeps its section
+        body = sentence[header.end():] if header is not None else sentence
+        numbers = {float(v) for v in _NUMBER.findall(body)}
+        if (any(asserted != (name in present) for name, asserted in said.items()) or not _WORD.search(body)
+                or body.lstrip()[:1].islower() or key in seen
+                or not numbers <= measured_numbers(body, said, perceived, vocab)):
             if header is not None:
                 kept += [header.group(1), " "]
             continue
+        seen.add(key)
         kept += [sentence, gap]
     text = "".join(kept).strip()
     asserted = {n for n, a in finding_mentions(text, vocab).items() if a}
@@ -83,11 +130,11 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
         names = [vocab[n].text for n in vocab if n in present]
         text = text + " " + ("; ".join(names).capitalize() + "." if names else "No significant findings.")
     if not missing:
-        return text
+        return text or "No significant findings."
     added = " ".join(missing)
     if m is not None:
         return f"{text[: m.start()].rstrip()} {added}\n{text[m.start():].lstrip()}".strip()
     return f"{text} {added}".strip()
 
 
-__all__ = ["finding_sentence", "is_report_request", "perceived_present", "reconcile_report"]
+__all__ = ["finding_sentence", "is_report_request", "measured_numbers", "perceived_present", "reconcile_report"]
