@@ -37,9 +37,10 @@ _GLUED = re.compile(r"(?<=[a-z]{2})([.!?;])(?=[A-Za-z]{2})")
 _SPACE_BEFORE_STOP = re.compile(r"\s+([.,;:!?])")
 # a number standing alone ("31 x 28 mm", "3.5 cm"), not part of a name ("T2", "L1", "FLAIR2")
 _NUMBER = re.compile(r"(?<![A-Za-z\d.])\d+(?:\.\d+)?(?![A-Za-z\d])")
-# a word a sentence says something with: a fragment without one ("1.", "24 x 2.", "A 22 x 2 mm and 2 mm.") is
-# a small LM's stray numbers
-_WORD = re.compile(r"[A-Za-z]{4,}")
+# a word a sentence says something with ("No PE." has one); a fragment without one but units ("1.", "24 x 2.",
+# "2 mm.") is a small LM's stray numbers
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_UNITS = frozenset({"mm", "cm", "ml"})
 
 
 def is_report_request(prompt: str) -> bool:
@@ -90,6 +91,11 @@ def measured_numbers(sentence: str, said: Mapping[str, bool], perceived: Perceiv
     return nums | {round(v / 10.0, 1) for v in nums}
 
 
+def _says_something(sentence: str) -> bool:
+    """Whether a sentence has a word other than a unit (not a fragment of numbers such as "24 x 2 mm.")."""
+    return any(w.lower() not in _UNITS for w in _WORD.findall(sentence))
+
+
 def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
                      threshold: float = 0.5) -> str:
     """``report`` made to say what the perception found, in sentences (see the module docstring).
@@ -97,7 +103,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
     Dropped: a sentence that contradicts the perception (asserts a finding it did not find or denies
     one it found), one that states a number the perception did not measure of what the sentence is
     about (:func:`measured_numbers`: every count, size and volume in the report is one of the
-    regions'), a fragment (no word, "1.", "24 x 2.", or starting in lower case), a sentence said before. Added: a sentence, from the regions, for each perceived finding the report
+    regions'), a fragment (no word but units: "1.", "24 x 2 mm."; or starting in lower case), a sentence said before. Added: a sentence, from the regions, for each perceived finding the report
     no longer asserts (before the impression when there is one); "No significant findings." when
     nothing is left. A word written twice in a row is written once, a box the LM wrote into it is
     dropped and sentences it glued together ("lesion.liver") are parted."""
@@ -114,7 +120,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
         header = _HEADER.match(sentence)  # "IMPRESSION: Simple renal cyst." keeps its section
         body = sentence[header.end():] if header is not None else sentence
         numbers = {float(v) for v in _NUMBER.findall(body)}
-        if (any(asserted != (name in present) for name, asserted in said.items()) or not _WORD.search(body)
+        if (any(asserted != (name in present) for name, asserted in said.items()) or not _says_something(body)
                 or body.lstrip()[:1].islower() or key in seen
                 or not numbers <= measured_numbers(body, said, perceived, vocab)):
             if header is not None:

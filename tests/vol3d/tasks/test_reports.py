@@ -100,5 +100,6 @@ def test_every_number_in_a_report_is_one_the_perception_measured():
 
 def test_a_report_with_nothing_left_says_so():
     normal = Perceived([], [], {"splenomegaly": 0.2})
-    assert reconcile_report("1. 2. 24 x 2.", normal, VOCAB) == "No significant findings."
+    assert reconcile_report("1. 2. 24 x 2. 2 mm.", normal, VOCAB) == "No significant findings."
+    assert reconcile_report("No PE. 2 mm.", normal, VOCAB) == "No PE."  # an abbreviation is a word
     assert reconcile_report("", normal, VOCAB) == "No significant findings."
