@@ -193,7 +193,8 @@ def evaluate(
             default ``model.processor`` if it has one.
         samples_per_case: questions per case for VQA and grounding (reports and EHR: one).
         image_blind: zero every volume (image-blind baseline).
-        keep_predictions: also return every prompt, reference and prediction.
+        keep_predictions: also return every prompt, reference and prediction (``predictions``) and every
+            item of the perception tasks with its case (``perception_items``).
         locate_prefix: also ask each grounding question about a *present* finding with the
             answer forced to start with this (``vol3d.protocol.LOCATE_PREFIX``; ``model.generate``
             must take ``answer_prefix``) and report ``ground.located_*``: how well the model
@@ -263,6 +264,9 @@ def evaluate(
     }
     if keep_predictions:
         results["predictions"] = answers.predictions(tasks)
+        perceived = answers.perception_items(tasks)
+        if perceived:
+            results["perception_items"] = perceived
     return results
 
 
@@ -311,14 +315,17 @@ class _Answers:
         return results
 
     def predictions(self, tasks: Sequence[str]) -> list[dict[str, Any]]:
-        """Every prompt, reference and prediction of the text tasks (and of the located grounding), then
-        every item of the perception tasks (``measure``, ``chain``, ``detect``: :func:`perception_rows`)."""
+        """Every prompt, reference and prediction of the text tasks (and of the located grounding)."""
         rows = [(t, it, p) for t in tasks if t != "ehr" and t not in PERCEPTION_TASKS for it, p in self.done[t]]
         rows += [("ground_located", it, p) for it, p in self.located]
-        out = [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
-                "prediction": p} for t, it, p in rows]
+        return [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
+                 "prediction": p} for t, it, p in rows]
+
+    def perception_items(self, tasks: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every item of the perception tasks asked (``measure``, ``chain``, ``detect``), each with its case
+        (:func:`perception_rows`)."""
         items = {"measure": self.measured, "chain": self.chained, "detect": self.detected}
-        return out + [row for t in tasks if t in items for row in perception_rows(t, items[t], self.case_ids)]
+        return {t: perception_rows(t, items[t], self.case_ids) for t in tasks if t in items}
 
 
 def _generate(model: Any, vol: Any, items: Sequence[EvalItem], answers: _Answers, batch_size: int,

@@ -148,9 +148,10 @@ def test_detection_is_scored_per_instance_with_the_first_look_beside_the_second(
 def test_every_perception_item_is_kept_with_its_case_and_adds_up_to_the_scores():
     res = evaluate(Perceiving(shift=2.0), CASES, ["measure", "chain", "detect"], vocab=VOCAB, bootstrap=0,
                    keep_predictions=True)
-    rows = res["predictions"]
-    by_task = {t: [r for r in rows if r["task"] == t] for t in ("measure", "chain", "detect")}
-    assert {r["task"] for r in rows} == set(by_task)
+    assert res["predictions"] == []  # no text question asked: the question rows stay questions
+    by_task = res["perception_items"]
+    rows = [r for t in by_task for r in by_task[t]]
+    assert set(by_task) == {"measure", "chain", "detect"} and all(r["task"] == t for t in by_task for r in by_task[t])
     assert [len(by_task[t]) for t in by_task] == [res["measure"]["n"], res["chain"]["n"], res["detect"]["n"]]
     assert {r["case"] for r in rows} == {"c0", "c1", "c2", "c3"}  # ids, not positions
     mm = [r for r in by_task["measure"] if r["unit"] == "mm"]
