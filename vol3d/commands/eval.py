@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the questions drawn (same seed, same questions)")
-    parser.add_argument("--predictions", action="store_true", help="also store every prompt, reference and answer")
+    parser.add_argument("--predictions", action="store_true", help="also store every prompt, reference and answer, and every measurement, chain and detection item")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: a GPU if present)")
     parser.add_argument("--preprocess-config", type=Path, default=None, metavar="PATH",
                         help="preprocessing of the training data when the run does not record it")
@@ -62,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     )
     out = args.out or Path(args.run) / ("eval_blind.json" if args.blind else "eval.json")
     write_json(results, out)
-    print(format_table({k: v for k, v in results.items() if k != "predictions"}))
+    print(format_table({k: v for k, v in results.items() if k not in ("predictions", "perception_items")}))
     print(f"\nwrote {out}")
     return 0
