@@ -316,7 +316,7 @@ class _Answers:
 
     def predictions(self, tasks: Sequence[str]) -> list[dict[str, Any]]:
         """Every prompt, reference and prediction of the text tasks (and of the located grounding)."""
-        rows = [(t, it, p) for t in tasks if t != "ehr" and t not in PERCEPTION_TASKS for it, p in self.done[t]]
+        rows = [(t, it, p) for t in tasks if t != "ehr" for it, p in self.done[t]]
         rows += [("ground_located", it, p) for it, p in self.located]
         return [{"task": t, "case": it.case_id, "prompt": it.sample.prompt, "reference": it.sample.answer,
                  "prediction": p} for t, it, p in rows]

@@ -81,7 +81,7 @@ class DetectItem:
 
 def perception_rows(task: str, items: Sequence[MeasureItem | ChainItem | DetectItem],
                     case_ids: Mapping[int, str]) -> list[dict[str, Any]]:
-    """The items of a perception task as rows of the eval JSON's ``predictions`` (plain JSON: the
+    """The items of a perception task as rows of the eval JSON's ``perception_items`` (plain JSON: the
     case's id, then the item's fields; a measurement also names its question and absolute error), so
     a reviewer can find the case behind any figure of ``measure``, ``chain`` or ``detect``."""
     rows = []

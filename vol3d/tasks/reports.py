@@ -6,8 +6,10 @@ slots while the digest agreed with the reference on 0.87: the prose was the weak
 answers take their value from the regions and a ``<box>`` takes the box of the region it points
 at, :func:`reconcile_report` keeps the model's sentences that agree with the perception, drops the
 ones that assert a finding it did not find or deny one it found, and adds a sentence, built from
-the regions (count, size, organ), for each perceived finding the report leaves out. Region-guided
-report generation (RGRG, Reg2RG) writes from detected regions in the same spirit.
+the regions (count, size, organ), for each perceived finding the report leaves out. Every number
+a report states is one the perception measured of what its sentence is about (a small LM copies
+the digest's numbers into the wrong places and strings them into fragments: "1. 2. 2 mm. 24 mm.").
+Region-guided report generation (RGRG, Reg2RG) writes from detected regions in the same spirit.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
     Dropped: a sentence that contradicts the perception (asserts a finding it did not find or denies
     one it found), one that states a number the perception did not measure of what the sentence is
     about (:func:`measured_numbers`: every count, size and volume in the report is one of the
-    regions'), a fragment (no word but units: "1.", "24 x 2 mm."; or starting in lower case), a sentence said before. Added: a sentence, from the regions, for each perceived finding the report
+    regions'), a fragment (no word but units: "1.", "24 x 2 mm."; or starting in lower case), a
+    sentence said before. Added: a sentence, from the regions, for each perceived finding the report
     no longer asserts (before the impression when there is one); "No significant findings." when
     nothing is left. A word written twice in a row is written once, a box the LM wrote into it is
     dropped and sentences it glued together ("lesion.liver") are parted."""
