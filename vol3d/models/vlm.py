@@ -915,7 +915,7 @@ class Vol3DModel(nn.Module):
             elif vocab[name].countable:
                 counts.append(per.count(name))
             else:
-                counts.append(int(name in perceived_present(per, vocab)))
+                counts.append(int(name in perceived_present(per)))
         yes_allowed = [re.search(r"\d", p.split("<vol>")[-1]) is None for p in prompts]
         return PerceivedValues(counts, yes_allowed, yes_no, digits)  # type: ignore[arg-type]
 

@@ -267,7 +267,7 @@ def presence_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any
     asked, name = about
     if re.search(r"\d", asked) or _WHETHER.search(asked) is None or asks_location(asked) or _HOW_MANY.search(asked):
         return None
-    return "yes" if name in perceived_present(perceived, vocab, condition_threshold) else "no"
+    return "yes" if name in perceived_present(perceived, condition_threshold) else "no"
 
 
 def size_answer(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None) -> str | None:

@@ -454,8 +454,7 @@ def stitch_looks(first: np.ndarray, looks: Sequence[np.ndarray], windows: Sequen
 # ----------------------------------------------------------------------------- the digest
 
 
-def perceived_present(perceived: Perceived, vocab: Mapping[str, Any] | None = None,
-                      threshold: float = 0.5) -> set[str]:
+def perceived_present(perceived: Perceived, threshold: float = 0.5) -> set[str]:
     """The findings the perception calls present: countable ones with a region, conditions at ``threshold``."""
     return {r.name for r in perceived.findings} | {c for c, p in perceived.conditions.items() if p >= threshold}
 
@@ -533,14 +532,20 @@ def summary_score_columns(vocab: Mapping[str, Any] | None, codes: Sequence[str])
     finding whose ``code`` it is (a countable finding's most confident instance, a condition's
     probability), or -1 when no finding names it (codes compared as :func:`vol3d.tasks.codes.normalise_code`)."""
     vocab = as_vocab(vocab)
-    countable, conditions = _countable(vocab), _conditions(vocab)
-    column = {**{n: 2 * i for i, n in enumerate(countable)},
-              **{n: 2 * len(countable) + j for j, n in enumerate(conditions)}}
+    column = _score_columns(vocab)
     by_code: dict[str, int] = {}
     for name, spec in vocab.items():
         if spec.code:
             by_code.setdefault(normalise_code(spec.code), column[name])
     return [by_code.get(normalise_code(c), -1) for c in codes]
+
+
+def _score_columns(vocab: FindingVocab) -> dict[str, int]:
+    """The layout of :func:`perceived_summary`: each finding's score column (a countable finding's is
+    followed by its count's); the organ volumes come after the last."""
+    countable, conditions = _countable(vocab), _conditions(vocab)
+    return {**{n: 2 * i for i, n in enumerate(countable)},
+            **{n: 2 * len(countable) + j for j, n in enumerate(conditions)}}
 
 
 def perceived_summary(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> np.ndarray:
@@ -549,15 +554,19 @@ def perceived_summary(perceived: Perceived, vocab: Mapping[str, Any] | None, lab
     ``log(1 + mL / 100)``. From ground truth in training and from the perception at inference,
     as the digest is."""
     vocab = as_vocab(vocab)
-    row: list[float] = []
-    for name in _countable(vocab):
-        mine = [r.score for r in perceived.findings if r.name == name]
-        row += [max(mine, default=0.0), float(np.log1p(len(mine)))]
-    row += [float(perceived.conditions.get(c, 0.0)) for c in _conditions(vocab)]
+    row = np.zeros(summary_dim(vocab, labels), np.float32)
+    columns = _score_columns(vocab)
+    for name, col in columns.items():
+        if vocab[name].countable:
+            mine = [r.score for r in perceived.findings if r.name == name]
+            row[col : col + 2] = max(mine, default=0.0), np.log1p(len(mine))
+        else:
+            row[col] = perceived.conditions.get(name, 0.0)
     if labels is not None:
         volumes = {r.name: r.volume_ml for r in perceived.organs}
-        row += [float(np.log1p(volumes.get(o, 0.0) / 100.0)) for o in labels.organs[1:]]
-    return np.asarray(row, np.float32)
+        start = 2 * len(_countable(vocab)) + len(_conditions(vocab))
+        row[start:] = [np.log1p(volumes.get(o, 0.0) / 100.0) for o in labels.organs[1:]]
+    return row
 
 
 def pack_regions(perceived: Sequence[Perceived], finding_maps: Sequence[np.ndarray],

@@ -111,7 +111,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
     nothing is left. A word written twice in a row is written once, a box the LM wrote into it is
     dropped and sentences it glued together ("lesion.liver") are parted."""
     vocab = as_vocab(vocab)
-    present = perceived_present(perceived, vocab, threshold)
+    present = perceived_present(perceived, threshold)
     text = _SPACE_BEFORE_STOP.sub(r"\1", _GLUED.sub(r"\1 ", _BOX.sub(" ", report))).strip()
     parts = _SENTENCE_END.split(_STUTTER.sub(r"\1", text))  # sentence, whitespace, sentence, ...
     kept: list[str] = []

@@ -294,7 +294,7 @@ def test_a_generated_report_asserts_exactly_what_was_perceived(model, monkeypatc
         (report,), (found,) = model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12,
                                              return_perceived=True)
         said = {k for k, v in extract_findings(report, model.vocab).items() if v}
-        assert said == perceived_present(found, model.vocab)
+        assert said == perceived_present(found)
         raw = model.generate(volume, ["Write the findings for this CT."], max_new_tokens=12, raw=True)[0]
         model.config.reports_from_perception = False
         try:
