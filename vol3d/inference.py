@@ -687,8 +687,7 @@ class Vol3DPipeline:
                               "train with loss.ehr > 0")
         inp = self.prepare(volume, series=series)
         with torch.inference_mode():
-            enc = self.model.encode_volume(self._tensor(inp))
-            logits = self.model.head_outputs(enc["pooled"], summary=enc.get("summary"))["ehr_logits"]
+            logits = self.model.ehr_logits(self._tensor(inp), spacing=inp.spacing)
         probs = torch.sigmoid(logits.float())[0].cpu().numpy()
         return {c: float(p) for c, p in zip(vocab.codes, probs, strict=True)}
 

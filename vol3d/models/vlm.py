@@ -519,7 +519,8 @@ class Vol3DModel(nn.Module):
                     p = enc["perception"]
                 out.update({k: p[k] for k in ("organ_logits", "finding_logits")})
                 out["condition_logits"] = read["condition_logits"]
-            out.update(self.head_outputs(enc["pooled"], texts, regions["summary"] if regions is not None else None))
+            out.update(self.head_outputs(enc["pooled"], texts, regions["summary"] if regions is not None else None,
+                                         regions.get("prior") if regions is not None else None))
             if want_boxes and self.pointer is not None:
                 assert regions is not None and region_valid is not None
                 out.update(self._point(lm_out.hidden_states[-1], input_ids, box_index, region_valid,
@@ -564,10 +565,13 @@ class Vol3DModel(nn.Module):
                 "box_cell": head["cell"], "box_pred": GroundingHead.decode(head, rows)}
 
     def head_outputs(self, pooled: torch.Tensor, texts: list[str] | None = None,
-                     summary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     summary: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+                     ) -> dict[str, torch.Tensor]:
         """Outputs of the heads beside the LM for pooled features ``(B, D)`` (and, with perception, the
         regions' ``summary (B, S)``, :func:`vol3d.tasks.regions.perceived_summary`: the EHR head reads
-        what the perception found)."""
+        what the perception found). ``model.ehr_finding_prior`` reads each code's finding score from
+        ``prior`` (the same layout, where a finding found nowhere scores its strongest voxel up to 0.5;
+        ``pack_regions(...)["prior"]``) when given, else from ``summary``."""
         out: dict[str, torch.Tensor] = {}
         if self.ehr_head is not None:
             if self.perception is not None:
@@ -577,7 +581,8 @@ class Vol3DModel(nn.Module):
                 pooled = torch.cat([pooled, summary.to(pooled.dtype)], dim=1)
             out["ehr_logits"] = self.ehr_head(pooled).float()
             if self.ehr_prior_gain is not None and summary is not None:
-                score = summary.float()[:, self.ehr_prior_column]  # (B, K): each code's finding score
+                scores = prior if prior is not None else summary
+                score = scores.float()[:, self.ehr_prior_column]  # (B, K): each code's finding score
                 out["ehr_logits"] = out["ehr_logits"] + self.ehr_prior_gain * self.ehr_prior_linked * (score - 0.5)
         if self.contrastive_head is not None:
             out["vol_embed"] = self.contrastive_head.embed_volume(pooled)
@@ -591,6 +596,23 @@ class Vol3DModel(nn.Module):
         if self.text_tower is None or self.contrastive_head is None:
             raise ConfigError("encode_text needs a model built with contrastive: true")
         return self.contrastive_head.embed_text(self.text_tower(texts))
+
+    @torch.no_grad()
+    def ehr_logits(self, volume: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """EHR code logits ``(B, K)`` of volumes ``(B, C, X, Y, Z)``: the EHR head on the pooled features and,
+        with perception, on what the model perceives (``spacing`` as :meth:`perceive`); no text is read."""
+        if self.ehr_head is None:
+            raise ConfigError("this model has no EHR head (model.ehr_codes is empty); train with loss.ehr > 0")
+        was_training = self.training
+        self.eval()
+        try:
+            with self._autocast(volume.device):
+                enc = self.encode_volume(volume)
+            regions = self._perceived(enc, spacing, volume)[1] if self.perception is not None else None
+            return self.head_outputs(enc["pooled"], summary=regions["summary"] if regions is not None else None,
+                                     prior=regions["prior"] if regions is not None else None)["ehr_logits"]
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def perceive(self, volume: torch.Tensor, spacing: Any = None, look_again: bool | None = None) -> list[Any]:

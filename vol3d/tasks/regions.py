@@ -136,6 +136,9 @@ class Perceived:
     #: the condition classifier's own probabilities, where :func:`vol3d.tasks.reasoning.call_conditions`
     #: replaced them in ``conditions`` by the vocabulary criterion's call
     classifier: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: perception only: per countable finding, its strongest voxel (finding x type probability), below
+    #: the finding threshold too; what :func:`perceived_summary` scores a finding with no region by
+    evidence: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def regions(self) -> list[Region]:
@@ -415,7 +418,10 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     for _, k, r in kept:
         region_map[comps == k] = findings.index(r)
     organs = _organ_regions(organ_map, labels, spacing, organ_scores) if organ_map is not None and labels else []
-    perceived = Perceived(findings, organs, {c: float(p) for c, p in zip(conditions, condition_prob, strict=True)})
+    evidence = {name: float((finding_prob * type_prob[t]).max()) if finding_prob.size else 0.0
+                for t, name in enumerate(countable)}
+    perceived = Perceived(findings, organs, {c: float(p) for c, p in zip(conditions, condition_prob, strict=True)},
+                          evidence=evidence)
     return perceived, region_map
 
 
@@ -548,18 +554,26 @@ def _score_columns(vocab: FindingVocab) -> dict[str, int]:
             **{n: 2 * len(countable) + j for j, n in enumerate(conditions)}}
 
 
-def perceived_summary(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> np.ndarray:
+def perceived_summary(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None,
+                      evidence: bool = False) -> np.ndarray:
     """``(S,)`` float32 what a volume shows, for the EHR head: per countable finding the score of its
     most confident instance and ``log(1 + count)``, each condition's probability, each organ's
     ``log(1 + mL / 100)``. From ground truth in training and from the perception at inference,
-    as the digest is."""
+    as the digest is.
+
+    ``evidence``: a countable finding the perception found no region of scores its strongest voxel
+    (:attr:`Perceived.evidence`) up to 0.5, where the EHR prior is neutral, instead of 0 (a found one
+    scores its voxels' mean, above the finding threshold). The EHR prior reads this version
+    (``pack_regions(...)["prior"]``): a 0 says nothing about which volumes came closest, and a code's
+    AUROC ranks exactly that. The EHR head's input keeps 0, the value it learned from."""
     vocab = as_vocab(vocab)
     row = np.zeros(summary_dim(vocab, labels), np.float32)
     columns = _score_columns(vocab)
     for name, col in columns.items():
         if vocab[name].countable:
             mine = [r.score for r in perceived.findings if r.name == name]
-            row[col : col + 2] = max(mine, default=0.0), np.log1p(len(mine))
+            hint = min(perceived.evidence.get(name, 0.0), 0.5) if evidence else 0.0
+            row[col : col + 2] = max(mine, default=hint), np.log1p(len(mine))
         else:
             row[col] = perceived.conditions.get(name, 0.0)
     if labels is not None:
@@ -578,7 +592,8 @@ def pack_regions(perceived: Sequence[Perceived], finding_maps: Sequence[np.ndarr
     ``finding_map`` or the organ's class), ``meta (B, R, M)`` (:func:`region_features`), ``box (B, R, 6)``
     (0..1 model-input frame, :func:`preprocess.geometry.unit_boxes`), ``finding_map (B, X, Y, Z)`` and
     ``organ_map (B, X, Y, Z)`` (zeros for a volume without one), ``summary (B, S)``
-    (:func:`perceived_summary`). ``R >= 1``.
+    (:func:`perceived_summary`) and ``prior (B, S)`` (the same with each finding found nowhere scored by its
+    evidence, what the EHR prior reads). ``R >= 1``.
     """
     from preprocess.geometry import unit_boxes
 
@@ -591,6 +606,8 @@ def pack_regions(perceived: Sequence[Perceived], finding_maps: Sequence[np.ndarr
            "organ_map": np.stack([np.zeros(tuple(shape), np.int64) if m is None else np.asarray(m, np.int64)
                                   for m in organ_maps]) if b else np.zeros((0, *shape)),
            "summary": np.stack([perceived_summary(p, vocab, labels) for p in perceived]).reshape(
+               b, summary_dim(vocab, labels)),
+           "prior": np.stack([perceived_summary(p, vocab, labels, evidence=True) for p in perceived]).reshape(
                b, summary_dim(vocab, labels))}
     for i, p in enumerate(perceived):
         regions = p.regions

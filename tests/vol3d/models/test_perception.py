@@ -481,6 +481,38 @@ def test_an_ehr_code_follows_its_findings_perceived_score_when_asked(model, tmp_
     assert again.config.ehr_finding_prior and again.ehr_prior_gain.tolist() == [2.5, 2.5]
 
 
+def test_ehr_codes_of_a_volume_read_what_the_model_perceives(model):
+    """ehr_logits (what `vol3d ask --ehr` and `Vol3DPipeline.ehr` call): no text, the head on the pooled
+    features and the regions' summary, the prior on the summary where a finding found nowhere keeps its
+    strongest voxel. (The pipeline had passed no summary, which a perception model's head refuses.)"""
+    from vol3d.models.vlm import EHR_PRIOR_GAIN
+    from vol3d.tasks.regions import summary_dim
+
+    headless = Vol3DModel(dataclasses.replace(model.config, num_ehr_codes=0, ehr_codes=[]), tokenizer=model.tokenizer)
+    with pytest.raises(ConfigError, match="no EHR head"):
+        headless.ehr_logits(make_case(4)["image"][None])
+    cfg = dataclasses.replace(model.config, num_ehr_codes=2, ehr_codes=["K76.89", "I10"], ehr_finding_prior=True)
+    torch.manual_seed(0)
+    m = Vol3DModel(cfg, tokenizer=model.tokenizer).eval()
+    volume = make_case(4)["image"][None]
+    logits = m.ehr_logits(volume, spacing=(2.0, 2.0, 3.0))
+    with torch.no_grad():
+        enc = m.encode_volume(volume)
+        regions = m._perceived(enc, (2.0, 2.0, 3.0), volume)[1]
+        want = m.head_outputs(enc["pooled"], summary=regions["summary"], prior=regions["prior"])["ehr_logits"]
+    assert logits.shape == (1, 2) and torch.equal(logits, want)
+    # the prior reads `prior` where given: a lesion found nowhere with evidence 0.3 against none at all
+    with torch.no_grad():
+        m.ehr_head.fc.weight.zero_()
+    pooled = torch.randn(1, m.encoder.embed_dim).expand(2, -1)
+    summary = torch.zeros(2, summary_dim(m.vocab, m.labels))
+    prior = summary.clone()
+    prior[0, 0] = 0.3
+    with torch.no_grad():
+        logits = m.head_outputs(pooled, summary=summary, prior=prior)["ehr_logits"]
+    assert (logits[0] - logits[1]).tolist() == pytest.approx([0.3 * EHR_PRIOR_GAIN, 0.0])
+
+
 def test_a_perception_stem_is_built_saved_and_restored(model, tmp_path):
     cfg = dataclasses.replace(model.config, perception_stem=True)
     torch.manual_seed(1)

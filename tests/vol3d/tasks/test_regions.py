@@ -10,6 +10,7 @@ from preprocess.geometry import box_iou
 from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
 from vol3d.tasks.regions import (
     LabelSpec,
+    Perceived,
     clean_organ_map,
     digest_text,
     look_again_windows,
@@ -216,6 +217,29 @@ def test_each_code_finds_the_summary_column_of_its_findings_score():
     assert columns == [0, 4, -1]  # liver lesion's best score; splenomegaly's probability; no finding's code
     s = perceived_summary(perceived, vocab, LABELS)
     assert s[columns[0]] == 1.0 and s[columns[1]] == 1.0  # both present in this case's truth
+
+
+def test_a_finding_found_nowhere_keeps_its_strongest_voxel_as_evidence_for_the_ehr_prior():
+    """Below the finding threshold there is no region, but the strongest voxel of each type is kept: the
+    EHR prior's version of the summary scores a missed finding by it (up to 0.5), the head's keeps 0."""
+    finding = np.zeros(SHAPE)
+    finding[5, 5, 5] = 0.3  # a faint liver lesion: under the threshold
+    types = np.zeros((2, *SHAPE))
+    types[0] = 1.0
+    faint, _ = perceived_from_maps(None, finding, types, [0.0], (1, 1, 1), VOCAB, None)
+    assert faint.findings == [] and faint.evidence == pytest.approx({"liver_lesion": 0.3, "kidney_cyst": 0.0})
+    finding[5, 5, 5] = 0.45
+    stronger, _ = perceived_from_maps(None, finding, types, [0.0], (1, 1, 1), VOCAB, None)
+    packed = pack_regions([faint, stronger], [np.full(SHAPE, -1)] * 2, [None, None], SHAPE, VOCAB, LABELS)
+    assert packed["summary"][:, 0].tolist() == [0.0, 0.0]  # what the EHR head learned from: nothing found
+    assert packed["prior"][:, 0].tolist() == pytest.approx([0.3, 0.45])  # ranked by how close each came
+    assert (packed["prior"][:, 1:] == packed["summary"][:, 1:]).all()
+    finding[5, 5, 5] = 0.9  # found: the region's own score, evidence capped where the prior is neutral
+    found, _ = perceived_from_maps(None, finding, types, [0.0], (1, 1, 1), VOCAB, None)
+    assert perceived_summary(found, VOCAB, LABELS, evidence=True)[0] == pytest.approx(0.9)
+    capped = Perceived([], [], {}, evidence={"liver_lesion": 0.8})
+    assert perceived_summary(capped, VOCAB, LABELS, evidence=True)[0] == 0.5
+    assert perceived_summary(capped, VOCAB, LABELS)[0] == 0.0
 
 
 def test_size_text_follows_the_reports():
