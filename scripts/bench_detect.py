@@ -47,6 +47,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_quality import overrides  # noqa: E402  (its --set KEY=VALUE parsing)
 
 from vol3d import demo  # noqa: E402
 from vol3d.eval.reasoning import detect_items, score_detect  # noqa: E402
@@ -392,18 +395,6 @@ def score_arm(cases: Sequence[Case], found: Sequence[Perceived], ranked: Sequenc
 
 
 # ----------------------------------------------------------------------------- the run
-
-def overrides(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.perception_stem=true")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
 
 def train_vol3d(opts: demo.DemoOptions, paths: demo.DemoPaths, seconds: float) -> dict[str, Any]:
     """The demo's model trained afresh for ``opts.steps`` steps or ``seconds``: steps reached, seconds taken."""
