@@ -603,14 +603,21 @@ class Vol3DModel(nn.Module):
         with perception, on what the model perceives (``spacing`` as :meth:`perceive`); no text is read."""
         if self.ehr_head is None:
             raise ConfigError("this model has no EHR head (model.ehr_codes is empty); train with loss.ehr > 0")
+        with self._evaluating():
+            with self._autocast(volume.device):
+                enc = self.encode_volume(volume)
+            if self.perception is None:
+                return self.head_outputs(enc["pooled"])["ehr_logits"]
+            regions = self._perceived(enc, spacing, volume)[1]
+            return self.head_outputs(enc["pooled"], summary=regions["summary"], prior=regions["prior"])["ehr_logits"]
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode inside the block, the mode before it after."""
         was_training = self.training
         self.eval()
         try:
-            with self._autocast(volume.device):
-                enc = self.encode_volume(volume)
-            regions = self._perceived(enc, spacing, volume)[1] if self.perception is not None else None
-            return self.head_outputs(enc["pooled"], summary=regions["summary"] if regions is not None else None,
-                                     prior=regions["prior"] if regions is not None else None)["ehr_logits"]
+            yield
         finally:
             self.train(was_training)
 
@@ -624,14 +631,10 @@ class Vol3DModel(nn.Module):
         """
         if self.perception is None:
             raise ConfigError("perceive needs a model built with perception: true")
-        was_training = self.training
-        self.eval()
-        try:
+        with self._evaluating():
             with self._autocast(volume.device):
                 enc = self.encode_volume(volume)
             return self._perceived(enc, spacing, volume, look_again)[0]
-        finally:
-            self.train(was_training)
 
     @contextlib.contextmanager
     def reading(self, volume: torch.Tensor) -> Iterator[None]:
