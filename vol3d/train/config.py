@@ -129,6 +129,7 @@ class LossConfig:
     organ: float = _f(0.0, "Perception: DiceCE of the organ masks (cases with label maps).")
     finding: float = _f(0.0, "Perception: BCE + Dice of the finding masks (cases with boxes or finding labels).")
     finding_pos_weight: float = _f(10.0, "Perception: BCE pos_weight of finding voxels (a lesion is a few voxels of a volume).")
+    finding_instance_balance: float = _f(0.0, "Perception: exponent g of the finding voxels' weights in the finding BCE, Dice and type terms: a voxel of an instance of n voxels weighs n**-g, scaled so the batch's finding voxels average 1 (0 = every voxel alike, so large lesions dominate; 1 = every instance alike, as blob loss for many small lesions).")
     finding_type: float = _f(0.0, "Perception: cross-entropy of each finding voxel's type.")
     condition: float = _f(0.0, "Perception: BCE of the condition findings (e.g. splenomegaly) from their organ.")
     pointer: float = _f(0.0, "Perception: cross-entropy of each <box>'s pointer over the digest's regions.")
@@ -140,6 +141,8 @@ class LossConfig:
                       organ=self.organ, finding=self.finding, finding_type=self.finding_type, condition=self.condition,
                       pointer=self.pointer, contrastive=self.contrastive)
         _positive("loss", finding_pos_weight=self.finding_pos_weight)
+        if not 0.0 <= self.finding_instance_balance <= 1.0:
+            raise ConfigError(f"loss.finding_instance_balance must be in [0, 1], got {self.finding_instance_balance}")
         _positive("loss", temperature=self.temperature)
         if self.ehr_pos_weight is not None:
             _positive("loss", ehr_pos_weight=self.ehr_pos_weight)

@@ -131,6 +131,35 @@ def _soft_centres(d2: Tensor, mask: Tensor) -> Tensor:
     return per_box.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
+def instance_sizes(region_map: np.ndarray) -> np.ndarray:
+    """Per voxel, the voxel count of the finding instance it belongs to (``region_map``: instance index
+    per voxel, -1 off instances, as :class:`vol3d.tasks.regions.DenseTargets`); 0 off instances."""
+    inside = region_map >= 0
+    sizes = np.zeros(region_map.shape, np.float32)
+    if inside.any():
+        sizes[inside] = np.bincount(region_map[inside])[region_map[inside]]
+    return sizes
+
+
+def finding_weights(size: Tensor, target: Tensor, balance: float) -> Tensor:
+    """Per-voxel weights of the finding terms (``LossConfig.finding_instance_balance``): 1 off findings;
+    a finding voxel of an instance of ``n`` voxels weighs ``n ** -balance``, then the finding voxels are
+    scaled to average 1 over the batch, so the positives' total weight is that of the unweighted loss and
+    only its split between instances changes (``balance`` 1: every instance counts alike, however small;
+    a finding voxel outside every instance, e.g. of a cut lesion, weighs the average)."""
+    pos = target > 0.5
+    weight = torch.ones_like(target, dtype=torch.float32)
+    if not bool(pos.any()):
+        return weight
+    sized = pos & (size > 0)
+    raw = torch.ones_like(weight)
+    if bool(sized.any()):
+        raw[sized] = size[sized].float() ** -balance
+        raw[pos & ~sized] = raw[sized].mean()
+    weight[pos] = raw[pos] / raw[pos].mean()
+    return weight
+
+
 def grounding_losses(out: dict[str, Tensor], target: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Losses of the grounding head for ``Q`` queries, each with the true boxes of its answer
     ``target (Q, K, 6)`` in 0..1 (``mask (Q, K)`` marks the real ones).
@@ -301,7 +330,7 @@ class VLMObjective:
     def _dense_targets(self, targets: list[Any], shape: tuple[int, ...]) -> dict[str, Tensor]:
         """The organ and finding maps of each case (see :meth:`_perception_targets`)."""
         zeros_long = np.zeros(shape, np.int64)
-        return {
+        out = {
             "organ_target": torch.from_numpy(np.stack([t.organ if t.organ is not None else zeros_long
                                                        for t in targets])),
             "organ_mask": torch.tensor([t.organ is not None for t in targets]),
@@ -311,6 +340,9 @@ class VLMObjective:
                                                        else np.full(shape, -100, np.int64) for t in targets])),
             "finding_mask": torch.tensor([t.finding is not None for t in targets]),
         }
+        if self.weights.finding_instance_balance > 0:
+            out["finding_size"] = torch.from_numpy(np.stack([instance_sizes(t.region_map) for t in targets]))
+        return out
 
     def _perception_targets(self, found: list[Any], samples: list[Any], volume_index: Tensor, labels: Tensor,
                             shape: tuple[int, ...]) -> dict[str, Any]:
@@ -383,9 +415,12 @@ class VLMObjective:
         def crop(t: Tensor, extra: int) -> Tensor:
             return torch.stack([t[i][(slice(None),) * extra + sl] for i, sl in zip(owner, slices, strict=True)])
 
-        return {"patches": crop(batch["volume"], 1), "organ_target": crop(batch["organ_target"], 0),
-                "finding_target": crop(batch["finding_target"], 0), "finding_type": crop(batch["finding_type"], 0),
-                "organ_mask": batch["organ_mask"][own], "finding_mask": batch["finding_mask"][own]}
+        out = {"patches": crop(batch["volume"], 1), "organ_target": crop(batch["organ_target"], 0),
+               "finding_target": crop(batch["finding_target"], 0), "finding_type": crop(batch["finding_type"], 0),
+               "organ_mask": batch["organ_mask"][own], "finding_mask": batch["finding_mask"][own]}
+        if "finding_size" in batch:
+            out["finding_size"] = crop(batch["finding_size"], 0)
+        return out
 
     def _patch_findings(self, found: list[Any], rngs: list[np.random.Generator],
                         ) -> Iterator[tuple[int, int | None, np.random.Generator]]:
@@ -525,14 +560,23 @@ class VLMObjective:
         m = batch["finding_mask"]
         if bool(m.any()):
             logit, target = finding_logits[m, 0], batch["finding_target"][m].float()
+            weight = None
+            if "finding_size" in batch:
+                weight = finding_weights(batch["finding_size"], batch["finding_target"], w.finding_instance_balance)
             pos = torch.tensor(w.finding_pos_weight, device=logit.device)
-            bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos)
+            bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos,
+                                                     weight=weight[m] if weight is not None else None)
             p = torch.sigmoid(logit)
-            dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
+            wt = target * weight[m] if weight is not None else target
+            dice = 1.0 - (2.0 * (p * wt).sum() + 1.0) / ((p * (1.0 - target)).sum() + (p * wt).sum() + wt.sum() + 1.0)
             terms["finding"] = bce + dice
             typed = batch["finding_type"] >= 0
-            terms["finding_type"] = (F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100)
-                                     if bool(typed.any()) and finding_logits.shape[1] > 1 else zero)
+            if bool(typed.any()) and finding_logits.shape[1] > 1:
+                ce = F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100, reduction="none")
+                tw = weight if weight is not None else typed.to(ce.dtype)
+                terms["finding_type"] = (ce * tw * typed).sum() / (tw * typed).sum()
+            else:
+                terms["finding_type"] = zero
         else:
             terms["finding"] = terms["finding_type"] = zero
         return terms

@@ -527,3 +527,71 @@ def test_a_perception_stem_is_built_saved_and_restored(model, tmp_path):
     assert again.config.perception_stem
     with torch.no_grad():
         assert torch.equal(again.encode_volume(volume)["perception"]["finding_logits"], before)
+
+
+def test_finding_weights_give_every_instance_the_same_share_when_balanced():
+    from vol3d.train.objectives import finding_weights, instance_sizes
+
+    region = np.full((6, 6, 6), -1, np.int64)
+    region[:2, :2, :2] = 0  # 8 voxels
+    region[4, 4, 4] = 1  # 1 voxel
+    target = np.zeros(region.shape, np.float32)
+    target[region >= 0] = 1.0
+    target[5, 0, 0] = 1.0  # a finding voxel outside every instance (a cut lesion)
+    sizes = instance_sizes(region)
+    assert sizes[0, 0, 0] == 8 and sizes[4, 4, 4] == 1 and sizes[3, 3, 3] == 0
+    size, tgt = torch.from_numpy(sizes)[None], torch.from_numpy(target)[None]
+    plain = finding_weights(size, tgt, 0.0)
+    assert torch.allclose(plain, torch.ones_like(plain))
+    w = finding_weights(size, tgt, 1.0)
+    assert torch.allclose(w[tgt == 0], torch.tensor(1.0))  # negatives untouched
+    assert torch.isclose(w[tgt > 0].mean(), torch.tensor(1.0))  # the positives' total weight is kept
+    big, small = w[0, :2, :2, :2].sum(), w[0, 4, 4, 4]
+    assert torch.isclose(big, small)  # each instance weighs alike, 8 voxels or 1
+    assert torch.isclose(w[0, 5, 0, 0], torch.tensor(1.0))  # the unassigned voxel: the finding voxels' average
+    half = finding_weights(size, tgt, 0.5)
+    assert torch.isclose(half[0, :2, :2, :2].sum() / half[0, 4, 4, 4], torch.tensor(8 ** 0.5))  # between 1 and 8
+    no_findings = finding_weights(size, torch.zeros_like(tgt), 1.0)
+    assert torch.equal(no_findings, torch.ones_like(no_findings))
+
+
+def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_large_one(model):
+    """Predicting the large lesion and missing the small one costs more with the instance balance than
+    without; the reverse costs less. The batch crops carry each voxel's instance size."""
+    shape = (1, 12, 12, 12)
+    target = torch.zeros(shape)
+    target[0, :4, :4, :4] = 1.0  # 64 voxels
+    target[0, 9, 9, 9] = 1.0  # 1 voxel
+    size = torch.zeros(shape)
+    size[0, :4, :4, :4], size[0, 9, 9, 9] = 64.0, 1.0
+    ftype = torch.where(target > 0, 0, -100)
+
+    def loss(balance: float, found_big: bool) -> float:
+        logits = torch.full((1, 2, 12, 12, 12), -4.0)
+        logits[:, 1] = 0.0
+        if found_big:
+            logits[0, 0, :4, :4, :4] = 4.0
+        else:
+            logits[0, 0, 9, 9, 9] = 4.0
+        obj = VLMObjective(model.processor, TaskMix(report=1), LossConfig(finding=1, finding_instance_balance=balance),
+                           perception=(model.vocab, model.labels))
+        batch = {"organ_mask": torch.tensor([False]), "finding_mask": torch.tensor([True]), "finding_target": target,
+                 "finding_type": ftype, "organ_target": torch.zeros(shape, dtype=torch.long)}
+        if balance:
+            batch["finding_size"] = size
+        out = {"organ_logits": torch.zeros(1, 3, 12, 12, 12), "finding_logits": logits}
+        return float(obj.dense_losses(out, batch)["finding"])
+
+    assert loss(1.0, found_big=True) > 2 * loss(0.0, found_big=True)
+    assert loss(1.0, found_big=False) < loss(0.0, found_big=False)
+    obj = VLMObjective(model.processor, TaskMix(report=1, ground=1, samples_per_case=2),
+                       LossConfig(organ=1, finding=1, finding_type=1, finding_instance_balance=1.0),
+                       perception=(model.vocab, model.labels), patch_size=(16, 16, 8), patches_per_case=2,
+                       perception_steps=1)
+    batch = obj.make_batch([make_case(0), make_case(1, lesions=1)], [np.random.default_rng(i) for i in range(2)],
+                           step=0)
+    sized = batch["finding_size"] > 0
+    assert sized.any() and torch.equal(sized, batch["finding_target"] > 0)
+    assert set(batch["finding_size"][sized].unique().tolist()) <= {27.0}  # every lesion of make_case is 3 x 3 x 3
+    with pytest.raises(ConfigError, match="finding_instance_balance"):
+        LossConfig(finding_instance_balance=1.5)
