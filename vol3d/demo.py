@@ -61,7 +61,8 @@ DEMO_PERCEPTION_FIRST = 0.75
 #: Every finding instance weighs alike in the demo's finding loss (``loss.finding_instance_balance``): in its
 #: few hundred steps the large liver lesions and tumours otherwise own the finding voxels, and the small ones
 #: (white matter lesions, cysts) stay unlearned. On 43 held-out CT series report F1 0.710 -> 0.781, chains
-#: 0.786 -> 0.893; on the MR demo at seed 1 report 0.667 -> 0.857, EHR imaging 0.815 -> 0.979 (round 17).
+#: 0.786 -> 0.893, grounding unchanged (liver lesion boxes 11 -> 10 of 14); on the MR demo at seed 1 report
+#: 0.667 -> 0.857, EHR imaging 0.815 -> 0.979 (docs/benchmarks/quality.md, round 17).
 DEMO_FINDING_INSTANCE_BALANCE = 1.0
 
 #: The demo's promise: end to end within five minutes on two CPU cores (docs/demo.md).
