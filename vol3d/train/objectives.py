@@ -567,16 +567,20 @@ class VLMObjective:
             bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos,
                                                      weight=weight[m] if weight is not None else None)
             p = torch.sigmoid(logit)
-            wt = target * weight[m] if weight is not None else target
-            dice = 1.0 - (2.0 * (p * wt).sum() + 1.0) / ((p * (1.0 - target)).sum() + (p * wt).sum() + wt.sum() + 1.0)
+            if weight is None:
+                dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
+            else:  # the finding voxels weighted, false positives as they are
+                wt = target * weight[m]
+                dice = 1.0 - (2.0 * (p * wt).sum() + 1.0) / ((p * (1.0 - target)).sum() + (p * wt).sum() + wt.sum() + 1.0)
             terms["finding"] = bce + dice
             typed = batch["finding_type"] >= 0
-            if bool(typed.any()) and finding_logits.shape[1] > 1:
-                ce = F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100, reduction="none")
-                tw = weight if weight is not None else typed.to(ce.dtype)
-                terms["finding_type"] = (ce * tw * typed).sum() / (tw * typed).sum()
-            else:
+            if not bool(typed.any()) or finding_logits.shape[1] < 2:
                 terms["finding_type"] = zero
+            elif weight is None:
+                terms["finding_type"] = F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100)
+            else:
+                ce = F.cross_entropy(finding_logits[:, 1:], batch["finding_type"], ignore_index=-100, reduction="none")
+                terms["finding_type"] = (ce * weight * typed).sum() / (weight * typed).sum()
         else:
             terms["finding"] = terms["finding_type"] = zero
         return terms

@@ -564,9 +564,8 @@ def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_larg
     target[0, 9, 9, 9] = 1.0  # 1 voxel
     size = torch.zeros(shape)
     size[0, :4, :4, :4], size[0, 9, 9, 9] = 64.0, 1.0
-    ftype = torch.where(target > 0, 0, -100)
 
-    def loss(balance: float, found_big: bool) -> float:
+    def loss(balance: float, found_big: bool, target: torch.Tensor = target, size: torch.Tensor = size) -> float:
         logits = torch.full((1, 2, 12, 12, 12), -4.0)
         logits[:, 1] = 0.0
         if found_big:
@@ -576,7 +575,7 @@ def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_larg
         obj = VLMObjective(model.processor, TaskMix(report=1), LossConfig(finding=1, finding_instance_balance=balance),
                            perception=(model.vocab, model.labels))
         batch = {"organ_mask": torch.tensor([False]), "finding_mask": torch.tensor([True]), "finding_target": target,
-                 "finding_type": ftype, "organ_target": torch.zeros(shape, dtype=torch.long)}
+                 "finding_type": torch.where(target > 0, 0, -100), "organ_target": torch.zeros(shape, dtype=torch.long)}
         if balance:
             batch["finding_size"] = size
         out = {"organ_logits": torch.zeros(1, 3, 12, 12, 12), "finding_logits": logits}
@@ -584,6 +583,9 @@ def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_larg
 
     assert loss(1.0, found_big=True) > 2 * loss(0.0, found_big=True)
     assert loss(1.0, found_big=False) < loss(0.0, found_big=False)
+    alike = size.clone()
+    alike[0, 9, 9, 9] = 64.0  # instances of one size: the balance changes nothing
+    assert loss(1.0, True, size=alike) == pytest.approx(loss(0.0, True), rel=1e-5)
     obj = VLMObjective(model.processor, TaskMix(report=1, ground=1, samples_per_case=2),
                        LossConfig(organ=1, finding=1, finding_type=1, finding_instance_balance=1.0),
                        perception=(model.vocab, model.labels), patch_size=(16, 16, 8), patches_per_case=2,
