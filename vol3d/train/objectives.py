@@ -136,8 +136,9 @@ def instance_sizes(region_map: np.ndarray) -> np.ndarray:
     per voxel, -1 off instances, as :class:`vol3d.tasks.regions.DenseTargets`); 0 off instances."""
     inside = region_map >= 0
     sizes = np.zeros(region_map.shape, np.float32)
-    if inside.any():
-        sizes[inside] = np.bincount(region_map[inside])[region_map[inside]]
+    ids = region_map[inside]
+    if ids.size:
+        sizes[inside] = np.bincount(ids)[ids]
     return sizes
 
 
