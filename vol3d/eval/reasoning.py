@@ -6,8 +6,9 @@ against its true counterpart:
 
 - ``measure``: every question of :func:`~vol3d.tasks.reasoning.truth_queries` (diameter and volume
   of the largest instance of each present finding, the distance of the two largest, each measured
-  organ's craniocaudal length and volume). A finding the model does not find counts as measured 0
-  (its whole size is the error). ``mae_mm`` pools the questions in mm, ``mae_ml`` those in mL;
+  organ's craniocaudal length and volume). A finding the model does not find, not even as a candidate
+  below its threshold (``Perceived.candidates``; ``tentative`` counts the answers that read one),
+  counts as measured 0 (its whole size is the error). ``mae_mm`` pools the questions in mm, ``mae_ml`` those in mL;
   ``within10`` is the share within 10% of the true value; ``lesions_ge10mm`` the diameters of
   findings of at least 10 mm.
 - ``chain``: one "Is there X?" chain per finding per case: the organ step's box IoU with the true
@@ -56,6 +57,7 @@ class MeasureItem:
     query: Query
     truth: float
     pred: float  # 0 when the model found nothing to measure
+    tentative: bool = False  # read from candidates below the finding threshold (Measurement.tentative)
 
 
 @dataclasses.dataclass
@@ -90,7 +92,8 @@ def perception_rows(task: str, items: Sequence[MeasureItem | ChainItem | DetectI
         if isinstance(it, MeasureItem):
             q = it.query
             row.update(question=query_key(q), kind=q.kind, finding=q.finding, organ=q.organ, unit=q.unit,
-                       reference=it.truth, prediction=it.pred, abs_error=abs(it.pred - it.truth))
+                       reference=it.truth, prediction=it.pred, abs_error=abs(it.pred - it.truth),
+                       tentative=it.tentative)
         else:
             row.update({k: v for k, v in dataclasses.asdict(it).items() if k != "case_index"})
         rows.append(row)
@@ -198,8 +201,9 @@ def case_items(ci: int, case: Mapping[str, Any], pred: Perceived | None, vocab: 
         t = measure(q, truth, vocab, spacing).value
         if t is None:
             continue
-        p = measure(q, pred, vocab, spacing).value if pred is not None else priors.get(query_key(q))
-        measures.append(MeasureItem(ci, q, float(t), float(p) if p is not None else 0.0))
+        m = measure(q, pred, vocab, spacing) if pred is not None else None
+        p = m.value if m is not None else priors.get(query_key(q))
+        measures.append(MeasureItem(ci, q, float(t), float(p) if p is not None else 0.0, m is not None and m.tentative))
     chains = []
     for name, spec in vocab.items():
         question = presence_question(spec.text)
@@ -250,7 +254,7 @@ def score_measure(items: Sequence[MeasureItem], bootstrap: int = 1000, seed: int
     ml = [it for it in items if it.query.unit == "mL"]
     big = [it for it in mm if it.query.kind == "diameter" and it.truth >= 10.0]
     out: dict[str, Any] = {"n": len(items), "mae_mm": _mae(mm), "within10_mm": _within(mm), "mae_ml": _mae(ml),
-                           "within10_ml": _within(ml),
+                           "within10_ml": _within(ml), "tentative": sum(it.tentative for it in items),
                            "lesions_ge10mm": {"n": len(big), "mae_mm": _mae(big), "within10": _within(big)},
                            "by_type": {}}
     kinds: dict[str, list[MeasureItem]] = {}

@@ -194,6 +194,9 @@ class Measurement:
     value: float | None
     regions: list[Region]
     text: str  # the answer sentence
+    #: read (in part) from candidates below the finding threshold (``Perceived.candidates``): the
+    #: question presumes an instance the perception did not call, and the answer says so
+    tentative: bool = False
 
 
 def instances(perceived: Perceived, finding: str) -> list[Region]:
@@ -353,25 +356,31 @@ def measure(query: Query, perceived: Perceived, vocab: Mapping[str, Any] | None,
     if query.finding is not None:
         spec = vocab[query.finding]
         found = instances(perceived, query.finding)
-        if not found:
-            return Measurement(query, None, [], f"No {spec.text} is seen, so there is nothing to measure.")
-        big = found[0]
+        need = 2 if query.kind == "distance" else 1
+        unsure = [r for r in perceived.candidates if r.name == query.finding][:max(need - len(found), 0)]
+        if len(found) + len(unsure) < need:  # not even a candidate below the threshold
+            if not found:
+                return Measurement(query, None, [], f"No {spec.text} is seen, so there is nothing to measure.")
+            return Measurement(query, None, found[:1], f"Only one {spec.text} is seen.")
+        hedge = _hedge(spec, found, unsure) if unsure else ""
         if query.kind == "distance":
-            if len(found) < 2:
-                return Measurement(query, None, found[:1], f"Only one {spec.text} is seen.")
-            d = float(np.linalg.norm(centre_mm(found[0], spacing) - centre_mm(found[1], spacing)))
-            return Measurement(query, d, found[:2], f"The two largest {spec.plural_text} are {d:.0f} mm apart "
-                                                    "(centre to centre).")
+            pair = [*found[:2], *unsure]
+            d = float(np.linalg.norm(centre_mm(pair[0], spacing) - centre_mm(pair[1], spacing)))
+            what = f"The two largest {spec.plural_text} are" if not unsure else "they are"
+            return Measurement(query, d, pair, f"{hedge}{what} {d:.0f} mm apart (centre to centre).",
+                               tentative=bool(unsure))
+        big = found[0] if found else unsure[0]
         least, edge = _lower_bound(big)
+        the = f"The largest {spec.text}" if not unsure else "it"
         if query.kind == "volume":
             return Measurement(query, big.volume_ml, [big],
-                               f"The largest {spec.text} has a volume of {least}{_ml(big.volume_ml)} mL{edge}.")
+                               f"{hedge}{the} has a volume of {least}{_ml(big.volume_ml)} mL{edge}.", bool(unsure))
         if query.kind == "length":
             v = float(size_triple(big.size_mm)[2])
-            return Measurement(query, v, [big], f"The largest {spec.text} is {least}{v:.0f} mm craniocaudally{edge}.")
+            return Measurement(query, v, [big], f"{hedge}{the} is {least}{v:.0f} mm craniocaudally{edge}.", bool(unsure))
         v = float(size_triple(big.size_mm)[0])
-        return Measurement(query, v, [big], f"The largest {spec.text} measures {least}{v:.0f} mm "
-                                            f"({size_text(big.size_mm)}){edge}.")
+        return Measurement(query, v, [big], f"{hedge}{the} measures {least}{v:.0f} mm "
+                                            f"({size_text(big.size_mm)}){edge}.", bool(unsure))
     organ = next((r for r in perceived.organs if r.name == query.organ), None)
     name = organ_text(query.organ or "")
     if organ is None:
@@ -382,6 +391,19 @@ def measure(query: Query, perceived: Perceived, vocab: Mapping[str, Any] | None,
                            f"The {name} has a volume of {least}{_ml(organ.volume_ml)} mL{edge}.")
     v = float(size_triple(organ.size_mm)[2])
     return Measurement(query, v, [organ], f"The {name} measures {least}{v:.0f} mm craniocaudally{edge}.")
+
+
+def _hedge(spec: FindingSpec, found: Sequence[Region], unsure: Sequence[Region]) -> str:
+    """The opening of a measurement that reads candidates below the finding threshold: what was seen
+    clearly, and which candidates stand in (their scores), so the number is not taken for a finding."""
+    scores = " and ".join(f"{r.score:.2f}" for r in unsure)
+    if found:
+        return (f"Only one {spec.text} is seen clearly; with the likeliest second one (score {scores}, below the "
+                "finding threshold): ")
+    if len(unsure) > 1:
+        return (f"No {spec.text} is seen clearly; the two likeliest candidates (scores {scores}, below the "
+                "finding threshold): ")
+    return f"No {spec.text} is seen clearly; the likeliest candidate (score {scores}, below the finding threshold): "
 
 
 def _ml(v: float) -> str:

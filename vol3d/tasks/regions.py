@@ -139,6 +139,10 @@ class Perceived:
     #: perception only: per countable finding, its strongest voxel (finding x type probability), below
     #: the finding threshold too; what :func:`perceived_summary` scores a finding with no region by
     evidence: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: perception only: places below the finding threshold that are the likeliest further instances
+    #: (:func:`candidate_regions`); never a finding, only what a measurement question that presumes
+    #: one falls back on, saying so (:func:`vol3d.tasks.reasoning.measure`)
+    candidates: list[Region] = dataclasses.field(default_factory=list)
 
     @property
     def regions(self) -> list[Region]:
@@ -388,7 +392,6 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     comps, n = ndimage.label(finding_prob > threshold)
     homes = ([np.array([k > 0 and organ_matches(o, vocab[name].organ) for k, o in enumerate(labels.organs)])
               for name in countable] if labels is not None else [])
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     cands = []
     for k, sl in enumerate(ndimage.find_objects(comps), start=1):
         if sl is None:
@@ -397,20 +400,9 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
         score = float(finding_prob[sl][local].mean())
         types = type_prob[(slice(None), *sl)][:, local].mean(axis=1)
         t = int(np.argmax(types))
-        box = np.array([s.start - 0.5 for s in sl] + [s.stop - 0.5 for s in sl], np.float64)
-        where = ""
-        if organ_map is not None and labels is not None:
-            # the organ around it: the commonest organ class under and next to the component, among the
-            # organs its type lives in when any is there (a tumour at the cortex lies in the white matter)
-            near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)  # the box and one voxel around it
-            ring = ndimage.binary_dilation(comps[near] == k, iterations=1)
-            classes = np.bincount(organ_map[near][ring].reshape(-1), minlength=len(labels.organs))
-            classes[0] = 0
-            home = classes * homes[t]
-            where = labels.organs[int(np.argmax(home if home.any() else classes))] if classes.any() else ""
-        cands.append((score * float(types[t]), k, Region("finding", countable[t], box, (box[3:] - box[:3]) * spacing,
-                                                         float(local.sum()) * voxel_ml, where, score,
-                                                         at_edge=touches_border(box, finding_prob.shape))))
+        region = _finding_region(comps, k, sl, countable[t], score, spacing, organ_map, labels,
+                                 homes[t] if homes else None)
+        cands.append((score * float(types[t]), k, region))
     cands.sort(key=lambda c: -c[0])
     kept = cands[:max_findings]
     findings = _order([r for _, _, r in kept], vocab)
@@ -420,9 +412,95 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     organs = _organ_regions(organ_map, labels, spacing, organ_scores) if organ_map is not None and labels else []
     evidence = {name: float((finding_prob * type_prob[t]).max()) if finding_prob.size else 0.0
                 for t, name in enumerate(countable)}
+    below = candidate_regions(finding_prob, type_prob, comps > 0, spacing, countable, organ_map, labels, homes)
     perceived = Perceived(findings, organs, {c: float(p) for c, p in zip(conditions, condition_prob, strict=True)},
-                          evidence=evidence)
+                          evidence=evidence, candidates=below)
     return perceived, region_map
+
+
+def _finding_region(comps: np.ndarray, k: int, sl: tuple[slice, ...], name: str, score: float,
+                    spacing: np.ndarray, organ_map: np.ndarray | None, labels: LabelSpec | None,
+                    home: np.ndarray | None) -> Region:
+    """The :class:`Region` of component ``k`` of ``comps`` (its bounding slices ``sl``), typed ``name``.
+
+    Its organ is the commonest organ class under and next to it, among the organs its type lives in
+    (``home``: a mask over the organ classes) when any is there (a tumour at the cortex lies in the
+    white matter)."""
+    from scipy import ndimage
+
+    local = comps[sl] == k
+    box = np.array([s.start - 0.5 for s in sl] + [s.stop - 0.5 for s in sl], np.float64)
+    where = ""
+    if organ_map is not None and labels is not None:
+        near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)  # the box and one voxel around it
+        ring = ndimage.binary_dilation(comps[near] == k, iterations=1)
+        classes = np.bincount(organ_map[near][ring].reshape(-1), minlength=len(labels.organs))
+        classes[0] = 0
+        mine = classes * home if home is not None else classes
+        where = labels.organs[int(np.argmax(mine if mine.any() else classes))] if classes.any() else ""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return Region("finding", name, box, (box[3:] - box[:3]) * spacing, float(local.sum()) * voxel_ml, where, score,
+                  at_edge=touches_border(box, comps.shape))
+
+
+#: A place below the finding threshold is a candidate (:func:`candidate_regions`) when its finding x
+#: type probability reaches this; below it the perception has seen nothing there to speak of.
+CANDIDATE_MIN_EVIDENCE = 0.05
+
+#: ... and stands this many times above the volume's median finding x type probability: a peak, not a
+#: level (an untrained or unsure model's flat map has no candidates).
+CANDIDATE_CONTRAST = 4.0
+
+#: Candidates kept per countable finding: a distance question needs two instances.
+CANDIDATES_PER_FINDING = 2
+
+#: Places looked at per countable finding before giving up (rims of found regions are passed over).
+CANDIDATE_TRIES = 8
+
+
+def candidate_regions(finding_prob: np.ndarray, type_prob: np.ndarray, taken: np.ndarray, spacing: np.ndarray,
+                      countable: Sequence[str], organ_map: np.ndarray | None = None,
+                      labels: LabelSpec | None = None, homes: Sequence[np.ndarray] = (),
+                      min_evidence: float = CANDIDATE_MIN_EVIDENCE,
+                      per_finding: int = CANDIDATES_PER_FINDING) -> list[Region]:
+    """The likeliest further instances of each countable finding, below the finding threshold.
+
+    For each type, the strongest voxel of ``finding_prob x type_prob[t]`` outside the found regions
+    (``taken``) that reaches ``min_evidence`` and :data:`CANDIDATE_CONTRAST` times the volume's
+    median seeds a candidate: the connected voxels at least half as probable as it (its extent at
+    half maximum). Where that extent reaches a found region the place is the region's rim, not an
+    instance of its own, and is passed over. Then the next strongest place, up to ``per_finding``
+    candidates (and :data:`CANDIDATE_TRIES` places) per type. A candidate's ``score`` is its mean
+    finding probability. Strongest first per type, types in ``countable`` order."""
+    from scipy import ndimage
+
+    if not finding_prob.size or not len(countable):
+        return []
+    out: list[Region] = []
+    taken = np.asarray(taken, dtype=bool)
+    for t, name in enumerate(countable):
+        evidence = finding_prob * type_prob[t]
+        floor = max(min_evidence, CANDIDATE_CONTRAST * float(np.median(evidence)))
+        linked = np.where(taken, np.inf, evidence)  # a found region joins every extent that reaches it
+        free = np.where(taken, 0.0, evidence)
+        kept = 0
+        for _ in range(CANDIDATE_TRIES):
+            peak_at = np.unravel_index(int(np.argmax(free)), free.shape)
+            peak = float(free[peak_at])
+            if peak < floor or kept == per_finding:
+                break
+            comps, _ = ndimage.label(linked >= peak / 2)
+            k = int(comps[peak_at])
+            sl = ndimage.find_objects(comps, max_label=k)[k - 1]
+            mine = comps[sl] == k
+            if not taken[sl][mine].any():
+                score = float(finding_prob[sl][mine].mean())
+                out.append(_finding_region(comps, k, sl, name, score, spacing, organ_map, labels,
+                                           homes[t] if len(homes) else None))
+                kept += 1
+            near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
+            free[near][ndimage.binary_dilation(comps[near] == k, iterations=1)] = 0.0
+    return out
 
 
 def look_again_windows(boxes: Sequence[np.ndarray], shape: Sequence[int], patch: Sequence[int],

@@ -51,8 +51,8 @@ class Perceiving:
     """A stand-in model whose perception is the truth of the case its volume shows, optionally with the
     largest lesion's box moved by ``shift`` voxels along x."""
 
-    def __init__(self, shift: float = 0.0) -> None:
-        self.shift, self.labels, self.vocab, self.perception = shift, LABELS, VOCAB, object()
+    def __init__(self, shift: float = 0.0, demote: bool = False) -> None:
+        self.shift, self.demote, self.labels, self.vocab, self.perception = shift, demote, LABELS, VOCAB, object()
 
     def perceive(self, volume, spacing=None):
         i = int(round(float(volume.max()))) - 1
@@ -60,6 +60,8 @@ class Perceiving:
         if self.shift and p.findings:
             r = p.findings[0]
             p.findings[0] = dataclasses.replace(r, box=r.box + np.array([self.shift, 0, 0] * 2))
+        if self.demote and len(p.findings) > 1:  # the smaller lesion only a candidate below the threshold
+            p.candidates, p.findings = p.findings[1:], p.findings[:1]
         return [p]
 
     def generate(self, volume, prompts, max_new_tokens=64, **kw):
@@ -89,6 +91,18 @@ def test_a_misplaced_lesion_costs_its_iou_and_nothing_else():
     assert m["by_type"]["diameter_finding"]["mae"] == 0  # same size, other place
     # centres (3, 4, 4) and (9.5, 4.5, 4.5) voxels, 13 x 1 x 2 mm apart; 17 x 1 x 2 mm once moved
     assert m["by_type"]["distance_finding"]["mae"] == pytest.approx(np.sqrt(17**2 + 5) - np.sqrt(13**2 + 5))
+
+
+def test_a_lesion_seen_only_below_the_threshold_is_measured_tentatively_and_counted_so():
+    """The second lesion of cases 0 and 3 is a candidate, not a finding: the distances still come
+    from it (exact here) and are counted ``tentative``; without it they would be 0."""
+    res = run(Perceiving(demote=True), keep_predictions=True)
+    m = res["measure"]
+    assert m["tentative"] == 2 and m["by_type"]["distance_finding"]["mae"] == 0 and m["mae_mm"] == 0
+    rows = [r for r in res["perception_items"]["measure"] if r["tentative"]]
+    assert {r["kind"] for r in rows} == {"distance"} and {r["case"] for r in rows} == {"c0", "c3"}
+    assert run(Perceiving())["measure"]["tentative"] == 0
+    assert res["chain"]["by_finding"]["liver_lesion"]["conclusion_acc"] == 1  # presence reads the finding
 
 
 def test_image_blind_answers_are_the_training_priors():

@@ -103,6 +103,36 @@ def test_measurements_in_mm_and_ml_from_the_regions():
     assert measure(Query("length", organ="kidney_right"), p, VOCAB, SPACING).value is None
 
 
+def test_a_measurement_that_presumes_an_unseen_instance_reads_the_likeliest_candidate_and_says_so():
+    """"How far apart are the two kidney cysts?" presumes two; with one seen, the likeliest second one
+    below the threshold stands in, named as such; with none seen and no candidate there is no number.
+    Presence, counts and the chain's conclusion still read only what was found."""
+    p = perceived()
+    assert measure(Query("distance", "kidney_cyst"), p, VOCAB, SPACING).value is None  # no candidate: as before
+    faint = region("finding", "kidney_cyst", (40, 10, 4), (42, 12, 6), "kidney_left", 0.05, 0.31)
+    other = region("finding", "liver_lesion", (0, 0, 0), (2, 2, 2), "liver", 0.01, 0.2)
+    p.candidates = [other, faint]
+    d = measure(Query("distance", "kidney_cyst"), p, VOCAB, SPACING)
+    # centres (42, 32, 5) and (41, 11, 5) voxels -> (2, 42, 0) mm apart
+    assert d.value == pytest.approx(np.hypot(2, 42)) and d.regions == [p.findings[2], faint] and d.tentative
+    assert d.text.startswith("Only one kidney cyst is seen clearly; with the likeliest second one (score 0.31, "
+                             "below the finding threshold): they are 42 mm apart")
+    seen = measure(Query("distance", "liver_lesion"), p, VOCAB, SPACING)  # two found: candidates unread
+    assert not seen.tentative and seen.regions == p.findings[:2]
+    assert measure(Query("diameter", "kidney_cyst"), p, VOCAB, SPACING).regions == [p.findings[2]]
+    none_found = Perceived([], p.organs, {}, candidates=[faint])
+    m = measure(Query("diameter", "kidney_cyst"), none_found, VOCAB, SPACING)
+    assert m.value == 4 and m.tentative and m.text.startswith("No kidney cyst is seen clearly; the likeliest "
+                                                              "candidate (score 0.31")
+    assert measure(Query("volume", "kidney_cyst"), none_found, VOCAB, SPACING).value == 0.05
+    assert measure(Query("distance", "kidney_cyst"), none_found, VOCAB, SPACING).value is None  # one of two
+    chain = reason("What is the diameter of the largest kidney cyst?", none_found, VOCAB, LABELS, SPACING)
+    assert chain.present is False and "no kidney cyst detected -> kidney cyst: no" in chain.conclusion.text
+    assert chain.answer == m.text and [s.kind for s in chain.steps][-2:] == ["measure", "conclusion"]
+    assert presence_answer("Is there a kidney cyst?", none_found, VOCAB) == "no"
+    assert count_answer("How many kidney cysts are there?", none_found, VOCAB) == "0"
+
+
 def test_truth_queries_ask_what_the_case_can_answer():
     qs = truth_queries(perceived(), VOCAB, LABELS)
     assert Query("distance", "liver_lesion") in qs and Query("distance", "kidney_cyst") not in qs

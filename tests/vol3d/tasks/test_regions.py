@@ -9,8 +9,10 @@ from preprocess.errors import ConfigError, InputError
 from preprocess.geometry import box_iou
 from vol3d.protocol import ORGAN_TOKEN, REGION_TOKEN
 from vol3d.tasks.regions import (
+    CANDIDATE_MIN_EVIDENCE,
     LabelSpec,
     Perceived,
+    candidate_regions,
     clean_organ_map,
     digest_text,
     look_again_windows,
@@ -240,6 +242,49 @@ def test_a_finding_found_nowhere_keeps_its_strongest_voxel_as_evidence_for_the_e
     capped = Perceived([], [], {}, evidence={"liver_lesion": 0.8})
     assert perceived_summary(capped, VOCAB, LABELS, evidence=True)[0] == 0.5
     assert perceived_summary(capped, VOCAB, LABELS)[0] == 0.0
+
+
+def test_candidates_below_the_threshold_are_the_likeliest_further_instances_at_half_maximum():
+    """Below the finding threshold nothing is a finding, but each type keeps its likeliest places as
+    candidates: the voxels connected to its strongest one that are at least half as probable, then the
+    next place; never the rim of a found region (an extent at half maximum that reaches it), none where
+    the evidence is negligible."""
+    organ = np.zeros(SHAPE, np.int64)
+    organ[:12] = 1  # liver
+    prob = np.zeros(SHAPE)
+    prob[3:6, 3:5, 3:5] = 0.9  # found: a liver lesion
+    prob[6, 3:5, 3:5] = 0.4  # its below-threshold rim, two voxels deep: part of the lesion, no candidate
+    prob[7, 3:5, 3:5] = 0.35
+    prob[9:11, 10:13, 6:8] = 0.3  # a faint one: 2 x 3 x 2 voxels at half its peak ...
+    prob[10, 11, 7] = 0.4  # ... peaking here
+    prob[8, 10:13, 6:8] = 0.1  # its tail, under half the peak: not part of it
+    prob[2, 16, 9] = 0.2  # a weaker one elsewhere: the second candidate
+    prob[20, 2, 2] = 0.02  # negligible
+    types = np.zeros((2, *SHAPE))
+    types[0] = 1.0  # every voxel is a liver lesion if anything
+    pred, region_map = perceived_from_maps(organ, prob, types, [0.0], (2, 2, 4), VOCAB, LABELS)
+    assert [r.name for r in pred.findings] == ["liver_lesion"]
+    first, second = pred.candidates
+    assert first.name == second.name == "liver_lesion" and first.organ == "liver"
+    assert first.box.tolist() == [8.5, 9.5, 5.5, 10.5, 12.5, 7.5]  # 2 x 3 x 2 voxels
+    assert first.size_mm.tolist() == [4.0, 6.0, 8.0] and first.volume_ml == pytest.approx(12 * 16 / 1000)
+    assert first.score == pytest.approx((11 * 0.3 + 0.4) / 12)
+    assert second.box.tolist() == [1.5, 15.5, 8.5, 2.5, 16.5, 9.5] and second.organ == "liver"
+    assert (region_map[9:11, 10:13, 6:8] == -1).all()  # a candidate is no region the LM reads
+    assert digest_text(pred, VOCAB).count("<reg>") == 1
+    # an unsure map, the same everywhere: a level, not a place
+    flat, _ = perceived_from_maps(organ, np.full(SHAPE, 0.3), types, [0.0], (2, 2, 4), VOCAB, LABELS)
+    assert flat.findings == [] and flat.candidates == []
+    # one candidate per finding kept when asked; none where nothing reaches the floor
+    prob[prob < 0.5] = 0.0
+    prob[4, 12, 4] = CANDIDATE_MIN_EVIDENCE / 2
+    assert perceived_from_maps(organ, prob, types, [0.0], (2, 2, 4), VOCAB, LABELS)[0].candidates == []
+    prob[4, 12, 4] = 0.3
+    taken = prob > 0.5
+    assert len(candidate_regions(prob, types, taken, np.ones(3), ["liver_lesion", "kidney_cyst"], per_finding=1)) == 1
+    # the kidney cyst type has no evidence at all (its type probability is 0 everywhere)
+    assert [r.name for r in candidate_regions(prob, types, taken, np.ones(3), ["liver_lesion", "kidney_cyst"])] \
+        == ["liver_lesion"]
 
 
 def test_size_text_follows_the_reports():
