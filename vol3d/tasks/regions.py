@@ -478,28 +478,35 @@ def candidate_regions(finding_prob: np.ndarray, type_prob: np.ndarray, taken: np
         return []
     out: list[Region] = []
     taken = np.asarray(taken, dtype=bool)
+    marks = np.zeros(finding_prob.shape, np.int32)  # one place at a time, in the frame the regions read
     for t, name in enumerate(countable):
         evidence = finding_prob * type_prob[t]
         floor = max(min_evidence, CANDIDATE_CONTRAST * float(np.median(evidence)))
         linked = np.where(taken, np.inf, evidence)  # a found region joins every extent that reaches it
         free = np.where(taken, 0.0, evidence)
+        # every extent at half a peak >= floor lies inside one component of this: label only its box after
+        support, _ = ndimage.label(linked >= floor / 2)
+        windows = ndimage.find_objects(support)
         kept = 0
         for _ in range(CANDIDATE_TRIES):
             peak_at = np.unravel_index(int(np.argmax(free)), free.shape)
             peak = float(free[peak_at])
             if peak < floor or kept == per_finding:
                 break
-            comps, _ = ndimage.label(linked >= peak / 2)
-            k = int(comps[peak_at])
-            sl = ndimage.find_objects(comps, max_label=k)[k - 1]
-            mine = comps[sl] == k
-            if not taken[sl][mine].any():
-                score = float(finding_prob[sl][mine].mean())
-                out.append(_finding_region(comps, k, sl, name, score, spacing, organ_map, labels,
+            win = windows[int(support[peak_at]) - 1]
+            local, _ = ndimage.label(linked[win] >= peak / 2)
+            mine = local == local[tuple(p - w.start for p, w in zip(peak_at, win, strict=True))]
+            marks[win] = mine
+            sl = ndimage.find_objects(marks[win])[0]
+            sl = tuple(slice(w.start + a.start, w.start + a.stop) for w, a in zip(win, sl, strict=True))
+            if not taken[sl][marks[sl] > 0].any():
+                score = float(finding_prob[sl][marks[sl] > 0].mean())
+                out.append(_finding_region(marks, 1, sl, name, score, spacing, organ_map, labels,
                                            homes[t] if len(homes) else None))
                 kept += 1
             near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
-            free[near][ndimage.binary_dilation(comps[near] == k, iterations=1)] = 0.0
+            free[near][ndimage.binary_dilation(marks[near] > 0, iterations=1)] = 0.0
+            marks[win] = 0
     return out
 
 
