@@ -807,10 +807,8 @@ class Vol3DModel(nn.Module):
         ``reports_from_perception``);
         ``raw=True`` returns the language model's own tokens instead (what reinforcement samples).
         """
-        was_training = self.training
-        self.eval()
         perceived: list[Any] = []
-        try:
+        with self._evaluating():
             shared = self.perception is not None and volume.shape[0] > 1 and volume.stride(0) == 0
             vol = volume[:1] if shared else volume
             vi = torch.zeros(volume.shape[0], dtype=torch.long, device=volume.device) if shared else \
@@ -869,8 +867,6 @@ class Vol3DModel(nn.Module):
                 if "dense" in enc:
                     enc["dense"] = enc["dense"][vi]
                 boxes = self._generated_boxes(enc, embeds, attention_mask, input_ids, ids, regions)
-        finally:
-            self.train(was_training)
         if boxes is None:
             texts = self.processor.batch_decode(ids)
         else:

@@ -145,6 +145,7 @@ def test_loss_decreases_and_generate_answers_each_row_alone(tokenizer):
     # answer it got inside the left-padded batch
     alone = model.generate(volume[1:], ["Findings:"], max_new_tokens=4, do_sample=True, top_k=1)
     assert alone == answers[1:]
+    assert model.training  # generate reads in eval mode and gives the training mode back
 
 
 @pytest.mark.slow
