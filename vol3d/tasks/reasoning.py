@@ -351,7 +351,11 @@ def centre_mm(region: Region, spacing: Sequence[float]) -> np.ndarray:
 
 def measure(query: Query, perceived: Perceived, vocab: Mapping[str, Any] | None,
             spacing: Sequence[float]) -> Measurement:
-    """Answer ``query`` from ``perceived`` (``spacing``: mm per model-input voxel, for distances)."""
+    """Answer ``query`` from ``perceived`` (``spacing``: mm per model-input voxel, for distances).
+
+    A finding's measurement presumes its instances (one; two for a distance). Where fewer were found,
+    the likeliest candidates below the finding threshold (``perceived.candidates``) stand in, and the
+    answer says so (``tentative``); with none there is no value."""
     vocab = as_vocab(vocab)
     if query.finding is not None:
         spec = vocab[query.finding]
