@@ -410,9 +410,13 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     for _, k, r in kept:
         region_map[comps == k] = findings.index(r)
     organs = _organ_regions(organ_map, labels, spacing, organ_scores) if organ_map is not None and labels else []
-    evidence = {name: float((finding_prob * type_prob[t]).max()) if finding_prob.size else 0.0
-                for t, name in enumerate(countable)}
-    below = candidate_regions(finding_prob, type_prob, comps > 0, spacing, countable, organ_map, labels, homes)
+    evidence: dict[str, float] = {}
+    below: list[Region] = []
+    for t, name in enumerate(countable):  # each type's finding x type map, read for both
+        product = finding_prob * type_prob[t]
+        evidence[name] = float(product.max()) if product.size else 0.0
+        below += _type_candidates(product, finding_prob, comps > 0, name, spacing, organ_map, labels,
+                                  homes[t] if homes else None)
     perceived = Perceived(findings, organs, {c: float(p) for c, p in zip(conditions, condition_prob, strict=True)},
                           evidence=evidence, candidates=below)
     return perceived, region_map
@@ -472,41 +476,45 @@ def candidate_regions(finding_prob: np.ndarray, type_prob: np.ndarray, taken: np
     instance of its own, and is passed over. Then the next strongest place, up to ``per_finding``
     candidates (and :data:`CANDIDATE_TRIES` places) per type. A candidate's ``score`` is its mean
     finding probability. Strongest first per type, types in ``countable`` order."""
+    taken = np.asarray(taken, dtype=bool)
+    return [r for t, name in enumerate(countable)
+            for r in _type_candidates(finding_prob * type_prob[t], finding_prob, taken, name, spacing, organ_map,
+                                      labels, homes[t] if len(homes) else None, min_evidence, per_finding)]
+
+
+def _type_candidates(evidence: np.ndarray, finding_prob: np.ndarray, taken: np.ndarray, name: str,
+                     spacing: np.ndarray, organ_map: np.ndarray | None, labels: LabelSpec | None,
+                     home: np.ndarray | None, min_evidence: float = CANDIDATE_MIN_EVIDENCE,
+                     per_finding: int = CANDIDATES_PER_FINDING) -> list[Region]:
+    """:func:`candidate_regions` of one type, whose finding x type probability is ``evidence``."""
     from scipy import ndimage
 
-    if not finding_prob.size or not len(countable):
+    if not evidence.size:
         return []
     out: list[Region] = []
-    taken = np.asarray(taken, dtype=bool)
-    marks = np.zeros(finding_prob.shape, np.int32)  # one place at a time, in the frame the regions read
-    for t, name in enumerate(countable):
-        evidence = finding_prob * type_prob[t]
-        floor = max(min_evidence, CANDIDATE_CONTRAST * float(np.median(evidence)))
-        linked = np.where(taken, np.inf, evidence)  # a found region joins every extent that reaches it
-        free = np.where(taken, 0.0, evidence)
-        # every extent at half a peak >= floor lies inside one component of this: label only its box after
-        support, _ = ndimage.label(linked >= floor / 2)
-        windows = ndimage.find_objects(support)
-        kept = 0
-        for _ in range(CANDIDATE_TRIES):
-            peak_at = np.unravel_index(int(np.argmax(free)), free.shape)
-            peak = float(free[peak_at])
-            if peak < floor or kept == per_finding:
-                break
-            win = windows[int(support[peak_at]) - 1]
-            local, _ = ndimage.label(linked[win] >= peak / 2)
-            mine = local == local[tuple(p - w.start for p, w in zip(peak_at, win, strict=True))]
-            marks[win] = mine
-            sl = ndimage.find_objects(marks[win])[0]
-            sl = tuple(slice(w.start + a.start, w.start + a.stop) for w, a in zip(win, sl, strict=True))
-            if not taken[sl][marks[sl] > 0].any():
-                score = float(finding_prob[sl][marks[sl] > 0].mean())
-                out.append(_finding_region(marks, 1, sl, name, score, spacing, organ_map, labels,
-                                           homes[t] if len(homes) else None))
-                kept += 1
-            near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
-            free[near][ndimage.binary_dilation(marks[near] > 0, iterations=1)] = 0.0
-            marks[win] = 0
+    marks = np.zeros(evidence.shape, np.int32)  # one place at a time, in the frame the regions read
+    floor = max(min_evidence, CANDIDATE_CONTRAST * float(np.median(evidence)))
+    linked = np.where(taken, np.inf, evidence)  # a found region joins every extent that reaches it
+    free = np.where(taken, 0.0, evidence)
+    # every extent at half a peak >= floor lies inside one component of this: label only its box after
+    support, _ = ndimage.label(linked >= floor / 2)
+    windows = ndimage.find_objects(support)
+    for _ in range(CANDIDATE_TRIES):
+        peak_at = np.unravel_index(int(np.argmax(free)), free.shape)
+        peak = float(free[peak_at])
+        if peak < floor or len(out) == per_finding:
+            break
+        win = windows[int(support[peak_at]) - 1]
+        local, _ = ndimage.label(linked[win] >= peak / 2)
+        marks[win] = local == local[tuple(p - w.start for p, w in zip(peak_at, win, strict=True))]
+        sl = ndimage.find_objects(marks[win])[0]
+        sl = tuple(slice(w.start + a.start, w.start + a.stop) for w, a in zip(win, sl, strict=True))
+        if not taken[sl][marks[sl] > 0].any():
+            score = float(finding_prob[sl][marks[sl] > 0].mean())
+            out.append(_finding_region(marks, 1, sl, name, score, spacing, organ_map, labels, home))
+        near = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
+        free[near][ndimage.binary_dilation(marks[near] > 0, iterations=1)] = 0.0
+        marks[win] = 0
     return out
 
 
