@@ -70,6 +70,10 @@ class Vol3DConfig:
     perception_stem: bool = _f(False, "monai_unet perception decoders: a full-resolution stem on the input volume "
                                "that the decoder's top unit reads beside the up-sampled features "
                                "(vol3d.models.decoders.SegDecoder)")
+    perception_upsample: str = _f("transposed", "monai_unet perception decoders: how the up path up-samples, "
+                                  "transposed (MONAI's UNet: a 3x3x3 transposed convolution) or linear (trilinear "
+                                  "interpolation, then a 3x3x3 convolution: a constant map stays constant; "
+                                  "vol3d.models.decoders.MonaiUNetPath)")
     perception_patch: list[int] = _f([], "perception models: the crop size (X Y Z) the perception decoder learned "
                                      "on (filled by training from data.perception_patch); [] = whole volumes")
     look_again: bool = _f(True, "perception models that learned on crops (perception_patch): each finding the "

@@ -28,7 +28,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.blocks import (
+    Convolution,
+    ResidualUnit,
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetrUpBlock,
+    UpSample,
+)
 from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
 from torch import nn
 
@@ -36,6 +43,7 @@ from preprocess.errors import ConfigError
 
 Int3 = tuple[int, int, int]
 _NORM = "instance"
+UPSAMPLING = ("transposed", "linear")
 
 
 def _prime_factors(n: int) -> list[int]:
@@ -115,7 +123,14 @@ class MonaiUNetPath(nn.Module):
     (``feature_size`` at the top), followed by a one-unit ``ResidualUnit``, as MONAI builds it.
 
     With ``stem_channels``, the top unit also reads a full-resolution map of that many channels
-    (:class:`SegDecoder`'s input stem), concatenated to the output of the last transposed convolution.
+    (:class:`SegDecoder`'s input stem), concatenated to the output of the last up-sampling.
+
+    ``upsample="linear"`` replaces each transposed convolution by MONAI's ``UpSample`` without
+    trainable up-sampling: a 1x1x1 convolution to the new width, trilinear interpolation, then a
+    3x3x3 convolution with the same norm and PReLU. A transposed convolution whose kernel overlaps
+    unevenly (3 at stride 2) turns a constant map into one that alternates voxel by voxel, and the
+    instance norms after it scale that up: an empty volume's maps become a pattern the heads read
+    as findings (docs/benchmarks/quality.md, round 19). Interpolation keeps a constant map constant.
 
     Args:
         channels: channels of ``m_0 .. m_L``.
@@ -123,19 +138,22 @@ class MonaiUNetPath(nn.Module):
             (``factors[0]``: from ``m_0`` to the input).
         feature_size: channels of the full-resolution output map.
         stem_channels: channels of the full-resolution map the top unit reads too (0: none).
+        upsample: ``transposed`` (MONAI's UNet) or ``linear`` (:data:`UPSAMPLING`).
     """
 
     def __init__(self, channels: Sequence[int], factors: Sequence[Int3], feature_size: int,
-                 stem_channels: int = 0) -> None:
+                 stem_channels: int = 0, upsample: str = "transposed") -> None:
         super().__init__()
         if len(factors) != len(channels) - 1:
             raise ValueError(f"{len(channels)} maps need {len(channels) - 1} factors, got {len(factors)}")
+        if upsample not in UPSAMPLING:
+            raise ConfigError(f"decoder up-sampling must be one of {UPSAMPLING}, got {upsample!r}")
         ups, below = [], channels[-1]
         for lvl in reversed(range(len(factors))):
             cout = channels[lvl - 1] if lvl > 0 else feature_size
             extra = stem_channels if lvl == 0 else 0
             ups.append(nn.ModuleList([
-                Convolution(3, channels[lvl] + below, cout, strides=factors[lvl], kernel_size=3, is_transposed=True),
+                _up(channels[lvl] + below, cout, factors[lvl], upsample),
                 # the top unit ends in a plain convolution, as MONAI's: the heads read linear features
                 ResidualUnit(3, cout + extra, cout, strides=1, kernel_size=3, subunits=1, last_conv_only=lvl == 0),
             ]))
@@ -152,6 +170,15 @@ class MonaiUNetPath(nn.Module):
                 x = torch.cat([x, stem], dim=1)
             x = unit(x)
         return x
+
+
+def _up(cin: int, cout: int, factor: Int3, upsample: str) -> nn.Module:
+    """One up-sampling step of :class:`MonaiUNetPath` by ``factor``, to ``cout`` channels with norm and PReLU."""
+    if upsample == "transposed":
+        return Convolution(3, cin, cout, strides=factor, kernel_size=3, is_transposed=True)
+    return UpSample(3, cin, cout, scale_factor=factor, mode="nontrainable", pre_conv="default",
+                    interp_mode="trilinear", align_corners=False,
+                    post_conv=Convolution(3, cout, cout, strides=1, kernel_size=3))
 
 
 def _project_up(cin: int, cout: int, factors: Sequence[Int3]) -> nn.Sequential:
@@ -190,16 +217,21 @@ class SegDecoder(nn.Module):
             top unit reads beside the up-sampled features, so decisions about single voxels (a
             lesion's edge, a small lesion) see the input at its own resolution; MONAI's UNet has no
             full-resolution map. It costs time on every voxel (docs/benchmarks/quality.md, round 12).
+        upsample: ``monai_unet`` only: ``transposed`` (MONAI's UNet) or ``linear`` (:class:`MonaiUNetPath`).
     """
 
     def __init__(self, style: str, in_chans: int, feature_channels: Sequence[int], factors: Sequence[Int3],
-                 feature_size: int, num_classes: int | None = None, stem: bool = False) -> None:
+                 feature_size: int, num_classes: int | None = None, stem: bool = False,
+                 upsample: str = "transposed") -> None:
         super().__init__()
         if style not in STYLES:
             raise ConfigError(f"decoder style must be one of {STYLES}, got {style!r}")
         if stem and style != "monai_unet":
             raise ConfigError(f"a decoder stem applies to monai_unet decoders (the resunet3d_* encoders); this "
                               f"one is {style}, which has its own full-resolution skip: leave the stem off")
+        if upsample != "transposed" and style != "monai_unet":
+            raise ConfigError(f"decoder up-sampling {upsample!r} applies to monai_unet decoders (the resunet3d_* "
+                              f"encoders); this one is {style}: leave it at 'transposed'")
         self.style = style
         self.feature_size = feature_size
         # the full-resolution map of the input: the unet/unetr skip, or the monai_unet stem
@@ -210,7 +242,7 @@ class SegDecoder(nn.Module):
         if style == "monai_unet":
             self.lift = nn.ModuleList()
             self.path: nn.Module = MonaiUNetPath(feature_channels, factors, feature_size,
-                                                 feature_size if stem else 0)
+                                                 feature_size if stem else 0, upsample)
         else:
             levels = len(factors)
             if len(feature_channels) != levels:
@@ -285,14 +317,14 @@ def _nested_factors(strides: Sequence[Int3], what: str) -> list[Int3]:
 
 def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Sequence[int], feature_size: int,
                   num_classes: int | None, indices: Sequence[int] = (), stem: bool = False,
-                  ) -> tuple[SegDecoder, list[int] | None]:
+                  upsample: str = "transposed") -> tuple[SegDecoder, list[int] | None]:
     """The decoder for ``encoder`` and the ``forward_intermediates`` indices it consumes.
 
     ``style="auto"`` picks ``monai_unet`` for an encoder whose two deepest maps share a stride
     (:class:`~vol3d.models.unet3d.ResUNetEncoder`), ``unetr`` when every map has the same stride
     (a plain ViT) and ``unet`` otherwise. ``patch_size`` must be a multiple of the deepest
-    stride, so every window maps onto whole feature voxels. ``stem``: a full-resolution stem for a
-    ``monai_unet`` decoder (:class:`SegDecoder`).
+    stride, so every window maps onto whole feature voxels. ``stem`` and ``upsample``: a
+    full-resolution stem and the up-sampling of a ``monai_unet`` decoder (:class:`SegDecoder`).
     """
     channels, strides = probe_features(encoder, None)
     single_scale = len(set(strides)) == 1
@@ -322,9 +354,10 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
             raise ConfigError(f"model.intermediate_indices needs {len(factors)} blocks for patch stride {deepest}, "
                               f"got {list(indices)}")
         dim = int(channels[-1])
-        return SegDecoder("unetr", in_chans, [dim] * len(taps), factors, feature_size, num_classes, stem), taps
+        return SegDecoder("unetr", in_chans, [dim] * len(taps), factors, feature_size, num_classes, stem,
+                          upsample), taps
     if style == "monai_unet":
         factors = _nested_factors(strides[:-1], style)
-        return SegDecoder(style, in_chans, channels, factors, feature_size, num_classes, stem), None
+        return SegDecoder(style, in_chans, channels, factors, feature_size, num_classes, stem, upsample), None
     return SegDecoder("unet", in_chans, channels, _nested_factors(strides, style), feature_size, num_classes,
-                      stem), None
+                      stem, upsample), None

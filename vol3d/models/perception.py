@@ -51,11 +51,13 @@ class Perception(nn.Module):
         decoder: decoder style (``auto``: by the encoder, see :func:`build_decoder`).
         stem: a full-resolution stem on the input for a ``monai_unet`` decoder
             (:class:`~vol3d.models.decoders.SegDecoder`).
+        upsample: a ``monai_unet`` decoder's up-sampling, ``transposed`` or ``linear``
+            (:class:`~vol3d.models.decoders.MonaiUNetPath`).
     """
 
     def __init__(self, encoder: nn.Module, in_chans: int, input_shape: Sequence[int], labels: LabelSpec,
                  vocab: FindingVocab, feature_size: int, hidden: int, decoder: str = "auto",
-                 stem: bool = False) -> None:
+                 stem: bool = False, upsample: str = "transposed") -> None:
         super().__init__()
         self.labels, self.vocab = labels, vocab
         self.countable = [n for n, s in vocab.items() if s.countable]
@@ -63,7 +65,7 @@ class Perception(nn.Module):
         if not self.countable and not self.conditions:
             raise ConfigError("perception needs a finding vocabulary with at least one finding")
         self.decoder, indices = build_decoder(encoder, decoder, in_chans, input_shape, feature_size, None,
-                                              stem=stem)
+                                              stem=stem, upsample=upsample)
         self.indices: list[int] | None = indices
         fine_dim = probe_features(encoder, self.indices)[0][0]  # the finest map the decoder reads
         n_organs = len(labels.organs)

@@ -201,7 +201,7 @@ class Vol3DModel(nn.Module):
                                   "'labels' in the cache's vocab.json); a cache without label maps cannot train it yet")
             self.perception = Perception(self.encoder, config.in_chans, config.input_shape, self.labels, self.vocab,
                                          config.perception_dim, hidden, config.perception_decoder,
-                                         config.perception_stem)
+                                         config.perception_stem, config.perception_upsample)
             self.pointer = RegionPointer(hidden)
         summary = 0
         if self.perception is not None:

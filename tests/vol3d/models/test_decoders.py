@@ -1,4 +1,5 @@
-"""The perception decoder's full-resolution stem (``model.perception_stem``)."""
+"""The perception decoder's full-resolution stem (``model.perception_stem``) and up-sampling
+(``model.perception_upsample``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from preprocess.errors import ConfigError
-from vol3d.models.decoders import build_decoder
+from vol3d.models.decoders import MonaiUNetPath, build_decoder
 from vol3d.models.registry import create_encoder
 from vol3d.models.unet3d import ResUNetEncoder
 
@@ -57,3 +58,43 @@ def test_a_stem_is_for_monai_unet_decoders_only():
     enc = create_encoder("resnet3d_tiny", in_chans=1)
     with pytest.raises(ConfigError, match="stem"):
         build_decoder(enc, "unet", 1, (32, 32, 32), 8, None, stem=True)
+
+
+def _constant_response(upsample: str) -> torch.Tensor:
+    """MONAI UNet's up path over constant encoder maps (a 128^3 input): the full-resolution features."""
+    torch.manual_seed(0)
+    path = MonaiUNetPath([8, 16, 16], [(2, 2, 2), (2, 2, 2)], 4, 0, upsample).eval()
+    maps = [torch.ones(1, c, 128 // s, 128 // s, 128 // s) for c, s in zip([8, 16, 16], [2, 4, 4], strict=True)]
+    with torch.no_grad():
+        return path(maps)[0]
+
+
+def test_linear_up_sampling_keeps_a_constant_map_constant_where_the_transposed_convolution_ripples():
+    # an empty volume's encoder maps are constant away from the borders; a 3x3x3 transposed
+    # convolution at stride 2 overlaps every other voxel twice, so its output alternates, and the
+    # instance norms after it scale that up into a pattern the heads can read as findings
+    interior = (slice(None), slice(32, -32), slice(32, -32), slice(32, -32))
+    rippled = _constant_response("transposed")[interior]
+    flat = _constant_response("linear")[interior]
+    assert rippled.std(dim=(1, 2, 3)).mean() > 0.1
+    assert flat.std(dim=(1, 2, 3)).max() < 1e-4
+    # the borders still differ from the interior: a constant map is not all the decoder can give
+    assert _constant_response("linear").std(dim=(1, 2, 3)).mean() > 0.1
+
+
+def test_linear_up_sampling_learns_and_keeps_the_shape():
+    enc = _tiny_unet(in_chans=2)
+    dec, idx = build_decoder(enc, "monai_unet", 2, (16, 16, 8), 4, 3, stem=True, upsample="linear")
+    x = torch.randn(2, 2, 16, 16, 8)
+    y = dec(x, enc.forward_intermediates(x, idx))
+    assert y.shape == (2, 3, 16, 16, 8)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in dec.path.parameters())
+
+
+def test_up_sampling_is_checked_and_for_monai_unet_decoders_only():
+    with pytest.raises(ConfigError, match="up-sampling"):
+        build_decoder(_tiny_unet(), "monai_unet", 1, (16, 16, 16), 4, None, upsample="cubic")
+    with pytest.raises(ConfigError, match="monai_unet"):
+        build_decoder(create_encoder("resnet3d_tiny", in_chans=1), "unet", 1, (32, 32, 32), 8, None,
+                      upsample="linear")

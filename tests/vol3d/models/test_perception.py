@@ -513,18 +513,25 @@ def test_ehr_codes_of_a_volume_read_what_the_model_perceives(model):
     assert (logits[0] - logits[1]).tolist() == pytest.approx([0.3 * EHR_PRIOR_GAIN, 0.0])
 
 
-def test_a_perception_stem_is_built_saved_and_restored(model, tmp_path):
-    cfg = dataclasses.replace(model.config, perception_stem=True)
+@pytest.mark.parametrize("change", [{"perception_stem": True}, {"perception_upsample": "linear"}])
+def test_perception_decoder_options_are_built_saved_and_restored(model, tmp_path, change):
+    from monai.networks.blocks import UpSample
+
+    cfg = dataclasses.replace(model.config, **change)
     torch.manual_seed(1)
     m = Vol3DModel(cfg, tokenizer=model.tokenizer).eval()
-    assert m.perception is not None and m.perception.decoder.input_block is not None
-    assert model.perception is not None and model.perception.decoder.input_block is None
+    assert m.perception is not None and model.perception is not None
+    decoder, plain = m.perception.decoder, model.perception.decoder
+    if "perception_stem" in change:
+        assert decoder.input_block is not None and plain.input_block is None
+    else:
+        assert isinstance(decoder.path.ups[0][0], UpSample) and not isinstance(plain.path.ups[0][0], UpSample)
     volume = make_case(4)["image"][None]
     with torch.no_grad():
         before = m.encode_volume(volume)["perception"]["finding_logits"]
     m.save_pretrained(tmp_path / "m")
     again = Vol3DModel.from_pretrained(tmp_path / "m").eval()
-    assert again.config.perception_stem
+    assert all(getattr(again.config, k) == v for k, v in change.items())
     with torch.no_grad():
         assert torch.equal(again.encode_volume(volume)["perception"]["finding_logits"], before)
 
