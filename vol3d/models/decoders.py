@@ -14,7 +14,8 @@ Three styles:
 - ``unet`` (multi-scale encoders such as the ResNet): the encoder's own stage outputs
   are the skip connections of the same path (``UnetrUpBlock``: upsample, then concatenate);
 - ``monai_unet`` (:class:`vol3d.models.unet3d.ResUNetEncoder`): MONAI ``UNet``'s own up path,
-  concatenate at the lower resolution, then a transposed convolution and a ``ResidualUnit``;
+  concatenate at the lower resolution, then a transposed convolution (or interpolation and a
+  convolution: ``upsample="linear"``) and a ``ResidualUnit``;
   no full-resolution convolution but the last unit (on a CPU the cheapest and, at small
   budgets, the fastest to learn: docs/benchmarks/seg.md).
 
@@ -129,8 +130,10 @@ class MonaiUNetPath(nn.Module):
     trainable up-sampling: a 1x1x1 convolution to the new width, trilinear interpolation, then a
     3x3x3 convolution with the same norm and PReLU. A transposed convolution whose kernel overlaps
     unevenly (3 at stride 2) turns a constant map into one that alternates voxel by voxel, and the
-    instance norms after it scale that up: an empty volume's maps become a pattern the heads read
-    as findings (docs/benchmarks/quality.md, round 19). Interpolation keeps a constant map constant.
+    instance norms after it scale that up: an empty volume's maps become a pattern the heads can
+    read as findings. Interpolation keeps a constant map constant away from the borders; measured,
+    it did not make every model read an empty volume as empty, and its boxes were looser
+    (docs/benchmarks/quality.md, round 19), so the presets keep the transposed convolution.
 
     Args:
         channels: channels of ``m_0 .. m_L``.

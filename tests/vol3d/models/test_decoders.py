@@ -82,7 +82,7 @@ def test_linear_up_sampling_keeps_a_constant_map_constant_where_the_transposed_c
     assert _constant_response("linear").std(dim=(1, 2, 3)).mean() > 0.1
 
 
-def test_linear_up_sampling_learns_and_keeps_the_shape():
+def test_linear_up_sampling_keeps_the_shape_and_passes_gradients():
     enc = _tiny_unet(in_chans=2)
     dec, idx = build_decoder(enc, "monai_unet", 2, (16, 16, 8), 4, 3, stem=True, upsample="linear")
     x = torch.randn(2, 2, 16, 16, 8)
