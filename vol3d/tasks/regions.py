@@ -412,10 +412,11 @@ def perceived_from_maps(organ_map: np.ndarray | None, finding_prob: np.ndarray, 
     organs = _organ_regions(organ_map, labels, spacing, organ_scores) if organ_map is not None and labels else []
     evidence: dict[str, float] = {}
     below: list[Region] = []
+    taken = comps > 0
     for t, name in enumerate(countable):  # each type's finding x type map, read for both
         product = finding_prob * type_prob[t]
         evidence[name] = float(product.max()) if product.size else 0.0
-        below += _type_candidates(product, finding_prob, comps > 0, name, spacing, organ_map, labels,
+        below += _type_candidates(product, finding_prob, taken, name, spacing, organ_map, labels,
                                   homes[t] if homes else None)
     perceived = Perceived(findings, organs, {c: float(p) for c, p in zip(conditions, condition_prob, strict=True)},
                           evidence=evidence, candidates=below)
