@@ -13,6 +13,9 @@ from preprocess.config_io import from_dict, to_dict
 from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
 
+#: How the 3D convolutions of the encoder and the perception pad a volume's borders (``conv_padding``).
+CONV_PADDING = ("zeros", "replicate")
+
 
 @dataclass
 class Vol3DConfig:
@@ -74,6 +77,10 @@ class Vol3DConfig:
                                   "transposed (MONAI's UNet: a 3x3x3 transposed convolution) or linear (trilinear "
                                   "interpolation, then a 3x3x3 convolution: a constant map stays constant; "
                                   "vol3d.models.decoders.MonaiUNetPath)")
+    conv_padding: str = _f("zeros", "padding of every 3D convolution of the encoder, the perception and the heads: "
+                           "zeros (MONAI's and nnU-Net's) or replicate (the border voxel repeated: a constant "
+                           "volume gives constant maps at every layer, so with perception_upsample: linear an "
+                           "empty volume reads the same everywhere; vol3d.models.layers.set_conv_padding)")
     perception_patch: list[int] = _f([], "perception models: the crop size (X Y Z) the perception decoder learned "
                                      "on (filled by training from data.perception_patch); [] = whole volumes")
     look_again: bool = _f(True, "perception models that learned on crops (perception_patch): each finding the "
@@ -124,6 +131,8 @@ class Vol3DConfig:
             raise ConfigError(f"organ_keep_fraction must be in [0, 1], got {self.organ_keep_fraction}")
         if self.perception_patch and (len(self.perception_patch) != 3 or min(self.perception_patch) < 1):
             raise ConfigError(f"perception_patch must be 3 positive sizes (X Y Z) or [], got {self.perception_patch}")
+        if self.conv_padding not in CONV_PADDING:
+            raise ConfigError(f"conv_padding must be one of {CONV_PADDING}, got {self.conv_padding!r}")
         if self.max_findings < 1 or self.perception_dim < 1:
             raise ConfigError("max_findings and perception_dim must be >= 1")
         if self.box_head_dim < 1:

@@ -16,7 +16,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from preprocess.errors import ConfigError
 from vol3d.attention import Backend, attention
+from vol3d.models.config import CONV_PADDING
 
 Int3 = tuple[int, int, int]
 
@@ -175,6 +177,26 @@ class Conv3dSlicePad(nn.Conv3d):
         if self.z_pad:
             x = F.pad(x, (self.z_pad, self.z_pad, 0, 0, 0, 0), mode="replicate")
         return super().forward(x)
+
+
+def set_conv_padding(module: nn.Module, mode: str) -> int:
+    """Pad every padded ``Conv3d`` under ``module`` with ``mode`` (``zeros`` or ``replicate``; transposed
+    convolutions only pad with zeros and keep it); returns how many were set.
+
+    Why replicate: with zero padding a constant map that is not zero (a bias carried by a residual
+    branch) gets borders unlike its inside, and every instance norm after it scales that difference up
+    to unit variance, so an empty volume's deepest maps hold a pattern the heads can read. With the
+    border voxel repeated a constant map stays constant at every layer. The mode is not saved in the
+    weights: the model's config carries it (``Vol3DConfig.conv_padding``).
+    """
+    if mode not in CONV_PADDING:
+        raise ConfigError(f"conv_padding must be one of {CONV_PADDING}, got {mode!r}")
+    n = 0
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv3d) and (conv.padding == "same" if isinstance(conv.padding, str) else any(conv.padding)):
+            conv.padding_mode = mode
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- encoder interface

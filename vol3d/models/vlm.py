@@ -33,7 +33,7 @@ from torch import nn
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.config import Vol3DConfig
 from vol3d.models.heads import ContrastiveHead, EHRHead, GroundingHead, RegionPointer, TextTower
-from vol3d.models.layers import fourier_features, grid_to_tokens
+from vol3d.models.layers import fourier_features, grid_to_tokens, set_conv_padding
 from vol3d.models.processor import Vol3DProcessor
 from vol3d.models.reducers import create_reducer
 from vol3d.models.registry import create_encoder
@@ -223,6 +223,8 @@ class Vol3DModel(nn.Module):
         self.contrastive_head = (
             ContrastiveHead(dim, self.text_tower.hidden_size, config.contrastive_dim) if self.text_tower else None
         )
+        if config.conv_padding != "zeros":
+            set_conv_padding(self, config.conv_padding)
         self._apply_training_options()
 
     # ------------------------------------------------------------------ construction
