@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from preprocess.config_io import option as _f
 from preprocess.errors import ConfigError
+from vol3d.models.config import CONV_PADDING
 from vol3d.train.config import RunConfig
 
 #: The synthetic phantom's organ labels (``vol3d.synth.LABELS``), the default classes.
@@ -46,8 +47,12 @@ class SegModelConfig:
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
     grad_checkpointing: bool = _f(False, "recompute encoder blocks in backward (less memory)")
+    conv_padding: str = _f("zeros", "padding of every 3D convolution: zeros or replicate "
+                           "(vol3d.models.layers.set_conv_padding); --init RUN's wins")
 
     def __post_init__(self) -> None:
+        if self.conv_padding not in CONV_PADDING:
+            raise ConfigError(f"model.conv_padding must be one of {CONV_PADDING}, got {self.conv_padding!r}")
         self.patch_size = tuple(int(v) for v in self.patch_size)  # type: ignore[assignment]
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(f"model.patch_size must be 3 positive voxel counts, got {self.patch_size}")

@@ -24,6 +24,7 @@ from torch import nn
 from preprocess.config_io import from_dict, to_dict
 from preprocess.errors import ConfigError, InputError
 from vol3d.models.decoders import build_decoder
+from vol3d.models.layers import set_conv_padding
 from vol3d.models.registry import create_encoder
 from vol3d.rundir import PREPROCESS_NAME, VLM_CONFIG_NAME, WEIGHTS_NAME
 from vol3d.rundir import SEG_CONFIG_NAME as CONFIG_NAME
@@ -58,6 +59,8 @@ class SegModel(nn.Module):
             self.encoder, config.decoder, config.in_chans, config.patch_size, config.feature_size,
             config.num_classes, config.intermediate_indices,
         )
+        if config.conv_padding != "zeros":
+            set_conv_padding(self, config.conv_padding)
         self._apply_tuning()
 
     # ------------------------------------------------------------------ tuning
@@ -168,7 +171,7 @@ def model_dir(path: str | Path) -> Path:
 def load_init_encoder(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Encoder architecture and weights of a vol3d run (``vol3d train``/``finetune``, or a seg run).
 
-    Returns ``({"encoder", "encoder_overrides", "in_chans"}, state_dict)``. Only the
+    Returns ``({"encoder", "encoder_overrides", "in_chans", "conv_padding"}, state_dict)``. Only the
     ``encoder.*`` tensors are read from ``model.safetensors`` (no language model is built).
     """
     from safetensors import safe_open
@@ -187,7 +190,7 @@ def load_init_encoder(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     else:
         raise InputError(f"--init {run}: {src} has neither {CONFIG_NAME} nor {VLM_CONFIG_NAME}")
     arch = {"encoder": cfg["encoder"], "encoder_overrides": dict(cfg.get("encoder_overrides") or {}),
-            "in_chans": int(cfg.get("in_chans", 1))}
+            "in_chans": int(cfg.get("in_chans", 1)), "conv_padding": str(cfg.get("conv_padding", "zeros"))}
     with safe_open(str(src / WEIGHTS_NAME), framework="pt") as f:
         state = {k[len("encoder."):]: f.get_tensor(k) for k in f.keys() if k.startswith("encoder.")}  # noqa: SIM118
     if not state:

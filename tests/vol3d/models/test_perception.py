@@ -540,7 +540,7 @@ def test_perception_decoder_options_are_built_saved_and_restored(model, tmp_path
         assert torch.equal(again.encode_volume(volume)["perception"]["finding_logits"], before)
 
 
-def test_replicate_padding_and_linear_up_path_read_a_featureless_volume_alike_everywhere(model):
+def test_replicate_padding_and_the_linear_up_path_read_a_featureless_volume_alike_everywhere(model):
     # With zero padding a zeroed volume's maps get borders unlike their inside and the instance norms scale
     # them up (the image-blind model then perceived findings, quality.md round 20); with the border voxel
     # repeated and interpolation in the up path, every voxel of a constant volume reads the same.

@@ -108,13 +108,20 @@ def test_encoder_initialised_from_a_vision_language_run(tmp_path):
     lm = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128)
     vlm = Vol3DModel(Vol3DConfig(encoder="vit3d_tiny", input_shape=(32, 32, 16), encoder_overrides={"depth": 3},
-                                 lm_config=lm), tokenizer=build_tokenizer(["a liver lesion"] * 8, vocab_size=120))
+                                 lm_config=lm, conv_padding="replicate"),
+                    tokenizer=build_tokenizer(["a liver lesion"] * 8, vocab_size=120))
     vlm.save_pretrained(tmp_path / "vlm" / "model")
     arch, state = load_init_encoder(tmp_path / "vlm")
-    assert arch == {"encoder": "vit3d_tiny", "encoder_overrides": {"depth": 3}, "in_chans": 1}
+    assert arch == {"encoder": "vit3d_tiny", "encoder_overrides": {"depth": 3}, "in_chans": 1,
+                    "conv_padding": "replicate"}
     cfg = dataclasses.replace(SegModelConfig(patch_size=(32, 32, 16), feature_size=4), **arch)
     seg = SegModel(cfg, encoder_state=state)
     for k, v in vlm.encoder.state_dict().items():
         assert torch.equal(seg.encoder.state_dict()[k], v), k
+    # the run's padding travels with its encoder, to the decoder's convolutions too
+    padded = [c.padding_mode for c in seg.modules() if isinstance(c, torch.nn.Conv3d) and any(c.padding)]
+    assert padded and set(padded) == {"replicate"}
+    with pytest.raises(ConfigError, match="conv_padding"):
+        SegModelConfig(conv_padding="wrap")
     with pytest.raises(InputError, match="not a segmentation run|vision-language run"):
         model_dir(tmp_path / "vlm")
