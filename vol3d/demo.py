@@ -53,6 +53,11 @@ DEMO_PATCH_BALANCE = "type"
 #: The preset's full-resolution perception stem is off in the demo: in its five minutes the stem's slower
 #: perception steps stopped training at step 331 of 440 and broke the closed answers (round 12).
 DEMO_PERCEPTION_STEM = False
+#: The demo keeps MONAI's up path and zero padding (``model.perception_upsample`` / ``model.conv_padding``):
+#: the preset's replicate padding costs 30-60% more per step on two cores, and the demo's figures were
+#: measured with MONAI's path (the preset's change was measured at the benchmark's budget, round 20).
+DEMO_PERCEPTION_UPSAMPLE = "transposed"
+DEMO_CONV_PADDING = "zeros"
 #: Share of the demo's steps that train the perception alone (``perception_first``; the preset's 0.5 is for
 #: its long runs). Every closed answer, location and report finding now comes from the regions, so the
 #: demo's minutes go to the perception: 500 steps at 0.75 cost what 440 at 0.5 did and raised report F1
@@ -306,6 +311,7 @@ def train_config(opts: DemoOptions, paths: DemoPaths) -> Any:
                  # at the demo's few hundred steps the rarer findings need their share of the crops early
                  # (CT demo: grounding 0.48 -> 0.65; docs/benchmarks/quality.md, round 10)
                  "data.finding_patch_balance": DEMO_PATCH_BALANCE, "model.perception_stem": DEMO_PERCEPTION_STEM,
+                 "model.perception_upsample": DEMO_PERCEPTION_UPSAMPLE, "model.conv_padding": DEMO_CONV_PADDING,
                  "perception_first": DEMO_PERCEPTION_FIRST, "loss.finding_instance_balance": DEMO_FINDING_INSTANCE_BALANCE,
                  **opts.train_overrides}
     return load_yaml(TrainConfig, preset_path(TRAIN_PRESET, kind="train"), overrides)

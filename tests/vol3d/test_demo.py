@@ -381,19 +381,22 @@ def test_the_size_probe_reads_a_demo_folder(demo_runs, monkeypatch, capsys):
 
 
 def test_the_demo_turns_the_presets_perception_stem_off_unless_told_otherwise(tmp_path):
-    """tiny_cpu (the benchmark's preset) perceives with a full-resolution stem and trains the perception
-    alone for half its steps; the demo's five minutes train without the stem and give the perception
-    alone three quarters, and the demo's own overrides win."""
+    """tiny_cpu (the benchmark's preset) perceives with a full-resolution stem, replicate padding and an
+    interpolating up path, and trains the perception alone for half its steps; the demo's five minutes
+    train without the stem, with MONAI's padding and up path, and give the perception alone three
+    quarters, and the demo's own overrides win."""
     from preprocess.config_io import load_yaml
     from vol3d.presets import preset_path
     from vol3d.train.config import TrainConfig
 
     preset = load_yaml(TrainConfig, preset_path("tiny_cpu", kind="train"))
     assert preset.model.perception_stem and preset.perception_first == 0.5 and preset.model.ehr_finding_prior
+    assert (preset.model.perception_upsample, preset.model.conv_padding) == ("linear", "replicate")
     paths = demo.DemoPaths(tmp_path / "d")
     mine = demo.train_config(demo.DemoOptions(out=paths.out), paths)
     assert not mine.model.perception_stem and mine.perception_first == demo.DEMO_PERCEPTION_FIRST == 0.75
     assert mine.perception_steps == 375  # of the default 500
     assert mine.loss.finding_instance_balance == demo.DEMO_FINDING_INSTANCE_BALANCE == 1.0  # every lesion alike
+    assert (mine.model.perception_upsample, mine.model.conv_padding) == ("transposed", "zeros")
     told = demo.DemoOptions(out=paths.out, train_overrides={"model.perception_stem": True, "perception_first": 0.5})
     assert demo.train_config(told, paths).model.perception_stem and demo.train_config(told, paths).perception_first == 0.5
