@@ -54,7 +54,7 @@ DEMO_PATCH_BALANCE = "type"
 #: perception steps stopped training at step 331 of 440 and broke the closed answers (round 12).
 DEMO_PERCEPTION_STEM = False
 #: The demo keeps MONAI's up path and zero padding (``model.perception_upsample`` / ``model.conv_padding``):
-#: the preset's replicate padding costs 30-60% more per step on two cores, and the demo's figures were
+#: the preset's replicate padding costs 20-60% more per step on two cores, and the demo's figures were
 #: measured with MONAI's path (the preset's change was measured at the benchmark's budget, round 20).
 DEMO_PERCEPTION_UPSAMPLE = "transposed"
 DEMO_CONV_PADDING = "zeros"
