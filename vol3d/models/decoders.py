@@ -131,9 +131,10 @@ class MonaiUNetPath(nn.Module):
     3x3x3 convolution with the same norm and PReLU. A transposed convolution whose kernel overlaps
     unevenly (3 at stride 2) turns a constant map into one that alternates voxel by voxel, and the
     instance norms after it scale that up: an empty volume's maps become a pattern the heads can
-    read as findings. Interpolation keeps a constant map constant away from the borders; measured,
-    it did not make every model read an empty volume as empty, and its boxes were looser
-    (docs/benchmarks/quality.md, round 19), so the presets keep the transposed convolution.
+    read as findings. Interpolation keeps a constant map constant away from the borders; alone it
+    did not make every model read an empty volume as empty and its boxes were looser (round 19);
+    with replicate padding (``Vol3DConfig.conv_padding``) a constant volume reads the same at every
+    voxel and the boxes held, so ``tiny_cpu`` uses both (docs/benchmarks/quality.md, round 20).
 
     Args:
         channels: channels of ``m_0 .. m_L``.

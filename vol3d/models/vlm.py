@@ -223,8 +223,7 @@ class Vol3DModel(nn.Module):
         self.contrastive_head = (
             ContrastiveHead(dim, self.text_tower.hidden_size, config.contrastive_dim) if self.text_tower else None
         )
-        if config.conv_padding != "zeros":
-            set_conv_padding(self, config.conv_padding)
+        set_conv_padding(self, config.conv_padding)
         self._apply_training_options()
 
     # ------------------------------------------------------------------ construction

@@ -59,8 +59,7 @@ class SegModel(nn.Module):
             self.encoder, config.decoder, config.in_chans, config.patch_size, config.feature_size,
             config.num_classes, config.intermediate_indices,
         )
-        if config.conv_padding != "zeros":
-            set_conv_padding(self, config.conv_padding)
+        set_conv_padding(self, config.conv_padding)
         self._apply_tuning()
 
     # ------------------------------------------------------------------ tuning
