@@ -1,8 +1,9 @@
-"""scripts/bench_quality.py trains the tiny_cpu preset's perception (stem, perception-only share), not
+"""scripts/bench_quality.py trains the tiny_cpu preset's model and stages (stem, up path, padding, perception-only share), not
 the demo's five-minute variant of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ def test_the_benchmark_trains_the_presets_stem_and_stages_and_set_still_wins(tmp
     # the demo alone differs from the preset in both (its five minutes)
     mine = demo.train_config(demo.DemoOptions(out=paths.out), paths)
     assert (mine.model.perception_stem, mine.perception_first) != (cfg.model.perception_stem, cfg.perception_first)
+    # every model field is the preset's but the channels, which come from the cache (round 20's runs without
+    # --set trained the demo's up path and padding while the preset said otherwise)
+    bench_model, preset_model = dataclasses.asdict(cfg.model), dataclasses.asdict(preset.model)
+    assert {k for k in preset_model if bench_model[k] != preset_model[k]} <= {"in_chans"}
+    assert set(demo.FIVE_MINUTE_SWAPS) == set(chosen)
     told = {**chosen, **bench.overrides(["model.perception_stem=false", "perception_first=0.3"])}
     cfg = demo.train_config(demo.DemoOptions(out=paths.out, train_overrides=told), paths)
     assert not cfg.model.perception_stem and cfg.perception_first == 0.3

@@ -261,6 +261,19 @@ def test_headline_table_rows_and_columns():
     assert "n/a" in next(line for line in lines if "EHR macro AUROC" in line)
 
 
+def test_demo_table_shows_the_demos_own_targets():
+    ev = {"model": {"ground": {"acc_iou50": 0.75}, "measure": {"lesions_ge10mm": {"within10": 0.5}}}}
+    table = demo.headline_table(ev, explain=False, targets=demo.DEMO_TARGETS, target_name="demo target")
+    lines = table.splitlines()
+    assert "demo target" in lines[0]
+    assert ">= 0.6" in next(line for line in lines if "grounding Acc@IoU0.5" in line)
+    assert "blind <= 0.65" in next(line for line in lines if "presence (balanced)" in line)
+    # the benchmark's targets that the demo does not have are left out, not shown as the demo's
+    assert next(line for line in lines if "within 10%" in line).split("|")[-2].strip() == ""
+    assert "<= blind / 2" not in table
+    assert set(demo.DEMO_TARGETS) <= {key for key, *_ in demo.HEADLINE}
+
+
 def test_separation_needs_the_intervals_apart():
     model = {"ground": {"acc_iou50": 0.7, "acc_iou50_ci": [0.6, 0.8]},
              "report": {"findings": {"micro_f1": 0.5, "micro_f1_ci": [0.3, 0.6]}}}
