@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -82,13 +83,7 @@ def preset_choices() -> dict:
     from vol3d.train.config import TrainConfig
 
     cfg = load_yaml(TrainConfig, preset_path(demo.TRAIN_PRESET, kind="train"))
-    chosen = {}
-    for key in demo.FIVE_MINUTE_SWAPS:
-        node = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        chosen[key] = node
-    return chosen
+    return {key: functools.reduce(getattr, key.split("."), cfg) for key in demo.FIVE_MINUTE_SWAPS}
 
 
 def machine() -> dict:
