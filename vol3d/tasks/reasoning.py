@@ -434,10 +434,14 @@ def criterion_value(criterion: Criterion, region: Region) -> float:
 def call_conditions(perceived: Perceived, vocab: Mapping[str, Any] | None, labels: LabelSpec | None) -> Perceived:
     """``perceived`` with each condition that has a vocabulary criterion (``"craniocaudal > 120 mm"``)
     called by it on the perceived organ: probability 1.0 when it holds, 0.0 when it does not, the
-    classifier's where the organ was not found or a lower bound (cut by the border of the volume)
-    does not settle it. The criterion is what the export calls the condition by, so the presence
-    answer, the digest, the report and the chain's conclusion agree; the classifier's probabilities
-    stay in ``perceived.classifier``."""
+    classifier's where a lower bound (an organ cut by the border of the volume) does not settle it.
+    An organ the perception segments (a label of ``labels``) but did not find calls its condition
+    0.0: there is no organ in the volume to be enlarged, and the classifier, which pools the organ's
+    features, reads nothing there (on a volume of zeros it had said splenomegaly, 0.53). The
+    criterion is what the export calls the condition by, so the presence answer, the digest, the
+    report and the chain's conclusion agree; the classifier's probabilities stay in
+    ``perceived.classifier``. Without a criterion, or an organ label to look for, the classifier's
+    probability stands."""
     vocab = as_vocab(vocab)
     organs = list(labels.organs[1:]) if labels is not None else []
     calls = dict(perceived.conditions)
@@ -445,8 +449,11 @@ def call_conditions(perceived: Perceived, vocab: Mapping[str, Any] | None, label
         spec = vocab.get(name)
         criterion = parse_criterion(spec.criterion, where=f"finding {name!r}") if spec is not None else None
         label = _organ_label(spec.organ, organs) if criterion is not None else None
-        organ = next((r for r in perceived.organs if r.name == label), None) if label else None
-        if criterion is None or organ is None:
+        if criterion is None or label is None:
+            continue
+        organ = next((r for r in perceived.organs if r.name == label), None)
+        if organ is None:
+            calls[name] = 0.0
             continue
         holds = criterion.holds(criterion_value(criterion, organ))
         if holds or not organ.at_edge:
@@ -557,9 +564,11 @@ def reason(question: str, perceived: Perceived, vocab: Mapping[str, Any] | None,
             why = _verdict(criterion, value, present, organ)
             if finding in perceived.conditions and (p >= condition_threshold) != present:
                 why += f"; the classifier {p:.2f} disagrees"
-        else:
-            present = p >= condition_threshold
-            why = f"probability {p:.2f} {'>=' if present else '<'} {condition_threshold:g}"
+        else:  # the call of call_conditions where it made one (its organ not found), else the classifier's
+            called = float(perceived.conditions.get(finding, p))
+            present = called >= condition_threshold
+            why = (f"no {organ_text(organ_label)} found" if called != p and organ_label else
+                   f"probability {p:.2f} {'>=' if present else '<'} {condition_threshold:g}")
     steps.append(Step("conclusion", f"{why} -> {spec.text}: {'yes' if present else 'no'}",
                       value=float(present), name=finding))
     answer = f"{spec.text.capitalize()}: {'yes' if present else 'no'} ({why})."

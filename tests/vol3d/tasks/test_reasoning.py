@@ -273,9 +273,17 @@ def test_a_condition_with_a_criterion_is_called_by_it_on_the_perceived_organ():
     # the chain still names the classifier that disagrees
     chain = reason("Is there splenomegaly?", called, VOCAB, LABELS, SPACING)
     assert chain.present is True and "classifier 0.30 disagrees" in chain.conclusion.text
-    # no spleen found, or a criterion a lower bound does not settle: the classifier's probability stays
-    no_spleen = Perceived([], [r for r in long_spleen.organs if r.name != "spleen"], {"splenomegaly": 0.3})
-    assert call_conditions(no_spleen, VOCAB, LABELS) is no_spleen
+    # no spleen found where the perception segments spleens: no splenomegaly, however sure the classifier
+    no_spleen = Perceived([], [r for r in long_spleen.organs if r.name != "spleen"], {"splenomegaly": 0.9})
+    uncalled = call_conditions(no_spleen, VOCAB, LABELS)
+    assert uncalled.conditions == {"splenomegaly": 0.0} and uncalled.classifier == {"splenomegaly": 0.9}
+    assert presence_answer("Is there splenomegaly?", uncalled, VOCAB) == "no"
+    chain = reason("Is there splenomegaly?", uncalled, VOCAB, LABELS, SPACING)
+    assert chain.present is False and chain.conclusion.text == "no spleen found -> splenomegaly: no"
+    # a perception without organ labels has nothing to look for: the classifier's probability stays
+    assert call_conditions(no_spleen, VOCAB, None) is no_spleen
+    assert reason("Is there splenomegaly?", no_spleen, VOCAB, None, SPACING).present is True
+    # a criterion a lower bound does not settle: the classifier's probability stays
     cut = perceived(spleen_slices=20)
     cut.organs[1].at_edge = True  # at least 100 mm: may be more
     assert call_conditions(cut, VOCAB, LABELS).conditions == {"splenomegaly": 0.3}
