@@ -53,9 +53,11 @@ DEMO_PATCH_BALANCE = "type"
 #: The preset's full-resolution perception stem is off in the demo: in its five minutes the stem's slower
 #: perception steps stopped training at step 331 of 440 and broke the closed answers (round 12).
 DEMO_PERCEPTION_STEM = False
-#: The demo keeps MONAI's up path and zero padding (``model.perception_upsample`` / ``model.conv_padding``):
-#: the preset's replicate padding costs 20-60% more per step on two cores, and the demo's figures were
-#: measured with MONAI's path (the preset's change was measured at the benchmark's budget, round 20).
+#: The demo keeps MONAI's up path and zero padding (``model.perception_upsample`` / ``model.conv_padding``).
+#: In its configuration the interpolating up path costs about 40% more per step (seed 0 stopped at step
+#: 418 of 500, its findings found 0.548 -> 0.290); replicate padding alone costs 0-18% and measured mixed
+#: on five demo draws (targets met 6 -> 7 of 12 on three CT seeds, findings found worse on both MR seeds;
+#: docs/benchmarks/quality.md, round 22), so the preset's change (round 20) stays out of the demo.
 DEMO_PERCEPTION_UPSAMPLE = "transposed"
 DEMO_CONV_PADDING = "zeros"
 #: Share of the demo's steps that train the perception alone (``perception_first``; the preset's 0.5 is for
