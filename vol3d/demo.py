@@ -557,6 +557,11 @@ def evaluate_pipeline(pipe: Any, cases: Any, *, baseline: bool = True, samples_p
     return out
 
 
+def demo_table(evaluation: Mapping[str, Any], explain: bool = True) -> str:
+    """:func:`headline_table` against the demo's own targets (:data:`DEMO_TARGETS`)."""
+    return headline_table(evaluation, explain, targets=DEMO_TARGETS, target_name="demo target")
+
+
 def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str, Any], bool]:
     """Evaluate on the held-out split (or reuse ``eval.json`` for the same weights and settings)."""
     from vol3d.eval import jsonable
@@ -569,7 +574,7 @@ def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str,
         old = json.loads(paths.eval_json.read_text())
         if old.get("settings") == settings:
             _say(f"reusing the evaluation in {paths.eval_json} (same model weights and settings)")
-            _say(headline_table(old, targets=DEMO_TARGETS, target_name="demo target"))
+            _say(demo_table(old))
             return old, True
     ds, split = held_out(paths.cache, pipe.input_shape)
     _say(f"evaluating on the {len(ds)} held-out '{split}' cases (never seen in training): reports, closed and "
@@ -580,7 +585,7 @@ def step_eval(opts: DemoOptions, paths: DemoPaths, pipe: Any) -> tuple[dict[str,
     res["settings"] = settings
     res["split"] = split
     write_json(res, paths.eval_json)
-    _say(headline_table(res, targets=DEMO_TARGETS, target_name="demo target"))
+    _say(demo_table(res))
     return jsonable(res), False  # what eval.json holds
 
 
