@@ -73,10 +73,10 @@ class Vol3DConfig:
     perception_stem: bool = _f(False, "monai_unet perception decoders: a full-resolution stem on the input volume "
                                "that the decoder's top unit reads beside the up-sampled features "
                                "(vol3d.models.decoders.SegDecoder)")
-    perception_upsample: str = _f("transposed", "monai_unet perception decoders: how the up path up-samples, "
-                                  "transposed (MONAI's UNet: a 3x3x3 transposed convolution) or linear (trilinear "
-                                  "interpolation, then a 3x3x3 convolution: a constant map stays constant; "
-                                  "vol3d.models.decoders.MonaiUNetPath)")
+    perception_upsample: str = _f("transposed", "monai_unet and unet perception decoders (resunet3d_*, resnet3d_* "
+                                  "encoders): how the up path up-samples, transposed (MONAI's: a transposed "
+                                  "convolution) or linear (trilinear interpolation and a convolution: a constant map "
+                                  "stays constant; vol3d.models.decoders.MonaiUNetPath, InterpolatingUpBlock)")
     conv_padding: str = _f("zeros", "padding of every 3D convolution of the encoder, the perception and the heads: "
                            "zeros (MONAI's and nnU-Net's) or replicate (the border voxel repeated: a constant "
                            "volume gives constant maps at every layer, so with perception_upsample: linear an "

@@ -12,7 +12,8 @@ Three styles:
   structure), the deepest tap feeds the decoder path, with a full-resolution skip
   from the input volume (``UnetrBasicBlock``);
 - ``unet`` (multi-scale encoders such as the ResNet): the encoder's own stage outputs
-  are the skip connections of the same path (``UnetrUpBlock``: upsample, then concatenate);
+  are the skip connections of the same path (``UnetrUpBlock``: upsample, then concatenate; with
+  ``upsample="linear"`` interpolation instead of its transposed convolution, :class:`InterpolatingUpBlock`);
 - ``monai_unet`` (:class:`vol3d.models.unet3d.ResUNetEncoder`): MONAI ``UNet``'s own up path,
   concatenate at the lower resolution, then a transposed convolution (or interpolation and a
   convolution: ``upsample="linear"``) and a ``ResidualUnit``;
@@ -89,8 +90,10 @@ class UNetPath(nn.Module):
     """
 
     def __init__(self, skip_channels: Sequence[int], deep_channels: int, factors: Sequence[Int3],
-                 feature_size: int) -> None:
+                 feature_size: int, upsample: str = "transposed") -> None:
         super().__init__()
+        if upsample not in UPSAMPLING:
+            raise ConfigError(f"decoder up-sampling must be one of {UPSAMPLING}, got {upsample!r}")
         if len(skip_channels) != len(factors):
             raise ValueError(f"{len(skip_channels)} skips need {len(skip_channels)} factors, got {len(factors)}")
         widths = _level_channels(feature_size, len(factors))
@@ -101,7 +104,8 @@ class UNetPath(nn.Module):
         ups, cin = [], deep_channels
         for lvl in reversed(range(len(factors))):
             ups.append(UnetrUpBlock(3, cin, widths[lvl], kernel_size=3, upsample_kernel_size=factors[lvl],
-                                    norm_name=_NORM, res_block=True))
+                                    norm_name=_NORM, res_block=True) if upsample == "transposed"
+                       else InterpolatingUpBlock(cin, widths[lvl], factors[lvl]))
             cin = widths[lvl]
         self.ups = nn.ModuleList(ups)
 
@@ -112,6 +116,22 @@ class UNetPath(nn.Module):
         for up, lvl in zip(self.ups, reversed(range(len(self.project))), strict=True):
             x = up(x, self.project[lvl](skips[lvl]))
         return x
+
+
+class InterpolatingUpBlock(nn.Module):
+    """MONAI's ``UnetrUpBlock`` (up-sample, concatenate the skip, a residual block) with its transposed
+    convolution replaced by a 1x1x1 convolution and trilinear interpolation (MONAI's ``UpSample``): a
+    constant map stays constant, where a transposed convolution whose kernel overlaps unevenly makes it
+    alternate voxel by voxel (see :class:`MonaiUNetPath`)."""
+
+    def __init__(self, cin: int, cout: int, factor: Int3) -> None:
+        super().__init__()
+        self.up = UpSample(3, cin, cout, scale_factor=factor, mode="nontrainable", pre_conv="default",
+                           interp_mode="trilinear", align_corners=False)
+        self.conv_block = UnetResBlock(3, 2 * cout, cout, kernel_size=3, stride=1, norm_name=_NORM)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(torch.cat([self.up(x), skip], dim=1))
 
 
 class MonaiUNetPath(nn.Module):
@@ -221,7 +241,9 @@ class SegDecoder(nn.Module):
             top unit reads beside the up-sampled features, so decisions about single voxels (a
             lesion's edge, a small lesion) see the input at its own resolution; MONAI's UNet has no
             full-resolution map. It costs time on every voxel (docs/benchmarks/quality.md, round 12).
-        upsample: ``monai_unet`` only: ``transposed`` (MONAI's UNet) or ``linear`` (:class:`MonaiUNetPath`).
+        upsample: ``monai_unet`` and ``unet``: ``transposed`` (MONAI's) or ``linear`` (:class:`MonaiUNetPath`,
+            :class:`InterpolatingUpBlock`); ``unetr`` keeps its transposed convolutions (a ViT's position
+            embeddings make an empty volume's tokens differ across it whatever the up path does).
     """
 
     def __init__(self, style: str, in_chans: int, feature_channels: Sequence[int], factors: Sequence[Int3],
@@ -233,9 +255,10 @@ class SegDecoder(nn.Module):
         if stem and style != "monai_unet":
             raise ConfigError(f"a decoder stem applies to monai_unet decoders (the resunet3d_* encoders); this "
                               f"one is {style}, which has its own full-resolution skip: leave the stem off")
-        if upsample != "transposed" and style != "monai_unet":
-            raise ConfigError(f"decoder up-sampling {upsample!r} applies to monai_unet decoders (the resunet3d_* "
-                              f"encoders); this one is {style}: leave it at 'transposed'")
+        if upsample != "transposed" and style == "unetr":
+            raise ConfigError(f"decoder up-sampling {upsample!r} applies to monai_unet and unet decoders (the "
+                              f"resunet3d_* and resnet3d_* encoders); this one is unetr (a ViT): leave it at "
+                              f"'transposed'")
         self.style = style
         self.feature_size = feature_size
         # the full-resolution map of the input: the unet/unetr skip, or the monai_unet stem
@@ -262,7 +285,7 @@ class SegDecoder(nn.Module):
             else:
                 self.lift = nn.ModuleList(nn.Identity() for _ in range(1, levels))
                 skip_channels = [feature_size, *feature_channels[:-1]]
-            self.path = UNetPath(skip_channels, feature_channels[-1], factors, feature_size)
+            self.path = UNetPath(skip_channels, feature_channels[-1], factors, feature_size, upsample)
         self.out = UnetOutBlock(3, feature_size, num_classes) if num_classes else None
 
     def forward_features(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -328,7 +351,7 @@ def build_decoder(encoder: nn.Module, style: str, in_chans: int, patch_size: Seq
     (:class:`~vol3d.models.unet3d.ResUNetEncoder`), ``unetr`` when every map has the same stride
     (a plain ViT) and ``unet`` otherwise. ``patch_size`` must be a multiple of the deepest
     stride, so every window maps onto whole feature voxels. ``stem`` and ``upsample``: a
-    full-resolution stem and the up-sampling of a ``monai_unet`` decoder (:class:`SegDecoder`).
+    full-resolution stem (``monai_unet``) and the up-sampling (``monai_unet``, ``unet``) (:class:`SegDecoder`).
     """
     channels, strides = probe_features(encoder, None)
     single_scale = len(set(strides)) == 1

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from preprocess.errors import ConfigError
 from vol3d.models.decoders import MonaiUNetPath, build_decoder
+from vol3d.models.layers import set_conv_padding
 from vol3d.models.registry import create_encoder
 from vol3d.models.unet3d import ResUNetEncoder
 
@@ -92,9 +93,35 @@ def test_linear_up_sampling_keeps_the_shape_and_passes_gradients():
     assert all(p.grad is not None for p in dec.path.parameters())
 
 
-def test_up_sampling_is_checked_and_for_monai_unet_decoders_only():
+def test_up_sampling_is_checked_and_not_for_unetr_decoders():
     with pytest.raises(ConfigError, match="up-sampling"):
         build_decoder(_tiny_unet(), "monai_unet", 1, (16, 16, 16), 4, None, upsample="cubic")
-    with pytest.raises(ConfigError, match="monai_unet"):
-        build_decoder(create_encoder("resnet3d_tiny", in_chans=1), "unet", 1, (32, 32, 32), 8, None,
+    with pytest.raises(ConfigError, match="up-sampling"):
+        build_decoder(create_encoder("resnet3d_tiny", in_chans=1), "unet", 1, (32, 32, 32), 8, None, upsample="cubic")
+    with pytest.raises(ConfigError, match="unetr"):
+        build_decoder(create_encoder("vit3d_tiny", in_chans=1), "unetr", 1, (32, 32, 16), 8, None,
                       upsample="linear")
+
+
+def test_a_resnet_unet_decoder_with_linear_up_sampling_reads_a_constant_volume_alike_everywhere():
+    # the GPU preset's encoder family (resnet3d_*, batch norm, a "unet" decoder): with replicate padding and
+    # interpolation in the up path a featureless volume gives the same features at every voxel, where the
+    # decoder's transposed convolutions (kernel = stride: every 2x2x2 block gets the kernel's pattern) do not
+    spread = {}
+    for upsample in ("transposed", "linear"):
+        torch.manual_seed(0)
+        enc = create_encoder("resnet3d_tiny", in_chans=1)
+        dec, idx = build_decoder(enc, "unet", 1, (32, 32, 32), 8, None, upsample=upsample)
+        assert set_conv_padding(enc, "replicate") > 0 and set_conv_padding(dec, "replicate") > 0
+        enc.eval(), dec.eval()
+        x = torch.full((1, 1, 32, 32, 32), 0.4)
+        with torch.no_grad():
+            spread[upsample] = float(dec.forward_features(x, enc.forward_intermediates(x, idx))[0].flatten(1).std(1).max())
+    assert spread["linear"] < 1e-4 and spread["transposed"] > 1e-2
+    # and it learns: the shape holds and every parameter of the path gets a gradient
+    x = torch.randn(2, 1, 32, 32, 32)
+    dec.train()
+    y = dec.forward_features(x, enc.forward_intermediates(x, idx))
+    assert y.shape == (2, 8, 32, 32, 32)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in dec.path.parameters())

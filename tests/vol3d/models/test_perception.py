@@ -650,3 +650,20 @@ def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_larg
     assert set(batch["finding_size"][sized].unique().tolist()) <= {27.0}  # every lesion of make_case is 3 x 3 x 3
     with pytest.raises(ConfigError, match="finding_instance_balance"):
         LossConfig(finding_instance_balance=1.5)
+
+
+def test_a_resnet_perception_reads_a_featureless_volume_alike_everywhere(model, tmp_path):
+    # the GPU preset's encoder family (resnet3d_*: batch norm, a "unet" decoder) takes the interpolating up
+    # path too; with replicate padding a constant volume's perception maps are constant, and the choice is
+    # saved with the model
+    cfg = dataclasses.replace(model.config, encoder="resnet3d_tiny", encoder_overrides={}, input_shape=(32, 32, 32),
+                              perception_upsample="linear", conv_padding="replicate")
+    torch.manual_seed(3)
+    m = Vol3DModel(cfg, tokenizer=model.tokenizer).eval()
+    assert m.perception is not None and m.perception.decoder.style == "unet"
+    with torch.no_grad():
+        maps = m.encode_volume(torch.full((1, 1, 32, 32, 32), 0.3))["perception"]
+    assert all(float(maps[k][0].flatten(1).std(1).max()) < 1e-4 for k in ("finding_logits", "organ_logits"))
+    m.save_pretrained(tmp_path / "m")
+    again = Vol3DModel.from_pretrained(tmp_path / "m")
+    assert (again.config.perception_upsample, again.config.conv_padding) == ("linear", "replicate")
