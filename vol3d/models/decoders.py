@@ -121,8 +121,9 @@ class UNetPath(nn.Module):
 class InterpolatingUpBlock(nn.Module):
     """MONAI's ``UnetrUpBlock`` (up-sample, concatenate the skip, a residual block) with its transposed
     convolution replaced by a 1x1x1 convolution and trilinear interpolation (MONAI's ``UpSample``): a
-    constant map stays constant, where a transposed convolution whose kernel overlaps unevenly makes it
-    alternate voxel by voxel (see :class:`MonaiUNetPath`)."""
+    constant map stays constant, where the transposed convolution (kernel = stride here) stamps its
+    kernel's pattern on every block of voxels it makes (see :class:`MonaiUNetPath` for the overlapping
+    kind)."""
 
     def __init__(self, cin: int, cout: int, factor: Int3) -> None:
         super().__init__()

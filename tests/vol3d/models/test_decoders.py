@@ -113,7 +113,8 @@ def test_a_resnet_unet_decoder_with_linear_up_sampling_reads_a_constant_volume_a
         enc = create_encoder("resnet3d_tiny", in_chans=1)
         dec, idx = build_decoder(enc, "unet", 1, (32, 32, 32), 8, None, upsample=upsample)
         assert set_conv_padding(enc, "replicate") > 0 and set_conv_padding(dec, "replicate") > 0
-        enc.eval(), dec.eval()
+        enc.eval()
+        dec.eval()
         x = torch.full((1, 1, 32, 32, 32), 0.4)
         with torch.no_grad():
             spread[upsample] = float(dec.forward_features(x, enc.forward_intermediates(x, idx))[0].flatten(1).std(1).max())
