@@ -129,6 +129,7 @@ class LossConfig:
     organ: float = _f(0.0, "Perception: DiceCE of the organ masks (cases with label maps).")
     finding: float = _f(0.0, "Perception: BCE + Dice of the finding masks (cases with boxes or finding labels).")
     finding_pos_weight: float = _f(10.0, "Perception: BCE pos_weight of finding voxels (a lesion is a few voxels of a volume).")
+    finding_positive_share: float | None = _f(None, "Perception: null = the finding BCE averages every voxel of the batch (finding voxels weighted by finding_pos_weight, so their share of it follows how many there are); a share s in (0, 1) = s x the mean over the finding voxels (weighted as finding_instance_balance says) + (1 - s) x the mean over the others, whatever their number: a small lesion's loss is not diluted by the voxels around it, so one the model misses keeps its gradient (finding_pos_weight is then unused).")
     finding_instance_balance: float = _f(0.0, "Perception: exponent g of the finding voxels' weights in the finding BCE, Dice and type terms: a voxel of an instance of n voxels weighs n**-g, scaled so the batch's finding voxels average 1 (0 = every voxel alike, so large lesions dominate; 1 = every instance alike, as blob loss for many small lesions).")
     finding_type: float = _f(0.0, "Perception: cross-entropy of each finding voxel's type.")
     condition: float = _f(0.0, "Perception: BCE of the condition findings (e.g. splenomegaly) from their organ.")
@@ -141,6 +142,8 @@ class LossConfig:
                       organ=self.organ, finding=self.finding, finding_type=self.finding_type, condition=self.condition,
                       pointer=self.pointer, contrastive=self.contrastive)
         _positive("loss", finding_pos_weight=self.finding_pos_weight)
+        if self.finding_positive_share is not None and not 0.0 < self.finding_positive_share < 1.0:
+            raise ConfigError(f"loss.finding_positive_share must be null or in (0, 1), got {self.finding_positive_share}")
         if not 0.0 <= self.finding_instance_balance <= 1.0:
             raise ConfigError(f"loss.finding_instance_balance must be in [0, 1], got {self.finding_instance_balance}")
         _positive("loss", temperature=self.temperature)

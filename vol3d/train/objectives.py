@@ -161,6 +161,26 @@ def finding_weights(size: Tensor, target: Tensor, balance: float) -> Tensor:
     return weight
 
 
+def class_balanced_bce(logit: Tensor, target: Tensor, weight: Tensor | None, share: float) -> Tensor:
+    """BCE of a sparse 0/1 map as ``share`` x its mean over the target voxels (``weight``ed: e.g.
+    every instance alike, :func:`finding_weights`) + ``1 - share`` x its mean over the others.
+
+    Averaged over every voxel (``pos_weight``), a finding's share of the loss is its voxel count over
+    the batch's: a 14-voxel nodule in eight 32^3 crops is 0.005% of it, and once the model calls it
+    background with confidence its gradient is lost among the organ terms. Here each side keeps its
+    share however few voxels it has. A side with no voxel in the batch contributes 0.
+    """
+    import torch.nn.functional as F
+
+    pos = target > 0.5
+    per_voxel = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    zero = logit.sum() * 0.0
+    w = weight if weight is not None else torch.ones_like(per_voxel)
+    on = (per_voxel * w)[pos].sum() / w[pos].sum() if bool(pos.any()) else zero
+    off = per_voxel[~pos].mean() if bool((~pos).any()) else zero
+    return share * on + (1.0 - share) * off
+
+
 def grounding_losses(out: dict[str, Tensor], target: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Losses of the grounding head for ``Q`` queries, each with the true boxes of its answer
     ``target (Q, K, 6)`` in 0..1 (``mask (Q, K)`` marks the real ones).
@@ -514,7 +534,8 @@ class VLMObjective:
         ``finding``, ``finding_type``, ``condition``, ``pointer``).
 
         ``organ``: MONAI DiceCE (soft Dice over the batch, as nnU-Net's batch Dice) on the cases
-        with a label map; ``finding``: BCE (``finding_pos_weight`` for the rare finding voxels) plus
+        with a label map; ``finding``: BCE (``finding_pos_weight`` for the rare finding voxels, or
+        :func:`class_balanced_bce` with ``finding_positive_share``) plus
         soft Dice over the batch; ``finding_type``: cross-entropy of the type on finding voxels;
         ``condition``: BCE; ``pointer``: cross-entropy of each ``<box>``'s pointer against the regions
         that are its answer's true boxes (spread evenly: any instance is right). A term without
@@ -564,9 +585,13 @@ class VLMObjective:
             weight = None
             if "finding_size" in batch:
                 weight = finding_weights(batch["finding_size"], batch["finding_target"], w.finding_instance_balance)
-            pos = torch.tensor(w.finding_pos_weight, device=logit.device)
-            bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos,
-                                                     weight=weight[m] if weight is not None else None)
+            if w.finding_positive_share is None:
+                pos = torch.tensor(w.finding_pos_weight, device=logit.device)
+                bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos,
+                                                         weight=weight[m] if weight is not None else None)
+            else:
+                bce = class_balanced_bce(logit, target, weight[m] if weight is not None else None,
+                                         w.finding_positive_share)
             p = torch.sigmoid(logit)
             if weight is None:
                 dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)

@@ -18,7 +18,7 @@ from vol3d.models.vlm import NoRepeatNGram, box_token_index
 from vol3d.tasks import TaskMix
 from vol3d.tasks.regions import LabelSpec, digest_text, pack_regions, perceived_from_case
 from vol3d.train.config import LossConfig
-from vol3d.train.objectives import VLMObjective
+from vol3d.train.objectives import VLMObjective, class_balanced_bce, finding_weights
 
 SHAPE = (32, 32, 16)
 LABELS = ("background", "liver", "kidney_left", "spleen", "lesion")
@@ -650,6 +650,57 @@ def test_a_balanced_finding_loss_weighs_a_missed_small_lesion_like_a_missed_larg
     assert set(batch["finding_size"][sized].unique().tolist()) <= {27.0}  # every lesion of make_case is 3 x 3 x 3
     with pytest.raises(ConfigError, match="finding_instance_balance"):
         LossConfig(finding_instance_balance=1.5)
+
+
+def test_a_class_balanced_finding_bce_keeps_a_missed_lesions_gradient_whatever_the_crop(model):
+    """With ``finding_positive_share`` the gradient at a missed lesion does not shrink with the voxels around
+    it (averaged over every voxel it does, 1000-fold here); each side keeps its share, and each instance its
+    part of the finding side."""
+    def grad_at_lesion(n: int, share: float | None) -> float:
+        logit = torch.full((1, n, 10, 10), -8.0)  # every voxel called background with confidence
+        logit.requires_grad_(True)
+        target = torch.zeros_like(logit)
+        target[0, 0, 0, 0] = 1.0  # a one-voxel lesion, missed
+        if share is None:
+            loss = F.binary_cross_entropy_with_logits(logit, target, pos_weight=torch.tensor(10.0))
+        else:
+            loss = class_balanced_bce(logit, target, None, share)
+        loss.backward()
+        return float(logit.grad[0, 0, 0, 0])
+
+    assert grad_at_lesion(1, 0.1) == pytest.approx(grad_at_lesion(1000, 0.1), rel=1e-4)
+    assert grad_at_lesion(1, 0.1) == pytest.approx(-0.1, rel=1e-3)  # share x (sigmoid(-8) - 1)
+    assert grad_at_lesion(1, None) / grad_at_lesion(1000, None) == pytest.approx(1000, rel=1e-4)
+
+    target = torch.zeros(1, 8, 8, 8)
+    target[0, :2, :2, :2] = 1.0  # 8 voxels
+    target[0, 6, 6, 6] = 1.0  # 1 voxel
+    size = torch.where(target > 0, 8.0, 0.0)
+    size[0, 6, 6, 6] = 1.0
+    weight = finding_weights(size, target, 1.0)
+    logit = torch.zeros_like(target)
+    logit[0, 6, 6, 6] = 20.0  # the small one found, the large one at 0.5
+    on_big = 0.5 * F.softplus(torch.tensor(0.0))  # half the finding side, at the BCE of p = 0.5
+    off = F.softplus(torch.tensor(0.0))  # every background voxel at p = 0.5
+    expected = 0.3 * on_big + 0.7 * off
+    assert float(class_balanced_bce(logit, target, weight, 0.3)) == pytest.approx(float(expected), rel=1e-4)
+    assert float(class_balanced_bce(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), None, 0.3)) == pytest.approx(
+        0.7 * float(off), rel=1e-5)  # no finding in the batch: the background side alone, finite
+    # the objective uses it when the share is set, and pos_weight no longer matters
+    obj = VLMObjective(model.processor, TaskMix(report=1), LossConfig(finding=1, finding_positive_share=0.3),
+                       perception=(model.vocab, model.labels))
+    batch = {"organ_mask": torch.tensor([False]), "finding_mask": torch.tensor([True]), "finding_target": target,
+             "finding_type": torch.where(target > 0, 0, -100), "organ_target": torch.zeros(target.shape, dtype=torch.long)}
+    out = {"organ_logits": torch.zeros(1, 3, 8, 8, 8), "finding_logits": torch.stack([logit, torch.zeros_like(logit)], 1)}
+    p = torch.sigmoid(logit)
+    dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
+    unweighted = class_balanced_bce(logit, target, None, 0.3) + dice
+    assert float(obj.dense_losses(out, batch)["finding"]) == pytest.approx(float(unweighted), rel=1e-5)
+    obj.weights = LossConfig(finding=1, finding_positive_share=0.3, finding_pos_weight=99.0)
+    assert float(obj.dense_losses(out, batch)["finding"]) == pytest.approx(float(unweighted), rel=1e-5)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="finding_positive_share"):
+            LossConfig(finding_positive_share=bad)
 
 
 def test_a_resnet_perception_reads_a_featureless_volume_alike_everywhere(model, tmp_path):
