@@ -410,6 +410,8 @@ def test_the_demo_turns_the_presets_perception_stem_off_unless_told_otherwise(tm
     assert not mine.model.perception_stem and mine.perception_first == demo.DEMO_PERCEPTION_FIRST == 0.75
     assert mine.perception_steps == 375  # of the default 500
     assert mine.loss.finding_instance_balance == demo.DEMO_FINDING_INSTANCE_BALANCE == 1.0  # every lesion alike
+    assert preset.loss.finding_positive_share is None  # the preset averages every voxel
+    assert mine.loss.finding_positive_share == demo.DEMO_FINDING_POSITIVE_SHARE == 0.1  # a tenth to the findings
     assert (mine.model.perception_upsample, mine.model.conv_padding) == ("transposed", "zeros")
     told = demo.DemoOptions(out=paths.out, train_overrides={"model.perception_stem": True, "perception_first": 0.5})
     assert demo.train_config(told, paths).model.perception_stem and demo.train_config(told, paths).perception_first == 0.5
