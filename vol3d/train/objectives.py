@@ -165,9 +165,9 @@ def class_balanced_bce(logit: Tensor, target: Tensor, weight: Tensor | None, sha
     """BCE of a sparse 0/1 map as ``share`` x its mean over the target voxels (``weight``ed: e.g.
     every instance alike, :func:`finding_weights`) + ``1 - share`` x its mean over the others.
 
-    Averaged over every voxel (``pos_weight``), a finding's share of the loss is its voxel count over
-    the batch's: a 14-voxel nodule in eight 32^3 crops is 0.005% of it, and once the model calls it
-    background with confidence its gradient is lost among the organ terms. Here each side keeps its
+    Averaged over every voxel (with ``pos_weight``), a finding's share of the loss follows its voxel
+    count: a 14-voxel nodule is 0.005% of the voxels of eight 32^3 crops, and once the model calls it
+    background with confidence its gradient is lost among the other terms'. Here each side keeps its
     share however few voxels it has. A side with no voxel in the batch contributes 0.
     """
     import torch.nn.functional as F
