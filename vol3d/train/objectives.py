@@ -167,7 +167,7 @@ def class_balanced_bce(logit: Tensor, target: Tensor, weight: Tensor | None, sha
 
     Averaged over every voxel (with ``pos_weight``), a finding's share of the loss follows its voxel
     count: a 14-voxel nodule is 0.005% of the voxels of eight 32^3 crops, and once the model calls it
-    background with confidence its gradient is lost among the other terms'. Here each side keeps its
+    background with confidence its gradient is lost among those of the other terms. Here each side keeps its
     share however few voxels it has. A side with no voxel in the batch contributes 0.
     """
     import torch.nn.functional as F
