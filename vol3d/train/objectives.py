@@ -582,21 +582,20 @@ class VLMObjective:
         m = batch["finding_mask"]
         if bool(m.any()):
             logit, target = finding_logits[m, 0], batch["finding_target"][m].float()
-            weight = None
+            weight = own = None  # own: the weights of the cases with finding annotations
             if "finding_size" in batch:
                 weight = finding_weights(batch["finding_size"], batch["finding_target"], w.finding_instance_balance)
+                own = weight[m]
             if w.finding_positive_share is None:
                 pos = torch.tensor(w.finding_pos_weight, device=logit.device)
-                bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos,
-                                                         weight=weight[m] if weight is not None else None)
+                bce = F.binary_cross_entropy_with_logits(logit, target, pos_weight=pos, weight=own)
             else:
-                bce = class_balanced_bce(logit, target, weight[m] if weight is not None else None,
-                                         w.finding_positive_share)
+                bce = class_balanced_bce(logit, target, own, w.finding_positive_share)
             p = torch.sigmoid(logit)
-            if weight is None:
+            if own is None:
                 dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
             else:  # the finding voxels weighted, false positives as they are
-                wt = target * weight[m]
+                wt = target * own
                 dice = 1.0 - (2.0 * (p * wt).sum() + 1.0) / ((p * (1.0 - target)).sum() + (p * wt).sum() + wt.sum() + 1.0)
             terms["finding"] = bce + dice
             typed = batch["finding_type"] >= 0
