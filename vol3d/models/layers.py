@@ -199,6 +199,32 @@ def set_conv_padding(module: nn.Module, mode: str) -> int:
     return n
 
 
+def _channels_last_input(conv: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    x = args[0]
+    if x.ndim == 5 and not x.is_contiguous(memory_format=torch.channels_last_3d):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return (x, *args[1:])
+
+
+def use_channels_last(module: nn.Module) -> int:
+    """Run the 3D convolutions under ``module`` in channels-last memory order (N, X, Y, Z, C); returns how
+    many. Their weights are converted in place (the parameters stay the same objects, so an optimizer
+    built before or after sees them) and each convolution converts its input, which is a no-op once
+    the activations are channels-last. The same arithmetic up to float rounding. Why: oneDNN's 3D
+    convolutions on CPU skip their layout conversions this way; the CPU demo's perception steps took
+    26% less (docs/benchmarks/quality.md, round 24). Calling it again changes nothing."""
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    for conv in convs:
+        if getattr(conv, "_channels_last", False):
+            continue
+        for p in conv.parameters(recurse=False):
+            if p.ndim == 5:
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        conv.register_forward_pre_hook(_channels_last_input)
+        conv._channels_last = True
+    return len(convs)
+
+
 # ----------------------------------------------------------------------------- encoder interface
 
 

@@ -126,3 +126,37 @@ def test_a_resnet_unet_decoder_with_linear_up_sampling_reads_a_constant_volume_a
     assert y.shape == (2, 8, 32, 32, 32)
     y.square().mean().backward()
     assert all(p.grad is not None for p in dec.path.parameters())
+
+
+def test_channels_last_convolutions_compute_the_same_and_save_plainly(tmp_path):
+    """``use_channels_last`` (what the training loop does on CPU) keeps the parameters, their values and
+    the outputs and gradients (to float rounding); a second call changes nothing; weights save as usual."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from vol3d.models.layers import use_channels_last
+
+    torch.manual_seed(0)
+    enc = _tiny_unet(2)
+    dec, idx = build_decoder(enc, "monai_unet", 2, (16, 16, 16), 4, 3, stem=True)
+    plain = torch.nn.ModuleList([enc, dec])
+    fast = copy.deepcopy(plain)
+    params = list(fast.parameters())
+    n = use_channels_last(fast)
+    assert n > 0 and use_channels_last(fast) == n and list(fast.parameters()) == params  # same objects
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and len(conv._forward_pre_hooks) == 1
+    x = torch.randn(2, 2, 16, 16, 16)
+    outs = []
+    for model in (plain, fast):
+        y = model[1](x, model[0].forward_intermediates(x, idx))
+        y.square().mean().backward()
+        outs.append((y, [p.grad for p in model.parameters()]))
+    (y0, g0), (y1, g1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    save_file({k: v.contiguous() for k, v in fast.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    plain.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    torch.testing.assert_close(plain[1](x, plain[0].forward_intermediates(x, idx)), y1, rtol=1e-4, atol=1e-5)
