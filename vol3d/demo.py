@@ -344,16 +344,17 @@ def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None
     """Train (or resume, or reuse) the tiny model, for at most ``seconds`` of wall clock (None: every
     step). Returns whether a finished run was reused and the step at which the clock stopped training
     (None: it did not; the checkpoint of that step is where the next run resumes)."""
-    from vol3d.train.run import load_run_config, train, train_within
+    from vol3d.train.run import load_run_config, planned_steps, train, train_within
 
     run = paths.run
     step = trained_step(run)
-    if step is not None and step >= opts.steps and (run / "model" / "model.safetensors").is_file():
-        _say(f"reusing the trained model in {run / 'model'} (step {step} of {opts.steps})")
+    planned = load_run_config(run).max_steps if step is not None else opts.steps
+    if step is not None and step >= planned and (run / "model" / "model.safetensors").is_file():
+        _say(f"reusing the trained model in {run / 'model'} (step {step} of {planned})")
         return True, None
     resume = step is not None
     if resume:
-        _say(f"resuming training from step {step} of {opts.steps} ({run / 'checkpoints'})")
+        _say(f"resuming training from step {step} of {planned} ({run / 'checkpoints'})")
         # this folder's paths win over the recorded ones (the demo folder may have been moved)
         cfg = load_run_config(run, {"run_dir": str(run), "data.cache_dir": str(paths.cache.resolve()),
                                     "progress": opts.progress})
@@ -371,11 +372,15 @@ def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None
         assert seconds is not None
         _say(f"time budget: {seconds:.0f} s of training (the demo's {opts.budget_min:g} minutes less what came "
              "before and what follows; --budget-min 0 trains every step)")
-        reached, by_clock = train_within(cfg, seconds, resume=resume)
+        reached, by_clock = train_within(cfg, seconds, resume=resume, plan=True)
+        planned = planned_steps(cfg)
         if by_clock:
             stopped = reached
-            _say(f"the time budget stopped training at step {reached} of {cfg.max_steps}; the figures below are "
+            _say(f"the time budget stopped training at step {reached} of {planned}; the figures below are "
                  "that model's. Run the same command again to train the remaining steps, or pass --budget-min 0")
+        elif planned < opts.steps:
+            _say(f"trained the {planned} of the {opts.steps} steps that the time budget affords on this machine "
+                 f"(each stage its share; --budget-min 0 trains all {opts.steps})")
     else:
         if seconds is not None:
             _say("no time budget here (the clock needs the main thread of a POSIX process): training every step")

@@ -185,8 +185,9 @@ def test_the_time_budget_stops_training_and_says_so(demo_runs, tmp_path, monkeyp
     monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
     given = []
 
-    def clock(cfg, seconds, resume=False):  # the clock ran out before the last step
+    def clock(cfg, seconds, resume=False, plan=False):  # the clock ran out before the last step
         given.append((seconds, resume))
+        assert plan  # a new run would fit its steps to the seconds
         return TINY["steps"] - 1, True
 
     monkeypatch.setattr("vol3d.train.run.train_within", clock)
@@ -204,6 +205,48 @@ def test_the_time_budget_stops_training_and_says_so(demo_runs, tmp_path, monkeyp
     assert result.budget_stop is None and demo.trained_step(out / "run") == TINY["steps"]
     with pytest.raises(InputError, match="--budget-min"):
         demo.DemoOptions(budget_min=-1)
+
+
+def test_a_new_run_trains_the_steps_its_budget_affords_each_stage_its_share(demo_runs, tmp_path, monkeypatch):
+    """Where the measured steps are slower than the budget allows, the demo trains fewer steps with the
+    same stage shares (so its schedule anneals and the language model trains), records them in the run's
+    config.yaml, says so, and a rerun reuses the run as finished."""
+    import shutil
+
+    from vol3d.train import loop
+    from vol3d.train.run import PLAN_MARGIN, load_run_config
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_runs["out"], out)
+    shutil.rmtree(out / "run")
+    (out / "eval.json").unlink()
+    steps = 40
+    state = json.loads((out / demo.STATE_NAME).read_text())
+    (out / demo.STATE_NAME).write_text(json.dumps({**state, "steps": steps}))  # the export and cache stay valid
+    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    measured = []
+
+    def stage_seconds(cfg, model, objective, items, steps=3):  # a machine where steps take 100 s and 200 s
+        measured.append(objective.stage_starts)
+        return [100.0, 200.0]
+
+    monkeypatch.setattr(loop, "stage_seconds", stage_seconds)
+    opts = demo.DemoOptions(out=out, **{**TINY, "steps": steps}, budget_min=30)
+    result, text, _ = _run(opts)
+    first = demo.DEMO_PERCEPTION_FIRST
+    assert measured == [(round(first * steps),)]  # both stages measured, before the plan
+    # 30 minutes less what follows training and what came before the plan (part of the training step's
+    # seconds: building the model), in steps of 0.75 x 100 s + 0.25 x 200 s
+    left = 30 * 60 - demo.AFTER_TRAINING_S - sum(result.seconds[k] for k in ("synth", "preprocess"))
+    per_step = first * 100 + (1 - first) * 200
+    cfg = load_run_config(out / "run")
+    assert int(PLAN_MARGIN * (left - result.seconds["train"]) / per_step) <= cfg.max_steps <= int(PLAN_MARGIN * left / per_step)
+    assert cfg.max_steps < steps
+    assert cfg.perception_steps == round(first * cfg.max_steps) and demo.trained_step(out / "run") == cfg.max_steps
+    assert result.budget_stop is None
+    assert f"trained the {cfg.max_steps} of the {steps} steps that the time budget affords" in text
+    result, text, _ = _run(opts)
+    assert "train" in result.reused and f"(step {cfg.max_steps} of {cfg.max_steps})" in text
 
 
 def test_training_gets_the_budget_left_after_what_follows_it():

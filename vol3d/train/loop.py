@@ -14,9 +14,11 @@ the RNG forked, so they never perturb the training stream.
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -470,3 +472,47 @@ def fit(
     result.step = step
     return result
 
+
+def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_items: Sequence[Any],
+                  steps: int = 3) -> list[float]:
+    """Wall-clock seconds of one optimizer step in each stage of ``objective`` on this machine (one
+    entry per stage: ``[perception, every task]`` for a staged objective, else one), each the median
+    of ``steps`` steps after one that warms up. The steps run on a copy of ``model`` with its own
+    optimizer, in this process, the global RNGs forked: the run that follows starts as it would have
+    without the measurement. Building a batch and the step on it are timed apart: where the data
+    workers (``cfg.data.num_workers``) have cores of their own beside torch's threads, the loop builds
+    the next batch while the model steps, so a step takes the longer of the two; else (no worker, or
+    a worker that shares the cores, as on a 2-core CPU) their sum. What :func:`vol3d.train.run.train`
+    plans a time budget's steps with."""
+    device = ddp.setup(cfg.device).device
+    amp_dtype = resolve_precision(cfg.precision, device)
+    probe = copy.deepcopy(model)
+    if hasattr(probe, "set_precision"):
+        probe.set_precision(amp_dtype)
+    probe.to(device).train()
+    if device.type == "cpu":  # as fit runs it
+        use_channels_last(probe)
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=0.0)
+    batches = _PlannedBatches(train_items, objective, DataPlan(len(train_items), cfg.data.batch_size, 1, 0, cfg.seed))
+    workers = cfg.data.num_workers
+    overlap = workers > 0 and (device.type == "cuda" or (os.cpu_count() or 1) >= torch.get_num_threads() + workers)
+    seconds = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for start in (0, *getattr(objective, "stage_starts", ())):
+            times = []
+            for k in range(steps + 1):
+                t0 = time.perf_counter()
+                batch = to_device(batches[start + k], device)
+                t1 = time.perf_counter()
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, _ = objective.loss(probe, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                data, compute = t1 - t0, time.perf_counter() - t1
+                times.append(max(data, compute) if overlap else data + compute)
+            seconds.append(float(np.median(times[1:])) if steps > 0 else times[0])
+    del probe, optimizer
+    return seconds

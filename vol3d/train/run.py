@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -226,11 +228,13 @@ def check_heads(cfg: TrainConfig) -> None:
         raise ConfigError("perception_first does not apply to reinforcement fine-tuning (task grpo); set it to 0")
 
 
-def train_within(cfg: TrainConfig, seconds: float, resume: bool = False) -> tuple[int, bool]:
+def train_within(cfg: TrainConfig, seconds: float, resume: bool = False, plan: bool = False) -> tuple[int, bool]:
     """:func:`train` (or resume) until ``cfg.max_steps`` or until ``seconds`` of wall clock pass, whichever
     is first (then as after Ctrl-C: the last step is checkpointed and the model saved, so a later
-    ``resume`` continues). Returns the step reached and whether the clock stopped it; a real Ctrl-C
-    still raises :class:`~vol3d.train.loop.TrainingInterrupted`. Main thread only (SIGALRM)."""
+    ``resume`` continues). ``plan``: a new run first fits its steps to ``seconds`` (:func:`train`'s
+    ``budget_s``), so the clock stops it only where the steps run slower than measured. Returns the
+    step reached and whether the clock stopped it; a real Ctrl-C still raises
+    :class:`~vol3d.train.loop.TrainingInterrupted`. Main thread only (SIGALRM)."""
     import signal
 
     from vol3d.train.loop import TrainingInterrupted
@@ -245,21 +249,78 @@ def train_within(cfg: TrainConfig, seconds: float, resume: bool = False) -> tupl
     old = signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
     try:
-        return train(cfg, resume=resume).step, False
+        return train(cfg, resume=resume, budget_s=seconds if plan else None).step, False
     except TrainingInterrupted as exc:
         if not fired:
             raise
-        return exc.step, exc.step < cfg.max_steps
+        return exc.step, exc.step < planned_steps(cfg)
     except KeyboardInterrupt:  # the clock rang outside the loop (setting up, or closing after the last step)
         if not fired:
             raise
         step = checkpointed_step(Path(cfg.run_dir))
         if step is None:
             raise TrainingInterrupted(Path(cfg.run_dir), 0) from None
-        return step, step < cfg.max_steps
+        return step, step < planned_steps(cfg)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+#: Share of a time budget's seconds that :func:`steps_within` fills with steps: the rest is for the periodic
+#: validations and checkpoints, the final save and the measurement's noise (the clock stops a run that
+#: runs over; one whose schedule is cut short never anneals).
+PLAN_MARGIN = 0.9
+#: A run of at most this many steps trains them all without measuring (the measurement takes 8 steps).
+PLAN_FLOOR = 8
+
+
+def steps_within(seconds: float, stage_seconds: Sequence[float], shares: Sequence[float], most: int,
+                 margin: float = PLAN_MARGIN) -> int:
+    """Optimizer steps that fit ``margin`` x ``seconds`` when a step of stage ``k`` takes ``stage_seconds[k]``
+    and stage ``k`` is ``shares[k]`` of the steps; at least 1, at most ``most``."""
+    if len(stage_seconds) != len(shares):
+        raise ValueError(f"{len(stage_seconds)} stage times for {len(shares)} stage shares")
+    per_step = sum(float(s) * float(t) for s, t in zip(shares, stage_seconds, strict=True))
+    if per_step <= 0:
+        return most
+    return max(1, min(most, int(margin * max(seconds, 0.0) / per_step)))
+
+
+def plan_within(cfg: RunConfig, model: Any, objective: Any, train_items: Any, seconds: float, info: Any) -> None:
+    """Set ``cfg.max_steps`` to the steps ``seconds`` afford on this machine (at most the configured ones),
+    each stage keeping its share (``perception_first``): the steps of each stage are measured first
+    (:func:`vol3d.train.loop.stage_seconds`). A run of several processes, or of at most
+    :data:`PLAN_FLOOR` steps, keeps its steps (the clock still stops it)."""
+    from vol3d.train.loop import stage_seconds
+
+    if cfg.max_steps <= PLAN_FLOOR:
+        return  # measuring would cost more than the run
+    if info.enabled:
+        log.warning("a time budget plans the steps of a single-process run; %d processes train max_steps=%d",
+                    info.world_size, cfg.max_steps)
+        return
+    t0 = time.perf_counter()
+    per = stage_seconds(cfg, model, objective, train_items)
+    seconds -= time.perf_counter() - t0
+    first = float(getattr(cfg, "perception_first", 0.0)) if len(per) == 2 else 0.0
+    shares = [first, 1.0 - first] if len(per) == 2 else [1.0]
+    steps = steps_within(seconds, per, shares, cfg.max_steps)
+    timing = " and ".join(f"{t:.2f} s" for t in per)
+    if steps < cfg.max_steps:
+        log.info("the time budget (%.0f s left) affords %d of the %d steps on this machine (a step takes %s%s); "
+                 "training %d", seconds, steps, cfg.max_steps, timing,
+                 " in the perception stage and with every task" if len(per) == 2 else "", steps)
+        cfg.max_steps = steps
+    else:
+        log.info("the time budget (%.0f s left) affords all %d steps on this machine (a step takes %s)", seconds,
+                 cfg.max_steps, timing)
+
+
+def planned_steps(cfg: TrainConfig) -> int:
+    """The steps of ``cfg``'s run as its ``config.yaml`` records them (a time budget may have planned fewer
+    than ``cfg.max_steps``); ``cfg.max_steps`` before the run has written one."""
+    path = Path(cfg.run_dir) / CONFIG_NAME
+    return load_run_config(cfg.run_dir).max_steps if cfg.run_dir and path.is_file() else cfg.max_steps
 
 
 def checkpointed_step(run_dir: Path) -> int | None:
@@ -272,10 +333,18 @@ def checkpointed_step(run_dir: Path) -> int | None:
     return int(json.loads((last / "trainer.json").read_text())["step"]) if last is not None else None
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
-    """Run (or resume) training as configured; returns the final step and metrics."""
+def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None) -> FitResult:
+    """Run (or resume) training as configured; returns the final step and metrics.
+
+    ``budget_s``: wall-clock seconds from this call that training may take. A new single-process
+    run then measures one step of each stage (:func:`vol3d.train.loop.stage_seconds`) and trains
+    the steps that fit (:func:`steps_within`; at most ``cfg.max_steps``), so its learning-rate
+    schedule anneals and each stage keeps its share on a slower machine too; ``config.yaml``
+    records the steps planned. Stopping at the budget is the caller's (:func:`train_within`)."""
     from vol3d.tasks import CodeVocab
     from vol3d.train.objectives import VLMObjective
+
+    started = time.perf_counter()
 
     if cfg.task == "seg":
         raise ConfigError("task seg is trained by `vol3d finetune --task seg`")
@@ -294,7 +363,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
         model.domain = domain_profile(train_ds, model).to_dict()
     check_heads(cfg)
     check_channels(train_ds, cfg.model.in_chans)
-    write_run_config(cfg, info.is_main)
     codes = CodeVocab(cfg.model.ehr_codes) if cfg.model.ehr_codes and cfg.loss.ehr > 0 else None
     perception, prevalence = None, None
     if cfg.model.perception:
@@ -313,6 +381,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
         objective: Any = GRPOObjective(model.processor, cfg.task_mix(), cfg.rl, model.vocab or None, cfg.data.max_length)
         log.info("reinforcement fine-tuning %s (GRPO, %s, %d answers per prompt): %d train cases", run_dir,
                  "+".join(cfg.rl.tasks), cfg.rl.group_size, len(train_ds))
+        if budget_s is not None and not resume:
+            plan_within(cfg, model, objective, train_ds, budget_s - (time.perf_counter() - started), info)
+        write_run_config(cfg, info.is_main)
         return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
     objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, augment,
                              cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
@@ -322,6 +393,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> FitResult:
                              finding_probability=cfg.data.finding_patch_probability,
                              perception_steps=cfg.perception_steps, patch_balance=cfg.data.finding_patch_balance)
     objective.task_metric_cases = cfg.data.val_task_cases
+    if budget_s is not None and not resume:
+        plan_within(cfg, model, objective, train_ds, budget_s - (time.perf_counter() - started), info)
+        objective.perception_steps = cfg.perception_steps
+    write_run_config(cfg, info.is_main)
     log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
              run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
              model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)

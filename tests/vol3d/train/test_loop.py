@@ -13,7 +13,8 @@ from toy import ToyObjective, toy_items, toy_model
 
 from vol3d.train.checkpoint import checkpoint_dirs
 from vol3d.train.config import DataConfig, OptimConfig, TrainConfig
-from vol3d.train.loop import DataPlan, TrainingInterrupted, fit, staged_schedule, warmup_cosine
+from vol3d.train.loop import DataPlan, TrainingInterrupted, fit, stage_seconds, staged_schedule, warmup_cosine
+from vol3d.train.run import steps_within
 
 
 def _cfg(tmp_path=None, **kw) -> TrainConfig:
@@ -288,3 +289,30 @@ def test_staged_schedule_runs_a_warmup_and_cosine_per_stage():
     assert f(3) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way down stage 1
     assert staged_schedule(2, 10, 0.1)(7) == warmup_cosine(2, 10, 0.1)(7)  # no stages: one schedule
     assert staged_schedule(2, 10, 0.1, (0, 10, 12))(7) == warmup_cosine(2, 10, 0.1)(7)  # starts outside the run
+
+
+def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(tmp_path):
+    """One time per stage, from batches of that stage; the model, its gradients and the global RNG are
+    untouched, so the run that follows trains exactly as without the measurement."""
+    obj, model = _StagedToy(), toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, max_steps=6)
+    state = torch.get_rng_state()
+    seconds = stage_seconds(cfg, model, obj, toy_items(16), steps=2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert obj.steps == [0, 1, 2, 3, 4, 5]  # 1 + 2 steps from each stage's start
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert len(stage_seconds(cfg, model, ToyObjective(), toy_items(16), steps=1)) == 1  # one stage, one time
+
+
+def test_steps_within_fills_the_seconds_with_each_stage_at_its_share():
+    # 0.75 x 1 s + 0.25 x 3 s = 1.5 s a step; 0.9 x 300 s of them
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000) == 180
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=100) == 100  # never more than asked
+    assert steps_within(300.0, [2.0], [1.0], most=1000, margin=1.0) == 150
+    assert steps_within(0.5, [2.0], [1.0], most=1000) == 1  # at least one step
+    assert steps_within(-5.0, [2.0], [1.0], most=1000) == 1
+    with pytest.raises(ValueError, match="stage"):
+        steps_within(300.0, [1.0, 3.0], [1.0], most=10)

@@ -148,7 +148,7 @@ def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
 
     resumed = []
 
-    def slow(cfg, resume=False):  # a training that would go on: the loop turns Ctrl-C into a checkpoint at step 7
+    def slow(cfg, resume=False, budget_s=None):  # a training that would go on: the loop turns Ctrl-C into a checkpoint at step 7
         resumed.append(resume)
         try:
             time.sleep(30)
@@ -160,17 +160,21 @@ def test_train_within_stops_on_the_clock_like_ctrl_c(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     assert run_module.train_within(TrainConfig(), 1.0, resume=True) == (7, True) and time.perf_counter() - t0 < 10
     assert resumed == [True]
-    monkeypatch.setattr(run_module, "train", lambda cfg, resume=False: SimpleNamespace(step=3))
+    budgets = []
+    monkeypatch.setattr(run_module, "train",
+                        lambda cfg, resume=False, budget_s=None: budgets.append(budget_s) or SimpleNamespace(step=3))
     assert run_module.train_within(TrainConfig(), 5.0) == (3, False)
+    assert run_module.train_within(TrainConfig(), 5.0, plan=True) == (3, False)
+    assert budgets == [None, 5.0]  # only a planned run fits its steps to the clock's seconds
 
-    def interrupted(cfg, resume=False):  # the user's Ctrl-C, long before the clock
+    def interrupted(cfg, resume=False, budget_s=None):  # the user's Ctrl-C, long before the clock
         raise TrainingInterrupted(tmp_path, 2)
 
     monkeypatch.setattr(run_module, "train", interrupted)
     with pytest.raises(TrainingInterrupted):
         run_module.train_within(TrainConfig(), 30.0)
 
-    def closing(cfg, resume=False):  # the clock rings after the loop, while the run closes
+    def closing(cfg, resume=False, budget_s=None):  # the clock rings after the loop, while the run closes
         time.sleep(30)
 
     monkeypatch.setattr(run_module, "train", closing)
