@@ -112,7 +112,7 @@ class DemoOptions:
 
     out: Path = Path("vol3d_demo")  # demo folder: export/, cache/, run/, eval.json, answer.png
     cases: int = 96  # synthetic studies (about 80% train, 10% val, 10% test by patient; ~15 s to make)
-    steps: int = 500  # optimizer steps of the tiny_cpu model (3/4 perception alone, then batch 4 x 4 questions; ~4 min on 2 idle cores)
+    steps: int = 500  # optimizer steps of the tiny_cpu model, at most (3/4 perception alone, then batch 4 x 4 questions; fewer where the time budget affords fewer)
     seed: int = 0  # seed of the synthetic data and of training
     modality: str = "ct"  # "ct": chest/abdomen CT; "mr": brain MR, T1/T2/FLAIR as three channels
     fresh: bool = False  # delete a previous demo in ``out`` first

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoOptions()
     parser.add_argument("--out", type=Path, default=d.out, help=f"demo folder (default ./{d.out})")
     parser.add_argument("--cases", type=int, default=d.cases, help=f"synthetic studies to make (default {d.cases})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"training steps, at most (default {d.steps}; fewer where the time budget "
+                                                                     "affords fewer on this machine)")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of data and training (default {d.seed})")
     parser.add_argument("--fresh", action="store_true", help="delete a previous demo in --out and start over")
     parser.add_argument("--no-baseline", action="store_true",
@@ -33,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finding", choices=[n for names in PREFERRED.values() for n in names],
                         help="finding to ask about (default: the first of these a held-out case has)")
     parser.add_argument("--budget-min", type=float, default=d.budget_min,
-                        help=f"minutes the whole demo may take (default {d.budget_min:g}): training stops early, "
-                             "checkpointed, when the steps left would not fit (the same command resumes it); "
-                             "0 trains every step")
+                        help=f"minutes the whole demo may take (default {d.budget_min:g}): a new run times a few "
+                             "steps and trains the ones that fit; training slower than measured stops early, "
+                             "checkpointed (the same command resumes it); 0 trains every step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -269,9 +269,11 @@ def train_within(cfg: TrainConfig, seconds: float, resume: bool = False, plan: b
 #: Share of a time budget's seconds that :func:`steps_within` fills with steps: the rest is for the periodic
 #: validations and checkpoints, the final save and the measurement's noise (the clock stops a run that
 #: runs over; one whose schedule is cut short never anneals).
-PLAN_MARGIN = 0.9
+PLAN_MARGIN = 0.95
 #: A run of at most this many steps trains them all without measuring (the measurement takes 8 steps).
 PLAN_FLOOR = 8
+#: With fewer seconds left than this after building the model, the run is not planned (the clock stops it).
+PLAN_MIN_S = 30.0
 
 
 def steps_within(seconds: float, stage_seconds: Sequence[float], shares: Sequence[float], most: int,
@@ -289,12 +291,12 @@ def steps_within(seconds: float, stage_seconds: Sequence[float], shares: Sequenc
 def plan_within(cfg: RunConfig, model: Any, objective: Any, train_items: Any, seconds: float, info: Any) -> None:
     """Set ``cfg.max_steps`` to the steps ``seconds`` afford on this machine (at most the configured ones),
     each stage keeping its share (``perception_first``): the steps of each stage are measured first
-    (:func:`vol3d.train.loop.stage_seconds`). A run of several processes, or of at most
-    :data:`PLAN_FLOOR` steps, keeps its steps (the clock still stops it)."""
+    (:func:`vol3d.train.loop.stage_seconds`). A run of several processes, of at most :data:`PLAN_FLOOR`
+    steps or with less than :data:`PLAN_MIN_S` seconds left keeps its steps (the clock still stops it)."""
     from vol3d.train.loop import stage_seconds
 
-    if cfg.max_steps <= PLAN_FLOOR:
-        return  # measuring would cost more than the run
+    if cfg.max_steps <= PLAN_FLOOR or seconds < PLAN_MIN_S:
+        return  # measuring would cost more than the run, or could take the seconds left
     if info.enabled:
         log.warning("a time budget plans the steps of a single-process run; %d processes train max_steps=%d",
                     info.world_size, cfg.max_steps)

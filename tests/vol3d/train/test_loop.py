@@ -309,10 +309,34 @@ def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(t
 
 def test_steps_within_fills_the_seconds_with_each_stage_at_its_share():
     # 0.75 x 1 s + 0.25 x 3 s = 1.5 s a step; 0.9 x 300 s of them
-    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000) == 180
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000, margin=0.9) == 180
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000) == 190  # PLAN_MARGIN, 0.95
     assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=100) == 100  # never more than asked
     assert steps_within(300.0, [2.0], [1.0], most=1000, margin=1.0) == 150
     assert steps_within(0.5, [2.0], [1.0], most=1000) == 1  # at least one step
     assert steps_within(-5.0, [2.0], [1.0], most=1000) == 1
     with pytest.raises(ValueError, match="stage"):
         steps_within(300.0, [1.0, 3.0], [1.0], most=10)
+
+
+def test_plan_within_measures_only_runs_worth_planning(monkeypatch):
+    """Too few seconds left, too few steps or several processes: the configured steps stand, unmeasured;
+    else the steps that fit (a single stage here)."""
+    from types import SimpleNamespace
+
+    from vol3d.train import loop, run
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured a run that is not planned")
+
+    monkeypatch.setattr(loop, "stage_seconds", never)
+    one = SimpleNamespace(enabled=False, world_size=1)
+    for seconds, steps, info in ((run.PLAN_MIN_S - 1, 500, one), (1e6, run.PLAN_FLOOR, one),
+                                 (100.0, 500, SimpleNamespace(enabled=True, world_size=2))):
+        cfg = _cfg(max_steps=steps)
+        run.plan_within(cfg, None, None, [], seconds, info)
+        assert cfg.max_steps == steps
+    monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [1.0])
+    cfg = _cfg(max_steps=500)
+    run.plan_within(cfg, None, None, [], 100.0, one)
+    assert cfg.max_steps in (94, 95)  # 0.95 x (100 s less the measurement's microseconds) at 1 s a step
