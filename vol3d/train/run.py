@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,10 +289,32 @@ def steps_within(seconds: float, stage_seconds: Sequence[float], shares: Sequenc
     return max(1, min(most, int(margin * max(seconds, 0.0) / per_step)))
 
 
+#: Where a time budget cuts a run whose perception stage comes first, the stage with every task keeps this
+#: share of its steps and the perception stage takes the rest of the seconds.
+LAST_STAGE_KEPT = 0.5
+
+
+def perception_kept(seconds: float, stage_seconds: Sequence[float], stage_steps: Sequence[int], proportional: int,
+                    margin: float = PLAN_MARGIN, kept: float = LAST_STAGE_KEPT) -> list[int] | None:
+    """The steps of the two stages of a cut plan that favours the first (the perception, which every answer
+    reads): the last keeps ``kept`` of its ``stage_steps``, the first takes what is left of ``margin`` x
+    ``seconds`` (at most its own). None where that gives the first stage fewer steps than ``proportional``
+    (its steps when both stages shrink alike, :func:`steps_within`)."""
+    if len(stage_seconds) != 2 or len(stage_steps) != 2:
+        raise ValueError(f"two stages, got {len(stage_seconds)} times and {len(stage_steps)} step counts")
+    last = max(1, math.ceil(kept * stage_steps[1]))
+    first = min(int(stage_steps[0]), int((margin * seconds - last * stage_seconds[1]) / max(stage_seconds[0], 1e-9)))
+    if first < proportional:
+        return None
+    return [first, last]
+
+
 def plan_within(cfg: RunConfig, model: Any, objective: Any, train_items: Any, seconds: float, info: Any) -> None:
-    """Set ``cfg.max_steps`` to the steps ``seconds`` afford on this machine (at most the configured ones),
-    each stage keeping its share (``perception_first``): the steps of each stage are measured first
-    (:func:`vol3d.train.loop.stage_seconds`). A run of several processes, of at most :data:`PLAN_FLOOR`
+    """Set ``cfg.max_steps`` to the steps ``seconds`` afford on this machine (at most the configured ones):
+    the steps of each stage are measured first (:func:`vol3d.train.loop.stage_seconds`). A cut run whose
+    perception stage comes first keeps half the steps of the stage with every task and gives the
+    perception the rest (:func:`perception_kept`; ``perception_first`` is set to match); else every
+    stage shrinks alike (:func:`steps_within`). A run of several processes, of at most :data:`PLAN_FLOOR`
     steps or with less than :data:`PLAN_MIN_S` seconds left keeps its steps (the clock still stops it)."""
     from vol3d.train.loop import stage_seconds
 
@@ -308,6 +331,12 @@ def plan_within(cfg: RunConfig, model: Any, objective: Any, train_items: Any, se
     shares = [first, 1.0 - first] if len(per) == 2 else [1.0]
     steps = steps_within(seconds, per, shares, cfg.max_steps)
     timing = " and ".join(f"{t:.2f} s" for t in per)
+    if steps < cfg.max_steps and len(per) == 2:
+        kept = perception_kept(seconds, per, [cfg.perception_steps, cfg.max_steps - cfg.perception_steps],
+                               round(first * steps))
+        if kept is not None:
+            steps = sum(kept)
+            cfg.perception_first = kept[0] / steps
     if steps < cfg.max_steps:
         log.info("the time budget (%.0f s left) affords %d of the %d steps on this machine (a step takes %s%s); "
                  "training %d", seconds, steps, cfg.max_steps, timing,

@@ -340,3 +340,20 @@ def test_plan_within_measures_only_runs_worth_planning(monkeypatch):
     cfg = _cfg(max_steps=500)
     run.plan_within(cfg, None, None, [], 100.0, one)
     assert cfg.max_steps in (94, 95)  # 0.95 x (100 s less the measurement's microseconds) at 1 s a step
+    # two stages, cut: the last keeps half its 125 steps, the perception gets the rest (at most its 375)
+    monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [0.5, 1.0])
+    cfg = _cfg(max_steps=500, perception_first=0.75)
+    run.plan_within(cfg, None, None, [], 240.5, one)
+    assert (cfg.max_steps, cfg.perception_steps) == (393, 330)
+
+
+def test_a_cut_plan_keeps_half_the_last_stage_and_gives_the_perception_the_rest():
+    from vol3d.train.run import perception_kept
+
+    # 0.95 x 240 s = 228 s: the last stage keeps 63 of its 125 steps (63 s), the perception the other 165 s
+    assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=273) == [330, 63]
+    assert perception_kept(1000.0, [0.5, 1.0], [375, 125], proportional=0) == [375, 63]  # never more than its own
+    assert perception_kept(60.0, [0.5, 1.0], [375, 125], proportional=20) is None  # less than shrinking alike
+    assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=331) is None
+    with pytest.raises(ValueError, match="two stages"):
+        perception_kept(240.0, [1.0], [300], proportional=0)
