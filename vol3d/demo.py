@@ -380,7 +380,7 @@ def step_train(opts: DemoOptions, paths: DemoPaths, seconds: float | None = None
                  "that model's. Run the same command again to train the remaining steps, or pass --budget-min 0")
         elif planned < opts.steps:
             _say(f"trained the {planned} of the {opts.steps} steps that the time budget affords on this machine "
-                 f"(the perception's stage first; --budget-min 0 trains all {opts.steps})")
+                 f"(the perception's stage first; --fresh --budget-min 0 trains all {opts.steps})")
     else:
         if seconds is not None:
             _say("no time budget here (the clock needs the main thread of a POSIX process): training every step")

@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoOptions()
     parser.add_argument("--out", type=Path, default=d.out, help=f"demo folder (default ./{d.out})")
     parser.add_argument("--cases", type=int, default=d.cases, help=f"synthetic studies to make (default {d.cases})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"training steps, at most (default {d.steps}; fewer where the time budget "
-                                                                     "affords fewer on this machine)")
+    parser.add_argument("--steps", type=int, default=d.steps,
+                        help=f"training steps, at most (default {d.steps}; fewer where the time budget affords fewer "
+                             "on this machine)")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of data and training (default {d.seed})")
     parser.add_argument("--fresh", action="store_true", help="delete a previous demo in --out and start over")
     parser.add_argument("--no-baseline", action="store_true",
