@@ -39,6 +39,9 @@ _GLUED = re.compile(r"(?<=[a-z]{2})([.!?;])(?=[A-Za-z]{2})")
 _SPACE_BEFORE_STOP = re.compile(r"\s+([.,;:!?])")
 # a number standing alone ("31 x 28 mm", "3.5 cm"), not part of a name ("T2", "L1", "FLAIR2")
 _NUMBER = re.compile(r"(?<![A-Za-z\d.])\d+(?:\.\d+)?(?![A-Za-z\d])")
+# an untrained LM's token soup ("....alalalalmetricmetric", "BoBoBoBoQQQQ"): a unit of 2-4 letters written three
+# times in a row inside a word, or one letter four times; no word of a report does that ("grade III" is three)
+_SOUP = re.compile(r"([A-Za-z]{2,4})\1{2,}|([A-Za-z])\2{3,}")
 # a word a sentence says something with ("No PE." has one); a fragment without one but units ("1.", "24 x 2.",
 # "2 mm.") is a small LM's stray numbers
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -106,7 +109,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
     one it found), one that states a number the perception did not measure of what the sentence is
     about (:func:`measured_numbers`: every count, size and volume in the report is one of the
     regions'), a fragment (no word but units: "1.", "24 x 2 mm."; or starting in lower case), a
-    sentence said before. Added: a sentence, from the regions, for each perceived finding the report
+    sentence said before, token soup (``....alalalalmetricmetric``, what an untrained LM writes). Added: a sentence, from the regions, for each perceived finding the report
     no longer asserts (before the impression when there is one); "No significant findings." when
     nothing is left. A word written twice in a row is written once, a box the LM wrote into it is
     dropped and sentences it glued together ("lesion.liver") are parted."""
@@ -124,7 +127,7 @@ def reconcile_report(report: str, perceived: Perceived, vocab: Mapping[str, Any]
         body = sentence[header.end():] if header is not None else sentence
         numbers = {float(v) for v in _NUMBER.findall(body)}
         if (any(asserted != (name in present) for name, asserted in said.items()) or not _says_something(body)
-                or body.lstrip()[:1].islower() or key in seen
+                or body.lstrip()[:1].islower() or key in seen or _SOUP.search(body)
                 or not numbers <= measured_numbers(body, said, perceived, vocab)):
             if header is not None:
                 kept += [header.group(1), " "]

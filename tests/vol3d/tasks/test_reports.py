@@ -103,3 +103,17 @@ def test_a_report_with_nothing_left_says_so():
     assert reconcile_report("1. 2. 24 x 2. 2 mm.", normal, VOCAB) == "No significant findings."
     assert reconcile_report("No PE. 2 mm.", normal, VOCAB) == "No PE."  # an abbreviation is a word
     assert reconcile_report("", normal, VOCAB) == "No significant findings."
+
+
+def test_token_soup_goes_and_the_perception_says_what_it_found():
+    """An untrained LM's soup (as the clock-stopped demo printed it) is no sentence; real words that repeat
+    letters stay ("grade III", "Mississippi", "1000 mL")."""
+    perceived = Perceived([lesion()], [], {"splenomegaly": 0.9})
+    soup = "....alalalalmetricmetricmetricmetricalalalystystystyst!!!! BoBoBoBoQQQQ focal spine spineLLLL"
+    out = reconcile_report(soup, perceived, VOCAB)
+    assert out == ("There is a liver lesion measuring 31 x 28 mm in the liver. Splenomegaly is present.")
+    kept = "A grade III lesion in the liver. The spleen is enlarged."
+    assert reconcile_report(kept, perceived, VOCAB) == kept
+    from vol3d.tasks.reports import _SOUP
+
+    assert not any(_SOUP.search(w) for w in ("III", "Mississippi", "1000", "coccoid", "sessile", "hyperattenuating"))
