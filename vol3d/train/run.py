@@ -337,14 +337,11 @@ def plan_within(cfg: RunConfig, model: Any, objective: Any, train_items: Any, se
         if kept is not None:
             steps = sum(kept)
             cfg.perception_first = kept[0] / steps
-    if steps < cfg.max_steps:
-        log.info("the time budget (%.0f s left) affords %d of the %d steps on this machine (a step takes %s%s); "
-                 "training %d", seconds, steps, cfg.max_steps, timing,
-                 " in the perception stage and with every task" if len(per) == 2 else "", steps)
-        cfg.max_steps = steps
-    else:
-        log.info("the time budget (%.0f s left) affords all %d steps on this machine (a step takes %s)", seconds,
-                 cfg.max_steps, timing)
+    log.info("the time budget (%.0f s left) affords %d of the %d steps on this machine (a step takes %s%s)",
+             seconds, steps, cfg.max_steps, timing, " in the perception stage and with every task" if len(per) == 2 else "")
+    cfg.max_steps = steps
+    if len(per) == 2:  # the staged objective's stage boundary follows the plan
+        objective.perception_steps = cfg.perception_steps
 
 
 def planned_steps(cfg: TrainConfig) -> int:
@@ -368,10 +365,10 @@ def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None)
     """Run (or resume) training as configured; returns the final step and metrics.
 
     ``budget_s``: wall-clock seconds from this call that training may take. A new single-process
-    run then measures one step of each stage (:func:`vol3d.train.loop.stage_seconds`) and trains
-    the steps that fit (:func:`steps_within`; at most ``cfg.max_steps``), so its learning-rate
-    schedule anneals and each stage keeps its share on a slower machine too; ``config.yaml``
-    records the steps planned. Stopping at the budget is the caller's (:func:`train_within`)."""
+    run then measures a few steps of each stage and trains the steps that fit, at most
+    ``cfg.max_steps`` (:func:`plan_within`), so its learning-rate schedule anneals and its later stage
+    is reached on a slower machine too; ``config.yaml`` records the steps planned. Stopping at the
+    budget is the caller's (:func:`train_within`)."""
     from vol3d.tasks import CodeVocab
     from vol3d.train.objectives import VLMObjective
 
@@ -412,23 +409,19 @@ def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None)
         objective: Any = GRPOObjective(model.processor, cfg.task_mix(), cfg.rl, model.vocab or None, cfg.data.max_length)
         log.info("reinforcement fine-tuning %s (GRPO, %s, %d answers per prompt): %d train cases", run_dir,
                  "+".join(cfg.rl.tasks), cfg.rl.group_size, len(train_ds))
-        if budget_s is not None and not resume:
-            plan_within(cfg, model, objective, train_ds, budget_s - (time.perf_counter() - started), info)
-        write_run_config(cfg, info.is_main)
-        return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
-    objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, augment,
-                             cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
-                             perception=perception, prevalence=prevalence,
-                             patch_size=cfg.data.perception_patch or None,
-                             patches_per_case=cfg.data.perception_patches_per_case,
-                             finding_probability=cfg.data.finding_patch_probability,
-                             perception_steps=cfg.perception_steps, patch_balance=cfg.data.finding_patch_balance)
-    objective.task_metric_cases = cfg.data.val_task_cases
+    else:
+        objective = VLMObjective(model.processor, cfg.task_mix(), cfg.loss, codes, augment,
+                                 cfg.data.max_length, cfg.data.batch_size, box_tokens=cfg.model.box_head,
+                                 perception=perception, prevalence=prevalence,
+                                 patch_size=cfg.data.perception_patch or None,
+                                 patches_per_case=cfg.data.perception_patches_per_case,
+                                 finding_probability=cfg.data.finding_patch_probability,
+                                 perception_steps=cfg.perception_steps, patch_balance=cfg.data.finding_patch_balance)
+        objective.task_metric_cases = cfg.data.val_task_cases
+        log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
+                 run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
+                 model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)
     if budget_s is not None and not resume:
         plan_within(cfg, model, objective, train_ds, budget_s - (time.perf_counter() - started), info)
-        objective.perception_steps = cfg.perception_steps
     write_run_config(cfg, info.is_main)
-    log.info("training %s: %d train / %d val cases, %.2fM trainable parameters, %d volume tokens",
-             run_dir, len(train_ds), len(val_ds) if val_ds is not None else 0,
-             model.num_parameters(trainable_only=True) / 1e6, model.num_vol_tokens)
     return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)

@@ -343,8 +343,9 @@ def test_plan_within_measures_only_runs_worth_planning(monkeypatch):
     # two stages, cut: the last keeps half its 125 steps, the perception gets the rest (at most its 375)
     monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [0.5, 1.0])
     cfg = _cfg(max_steps=500, perception_first=0.75)
-    run.plan_within(cfg, None, None, [], 240.5, one)
-    assert (cfg.max_steps, cfg.perception_steps) == (393, 330)
+    objective = SimpleNamespace(perception_steps=cfg.perception_steps)
+    run.plan_within(cfg, None, objective, [], 240.5, one)
+    assert (cfg.max_steps, cfg.perception_steps, objective.perception_steps) == (393, 330, 330)
 
 
 def test_a_cut_plan_keeps_half_the_last_stage_and_gives_the_perception_the_rest():
