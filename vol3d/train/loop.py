@@ -474,12 +474,14 @@ def fit(
 
 
 def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_items: Sequence[Any],
-                  steps: int = 3) -> list[float]:
+                  steps: int = 3, warmup: int = 2) -> list[float]:
     """Wall-clock seconds of one optimizer step in each stage of ``objective`` on this machine (one
     entry per stage: ``[perception, every task]`` for a staged objective, else one), each the median
-    of ``steps`` steps after one that warms up. The steps run on a copy of ``model`` with its own
-    optimizer, in this process, the global RNGs forked: the run that follows starts as it would have
-    without the measurement. Building a batch and the step on it are timed apart: where the data
+    of ``steps`` steps after ``warmup`` that are not counted (a process's first steps fault in their
+    memory and build their kernels: on the 2-core CPU right after the demo's preprocessing, the
+    first perception steps took 0.6-0.7 s where the run's took 0.45 s). The steps run on a copy of
+    ``model`` with its own optimizer, in this process, the global RNGs forked: the run that follows
+    starts as it would have without the measurement. Building a batch and the step on it are timed apart: where the data
     workers (``cfg.data.num_workers``) have cores of their own beside torch's threads, the loop builds
     the next batch while the model steps, so a step takes the longer of the two; else (no worker, or
     a worker that shares the cores, as on a 2-core CPU) their sum. What :func:`vol3d.train.run.train`
@@ -500,7 +502,7 @@ def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for start in (0, *getattr(objective, "stage_starts", ())):
             times = []
-            for k in range(steps + 1):
+            for k in range(steps + warmup):
                 t0 = time.perf_counter()
                 batch = to_device(batches[start + k], device)
                 t1 = time.perf_counter()
@@ -513,6 +515,6 @@ def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_
                     torch.cuda.synchronize(device)
                 data, compute = t1 - t0, time.perf_counter() - t1
                 times.append(max(data, compute) if overlap else data + compute)
-            seconds.append(float(np.median(times[1:])) if steps > 0 else times[0])
+            seconds.append(float(np.median(times[warmup:])) if steps > 0 else times[-1])
     del probe, optimizer
     return seconds

@@ -298,7 +298,7 @@ def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(t
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg(tmp_path, max_steps=6)
     state = torch.get_rng_state()
-    seconds = stage_seconds(cfg, model, obj, toy_items(16), steps=2)
+    seconds = stage_seconds(cfg, model, obj, toy_items(16), steps=2, warmup=1)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert obj.steps == [0, 1, 2, 3, 4, 5]  # 1 + 2 steps from each stage's start
     assert torch.equal(torch.get_rng_state(), state)
