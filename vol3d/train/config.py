@@ -105,6 +105,7 @@ class OptimConfig:
     warmup_steps: int = _f(20, "Linear warmup from 0 to `lr` over this many optimizer steps (capped at max_steps).")
     min_lr_ratio: float = _f(0.1, "The cosine decays to lr * min_lr_ratio at max_steps.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
+    restart_trained: bool = _f(True, "A run in stages (perception_first): at a stage start the parameters an earlier stage trained warm up and follow a new cosine too (true); false: only the parameters new to the stage (the language model) warm up, the others stay at lr * min_lr_ratio, where their stage's cosine ended.")
 
     def __post_init__(self) -> None:
         _positive("optim", lr=self.lr)

@@ -142,17 +142,46 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases, norms and ``model.no_weight_decay()``."""
+def build_optimizer(model: nn.Module, cfg: RunConfig, first_stage: set[int] | None = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and ``model.no_weight_decay()``.
+
+    ``first_stage``: ids of the parameters that the first stage of a staged objective trains (see
+    :func:`first_stage_parameters`); they and the others then sit in groups of their own, each group's
+    ``"stage"`` saying when its parameters first train (0, or 1: at the first later stage), so that
+    :func:`group_schedule` can give them learning rates of their own. None: one stage for all.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    if not decay and not no_decay:
+            stage = 0 if first_stage is None or id(p) in first_stage else 1
+            groups.setdefault((stage, p.ndim >= 2 and name not in skip), []).append(p)
+    if not groups:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    order = [(0, True), (0, False), (1, True), (1, False)]
+    param_groups = [{"params": groups.get(k, []), "weight_decay": cfg.optim.weight_decay if k[1] else 0.0, "stage": k[0]}
+                    for k in order if k in groups or (first_stage is None and k[0] == 0)]
+    return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def first_stage_parameters(model: nn.Module, objective: Objective, train_items: Sequence[Any], cfg: RunConfig,
+                           device: torch.device) -> set[int]:
+    """Ids of the parameters that the first stage of a staged objective trains: those that the loss of
+    the run's own first batch reaches (one forward and backward; no ``.grad`` is written, buffers such
+    as batch-norm statistics are put back and the global RNGs forked, so the run is as without it)."""
+    plan = DataPlan(len(train_items), cfg.data.batch_size, 1, 0, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    amp_dtype = resolve_precision(cfg.precision, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batch = to_device(_PlannedBatches(train_items, objective, plan)[0], device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, _ = objective.loss(model, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -179,6 +208,29 @@ def staged_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[
     def factor(step: int) -> float:
         lo, part = next((lo, f) for lo, f in reversed(parts) if step >= lo)
         return part(step - lo)
+
+    return factor
+
+
+def group_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[int] = (), stage: int = 0,
+                   restart: bool = True):
+    """LR multiplier of a parameter group whose parameters first train in stage ``stage`` (0, or 1: at the
+    first of ``starts``). ``restart``: every group follows :func:`staged_schedule` (each stage warms the
+    whole model up again). Else a group warms up when its parameters first train and follows its cosine
+    to the end of that stage, then stays at ``min_ratio``: a later stage warms up only what is new to it
+    (the language model after the perception), and what an earlier stage trained goes on learning at
+    the low rate it had annealed to (``optim.restart_trained``)."""
+    if restart:
+        return staged_schedule(warmup, total, min_ratio, starts)
+    bounds = [0, *sorted(int(s) for s in starts if 0 < int(s) < total), total]
+    lo = bounds[min(stage, len(bounds) - 2)]
+    hi = bounds[min(stage, len(bounds) - 2) + 1] if stage == 0 else total
+    part = warmup_cosine(warmup, hi - lo, min_ratio)
+
+    def factor(step: int) -> float:
+        if step < lo:
+            return 0.0  # not trained yet: no gradients, and no decay either
+        return part(step - lo) if step < hi else min_ratio
 
     return factor
 
@@ -337,11 +389,14 @@ def fit(
     sharded = cfg.strategy == "fsdp" and info.enabled
     if sharded:  # before the optimizer is built: FSDP2 replaces the parameters by their shards
         ddp.shard(model, info)
-    optimizer = build_optimizer(model, cfg)
     stage_starts = tuple(getattr(objective, "stage_starts", ()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, staged_schedule(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio, stage_starts)
-    )
+    restart = cfg.optim.restart_trained or not stage_starts
+    first_stage = None if restart else first_stage_parameters(model, objective, train_items, cfg, device)
+    optimizer = build_optimizer(model, cfg, first_stage)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        group_schedule(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio, stage_starts, g["stage"],
+                       restart)
+        for g in optimizer.param_groups])
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -445,7 +500,7 @@ def fit(
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - t_window - paused
                 result.train = {f"train/{k}": v for k, v in window.mean().items()}
-                result.train["train/lr"] = scheduler.get_last_lr()[0]
+                result.train["train/lr"] = max(scheduler.get_last_lr())  # of the newest stage's parameters
                 result.train["train/samples_per_s"] = steps_in_window * samples_per_step / max(elapsed, 1e-9)
                 metrics.write(step, result.train)
                 t_window, steps_in_window, paused = time.perf_counter(), 0, 0.0

@@ -13,7 +13,16 @@ from toy import ToyObjective, toy_items, toy_model
 
 from vol3d.train.checkpoint import checkpoint_dirs
 from vol3d.train.config import DataConfig, OptimConfig, TrainConfig
-from vol3d.train.loop import DataPlan, TrainingInterrupted, fit, stage_seconds, staged_schedule, warmup_cosine
+from vol3d.train.loop import (
+    DataPlan,
+    TrainingInterrupted,
+    first_stage_parameters,
+    fit,
+    group_schedule,
+    stage_seconds,
+    staged_schedule,
+    warmup_cosine,
+)
 from vol3d.train.run import steps_within
 
 
@@ -289,6 +298,70 @@ def test_staged_schedule_runs_a_warmup_and_cosine_per_stage():
     assert f(3) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way down stage 1
     assert staged_schedule(2, 10, 0.1)(7) == warmup_cosine(2, 10, 0.1)(7)  # no stages: one schedule
     assert staged_schedule(2, 10, 0.1, (0, 10, 12))(7) == warmup_cosine(2, 10, 0.1)(7)  # starts outside the run
+
+
+class _TwoParts(torch.nn.Module):
+    """A regression whose second part (an additive linear term) joins at the second stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = toy_model(), torch.nn.Linear(4, 1)
+
+    def forward(self, x, both=True):
+        out = self.first(x)
+        return out + self.second(x) if both else out
+
+
+class _TwoStageToy(ToyObjective):
+    """Stage 1 (steps < 3) trains ``first`` alone, stage 2 both parts."""
+
+    stage_starts = (3,)
+
+    def make_batch(self, items, rngs, step=None):
+        return {**super().make_batch(items, rngs), "both": step is None or step >= 3}
+
+    def loss(self, model, batch):
+        pred = model(batch["x"], batch["both"]).squeeze(-1)
+        mse = ((pred - batch["y"]) ** 2).mean()
+        return mse, {"mse": mse.detach()}
+
+
+def test_first_stage_parameters_are_those_its_loss_reaches_and_the_model_is_left_as_it_was(tmp_path):
+    model, obj = _TwoParts(), _TwoStageToy()
+    before, state = _params(model), torch.get_rng_state()
+    found = first_stage_parameters(model, obj, toy_items(16), _cfg(tmp_path), torch.device("cpu"))
+    assert found == {id(p) for p in model.first.parameters()}
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_group_schedule_warms_up_only_what_is_new_to_a_stage():
+    first, new = (group_schedule(2, 10, 0.1, (4,), stage, restart=False) for stage in (0, 1))
+    one, two = warmup_cosine(2, 4, 0.1), warmup_cosine(2, 6, 0.1)
+    assert [first(s) for s in range(4)] == [one(s) for s in range(4)]
+    assert [first(s) for s in range(4, 10)] == [0.1] * 6  # where stage 1's cosine ended, no second warmup
+    assert [new(s) for s in range(4)] == [0.0] * 4  # not trained yet
+    assert [new(s) for s in range(4, 10)] == [two(s) for s in range(6)]
+    restart = staged_schedule(2, 10, 0.1, (4,))
+    assert all(group_schedule(2, 10, 0.1, (4,), k)(s) == restart(s) for k in (0, 1) for s in range(10))
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_stage_warms_up_only_its_new_parameters_unless_told_to_restart_all(tmp_path, restart):
+    model, obj = _TwoParts(), _TwoStageToy()
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, restart_trained=restart)
+    fit(_cfg(tmp_path, max_steps=6, ckpt_every=4, keep_last=5, optim=optim), model, obj, toy_items(16),
+        run_dir=tmp_path)
+    groups = torch.load(tmp_path / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False)
+    groups = groups["optimizer"]["param_groups"]
+    n_first = sum(1 for _ in model.first.parameters())
+    if restart:  # one schedule for the whole model: the second stage warms every parameter up again
+        assert [g["stage"] for g in groups] == [0, 0]
+        assert [g["lr"] for g in groups] == pytest.approx([1e-2 * staged_schedule(2, 6, 0.1, (3,))(4)] * 2)
+    else:  # first's weights and biases, then second's: apart, first at its annealed rate
+        assert [(g["stage"], len(g["params"])) for g in groups] == [(0, 2), (0, n_first - 2), (1, 1), (1, 1)]
+        assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2 * 2 / 3, 1e-2 * 2 / 3])
 
 
 def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(tmp_path):
