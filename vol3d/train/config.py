@@ -95,6 +95,10 @@ class DataConfig:
                               f"{self.finding_patch_balance!r}")
 
 
+#: What a later stage does with the parameters an earlier stage trained (``optim.stage_lr``).
+STAGE_LR = ("restart", "keep", "freeze")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay."""
@@ -105,13 +109,15 @@ class OptimConfig:
     warmup_steps: int = _f(20, "Linear warmup from 0 to `lr` over this many optimizer steps (capped at max_steps).")
     min_lr_ratio: float = _f(0.1, "The cosine decays to lr * min_lr_ratio at max_steps.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
-    restart_trained: bool = _f(True, "A run in stages (perception_first): at a stage start the parameters an earlier stage trained warm up and follow a new cosine too (true); false: only the parameters new to the stage (the language model) warm up, the others stay at lr * min_lr_ratio, where their stage's cosine ended.")
+    stage_lr: str = _f("restart", "A run in stages (perception_first), at a stage start, for the parameters an earlier stage trained: restart (they warm up and follow a new cosine with the parameters new to the stage), keep (they stay at lr * min_lr_ratio, where their stage's cosine ended) or freeze (they no longer train: a step of the stage skips their backward, about half of the demo's step with every task); the parameters new to the stage (the language model) warm up in each.")
 
     def __post_init__(self) -> None:
         _positive("optim", lr=self.lr)
         _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.stage_lr not in STAGE_LR:
+            raise ConfigError(f"optim.stage_lr must be one of {STAGE_LR}, got {self.stage_lr!r}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
 

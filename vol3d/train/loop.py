@@ -18,7 +18,6 @@ import copy
 import csv
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,10 +141,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, first_stage: set[int] | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: RunConfig, first_stage: set[str] | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases, norms and ``model.no_weight_decay()``.
 
-    ``first_stage``: ids of the parameters that the first stage of a staged objective trains (see
+    ``first_stage``: names of the parameters that the first stage of a staged objective trains (see
     :func:`first_stage_parameters`); they and the others then sit in groups of their own, each group's
     ``"stage"`` saying when its parameters first train (0, or 1: at the first later stage), so that
     :func:`group_schedule` can give them learning rates of their own. None: one stage for all.
@@ -154,7 +153,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, first_stage: set[int] | No
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            stage = 0 if first_stage is None or id(p) in first_stage else 1
+            stage = 0 if first_stage is None or name in first_stage else 1
             groups.setdefault((stage, p.ndim >= 2 and name not in skip), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -165,12 +164,15 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, first_stage: set[int] | No
 
 
 def first_stage_parameters(model: nn.Module, objective: Objective, train_items: Sequence[Any], cfg: RunConfig,
-                           device: torch.device) -> set[int]:
-    """Ids of the parameters that the first stage of a staged objective trains: those that the loss of
+                           device: torch.device) -> set[str]:
+    """Names of the parameters that the first stage of a staged objective trains: those that the loss of
     the run's own first batch reaches (one forward and backward; no ``.grad`` is written, buffers such
     as batch-norm statistics are put back and the global RNGs forked, so the run is as without it)."""
     plan = DataPlan(len(train_items), cfg.data.batch_size, 1, 0, cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return set()
+    names, params = [n for n, _ in trainable], [p for _, p in trainable]
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     amp_dtype = resolve_precision(cfg.precision, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -181,7 +183,7 @@ def first_stage_parameters(model: nn.Module, objective: Objective, train_items: 
     with torch.no_grad():
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
-    return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
+    return {n for n, g in zip(names, grads, strict=True) if g is not None}
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -213,26 +215,37 @@ def staged_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[
 
 
 def group_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[int] = (), stage: int = 0,
-                   restart: bool = True):
+                   stage_lr: str = "restart"):
     """LR multiplier of a parameter group whose parameters first train in stage ``stage`` (0, or 1: at the
-    first of ``starts``). ``restart``: every group follows :func:`staged_schedule` (each stage warms the
-    whole model up again). Else a group warms up when its parameters first train and follows its cosine
-    to the end of that stage, then stays at ``min_ratio``: a later stage warms up only what is new to it
-    (the language model after the perception), and what an earlier stage trained goes on learning at
-    the low rate it had annealed to (``optim.restart_trained``)."""
-    if restart:
+    first of ``starts``), by ``optim.stage_lr``. ``restart``: every group follows :func:`staged_schedule`
+    (each stage warms the whole model up again). Else a group warms up when its parameters first train
+    and follows its cosine to the end of that stage; then ``keep`` holds it at ``min_ratio``, where that
+    cosine ended, and ``freeze`` at 0 (its parameters no longer train; :func:`fit` also stops their
+    gradients). Either way a later stage warms up only what is new to it (the language model after the
+    perception)."""
+    if stage_lr == "restart":
         return staged_schedule(warmup, total, min_ratio, starts)
     bounds = [0, *sorted(int(s) for s in starts if 0 < int(s) < total), total]
     lo = bounds[min(stage, len(bounds) - 2)]
     hi = bounds[min(stage, len(bounds) - 2) + 1] if stage == 0 else total
     part = warmup_cosine(warmup, hi - lo, min_ratio)
+    after = 0.0 if stage_lr == "freeze" else min_ratio
 
     def factor(step: int) -> float:
         if step < lo:
             return 0.0  # not trained yet: no gradients, and no decay either
-        return part(step - lo) if step < hi else min_ratio
+        return part(step - lo) if step < hi else after
 
     return factor
+
+
+def freeze(model: nn.Module, names: set[str]) -> None:
+    """Stop training the parameters ``names`` of ``model`` (``optim.stage_lr: freeze`` at a later stage):
+    no gradient, so the backward pass stops where only they would need it."""
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            p.grad = None
 
 
 # ----------------------------------------------------------------------------- logging
@@ -386,17 +399,18 @@ def fit(
     model.to(device)
     if device.type == "cpu":  # oneDNN's 3D convolutions run faster channels-last (before the optimizer: its state follows)
         use_channels_last(model)
+    stage_starts = tuple(getattr(objective, "stage_starts", ()))
+    stage_lr = cfg.optim.stage_lr if stage_starts else "restart"
+    first_stage = None if stage_lr == "restart" else first_stage_parameters(model, objective, train_items, cfg, device)
     sharded = cfg.strategy == "fsdp" and info.enabled
     if sharded:  # before the optimizer is built: FSDP2 replaces the parameters by their shards
         ddp.shard(model, info)
-    stage_starts = tuple(getattr(objective, "stage_starts", ()))
-    restart = cfg.optim.restart_trained or not stage_starts
-    first_stage = None if restart else first_stage_parameters(model, objective, train_items, cfg, device)
     optimizer = build_optimizer(model, cfg, first_stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
         group_schedule(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio, stage_starts, g["stage"],
-                       restart)
+                       stage_lr)
         for g in optimizer.param_groups])
+    frozen_from = min(stage_starts) if stage_lr == "freeze" and first_stage else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -470,6 +484,10 @@ def fit(
     try:
         model.train()
         while step < cfg.max_steps:
+            if frozen_from is not None and step >= frozen_from:  # a later stage (also when resuming in it)
+                assert first_stage is not None
+                freeze(model, first_stage)
+                frozen_from = None
             for micro in range(accum):
                 batch = to_device(next(batches), device)
                 # Gradients are all-reduced only on the last micro-batch of a step.
@@ -529,18 +547,22 @@ def fit(
 
 
 def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_items: Sequence[Any],
-                  steps: int = 3, warmup: int = 2) -> list[float]:
+                  steps: int = 4, warmup: int = 2) -> list[float]:
     """Wall-clock seconds of one optimizer step in each stage of ``objective`` on this machine (one
-    entry per stage: ``[perception, every task]`` for a staged objective, else one), each the median
-    of ``steps`` steps after ``warmup`` that are not counted (a process's first steps fault in their
-    memory and build their kernels: on the 2-core CPU right after the demo's preprocessing, the
-    first perception steps took 0.6-0.7 s where the run's took 0.45 s). The steps run on a copy of
-    ``model`` with its own optimizer, in this process, the global RNGs forked: the run that follows
-    starts as it would have without the measurement. Building a batch and the step on it are timed apart: where the data
-    workers (``cfg.data.num_workers``) have cores of their own beside torch's threads, the loop builds
-    the next batch while the model steps, so a step takes the longer of the two; else (no worker, or
-    a worker that shares the cores, as on a 2-core CPU) their sum. What :func:`vol3d.train.run.train`
-    plans a time budget's steps with."""
+    entry per stage: ``[perception, every task]`` for a staged objective, else one), each the mean
+    of ``steps`` steps after ``warmup`` that are not counted.
+
+    The steps run as :func:`fit` runs them: the batches of that stage from a DataLoader with the
+    run's ``cfg.data.num_workers``, on a copy of ``model`` with its own optimizer, in this process,
+    the global RNGs forked, so the run that follows starts as it would have without the
+    measurement; a step's seconds run from the end of the one before (waiting for its batch
+    included; with ``optim.stage_lr: freeze`` a later stage's steps without the first stage's
+    parameters). What :func:`vol3d.train.run.train` plans a time budget's steps with. Why so: on the
+    demo's 2-core CPU a step with every task took 0.6-1.2 s by its batch's questions, so a median fell
+    short of the run's mean; building batches and stepping timed apart and summed gave 0.75-0.85 s where
+    the run, its data worker beside torch's two threads, took 1.0-1.1 s; and a process's first steps
+    fault in their memory and build their kernels (0.6-0.7 s where the run's perception steps took
+    0.45 s), so the clock cut planned runs short."""
     device = ddp.setup(cfg.device).device
     amp_dtype = resolve_precision(cfg.precision, device)
     probe = copy.deepcopy(model)
@@ -550,17 +572,20 @@ def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_
     if device.type == "cpu":  # as fit runs it
         use_channels_last(probe)
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=0.0)
-    batches = _PlannedBatches(train_items, objective, DataPlan(len(train_items), cfg.data.batch_size, 1, 0, cfg.seed))
-    workers = cfg.data.num_workers
-    overlap = workers > 0 and (device.type == "cuda" or (os.cpu_count() or 1) >= torch.get_num_threads() + workers)
+    plan = DataPlan(len(train_items), cfg.data.batch_size, 1, 0, cfg.seed)
+    starts = tuple(getattr(objective, "stage_starts", ()))
     seconds = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for start in (0, *getattr(objective, "stage_starts", ())):
-            times = []
-            for k in range(steps + warmup):
-                t0 = time.perf_counter()
-                batch = to_device(batches[start + k], device)
-                t1 = time.perf_counter()
+        for start in (0, *starts):
+            if start and cfg.optim.stage_lr == "freeze":  # the later stage skips what the first trained
+                freeze(probe, first_stage_parameters(probe, objective, train_items, cfg, device))
+            loader = torch.utils.data.DataLoader(
+                _PlannedBatches(train_items, objective, plan), batch_size=None,
+                sampler=range(start, start + warmup + max(steps, 1)), num_workers=cfg.data.num_workers,
+                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+            times, last = [], time.perf_counter()
+            for batch in loader:
+                batch = to_device(batch, device)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss, _ = objective.loss(probe, batch)
                 loss.backward()
@@ -568,8 +593,10 @@ def stage_seconds(cfg: RunConfig, model: nn.Module, objective: Objective, train_
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                data, compute = t1 - t0, time.perf_counter() - t1
-                times.append(max(data, compute) if overlap else data + compute)
-            seconds.append(float(np.median(times[warmup:])) if steps > 0 else times[-1])
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+            seconds.append(float(np.mean(times[warmup:])) if steps > 0 else times[-1])
+            del loader
     del probe, optimizer
     return seconds

@@ -271,8 +271,8 @@ def train_within(cfg: TrainConfig, seconds: float, resume: bool = False, plan: b
 #: validations and checkpoints, the final save and the measurement's noise (the clock stops a run that
 #: runs over; one whose schedule is cut short never anneals).
 PLAN_MARGIN = 0.95
-#: A run of at most this many steps trains them all without measuring (the measurement takes 10 steps).
-PLAN_FLOOR = 10
+#: A run of at most this many steps trains them all without measuring (the measurement takes 12 steps).
+PLAN_FLOOR = 12
 #: With fewer seconds left than this after building the model, the run is not planned (the clock stops it).
 PLAN_MIN_S = 30.0
 

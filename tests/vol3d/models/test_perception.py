@@ -332,6 +332,34 @@ def test_the_perception_stage_trains_the_perception_alone_then_every_task(model)
         model(None, None)
 
 
+def test_the_first_stage_parameters_of_a_perception_run_are_the_dense_path_alone(model):
+    """What ``optim.stage_lr: keep`` or ``freeze`` holds after the first stage: the encoder, the decoder and the
+    organ and finding heads; the language model, projector, pointer, condition heads and region embedding
+    first train with every task, so they warm up then."""
+    from vol3d.train.config import DataConfig, TrainConfig
+    from vol3d.train.loop import first_stage_parameters
+
+    obj = VLMObjective(model.processor, TaskMix(report=1, ground=1, samples_per_case=2),
+                       LossConfig(organ=1, finding=1, finding_type=1, condition=1, pointer=1),
+                       perception=(model.vocab, model.labels), patch_size=(16, 16, 8), patches_per_case=2,
+                       perception_steps=3)
+    cfg = TrainConfig(device="cpu", max_steps=6, data=DataConfig(batch_size=2))
+    model.train()
+    found = first_stage_parameters(model, obj, [make_case(0), make_case(1, lesions=1)], cfg, torch.device("cpu"))
+    ids = {id(p): name for name, p in model.named_parameters()}  # a shared module's parameters: one name
+
+    def names(*modules):
+        return {ids[id(p)] for m in modules for p in m.parameters() if p.requires_grad}
+
+    p = model.perception
+    assert names(p.organ_head, p.finding_head, p.decoder) <= found
+    assert any(name.startswith("encoder.") for name in found)
+    later = names(model.lm, model.projector, p.condition_head, p.region_embed,
+                  *([model.pointer] if model.pointer is not None else []))
+    assert later and not later & found
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_perception_stage_needs_a_perception_model(model):
     with pytest.raises(ValueError, match="perception"):
         VLMObjective(model.processor, TaskMix(report=1), LossConfig(), perception_steps=2)

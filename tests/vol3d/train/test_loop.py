@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from toy import ToyObjective, toy_items, toy_model
 
+from preprocess.errors import ConfigError
 from vol3d.train.checkpoint import checkpoint_dirs
 from vol3d.train.config import DataConfig, OptimConfig, TrainConfig
 from vol3d.train.loop import (
@@ -330,38 +333,54 @@ def test_first_stage_parameters_are_those_its_loss_reaches_and_the_model_is_left
     model, obj = _TwoParts(), _TwoStageToy()
     before, state = _params(model), torch.get_rng_state()
     found = first_stage_parameters(model, obj, toy_items(16), _cfg(tmp_path), torch.device("cpu"))
-    assert found == {id(p) for p in model.first.parameters()}
+    assert found == {f"first.{n}" for n, _ in model.first.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_group_schedule_warms_up_only_what_is_new_to_a_stage():
-    first, new = (group_schedule(2, 10, 0.1, (4,), stage, restart=False) for stage in (0, 1))
     one, two = warmup_cosine(2, 4, 0.1), warmup_cosine(2, 6, 0.1)
-    assert [first(s) for s in range(4)] == [one(s) for s in range(4)]
-    assert [first(s) for s in range(4, 10)] == [0.1] * 6  # where stage 1's cosine ended, no second warmup
-    assert [new(s) for s in range(4)] == [0.0] * 4  # not trained yet
-    assert [new(s) for s in range(4, 10)] == [two(s) for s in range(6)]
+    for stage_lr, after in (("keep", 0.1), ("freeze", 0.0)):
+        first, new = (group_schedule(2, 10, 0.1, (4,), stage, stage_lr) for stage in (0, 1))
+        assert [first(s) for s in range(4)] == [one(s) for s in range(4)]
+        assert [first(s) for s in range(4, 10)] == [after] * 6  # no second warmup
+        assert [new(s) for s in range(4)] == [0.0] * 4  # not trained yet
+        assert [new(s) for s in range(4, 10)] == [two(s) for s in range(6)]
     restart = staged_schedule(2, 10, 0.1, (4,))
     assert all(group_schedule(2, 10, 0.1, (4,), k)(s) == restart(s) for k in (0, 1) for s in range(10))
+    with pytest.raises(ConfigError, match="stage_lr"):
+        OptimConfig(stage_lr="thaw")
 
 
-@pytest.mark.parametrize("restart", [True, False])
-def test_a_stage_warms_up_only_its_new_parameters_unless_told_to_restart_all(tmp_path, restart):
+@pytest.mark.parametrize("stage_lr", ["restart", "keep", "freeze"])
+def test_a_stage_warms_up_only_its_new_parameters_unless_told_to_restart_all(tmp_path, stage_lr):
     model, obj = _TwoParts(), _TwoStageToy()
-    optim = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, restart_trained=restart)
-    fit(_cfg(tmp_path, max_steps=6, ckpt_every=4, keep_last=5, optim=optim), model, obj, toy_items(16),
-        run_dir=tmp_path)
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, stage_lr=stage_lr)
+    cfg = _cfg(tmp_path, max_steps=6, ckpt_every=4, keep_last=5, optim=optim)
+    fit(cfg, model, obj, toy_items(16), run_dir=tmp_path)
     groups = torch.load(tmp_path / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False)
     groups = groups["optimizer"]["param_groups"]
     n_first = sum(1 for _ in model.first.parameters())
-    if restart:  # one schedule for the whole model: the second stage warms every parameter up again
+    if stage_lr == "restart":  # one schedule for the whole model: the second stage warms every parameter up again
         assert [g["stage"] for g in groups] == [0, 0]
         assert [g["lr"] for g in groups] == pytest.approx([1e-2 * staged_schedule(2, 6, 0.1, (3,))(4)] * 2)
-    else:  # first's weights and biases, then second's: apart, first at its annealed rate
+    else:  # first's weights and biases, then second's: apart, first at its annealed rate or frozen
+        rate = 1e-3 if stage_lr == "keep" else 0.0
         assert [(g["stage"], len(g["params"])) for g in groups] == [(0, 2), (0, n_first - 2), (1, 1), (1, 1)]
-        assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2 * 2 / 3, 1e-2 * 2 / 3])
+        assert [g["lr"] for g in groups] == pytest.approx([rate, rate, 1e-2 * 2 / 3, 1e-2 * 2 / 3])
+    first = {k: v for k, v in load_file(str(tmp_path / "checkpoints" / "step_4" / "model.safetensors")).items()
+             if k.startswith("first.")}
+    moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in first.items())  # steps 5 and 6
+    assert moved == (stage_lr != "freeze")
+    assert all(p.requires_grad != (stage_lr == "freeze") for p in model.first.parameters())
+    assert all(p.requires_grad for p in model.second.parameters())
+    if stage_lr == "freeze":  # resumed inside the second stage: frozen again, the first part as saved
+        resumed = _TwoParts()
+        cfg.max_steps = 8
+        fit(cfg, resumed, obj, toy_items(16), run_dir=tmp_path, resume=True)
+        assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.items())
+        assert not any(p.requires_grad for p in resumed.first.parameters())
 
 
 def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(tmp_path):
@@ -378,6 +397,11 @@ def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(t
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert len(stage_seconds(cfg, model, ToyObjective(), toy_items(16), steps=1)) == 1  # one stage, one time
+    # batches from a data worker, as fit reads them: the worker builds them, the process is left alone
+    cfg.data = dataclasses.replace(cfg.data, num_workers=1)
+    obj = _StagedToy()
+    assert len(stage_seconds(cfg, model, obj, toy_items(16), steps=1, warmup=1)) == 2 and obj.steps == []
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_steps_within_fills_the_seconds_with_each_stage_at_its_share():
