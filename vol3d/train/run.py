@@ -298,14 +298,19 @@ def perception_kept(seconds: float, stage_seconds: Sequence[float], stage_steps:
                     margin: float = PLAN_MARGIN, kept: float = LAST_STAGE_KEPT) -> list[int] | None:
     """The steps of the two stages of a cut plan that favours the first (the perception, which every answer
     reads): the last keeps ``kept`` of its ``stage_steps``, the first takes what is left of ``margin`` x
-    ``seconds`` (at most its own). None where that gives the first stage fewer steps than ``proportional``
-    (its steps when both stages shrink alike, :func:`steps_within`)."""
+    ``seconds`` (at most its own; where it gets them all, the seconds still left go back to the last
+    stage). None where that gives the first stage fewer steps than ``proportional`` (its steps when both
+    stages shrink alike, :func:`steps_within`)."""
     if len(stage_seconds) != 2 or len(stage_steps) != 2:
         raise ValueError(f"two stages, got {len(stage_seconds)} times and {len(stage_steps)} step counts")
+    budget = margin * seconds
     last = max(1, math.ceil(kept * stage_steps[1]))
-    first = min(int(stage_steps[0]), int((margin * seconds - last * stage_seconds[1]) / max(stage_seconds[0], 1e-9)))
+    first = min(int(stage_steps[0]), int((budget - last * stage_seconds[1]) / max(stage_seconds[0], 1e-9)))
     if first < proportional:
         return None
+    if first == int(stage_steps[0]):
+        left = int((budget - first * stage_seconds[0]) / max(stage_seconds[1], 1e-9))
+        last = max(last, min(int(stage_steps[1]), left))
     return [first, last]
 
 

@@ -450,7 +450,9 @@ def test_a_cut_plan_keeps_half_the_last_stage_and_gives_the_perception_the_rest(
 
     # 0.95 x 240 s = 228 s: the last stage keeps 63 of its 125 steps (63 s), the perception the other 165 s
     assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=273) == [330, 63]
-    assert perception_kept(1000.0, [0.5, 1.0], [375, 125], proportional=0) == [375, 63]  # never more than its own
+    # the perception never gets more than its own steps; the seconds still left go back to the last stage
+    assert perception_kept(250.0, [0.4, 1.0], [375, 125], proportional=0) == [375, 87]  # (237.5 - 150) / 1.0
+    assert perception_kept(1000.0, [0.5, 1.0], [375, 125], proportional=0) == [375, 125]
     assert perception_kept(60.0, [0.5, 1.0], [375, 125], proportional=20) is None  # less than shrinking alike
     assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=331) is None
     with pytest.raises(ValueError, match="two stages"):
