@@ -249,6 +249,35 @@ def test_a_new_run_trains_the_steps_its_budget_affords_each_stage_its_share(demo
     assert "train" in result.reused and f"(step {cfg.max_steps} of {cfg.max_steps})" in text
 
 
+def test_a_run_slower_than_its_plan_ends_before_the_clock_annealed_and_says_where(demo_runs, tmp_path, monkeypatch):
+    """Steps measured faster than they run (here: a deadline already passed): the run ends once its last
+    stage's first steps are timed, annealed and saved, not cut by the clock; config.yaml records where
+    it ended, the demo says so, and a rerun reuses the run as finished."""
+    import shutil
+
+    from vol3d.train import loop, run
+    from vol3d.train.run import load_run_config
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_runs["out"], out)
+    shutil.rmtree(out / "run")
+    (out / "eval.json").unlink()
+    steps = 40
+    state = json.loads((out / demo.STATE_NAME).read_text())
+    (out / demo.STATE_NAME).write_text(json.dumps({**state, "steps": steps}))
+    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [1e-3, 1e-3])  # all 40 steps planned
+    monkeypatch.setattr(run, "DEADLINE_RESERVE_S", 1e6)  # ... and the deadline already passed
+    opts = demo.DemoOptions(out=out, **{**TINY, "steps": steps}, budget_min=30)
+    result, text, _ = _run(opts)
+    end = round(demo.DEMO_PERCEPTION_FIRST * steps) + 1 + loop.GUARD_STEPS
+    cfg = load_run_config(out / "run")
+    assert cfg.max_steps == end and demo.trained_step(out / "run") == end and result.budget_stop is None
+    assert f"trained the {end} of the {steps} steps that the time budget affords" in text
+    result, text, _ = _run(opts)
+    assert "train" in result.reused and f"(step {end} of {end})" in text
+
+
 def test_training_gets_the_budget_left_after_what_follows_it():
     opts = demo.DemoOptions(budget_min=5)
     assert demo.training_seconds(opts, 100.0) == 300 - 100 - demo.AFTER_TRAINING_S

@@ -234,7 +234,7 @@ def group_schedule(warmup: int, total: int, min_ratio: float, starts: Sequence[i
     def factor(step: int) -> float:
         if step < lo:
             return 0.0  # not trained yet: no gradients, and no decay either
-        return part(step - lo) if step < hi else after
+        return part(step - lo) if step < hi or hi >= total else after  # a cosine to the run's end stays there
 
     return factor
 
@@ -365,6 +365,12 @@ def validate_across_ranks(objective: Objective, model: nn.Module, items: Sequenc
 
 # ----------------------------------------------------------------------------- the loop
 
+#: With a deadline, :func:`fit` times this many steps of the run's last stage before it trusts their
+#: mean to say how many more fit.
+GUARD_STEPS = 5
+#: A cut leaves this share of the steps that the deadline seems to afford (their times vary).
+GUARD_MARGIN = 0.97
+
 
 def fit(
     cfg: RunConfig,
@@ -374,6 +380,7 @@ def fit(
     val_items: Sequence[Any] | None = None,
     run_dir: Path | None = None,
     resume: bool = False,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train ``model`` on ``objective`` for ``cfg.max_steps`` optimizer steps.
 
@@ -385,6 +392,13 @@ def fit(
     the newest ``run_dir/checkpoints/step_N``. Under torchrun every rank calls
     ``fit``; gradients are averaged by DDP. Raises :class:`TrainingInterrupted`
     on Ctrl-C after saving a checkpoint of the last finished step.
+
+    ``deadline`` (a ``time.perf_counter()`` value): the last step must end by then. Once
+    :data:`GUARD_STEPS` steps of the last stage (of the run, without stages) have run, their mean
+    time says how many more fit; where fewer than planned do, ``cfg.max_steps`` is lowered to match
+    and the learning-rate schedule follows it, so the run still anneals and saves its last step
+    (a time budget's plan measures only a few steps, and the clock stopping a run mid-schedule
+    costs it the annealing and the language model's steps).
     """
     info = ddp.setup(cfg.device)
     device = info.device
@@ -450,6 +464,21 @@ def fit(
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     result = FitResult(step=step)
+    guard_from = max((s for s in stage_starts if s < cfg.max_steps), default=0)
+    t_guard: float | None = None
+    t_guard_step = 0
+
+    def cut(end: int) -> None:  # fewer steps fit before the deadline: end there, annealed
+        log.info("at step %d the deadline leaves time for %d of the %d steps: the run ends there, its learning "
+                 "rate annealed by then", step, end, cfg.max_steps)
+        cfg.max_steps = end
+        scheduler.lr_lambdas = [
+            group_schedule(cfg.optim.warmup_steps, end, cfg.optim.min_lr_ratio, stage_starts, g.get("stage", 0),
+                           stage_lr)
+            for g in optimizer.param_groups]
+        if bar is not None:
+            bar.total = end
+            bar.refresh()
     # samples/s counts training time only: checkpoint and validation time is subtracted
     window, t_window, steps_in_window, paused = _Window(), time.perf_counter(), 0, 0.0
     last_saved = step if resume else -1
@@ -527,6 +556,14 @@ def fit(
                                     samples_s=f"{result.train['train/samples_per_s']:.1f}")
             if bar is not None:
                 bar.update(1)
+            if deadline is not None and step > guard_from:  # the stage's first step (new shapes) not timed
+                now = time.perf_counter()
+                if t_guard is None:
+                    t_guard, t_guard_step = now, step
+                elif step - t_guard_step >= GUARD_STEPS:
+                    fit_more = max(deadline - now, 0.0) / ((now - t_guard) / (step - t_guard_step))
+                    if step + fit_more < cfg.max_steps:  # cut a little deeper: no cut at every step after
+                        cut(step + int(GUARD_MARGIN * fit_more))
             t_pause = time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 checkpoint()

@@ -275,6 +275,9 @@ PLAN_MARGIN = 0.95
 PLAN_FLOOR = 12
 #: With fewer seconds left than this after building the model, the run is not planned (the clock stops it).
 PLAN_MIN_S = 30.0
+#: A planned run's last step ends this many seconds before its budget: the final checkpoint, the model's
+#: save and the last validation follow it (:func:`vol3d.train.loop.fit`'s ``deadline``).
+DEADLINE_RESERVE_S = 5.0
 
 
 def steps_within(seconds: float, stage_seconds: Sequence[float], shares: Sequence[float], most: int,
@@ -372,8 +375,9 @@ def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None)
     ``budget_s``: wall-clock seconds from this call that training may take. A new single-process
     run then measures a few steps of each stage and trains the steps that fit, at most
     ``cfg.max_steps`` (:func:`plan_within`), so its learning-rate schedule anneals and its later stage
-    is reached on a slower machine too; ``config.yaml`` records the steps planned. Stopping at the
-    budget is the caller's (:func:`train_within`)."""
+    is reached on a slower machine too; ``config.yaml`` records the steps planned. Where the run's own
+    steps turn out slower than measured, ``fit`` ends it earlier, annealed (its ``deadline``), and
+    ``config.yaml`` records where it ended. Stopping at the budget is the caller's (:func:`train_within`)."""
     from vol3d.tasks import CodeVocab
     from vol3d.train.objectives import VLMObjective
 
@@ -429,4 +433,10 @@ def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None)
     if budget_s is not None and not resume:
         plan_within(cfg, model, objective, train_ds, budget_s - (time.perf_counter() - started), info)
     write_run_config(cfg, info.is_main)
-    return fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume)
+    planned = cfg.max_steps
+    # one process: ranks that cut at different steps would wait on each other's gradients for ever
+    deadline = started + budget_s - DEADLINE_RESERVE_S if budget_s is not None and not resume and not info.enabled else None
+    result = fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume, deadline=deadline)
+    if cfg.max_steps != planned:  # the deadline cut the run: its config says where it ends
+        write_run_config(cfg, info.is_main)
+    return result

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import math
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -381,6 +382,44 @@ def test_a_stage_warms_up_only_its_new_parameters_unless_told_to_restart_all(tmp
         fit(cfg, resumed, obj, toy_items(16), run_dir=tmp_path, resume=True)
         assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.items())
         assert not any(p.requires_grad for p in resumed.first.parameters())
+
+
+class _Clocked(_TwoStageToy):
+    """Each loss costs one second of its own clock (what ``fit`` reads as ``time.perf_counter``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock = 0.0
+
+    def loss(self, model, batch):
+        self.clock += 1.0
+        return super().loss(model, batch)
+
+
+@pytest.mark.parametrize("stage_lr", ["restart", "freeze"])
+def test_a_deadline_ends_the_run_early_and_annealed_once_its_last_stage_is_timed(tmp_path, monkeypatch, stage_lr):
+    """Steps of 1 s and 20 s to the deadline: once GUARD_STEPS steps of the last stage are timed (its first
+    step not), the run is cut to the steps that fit, ends by the deadline, saved, its learning rate at
+    the end of its cosine; a deadline far off changes nothing."""
+    from types import SimpleNamespace
+
+    from vol3d.train import loop
+
+    obj = _Clocked()
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: obj.clock, time=time.time))
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, stage_lr=stage_lr)
+    cfg = _cfg(tmp_path, max_steps=30, optim=optim)
+    result = fit(cfg, _TwoParts(), obj, toy_items(16), run_dir=tmp_path, deadline=20.0)
+    end = cfg.max_steps
+    assert result.step == end and 3 + 1 + loop.GUARD_STEPS < end < 20 and obj.clock <= 20.0
+    assert [int(d.name.split("_")[1]) for d in checkpoint_dirs(tmp_path)] == [end]
+    with (tmp_path / "metrics.csv").open() as f:
+        lr = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/lr"]
+    assert len(lr) == end and lr[-1] == pytest.approx(1e-2 * 0.1)  # annealed at the new end
+    assert lr[3] < lr[5]  # the last stage warmed up as before the cut
+    obj.clock = 0.0
+    cfg = _cfg(tmp_path / "far", max_steps=12, optim=optim)
+    assert fit(cfg, _TwoParts(), obj, toy_items(16), run_dir=tmp_path / "far", deadline=1e6).step == 12 == cfg.max_steps
 
 
 def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(tmp_path):
