@@ -273,6 +273,7 @@ def test_a_run_slower_than_its_plan_ends_before_the_clock_annealed_and_says_wher
     end = round(demo.DEMO_PERCEPTION_FIRST * steps) + 1 + loop.GUARD_STEPS
     cfg = load_run_config(out / "run")
     assert cfg.max_steps == end and demo.trained_step(out / "run") == end and result.budget_stop is None
+    assert cfg.perception_steps == round(demo.DEMO_PERCEPTION_FIRST * steps)  # the stage ended where it did
     assert f"trained the {end} of the {steps} steps that the time budget affords" in text
     result, text, _ = _run(opts)
     assert "train" in result.reused and f"(step {end} of {end})" in text

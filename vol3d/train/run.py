@@ -437,6 +437,8 @@ def train(cfg: TrainConfig, resume: bool = False, budget_s: float | None = None)
     # one process: ranks that cut at different steps would wait on each other's gradients for ever
     deadline = started + budget_s - DEADLINE_RESERVE_S if budget_s is not None and not resume and not info.enabled else None
     result = fit(cfg, model, objective, train_ds, val_ds, run_dir=run_dir, resume=resume, deadline=deadline)
-    if cfg.max_steps != planned:  # the deadline cut the run: its config says where it ends
+    if cfg.max_steps != planned:  # the deadline cut the run: its config says where it ends, its stages where they were
+        if getattr(objective, "perception_steps", 0):
+            cfg.perception_first = objective.perception_steps / cfg.max_steps
         write_run_config(cfg, info.is_main)
     return result
