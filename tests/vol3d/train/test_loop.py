@@ -445,8 +445,8 @@ def test_stage_seconds_times_each_stage_on_a_copy_and_leaves_the_run_as_it_was(t
 
 def test_steps_within_fills_the_seconds_with_each_stage_at_its_share():
     # 0.75 x 1 s + 0.25 x 3 s = 1.5 s a step; 0.9 x 300 s of them
-    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000, margin=0.9) == 180
-    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000) == 190  # PLAN_MARGIN, 0.95
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000, margin=0.95) == 190
+    assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=1000) == 180  # PLAN_MARGIN, 0.9
     assert steps_within(300.0, [1.0, 3.0], [0.75, 0.25], most=100) == 100  # never more than asked
     assert steps_within(300.0, [2.0], [1.0], most=1000, margin=1.0) == 150
     assert steps_within(0.5, [2.0], [1.0], most=1000) == 1  # at least one step
@@ -475,22 +475,22 @@ def test_plan_within_measures_only_runs_worth_planning(monkeypatch):
     monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [1.0])
     cfg = _cfg(max_steps=500)
     run.plan_within(cfg, None, None, [], 100.0, one)
-    assert cfg.max_steps in (94, 95)  # 0.95 x (100 s less the measurement's microseconds) at 1 s a step
+    assert cfg.max_steps in (89, 90)  # 0.9 x (100 s less the measurement's microseconds) at 1 s a step
     # two stages, cut: the last keeps half its 125 steps, the perception gets the rest (at most its 375)
     monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [0.5, 1.0])
     cfg = _cfg(max_steps=500, perception_first=0.75)
     objective = SimpleNamespace(perception_steps=cfg.perception_steps)
     run.plan_within(cfg, None, objective, [], 240.5, one)
-    assert (cfg.max_steps, cfg.perception_steps, objective.perception_steps) == (393, 330, 330)
+    assert (cfg.max_steps, cfg.perception_steps, objective.perception_steps) == (369, 306, 306)
 
 
 def test_a_cut_plan_keeps_half_the_last_stage_and_gives_the_perception_the_rest():
     from vol3d.train.run import perception_kept
 
-    # 0.95 x 240 s = 228 s: the last stage keeps 63 of its 125 steps (63 s), the perception the other 165 s
-    assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=273) == [330, 63]
+    # 0.9 x 240 s = 216 s: the last stage keeps 63 of its 125 steps (63 s), the perception the other 153 s
+    assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=273) == [306, 63]
     # the perception never gets more than its own steps; the seconds still left go back to the last stage
-    assert perception_kept(250.0, [0.4, 1.0], [375, 125], proportional=0) == [375, 87]  # (237.5 - 150) / 1.0
+    assert perception_kept(250.0, [0.4, 1.0], [375, 125], proportional=0) == [375, 75]  # (225 - 150) / 1.0
     assert perception_kept(1000.0, [0.5, 1.0], [375, 125], proportional=0) == [375, 125]
     assert perception_kept(60.0, [0.5, 1.0], [375, 125], proportional=20) is None  # less than shrinking alike
     assert perception_kept(240.0, [0.5, 1.0], [375, 125], proportional=331) is None
