@@ -207,23 +207,30 @@ def test_the_time_budget_stops_training_and_says_so(demo_runs, tmp_path, monkeyp
         demo.DemoOptions(budget_min=-1)
 
 
-def test_a_new_run_trains_the_steps_its_budget_affords_each_stage_its_share(demo_runs, tmp_path, monkeypatch):
-    """Where the measured steps are slower than the budget allows, the demo trains fewer steps with the
-    same stage shares (so its schedule anneals and the language model trains), records them in the run's
-    config.yaml, says so, and a rerun reuses the run as finished."""
+def _untrained_copy(demo_runs, tmp_path, steps: int, monkeypatch) -> Path:
+    """A copy of the shared demo without its run and evaluation, its recorded steps set to ``steps`` (the
+    export and cache stay valid), and the demo's key set."""
     import shutil
-
-    from vol3d.train import loop
-    from vol3d.train.run import PLAN_MARGIN, load_run_config
 
     out = tmp_path / "demo"
     shutil.copytree(demo_runs["out"], out)
     shutil.rmtree(out / "run")
     (out / "eval.json").unlink()
-    steps = 40
     state = json.loads((out / demo.STATE_NAME).read_text())
-    (out / demo.STATE_NAME).write_text(json.dumps({**state, "steps": steps}))  # the export and cache stay valid
+    (out / demo.STATE_NAME).write_text(json.dumps({**state, "steps": steps}))
     monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    return out
+
+
+def test_a_new_run_trains_the_steps_its_budget_affords_each_stage_its_share(demo_runs, tmp_path, monkeypatch):
+    """Where the measured steps are slower than the budget allows, the demo trains fewer steps with the
+    same stage shares (so its schedule anneals and the language model trains), records them in the run's
+    config.yaml, says so, and a rerun reuses the run as finished."""
+    from vol3d.train import loop
+    from vol3d.train.run import PLAN_MARGIN, load_run_config
+
+    steps = 40
+    out = _untrained_copy(demo_runs, tmp_path, steps, monkeypatch)
     measured = []
 
     def stage_seconds(cfg, model, objective, items, steps=3):  # a machine where steps take 100 s and 200 s
@@ -253,19 +260,11 @@ def test_a_run_slower_than_its_plan_ends_before_the_clock_annealed_and_says_wher
     """Steps measured faster than they run (here: a deadline already passed): the run ends once its last
     stage's first steps are timed, annealed and saved, not cut by the clock; config.yaml records where
     it ended, the demo says so, and a rerun reuses the run as finished."""
-    import shutil
-
     from vol3d.train import loop, run
     from vol3d.train.run import load_run_config
 
-    out = tmp_path / "demo"
-    shutil.copytree(demo_runs["out"], out)
-    shutil.rmtree(out / "run")
-    (out / "eval.json").unlink()
     steps = 40
-    state = json.loads((out / demo.STATE_NAME).read_text())
-    (out / demo.STATE_NAME).write_text(json.dumps({**state, "steps": steps}))
-    monkeypatch.setenv("VOL3D_ID_KEY", demo.DEMO_ID_KEY)
+    out = _untrained_copy(demo_runs, tmp_path, steps, monkeypatch)
     monkeypatch.setattr(loop, "stage_seconds", lambda *args, **kwargs: [1e-3, 1e-3])  # all 40 steps planned
     monkeypatch.setattr(run, "DEADLINE_RESERVE_S", 1e6)  # ... and the deadline already passed
     opts = demo.DemoOptions(out=out, **{**TINY, "steps": steps}, budget_min=30)
