@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finding to ask about (default: the first of these a held-out case has)")
     parser.add_argument("--budget-min", type=float, default=d.budget_min,
                         help=f"minutes the whole demo may take (default {d.budget_min:g}): a new run times a few "
-                             "steps and trains the ones that fit; training slower than measured stops early, "
-                             "checkpointed (the same command resumes it); 0 trains every step")
+                             "steps and trains the ones that fit; training slower than measured ends earlier, "
+                             "annealed, or at the budget is stopped, checkpointed (the same command resumes it); "
+                             "0 trains every step")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -420,10 +420,12 @@ def fit(
     if sharded:  # before the optimizer is built: FSDP2 replaces the parameters by their shards
         ddp.shard(model, info)
     optimizer = build_optimizer(model, cfg, first_stage)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-        group_schedule(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio, stage_starts, g["stage"],
-                       stage_lr)
-        for g in optimizer.param_groups])
+
+    def schedules(total: int) -> list[Any]:  # each parameter group's LR multiplier for a run of ``total`` steps
+        return [group_schedule(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio, stage_starts, g["stage"],
+                               stage_lr) for g in optimizer.param_groups]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules(cfg.max_steps))
     frozen_from = min(stage_starts) if stage_lr == "freeze" and first_stage else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -472,10 +474,7 @@ def fit(
         log.info("at step %d the deadline leaves time for %d of the %d steps: the run ends there, its learning "
                  "rate annealed by then", step, end, cfg.max_steps)
         cfg.max_steps = end
-        scheduler.lr_lambdas = [
-            group_schedule(cfg.optim.warmup_steps, end, cfg.optim.min_lr_ratio, stage_starts, g.get("stage", 0),
-                           stage_lr)
-            for g in optimizer.param_groups]
+        scheduler.lr_lambdas = schedules(end)
         if bar is not None:
             bar.total = end
             bar.refresh()
